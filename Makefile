@@ -1,0 +1,32 @@
+# Two commands do all the set-up on a fresh machine:
+#   make train   build .venv (once), then run the main training job
+#   make test    build .venv (once), then run the test suite
+# The environment is the pinned stack of shared/ENVIRONMENT.md; re-running is safe.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PIP    := $(BIN)/python -m pip install --quiet
+
+.PHONY: setup train test bench
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	# torch first and pinned: a bare requirement would pull a multi-GB CUDA build
+	$(PIP) torch==2.13.0
+	$(PIP) deepspeed==0.19.8 pytest==8.4.2
+	# megatron-core declares python>=3.12 but ships a cp311 wheel; its deps would build numpy from source
+	$(PIP) --no-deps --ignore-requires-python megatron-core==0.19.2
+	$(PIP) triton==3.9.0
+	$(PIP) --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+train: $(STAMP)
+	$(BIN)/python launch/train.py $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/step_time.py $(ARGS)

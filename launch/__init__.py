@@ -1,0 +1,1 @@
+"""Training entry point and its pieces: the byte-level stdlib corpus (``data``), the GPT (``model``)."""

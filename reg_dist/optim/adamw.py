@@ -1,0 +1,43 @@
+"""AdamW for everything that is not a hidden matrix: torch's own functional kernel (fused where
+the device has one), bias-corrected, decoupled weight decay with the group's lr and wd."""
+
+import torch
+from torch import Tensor
+from torch.optim.adamw import adamw
+from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+
+def init_adamw_state(p: Tensor, state: dict) -> None:
+    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def adamw_step(params: list[Tensor], states: list[dict], group: dict) -> None:
+    """One AdamW step on ``params`` (each with a grad) whose states ``init_adamw_state`` made."""
+    if not params:
+        return
+    fused = all(p.device.type in _get_fused_kernels_supported_devices() for p in params)
+    steps = []
+    for p, s in zip(params, states):
+        if fused and s["step"].device != p.device:
+            s["step"] = s["step"].to(p.device)
+        steps.append(s["step"])
+    beta1, beta2 = group["adamw_betas"]
+    adamw(
+        params,
+        [p.grad for p in params],
+        [s["exp_avg"] for s in states],
+        [s["exp_avg_sq"] for s in states],
+        [],
+        steps,
+        foreach=None if not fused else False,
+        fused=fused,
+        amsgrad=False,
+        beta1=beta1,
+        beta2=beta2,
+        lr=group["lr"],
+        weight_decay=group["weight_decay"],
+        eps=group["adamw_eps"],
+        maximize=False,
+    )

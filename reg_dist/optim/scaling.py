@@ -1,0 +1,29 @@
+"""Update scale conventions, applied to a batch of transformed matrices U ``(B, m, n)``.
+
+    "rms":             ρ·√(m·n) / (||U||_F + eps)    the update's RMS is ρ (AdamW-like)
+    "match_rms_adamw": ρ·√max(m, n)                  Moonlight
+    "original":        √max(1, m/n)                  Keller Jordan's Muon
+"""
+
+import math
+
+import torch
+from torch import Tensor
+
+SCALES = ("rms", "match_rms_adamw", "original")
+RMS_EPS = 1e-8
+
+
+def check_scale(scale: str) -> None:
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+
+
+def scale_factors(u: Tensor, scale: str, rms: float) -> Tensor:
+    """Per-matrix factor ``(B,)`` (fp32 or wider) that multiplies each ``u[b]``."""
+    m, n = u.shape[-2:]
+    if scale == "rms":
+        norms = torch.linalg.vector_norm(u, dim=(-2, -1), dtype=torch.promote_types(u.dtype, torch.float32))
+        return (rms * math.sqrt(m * n)) / (norms + RMS_EPS)
+    value = rms * math.sqrt(max(m, n)) if scale == "match_rms_adamw" else math.sqrt(max(1.0, m / n))
+    return torch.full(u.shape[:-2], value, dtype=torch.promote_types(u.dtype, torch.float32), device=u.device)

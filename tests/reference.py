@@ -1,0 +1,98 @@
+"""Independent fp64 reference code, written from ALGORITHMS.md with plain sums and loops.
+
+Nothing here imports reg_dist: these are what the library is checked against.
+"""
+
+import math
+
+import torch
+
+JORDAN = (3.4445, -4.7750, 2.0315)
+POLAR_EXPRESS = [
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+]
+
+
+def _pnorm(v: torch.Tensor, p: float) -> torch.Tensor:
+    if p == math.inf:
+        return v.abs().max()
+    return (v.abs() ** p).sum() ** (1.0 / p)
+
+
+def racs_ref(x: torch.Tensor, p: float = 2.0, iters: int = 1, eps: float = 1e-8) -> torch.Tensor:
+    """One matrix (m, n), fp64."""
+    X = x.double().clone()
+    m, n = X.shape
+    for _ in range(iters):
+        r = torch.stack([_pnorm(X[i, :], p) for i in range(m)])
+        c = torch.stack([_pnorm(X[:, j], p) for j in range(n)])
+        X = torch.diag((r + eps) ** -0.5) @ X @ torch.diag((c + eps) ** -0.5)
+    return X
+
+
+def equilibrate_ref(x: torch.Tensor, mode: str = "row", exponent: float = -0.5, eps: float = 1e-8) -> torch.Tensor:
+    X = x.double()
+    r = (X * X).sum(dim=1)
+    c = (X * X).sum(dim=0)
+    if mode in ("row", "rowcol"):
+        X = torch.diag((r + eps) ** exponent) @ X
+    if mode in ("col", "rowcol"):
+        X = X @ torch.diag((c + eps) ** exponent)
+    return X
+
+
+def newton_schulz_ref(x: torch.Tensor, steps: int = 5, coefficients: str = "jordan") -> torch.Tensor:
+    X = x.double()
+    tall = X.shape[0] > X.shape[1]
+    if tall:
+        X = X.T
+    safety = 0.0 if coefficients == "jordan" else 0.01
+    X = X / (torch.sqrt((X * X).sum()) * (1 + safety) + 1e-7)
+    for k in range(steps):
+        a, b, c = JORDAN if coefficients == "jordan" else POLAR_EXPRESS[min(k, 4)]
+        A = X @ X.T
+        B = b * A + c * (A @ A)
+        X = a * X + B @ X
+    return X.T if tall else X
+
+
+def scale_ref(u: torch.Tensor, scale: str, rms: float) -> torch.Tensor:
+    m, n = u.shape
+    if scale == "rms":
+        return u * rms * math.sqrt(m * n) / (torch.sqrt((u * u).sum()) + 1e-8)
+    if scale == "match_rms_adamw":
+        return u * rms * math.sqrt(max(m, n))
+    return u * math.sqrt(max(1.0, m / n))
+
+
+def matrix_steps_ref(w0, grads, transform, lr, momentum, nesterov, weight_decay, scale, rms):
+    """ALGORITHMS.md §4 on one matrix; ``transform(N, t)`` gets the step index t = 0, 1, …"""
+    W = w0.double().clone()
+    M = torch.zeros_like(W)
+    for t, G in enumerate(grads):
+        G = G.double()
+        M = momentum * M + G
+        N = G + momentum * M if nesterov else M
+        U = scale_ref(transform(N, t), scale, rms)
+        W = W * (1 - lr * weight_decay) - lr * U
+    return W
+
+
+def adamw_steps_ref(w0, grads, lr, betas, eps, weight_decay):
+    W = w0.double().clone()
+    m = torch.zeros_like(W)
+    v = torch.zeros_like(W)
+    b1, b2 = betas
+    for t, G in enumerate(grads, start=1):
+        G = G.double()
+        W = W * (1 - lr * weight_decay)
+        m = b1 * m + (1 - b1) * G
+        v = b2 * v + (1 - b2) * G * G
+        mhat = m / (1 - b1**t)
+        vhat = v / (1 - b2**t)
+        W = W - lr * mhat / (vhat.sqrt() + eps)
+    return W
