@@ -93,3 +93,18 @@ def test_rms_scale_gives_update_of_requested_rms():
     w.grad = torch.randn(32, 16, dtype=torch.float64)
     REG([w], lr=1.0, weight_decay=0.0, rms=0.2).step()
     assert abs(w.detach().square().mean().sqrt().item() - 0.2) < 1e-9
+
+
+@pytest.mark.parametrize("cls", [REG, Muon, MuonEq])
+def test_bf16_parameters_step_in_fp32_and_stay_bf16(cls):
+    w0 = torch.randn(16, 12, generator=torch.Generator().manual_seed(0))
+    grad = fixed_grads([w0], seed=1)[0]
+    low = w0.bfloat16().requires_grad_()
+    high = w0.bfloat16().float().requires_grad_()
+    opts = []
+    for p in (low, high):
+        p.grad = grad.to(p.dtype)
+        opts.append(cls([p], lr=0.05))
+        opts[-1].step()
+    assert low.dtype == opts[0].state[low]["momentum_buffer"].dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), high.detach(), rtol=2e-2, atol=2e-2)
