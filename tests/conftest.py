@@ -4,6 +4,9 @@ import pytest
 import torch
 from torch import nn
 
+# assert_close imports heavy modules lazily on first use (~1.4 s): pay that once here, not in every forked rank
+torch.testing.assert_close(torch.zeros(1), torch.zeros(1))
+
 
 class TinyGPT(nn.Module):
     """Token + position embeddings, pre-LN blocks of qkv/proj/fc/fc2, a head tied to the embedding."""

@@ -1,0 +1,105 @@
+"""Exact row/column statistics of sharded matrices: local partial sums, packed all-reduces.
+
+For matrices ``k = 1 … K``, each held by this rank as ``locals[k]`` described by ``layouts[k]``:
+
+    r_k = Σ over held elements of |x|^p into its logical row   (length m_k; p = inf: max)
+    c_k = the same into its logical column                       (length n_k)
+
+then, for each group name in sorted order, the vectors of every matrix split over that group are
+packed into one buffer and reduced with a single ``all_reduce`` (SUM, or MAX for p = inf). Every
+rank then knows the full row and column statistics of every matrix it holds a piece of, and
+scales its own elements: RACS, equilibration and the RMS scale are exact under any layout, with
+O(m + n) traffic per matrix and one collective per group, never a gather.
+"""
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..ops.equilibrate import check_equilibrate_args
+from ..ops.racs import check_racs_args
+from ..ops.stats import acc_dtype, pow_sums_to_norms_
+from .layout import Layout
+
+
+def partial_row_col(local: Tensor, layout: Layout, p: float) -> Tensor:
+    """``cat(r, c)`` ``(m + n,)`` of this rank's elements: sums of |x|^p (max for p = inf)."""
+    m, n = layout.shape
+    d = acc_dtype(local.dtype)
+    out = torch.zeros(m + n, dtype=d, device=local.device)
+    rows, cols = out[:m], out[m:]
+    for view, r, c in layout.pieces(local):
+        q = view.to(d).abs() if p != 2 else view.to(d).square()
+        if p not in (1, 2, math.inf):
+            q = q.pow_(p)
+        h, w = view.shape
+        if p == math.inf:
+            torch.maximum(rows[r : r + h], q.amax(-1), out=rows[r : r + h])
+            torch.maximum(cols[c : c + w], q.amax(-2), out=cols[c : c + w])
+        else:
+            rows[r : r + h] += q.sum(-1)
+            cols[c : c + w] += q.sum(-2)
+    return out
+
+
+def reduce_packed(vectors: list[Tensor], layouts: list[Layout], op: dist.ReduceOp) -> dict[str, int]:
+    """In place: every ``vectors[k]`` reduced over each group of ``layouts[k]``, one collective per
+    group name. Returns the number of elements reduced per group name."""
+    sent = {}
+    for name in sorted({g for lay in layouts for g, _ in lay.groups}):
+        members = [(v, dict(lay.groups)[name]) for v, lay in zip(vectors, layouts) if name in dict(lay.groups)]
+        group = members[0][1]
+        if any(g is not group for _, g in members):
+            raise ValueError(f"layouts on this rank name different process groups {name!r}")
+        buf = torch.cat([v for v, _ in members])
+        dist.all_reduce(buf, op=op, group=group)
+        for v, chunk in zip((v for v, _ in members), buf.split([v.numel() for v, _ in members])):
+            v.copy_(chunk)
+        sent[name] = buf.numel()
+    return sent
+
+
+def row_col_stats(locals_: list[Tensor], layouts: list[Layout], p: float) -> list[tuple[Tensor, Tensor]]:
+    """Full ``(r, c)`` of every matrix (sums of |x|^p, or maxima for p = inf), reduced across ranks."""
+    vectors = [partial_row_col(x, lay, p) for x, lay in zip(locals_, layouts)]
+    reduce_packed(vectors, layouts, dist.ReduceOp.MAX if p == math.inf else dist.ReduceOp.SUM)
+    return [(v[: lay.shape[0]], v[lay.shape[0] :]) for v, lay in zip(vectors, layouts)]
+
+
+def scale_local_(local: Tensor, layout: Layout, row: Tensor | None, col: Tensor | None) -> None:
+    """In place ``x_ij ← row_i · x_ij · col_j`` on this rank's elements (logical i, j)."""
+    for view, r, c in layout.pieces(local):
+        h, w = view.shape
+        if row is not None:
+            view.mul_(row[r : r + h].unsqueeze(-1))
+        if col is not None:
+            view.mul_(col[c : c + w].unsqueeze(-2))
+
+
+def sharded_racs_(locals_: list[Tensor], layouts: list[Layout], p: float = 2.0, iters: int = 1,
+                  eps: float = 1e-8) -> None:
+    """RACS (ops.racs) of every sharded matrix, in place on the local elements."""
+    check_racs_args(p, iters, eps)
+    for _ in range(iters):
+        for x, lay, (r, c) in zip(locals_, layouts, row_col_stats(locals_, layouts, p)):
+            scale_local_(x, lay, pow_sums_to_norms_(r, p).add_(eps).rsqrt_(),
+                         pow_sums_to_norms_(c, p).add_(eps).rsqrt_())
+
+
+def sharded_equilibrate_(locals_: list[Tensor], layouts: list[Layout], mode: str = "row",
+                         exponent: float = -0.5, eps: float = 1e-8) -> None:
+    """Equilibration (ops.equilibrate) of every sharded matrix, in place on the local elements."""
+    check_equilibrate_args(mode, exponent, eps)
+    for x, lay, (r, c) in zip(locals_, layouts, row_col_stats(locals_, layouts, 2.0)):
+        scale_local_(x, lay, r.add_(eps).pow_(exponent) if mode != "col" else None,
+                     c.add_(eps).pow_(exponent) if mode != "row" else None)
+
+
+def sharded_frobenius_norms(locals_: list[Tensor], layouts: list[Layout]) -> Tensor:
+    """``(K,)`` Frobenius norms of the sharded matrices (for the "rms" scale), one packed reduction."""
+    d = acc_dtype(locals_[0].dtype) if locals_ else torch.float32
+    sq = [torch.linalg.vector_norm(x, dtype=d).square().reshape(1) for x in locals_]
+    reduce_packed(sq, layouts, dist.ReduceOp.SUM)
+    return torch.cat(sq).sqrt() if sq else torch.zeros(0)

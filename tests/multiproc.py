@@ -1,0 +1,63 @@
+"""Run a function on N gloo ranks forked from the (already warm) pytest process.
+
+Each child binds gloo on a free localhost port, sets one torch thread, runs ``fn(rank, world)``
+and reports its result or traceback; the parent raises with every failing rank's traceback.
+"""
+
+import multiprocessing as mp
+import os
+import queue as queue_mod
+import socket
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+TIMEOUT_S = 60
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child(rank, world, port, fn, queue):
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=TIMEOUT_S))
+        queue.put((rank, True, fn(rank, world)))
+        dist.destroy_process_group()
+    except BaseException:
+        queue.put((rank, False, traceback.format_exc()))
+    finally:
+        os._exit(0)
+
+
+def run_ranks(world: int, fn) -> list:
+    """``[fn(0, world), …, fn(world − 1, world)]``, each run in its own forked gloo rank."""
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_child, args=(r, world, port, fn, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results = {}
+    try:
+        for _ in range(world):
+            rank, ok, value = queue.get(timeout=TIMEOUT_S + 30)
+            results[rank] = (ok, value)
+    except queue_mod.Empty:
+        pass
+    finally:
+        for p in procs:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+    failures = [f"rank {r}:\n{v}" for r, (ok, v) in sorted(results.items()) if not ok]
+    missing = [r for r in range(world) if r not in results]
+    if failures or missing:
+        raise AssertionError("\n".join(failures) + (f"\nranks that hung or died silently: {missing}" if missing else ""))
+    return [results[r][1] for r in range(world)]

@@ -1,0 +1,171 @@
+"""Sharded statistics equal the single-process operators on every layout (gloo, forked ranks)."""
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from multiproc import run_ranks
+from reg_dist.distributed import Layout, sharded_equilibrate_, sharded_frobenius_norms, sharded_racs_
+from reg_dist.distributed import stats as dstats
+from reg_dist.ops import equilibrate, racs
+
+SHAPES = [(7, 5), (6, 9)]
+
+
+def _full(k):
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(SHAPES[k], dtype=torch.float64, generator=g)
+    x[2] = 0  # a zero row
+    return x
+
+
+def _local(full, lay):
+    block = full[lay.rows[0]:lay.rows[1], lay.cols[0]:lay.cols[1]]
+    return block.flatten()[lay.flat[0]:lay.flat[1]].clone() if lay.flat else block.clone()
+
+
+def _split(size, parts, i):
+    """Uneven contiguous split: the first parts are one longer."""
+    base, extra = divmod(size, parts)
+    start = i * base + min(i, extra)
+    return start, start + base + (i < extra)
+
+
+def tp_rows(rank, world, shape):
+    """Column-parallel linear: rows split over every rank."""
+    return Layout(shape, _split(shape[0], world, rank), (0, shape[1]), groups=(("tp", dist.group.WORLD),))
+
+
+def tp_cols(rank, world, shape):
+    """Row-parallel linear: columns split over every rank."""
+    return Layout(shape, (0, shape[0]), _split(shape[1], world, rank), groups=(("tp", dist.group.WORLD),))
+
+
+def flat_ranges(rank, world, shape):
+    """ZeRO: a flat row-major range of the whole matrix, cutting rows mid-way; rank 1 holds nothing."""
+    total = shape[0] * shape[1]
+    cuts = [0, 3, 3, total // 2 + 1, total]  # ranks 0..3 (for world 2: 0..3 and 3..total)
+    cuts = cuts if world == 4 else [0, 3, total]
+    return Layout(shape, (0, shape[0]), (0, shape[1]), flat=(cuts[rank], cuts[rank + 1]),
+                  groups=(("dp", dist.group.WORLD),))
+
+
+def _grid(rank):
+    """tp × dp = 2 × 2: tp groups {0,1}, {2,3}; dp groups {0,2}, {1,3} (new_group is collective)."""
+    tp = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    dp = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    return tp[rank // 2], dp[rank % 2], rank % 2, rank // 2
+
+
+def tp_cols_fsdp_rows(rank, world, shape, groups):
+    """2-D: tensor-parallel column split, then an FSDP row shard of each TP block."""
+    tp_group, dp_group, tp_rank, dp_rank = groups
+    return Layout(shape, _split(shape[0], 2, dp_rank), _split(shape[1], 2, tp_rank),
+                  groups=(("dp", dp_group), ("tp", tp_group)))
+
+
+def tp_rows_zero_flat(rank, world, shape, groups):
+    """2-D: tensor-parallel row split, then a ZeRO flat range of each TP block."""
+    tp_group, dp_group, tp_rank, dp_rank = groups
+    rows = _split(shape[0], 2, tp_rank)
+    numel = (rows[1] - rows[0]) * shape[1]
+    return Layout(shape, rows, (0, shape[1]), flat=_split(numel, 2, dp_rank), groups=(("dp", dp_group), ("tp", tp_group)))
+
+
+CASES = {
+    "tp_rows_2": (2, tp_rows),
+    "tp_cols_4": (4, tp_cols),
+    "flat_2": (2, flat_ranges),
+    "flat_4_with_empty_rank": (4, flat_ranges),
+    "tp2_x_fsdp2": (4, tp_cols_fsdp_rows),
+    "tp2_x_zero2": (4, tp_rows_zero_flat),
+}
+
+
+def _layouts(case, rank, world):
+    fn = CASES[case][1]
+    if fn in (tp_cols_fsdp_rows, tp_rows_zero_flat):
+        groups = _grid(rank)
+        return [fn(rank, world, s, groups) for s in SHAPES]
+    return [fn(rank, world, s) for s in SHAPES]
+
+
+def _check_all(case, op, reference):
+    world = CASES[case][0]
+
+    def body(rank, world):
+        layouts = _layouts(case, rank, world)
+        fulls = [_full(k) for k in range(len(SHAPES))]
+        locals_ = [_local(f, lay) for f, lay in zip(fulls, layouts)]
+        op(locals_, layouts)
+        for f, lay, x in zip(fulls, layouts, locals_):
+            torch.testing.assert_close(x, _local(reference(f), lay), rtol=1e-12, atol=1e-12)
+
+    run_ranks(world, body)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("p", [2.0, math.inf, 3.0])
+def test_sharded_racs_equals_single_process(case, p):
+    _check_all(case, lambda xs, ls: sharded_racs_(xs, ls, p=p, iters=2), lambda f: racs(f, p=p, iters=2))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("mode", ["row", "col", "rowcol"])
+def test_sharded_equilibrate_equals_single_process(case, mode):
+    _check_all(case, lambda xs, ls: sharded_equilibrate_(xs, ls, mode), lambda f: equilibrate(f, mode))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_sharded_frobenius_norms_equal_single_process(case):
+    world = CASES[case][0]
+
+    def body(rank, world):
+        layouts = _layouts(case, rank, world)
+        fulls = [_full(k) for k in range(len(SHAPES))]
+        norms = sharded_frobenius_norms([_local(f, lay) for f, lay in zip(fulls, layouts)], layouts)
+        torch.testing.assert_close(norms, torch.stack([f.norm() for f in fulls]), rtol=1e-12, atol=0)
+
+    run_ranks(world, body)
+
+
+def test_one_collective_per_group_per_racs_iteration(monkeypatch):
+    def body(rank, world):
+        calls = []
+        real = dist.all_reduce
+
+        def counting(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
+            calls.append(tensor.numel())
+            return real(tensor, op=op, group=group, async_op=async_op)
+
+        dstats.dist.all_reduce = counting
+        try:
+            layouts = _layouts("tp2_x_fsdp2", rank, world) * 5  # ten matrices, two groups each
+            locals_ = [_local(_full(k % 2), lay) for k, lay in enumerate(layouts)]
+            sharded_racs_(locals_, layouts, iters=3)
+        finally:
+            dstats.dist.all_reduce = real
+        return calls
+
+    per_rank = run_ranks(4, body)
+    vector = 5 * sum(m + n for m, n in SHAPES)
+    assert all(calls == [vector, vector] * 3 for calls in per_rank)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"shape": (4, 4), "rows": (0, 5), "cols": (0, 4)}, "does not fit the 4×4 matrix"),
+        ({"shape": (4, 4), "rows": (0, 2), "cols": (0, 4), "flat": (3, 9)}, r"flat range \(3, 9\) does not fit"),
+    ],
+)
+def test_layouts_that_do_not_add_up_are_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Layout(**kwargs)
+
+
+def test_local_tensor_must_match_its_layout():
+    with pytest.raises(ValueError, match=r"local tensor of shape \(3, 4\) does not match its layout, which needs \(2, 4\)"):
+        Layout((4, 4), (0, 2), (0, 4)).pieces(torch.zeros(3, 4))
