@@ -33,6 +33,8 @@ def _child(rank, world, port, fn, queue):
     except BaseException:
         queue.put((rank, False, traceback.format_exc()))
     finally:
+        queue.close()
+        queue.join_thread()  # flush the report before the hard exit
         os._exit(0)
 
 

@@ -6,6 +6,8 @@ from torch import Tensor
 from torch.optim.adamw import adamw
 from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
+from .tensors import local_tensor
+
 
 def init_adamw_state(p: Tensor, state: dict) -> None:
     state["step"] = torch.tensor(0.0, dtype=torch.float32)
@@ -14,9 +16,14 @@ def init_adamw_state(p: Tensor, state: dict) -> None:
 
 
 def adamw_step(params: list[Tensor], states: list[dict], group: dict) -> None:
-    """One AdamW step on ``params`` (each with a grad) whose states ``init_adamw_state`` made."""
+    """One AdamW step on ``params`` (each with a grad) whose states ``init_adamw_state`` made.
+
+    AdamW is element-wise, so a DTensor parameter steps exactly on its local shard.
+    """
     if not params:
         return
+    grads = [local_tensor(p.grad) for p in params]
+    params = [local_tensor(p) for p in params]
     fused = all(p.device.type in _get_fused_kernels_supported_devices() for p in params)
     steps = []
     for p, s in zip(params, states):
@@ -26,9 +33,9 @@ def adamw_step(params: list[Tensor], states: list[dict], group: dict) -> None:
     beta1, beta2 = group["adamw_betas"]
     adamw(
         params,
-        [p.grad for p in params],
-        [s["exp_avg"] for s in states],
-        [s["exp_avg_sq"] for s in states],
+        grads,
+        [local_tensor(s["exp_avg"]) for s in states],
+        [local_tensor(s["exp_avg_sq"]) for s in states],
         [],
         steps,
         foreach=None if not fused else False,

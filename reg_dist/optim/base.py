@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from ..ops.stats import acc_dtype
@@ -95,6 +96,7 @@ class MatrixOptimizer(Optimizer):
     """REG, Muon and MuonEq: subclasses give ``algorithm``, ``check_group`` and ``transform``."""
 
     algorithm: str
+    supports_dtensor = False  # True where a subclass steps sharded DTensor matrices (reg_dist.distributed)
 
     def __init__(self, params: Any, defaults: dict, nonfinite: str = "skip") -> None:
         if nonfinite not in NONFINITE:
@@ -164,6 +166,11 @@ class MatrixOptimizer(Optimizer):
                 raise TypeError(f"optimizer can only optimize tensors, but parameter {name} is {type(t).__name__}")
             r = route(t, self._info.get(id(t), ParamInfo((name,))), requested, self.algorithm)
             if r.matrix is not None:
+                if isinstance(t, DTensor) and not self.supports_dtensor:
+                    raise ValueError(
+                        f"parameter {name} is a sharded DTensor, which {type(self).__name__} cannot step yet "
+                        f"(Newton–Schulz needs the owner path); use reg_dist.REG, or an algorithm='adamw' group"
+                    )
                 self._view[id(t)] = r.matrix
             routes.append(r)
             ts, ns = split.setdefault(r.algorithm, ([], []))
@@ -193,7 +200,7 @@ class MatrixOptimizer(Optimizer):
                 names.append(name)
         if not grads:
             return True
-        finite = finite_flags(grads)
+        finite = self._finite_flags(grads)
         if bool(finite.all()):
             return True
         bad = [names[i] for i in (~finite).nonzero().flatten().tolist()]
@@ -203,6 +210,10 @@ class MatrixOptimizer(Optimizer):
         self.skipped_steps += 1
         logger.warning("%s; step skipped, state unchanged (%d skipped so far)", message, self.skipped_steps)
         return False
+
+    def _finite_flags(self, grads: list[Tensor]) -> Tensor:
+        """``finite_flags`` of the gradients; a sharded optimizer makes every rank agree."""
+        return finite_flags(grads)
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -1,0 +1,91 @@
+"""REG on sharded (DTensor) parameters: FSDP2 ``fully_shard``, tensor parallelism, or both.
+
+Every rank steps only the elements it holds. For the matrices of a group:
+
+    M = μ·M + G;  N = G + μ·M            on the local shard (state lives where the elements live)
+    U = racs(N)                          sharded_racs_: one packed all-reduce per mesh dim per iteration
+    s = ρ·√(mn) / ||U||_F  ("rms")       one more packed all-reduce of the squared norms
+    W = W·(1 − lr·wd) − lr·s·U           on the local shard
+
+Gradients must already be reduced across data parallelism (FSDP2 does so; a TP-only model sees the
+same batch on every rank). Plain tensors in the same optimizer take the single-process step, and
+every rank agrees on skipping a step with a non-finite gradient anywhere.
+"""
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed.tensor import DTensor
+
+from ..ops.stats import acc_dtype
+from ..optim import reg
+from ..optim.base import finite_flags
+from ..optim.momentum import momentum_into_
+from ..optim.scaling import RMS_EPS
+from ..optim.tensors import local_tensor
+from .dtensor import dtensor_layout
+from .layout import Layout
+from .stats import sharded_frobenius_norms, sharded_racs_
+
+
+class REG(reg.REG):
+    """``reg_dist.optim.REG`` that also steps DTensor parameters in place on their shards."""
+
+    supports_dtensor = True
+
+    def __init__(self, params: Any, **kwargs: Any) -> None:
+        self._layouts: dict[int, Layout] = {}
+        super().__init__(params, **kwargs)
+
+    def _finite_flags(self, grads: list[Tensor]) -> Tensor:
+        flags = finite_flags([local_tensor(g) for g in grads])
+        if dist.is_initialized() and any(isinstance(g, DTensor) for g in grads):
+            as_int = flags.to(torch.int32)
+            dist.all_reduce(as_int, op=dist.ReduceOp.MIN)
+            flags = as_int.bool()
+        return flags
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        for group in self.param_groups:
+            if group["algorithm"] == self.algorithm:
+                for p, name in zip(group["params"], group["param_names"]):
+                    if isinstance(p, DTensor) and id(p) not in self._layouts:
+                        self._layouts[id(p)] = dtensor_layout(p, name)
+
+    def _matrix_step(self, params: list[Tensor], group: dict) -> None:
+        sharded = [p for p in params if isinstance(p, DTensor)]
+        super()._matrix_step([p for p in params if not isinstance(p, DTensor)], group)
+        if sharded:
+            self._sharded_step(sharded, group)
+
+    def _sharded_step(self, params: list[DTensor], group: dict) -> None:
+        layouts = [self._layouts[id(p)] for p in params]
+        bufs = []
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["momentum_buffer"] = torch.zeros_like(p)
+            bufs.append(local_tensor(state["momentum_buffer"]))
+        locals_ = [p.to_local() for p in params]
+        n = [torch.empty_like(x, dtype=acc_dtype(x.dtype)) for x in locals_]
+        momentum_into_([local_tensor(p.grad) for p in params], bufs, n, group["momentum"], group["nesterov"])
+        sharded_racs_(n, layouts, group["p"], group["iters"], group["eps"])
+        lr, wd, rms = group["lr"], group["weight_decay"], group["rms"]
+        shapes = [lay.shape for lay in layouts]
+        if group["scale"] == "rms":
+            norms = sharded_frobenius_norms(n, layouts)
+            factors = [rms * math.sqrt(m * k) / (norm + RMS_EPS) for (m, k), norm in zip(shapes, norms)]
+        elif group["scale"] == "match_rms_adamw":
+            factors = [torch.tensor(rms * math.sqrt(max(m, k))) for m, k in shapes]
+        else:
+            factors = [torch.tensor(math.sqrt(max(1.0, m / k))) for m, k in shapes]
+        for p, x, u, s in zip(params, locals_, n, factors):
+            if wd != 0 and lr != 0:
+                x.mul_(1.0 - lr * wd)
+            x.addcmul_(u, s.to(u.device), value=-lr)
+            self.state[p]["step"] += 1

@@ -1,0 +1,156 @@
+"""REG on DTensor parameters (FSDP2, tensor parallelism, both) equals single-process REG on the
+concatenated batch, step by step (gloo, forked ranks)."""
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+from multiproc import run_ranks
+from reg_dist import REG, Muon
+
+STEPS = 3
+BATCH = 8  # global batch, split across data-parallel ranks
+
+
+class Net(nn.Module):
+    """Uneven on purpose: 18 rows do not divide by 4, and 3 rows leave a rank empty."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(32, 18)
+        self.up = nn.Linear(18, 56)
+        self.down = nn.Linear(56, 18, bias=False)
+        self.squeeze = nn.Linear(18, 3, bias=False)
+        self.expand = nn.Linear(3, 18, bias=False)
+        self.norm = nn.LayerNorm(18)
+        self.head = nn.Linear(18, 32, bias=False)
+
+    def forward(self, idx):
+        h = self.embed(idx)
+        h = h + self.down(torch.nn.functional.gelu(self.up(h)))
+        h = h + self.expand(self.squeeze(h))
+        return self.head(self.norm(h))
+
+
+def _data():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 32, (BATCH, 6), generator=g) for _ in range(STEPS)]
+
+
+def _loss(model, tokens):
+    logits = model(tokens[:, :-1])
+    return nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+
+
+def _reference(kwargs):
+    torch.manual_seed(0)
+    model = Net()
+    opt = REG(model, **kwargs)
+    for tokens in _data():
+        opt.zero_grad()
+        _loss(model, tokens).backward()
+        opt.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _run_sharded(world, shard, kwargs):
+    """``shard(model, rank, world) -> dp_rank, dp_size`` makes the model sharded in place."""
+    expected = _reference(kwargs)
+
+    def body(rank, world):
+        torch.manual_seed(0)
+        model = Net()
+        dp_rank, dp_size = shard(model, rank, world)
+        opt = REG(model, **kwargs)
+        assert any(isinstance(p, DTensor) for p in model.parameters())
+        per = BATCH // dp_size
+        for tokens in _data():
+            opt.zero_grad()
+            _loss(model, tokens[dp_rank * per:(dp_rank + 1) * per]).backward()
+            opt.step()
+        for name, value in model.state_dict().items():
+            full = value.full_tensor() if isinstance(value, DTensor) else value
+            torch.testing.assert_close(full, expected[name], rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+    run_ranks(world, body)
+
+
+def fsdp(model, rank, world):
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("dp",))
+    for module in (model.up, model.down, model.squeeze, model.expand):
+        fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return rank, world
+
+
+def tp(model, rank, world):
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
+    parallelize_module(model, mesh, {"up": ColwiseParallel(), "down": RowwiseParallel()})
+    return 0, 1
+
+
+def fsdp_x_tp(model, rank, world):
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    parallelize_module(model, mesh["tp"], {"up": ColwiseParallel(), "down": RowwiseParallel()})
+    for module in (model.up, model.down, model.squeeze, model.expand):
+        fully_shard(module, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    return rank // 2, 2
+
+
+@pytest.mark.parametrize("scale", ["rms", "match_rms_adamw"])
+@pytest.mark.parametrize("world", [2, 4])
+def test_fsdp2_reg_equals_single_process(world, scale):
+    _run_sharded(world, fsdp, {"lr": 0.02, "scale": scale})
+
+
+def test_fsdp2_reg_with_iterated_racs_and_inf_norm_equals_single_process():
+    _run_sharded(4, fsdp, {"lr": 0.02, "p": float("inf"), "iters": 3})
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_tensor_parallel_reg_equals_single_process(world):
+    _run_sharded(world, tp, {"lr": 0.02})
+
+
+def test_fsdp2_x_tensor_parallel_reg_equals_single_process():
+    _run_sharded(4, fsdp_x_tp, {"lr": 0.02})
+
+
+def test_nonfinite_gradient_on_one_rank_skips_the_step_on_every_rank():
+    def body(rank, world):
+        torch.manual_seed(0)
+        model = Net()
+        fsdp(model, rank, world)
+        opt = REG(model)
+        before = {k: v.full_tensor().clone() for k, v in model.state_dict().items()}
+        _loss(model, _data()[0][rank * 4:(rank + 1) * 4]).backward()
+        if rank == 1:
+            model.up.weight.grad.to_local().view(-1)[0] = float("nan")
+        opt.step()
+        assert opt.skipped_steps == 1
+        for k, v in model.state_dict().items():
+            assert torch.equal(v.full_tensor(), before[k]), k
+
+    run_ranks(2, body)
+
+
+def test_muon_refuses_sharded_matrices_instead_of_falling_back():
+    def body(rank, world):
+        model = Net()
+        fsdp(model, rank, world)
+        try:
+            Muon(model)
+        except ValueError as e:
+            assert "up.weight is a sharded DTensor" in str(e)
+            return
+        raise AssertionError("Muon accepted DTensor matrices")
+
+    run_ranks(2, body)
