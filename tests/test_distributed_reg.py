@@ -154,3 +154,82 @@ def test_muon_refuses_sharded_matrices_instead_of_falling_back():
         raise AssertionError("Muon accepted DTensor matrices")
 
     run_ranks(2, body)
+
+
+def test_gradient_accumulation_equals_one_big_batch_and_transforms_once_per_step():
+    expected = _reference({"lr": 0.02})
+
+    def body(rank, world):
+        torch.manual_seed(0)
+        model = Net()
+        fsdp(model, rank, world)
+        opt = REG(model, lr=0.02)
+        for tokens in _data():
+            mine = tokens[rank * 4:(rank + 1) * 4]
+            opt.zero_grad()
+            for micro in mine.split(2):  # two micro-batches of 2
+                (_loss(model, micro) / 2).backward()
+            opt.step()
+            assert opt.comm_stats()["dp"]["calls"] == 2  # one RACS iteration + the RMS norms, once per step
+        for name, value in model.state_dict().items():
+            torch.testing.assert_close(value.full_tensor(), expected[name], rtol=1e-5, atol=1e-6)
+
+    run_ranks(2, body)
+
+
+def test_comm_stats_report_one_packed_collective_per_group_per_racs_iteration():
+    def body(rank, world):
+        torch.manual_seed(0)
+        model = Net()
+        fsdp(model, rank, world)
+        opt = REG(model, iters=3)
+        _loss(model, _data()[0][rank * 4:(rank + 1) * 4]).backward()
+        opt.step()
+        return opt.comm_stats()
+
+    stats = run_ranks(2, body)
+    matrices = [(56, 18), (18, 56), (3, 18), (18, 3)]
+    vector_bytes = 4 * sum(m + n for m, n in matrices)
+    for s in stats:
+        assert s == {
+            "world": {"calls": 1, "bytes": 4 * 9},  # the non-finite agreement over all 9 tensors
+            "dp": {"calls": 3 + 1, "bytes": 3 * vector_bytes + 4 * len(matrices)},
+        }
+
+
+def test_ranks_that_disagree_on_parameters_fail_at_construction():
+    def body(rank, world):
+        torch.manual_seed(0)
+        model = Net()
+        fsdp(model, rank, world)
+        params = list(model.named_parameters())
+        try:
+            REG(params if rank == 0 else params[::-1])
+        except ValueError as e:
+            assert "ranks disagree on the parameters: entry 0 is" in str(e), e
+            return
+        raise AssertionError("construction succeeded")
+
+    run_ranks(2, body)
+
+
+def test_torchrun_two_processes_fsdp2_reg_equals_single_process(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "params.pt"
+    script = Path(__file__).with_name("torchrun_fsdp_reg.py")
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master-port={port}",
+         "--master-addr=127.0.0.1", str(script), str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    got = torch.load(out)
+    for name, value in _reference({"lr": 0.02}).items():
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6)

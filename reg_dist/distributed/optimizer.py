@@ -23,12 +23,28 @@ from torch.distributed.tensor import DTensor
 from ..ops.stats import acc_dtype
 from ..optim import reg
 from ..optim.base import finite_flags
+from ..optim.routing import Route
 from ..optim.momentum import momentum_into_
 from ..optim.scaling import RMS_EPS
 from ..optim.tensors import local_tensor
 from .dtensor import dtensor_layout
 from .layout import Layout
-from .stats import sharded_frobenius_norms, sharded_racs_
+from .stats import CommStats, count, sharded_frobenius_norms, sharded_racs_
+
+
+def check_same_on_all_ranks(routes: list[Route]) -> None:
+    """Every rank must route the same parameters (names, logical shapes, algorithms) in the same
+    order, or the packed collectives would pair up different matrices (or hang)."""
+    mine = [(r.name, r.shape, r.algorithm) for r in routes]
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    for rank, theirs in enumerate(everyone):
+        if theirs != mine:
+            diff = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
+            ours = mine[diff] if diff < len(mine) else "nothing"
+            other = theirs[diff] if diff < len(theirs) else "nothing"
+            raise ValueError(f"ranks disagree on the parameters: entry {diff} is {ours} on rank "
+                             f"{dist.get_rank()} but {other} on rank {rank}")
 
 
 class REG(reg.REG):
@@ -38,13 +54,27 @@ class REG(reg.REG):
 
     def __init__(self, params: Any, **kwargs: Any) -> None:
         self._layouts: dict[int, Layout] = {}
+        self._comm: CommStats = {}
         super().__init__(params, **kwargs)
+        if self._layouts:
+            check_same_on_all_ranks(self.routes)
+
+    def comm_stats(self) -> CommStats:
+        """Collectives of the last step, per group name: ``{"dp": {"calls": …, "bytes": …}, …}``;
+        ``"world"`` is the agreement on non-finite gradients."""
+        return {name: dict(entry) for name, entry in self._comm.items()}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self._comm = {}
+        return super().step(closure)
 
     def _finite_flags(self, grads: list[Tensor]) -> Tensor:
         flags = finite_flags([local_tensor(g) for g in grads])
         if dist.is_initialized() and any(isinstance(g, DTensor) for g in grads):
             as_int = flags.to(torch.int32)
             dist.all_reduce(as_int, op=dist.ReduceOp.MIN)
+            count(self._comm, "world", as_int)
             flags = as_int.bool()
         return flags
 
@@ -74,11 +104,11 @@ class REG(reg.REG):
         locals_ = [p.to_local() for p in params]
         n = [torch.empty_like(x, dtype=acc_dtype(x.dtype)) for x in locals_]
         momentum_into_([local_tensor(p.grad) for p in params], bufs, n, group["momentum"], group["nesterov"])
-        sharded_racs_(n, layouts, group["p"], group["iters"], group["eps"])
+        sharded_racs_(n, layouts, group["p"], group["iters"], group["eps"], self._comm)
         lr, wd, rms = group["lr"], group["weight_decay"], group["rms"]
         shapes = [lay.shape for lay in layouts]
         if group["scale"] == "rms":
-            norms = sharded_frobenius_norms(n, layouts)
+            norms = sharded_frobenius_norms(n, layouts, self._comm)
             factors = [rms * math.sqrt(m * k) / (norm + RMS_EPS) for (m, k), norm in zip(shapes, norms)]
         elif group["scale"] == "match_rms_adamw":
             factors = [torch.tensor(rms * math.sqrt(max(m, k))) for m, k in shapes]

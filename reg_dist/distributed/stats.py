@@ -44,10 +44,21 @@ def partial_row_col(local: Tensor, layout: Layout, p: float) -> Tensor:
     return out
 
 
-def reduce_packed(vectors: list[Tensor], layouts: list[Layout], op: dist.ReduceOp) -> dict[str, int]:
+CommStats = dict[str, dict[str, int]]  # group name -> {"calls": …, "bytes": …}
+
+
+def count(stats: CommStats | None, name: str, buf: Tensor) -> None:
+    """Add one collective of ``buf`` over group ``name`` to ``stats`` (None: not counting)."""
+    if stats is not None:
+        entry = stats.setdefault(name, {"calls": 0, "bytes": 0})
+        entry["calls"] += 1
+        entry["bytes"] += buf.numel() * buf.element_size()
+
+
+def reduce_packed(vectors: list[Tensor], layouts: list[Layout], op: dist.ReduceOp,
+                  stats: CommStats | None = None) -> None:
     """In place: every ``vectors[k]`` reduced over each group of ``layouts[k]``, one collective per
-    group name. Returns the number of elements reduced per group name."""
-    sent = {}
+    group name, counted into ``stats``."""
     for name in sorted({g for lay in layouts for g, _ in lay.groups}):
         members = [(v, dict(lay.groups)[name]) for v, lay in zip(vectors, layouts) if name in dict(lay.groups)]
         group = members[0][1]
@@ -57,14 +68,14 @@ def reduce_packed(vectors: list[Tensor], layouts: list[Layout], op: dist.ReduceO
         dist.all_reduce(buf, op=op, group=group)
         for v, chunk in zip((v for v, _ in members), buf.split([v.numel() for v, _ in members])):
             v.copy_(chunk)
-        sent[name] = buf.numel()
-    return sent
+        count(stats, name, buf)
 
 
-def row_col_stats(locals_: list[Tensor], layouts: list[Layout], p: float) -> list[tuple[Tensor, Tensor]]:
+def row_col_stats(locals_: list[Tensor], layouts: list[Layout], p: float,
+                  stats: CommStats | None = None) -> list[tuple[Tensor, Tensor]]:
     """Full ``(r, c)`` of every matrix (sums of |x|^p, or maxima for p = inf), reduced across ranks."""
     vectors = [partial_row_col(x, lay, p) for x, lay in zip(locals_, layouts)]
-    reduce_packed(vectors, layouts, dist.ReduceOp.MAX if p == math.inf else dist.ReduceOp.SUM)
+    reduce_packed(vectors, layouts, dist.ReduceOp.MAX if p == math.inf else dist.ReduceOp.SUM, stats)
     return [(v[: lay.shape[0]], v[lay.shape[0] :]) for v, lay in zip(vectors, layouts)]
 
 
@@ -79,27 +90,27 @@ def scale_local_(local: Tensor, layout: Layout, row: Tensor | None, col: Tensor 
 
 
 def sharded_racs_(locals_: list[Tensor], layouts: list[Layout], p: float = 2.0, iters: int = 1,
-                  eps: float = 1e-8) -> None:
+                  eps: float = 1e-8, stats: CommStats | None = None) -> None:
     """RACS (ops.racs) of every sharded matrix, in place on the local elements."""
     check_racs_args(p, iters, eps)
     for _ in range(iters):
-        for x, lay, (r, c) in zip(locals_, layouts, row_col_stats(locals_, layouts, p)):
+        for x, lay, (r, c) in zip(locals_, layouts, row_col_stats(locals_, layouts, p, stats)):
             scale_local_(x, lay, pow_sums_to_norms_(r, p).add_(eps).rsqrt_(),
                          pow_sums_to_norms_(c, p).add_(eps).rsqrt_())
 
 
 def sharded_equilibrate_(locals_: list[Tensor], layouts: list[Layout], mode: str = "row",
-                         exponent: float = -0.5, eps: float = 1e-8) -> None:
+                         exponent: float = -0.5, eps: float = 1e-8, stats: CommStats | None = None) -> None:
     """Equilibration (ops.equilibrate) of every sharded matrix, in place on the local elements."""
     check_equilibrate_args(mode, exponent, eps)
-    for x, lay, (r, c) in zip(locals_, layouts, row_col_stats(locals_, layouts, 2.0)):
+    for x, lay, (r, c) in zip(locals_, layouts, row_col_stats(locals_, layouts, 2.0, stats)):
         scale_local_(x, lay, r.add_(eps).pow_(exponent) if mode != "col" else None,
                      c.add_(eps).pow_(exponent) if mode != "row" else None)
 
 
-def sharded_frobenius_norms(locals_: list[Tensor], layouts: list[Layout]) -> Tensor:
+def sharded_frobenius_norms(locals_: list[Tensor], layouts: list[Layout], stats: CommStats | None = None) -> Tensor:
     """``(K,)`` Frobenius norms of the sharded matrices (for the "rms" scale), one packed reduction."""
     d = acc_dtype(locals_[0].dtype) if locals_ else torch.float32
     sq = [torch.linalg.vector_norm(x, dtype=d).square().reshape(1) for x in locals_]
-    reduce_packed(sq, layouts, dist.ReduceOp.SUM)
+    reduce_packed(sq, layouts, dist.ReduceOp.SUM, stats)
     return torch.cat(sq).sqrt() if sq else torch.zeros(0)
