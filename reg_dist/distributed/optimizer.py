@@ -12,24 +12,28 @@ same batch on every rank). Plain tensors in the same optimizer take the single-p
 every rank agrees on skipping a step with a non-finite gradient anywhere.
 """
 
+import logging
 import math
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from ..ops.stats import acc_dtype
 from ..optim import reg
-from ..optim.base import finite_flags
 from ..optim.routing import Route
 from ..optim.momentum import momentum_into_
 from ..optim.scaling import RMS_EPS
 from ..optim.tensors import local_tensor
 from .dtensor import dtensor_layout
 from .layout import Layout
+from .native import NativeDP
 from .stats import CommStats, count, sharded_frobenius_norms, sharded_racs_
+
+logger = logging.getLogger("reg_dist")
 
 
 def check_same_on_all_ranks(routes: list[Route]) -> None:
@@ -52,12 +56,17 @@ class REG(reg.REG):
 
     supports_dtensor = True
 
-    def __init__(self, params: Any, **kwargs: Any) -> None:
+    def __init__(self, params: Any, mesh: DeviceMesh | None = None, **kwargs: Any) -> None:
         self._layouts: dict[int, Layout] = {}
         self._comm: CommStats = {}
+        self._native: NativeDP | None = None
         super().__init__(params, **kwargs)
-        if self._layouts:
+        if self._layouts or mesh is not None:
             check_same_on_all_ranks(self.routes)
+        if mesh is not None:
+            self._native = NativeDP(mesh, [p for g in self.param_groups for p in g["params"]], self._layouts)
+            logger.info("REG native data parallelism over %d ranks: tensor ownership imbalance %.1f %%",
+                        self._native.size, 100 * self._native.imbalance)
 
     def comm_stats(self) -> CommStats:
         """Collectives of the last step, per group name: ``{"dp": {"calls": …, "bytes": …}, …}``;
@@ -66,17 +75,31 @@ class REG(reg.REG):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One step; with ``mesh=``, gradients are first averaged onto their owners over ``dp``
+        (one reduce-scatter), and the owners' updated tensors all-gathered back afterwards."""
         self._comm = {}
-        return super().step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self._native is not None:
+            self._native.average_grads_to_owners(self._comm)
+        super().step()
+        if self._native is not None:
+            self._native.gather_params_from_owners(self._comm)
+        return loss
 
-    def _finite_flags(self, grads: list[Tensor]) -> Tensor:
-        flags = finite_flags([local_tensor(g) for g in grads])
-        if dist.is_initialized() and any(isinstance(g, DTensor) for g in grads):
-            as_int = flags.to(torch.int32)
-            dist.all_reduce(as_int, op=dist.ReduceOp.MIN)
-            count(self._comm, "world", as_int)
-            flags = as_int.bool()
-        return flags
+    def _steps_here(self, p: Tensor) -> bool:
+        return p.grad is not None and (self._native is None or self._native.owns(p))
+
+    def _all_ranks_agree(self, ok: bool) -> bool:
+        """Every rank skips together: one all-reduce over the world once anything is sharded."""
+        if not (dist.is_initialized() and (self._layouts or self._native is not None)):
+            return ok
+        flag = torch.tensor([int(ok)], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        count(self._comm, "world", flag)
+        return bool(flag.item())
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)

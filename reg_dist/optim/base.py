@@ -23,6 +23,7 @@ from .adamw import adamw_step, init_adamw_state
 from .momentum import momentum_into_
 from .routing import ADAMW, ParamInfo, Route, format_table, module_param_info, route
 from .scaling import check_scale, scale_factors
+from .tensors import local_tensor
 
 logger = logging.getLogger("reg_dist")
 
@@ -83,6 +84,8 @@ def finite_flags(tensors: list[Tensor]) -> Tensor:
     One fused ``max |x|`` over the list on accelerators; on the CPU, where that fused reduction is
     an order of magnitude slower, ``aminmax`` per tensor (which propagates NaN as well).
     """
+    if not tensors:
+        return torch.ones(0, dtype=torch.bool)
     if tensors[0].device.type == "cpu":
         extremes = [torch.stack(torch.aminmax(t)) if t.numel() else t.new_zeros(2) for t in tensors]
     else:
@@ -192,28 +195,31 @@ class MatrixOptimizer(Optimizer):
         grads, names = [], []
         for group in self.param_groups:
             for p, name in zip(group["params"], group["param_names"]):
-                if p.grad is None:
+                if not self._steps_here(p):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (parameter {name})")
                 grads.append(p.grad)
                 names.append(name)
-        if not grads:
-            return True
-        finite = self._finite_flags(grads)
-        if bool(finite.all()):
+        finite = finite_flags([local_tensor(g) for g in grads])
+        if self._all_ranks_agree(bool(finite.all())):
             return True
         bad = [names[i] for i in (~finite).nonzero().flatten().tolist()]
-        message = f"non-finite gradient in {len(bad)} parameter(s): {', '.join(bad[:8])}"
+        where = f"in {len(bad)} parameter(s): {', '.join(bad[:8])}" if bad else "on another rank"
+        message = f"non-finite gradient {where}"
         if self.nonfinite == "raise":
             raise FloatingPointError(message)
         self.skipped_steps += 1
         logger.warning("%s; step skipped, state unchanged (%d skipped so far)", message, self.skipped_steps)
         return False
 
-    def _finite_flags(self, grads: list[Tensor]) -> Tensor:
-        """``finite_flags`` of the gradients; a sharded optimizer makes every rank agree."""
-        return finite_flags(grads)
+    def _steps_here(self, p: Tensor) -> bool:
+        """Whether this process steps ``p`` now (a sharded optimizer steps only what it owns)."""
+        return p.grad is not None
+
+    def _all_ranks_agree(self, ok: bool) -> bool:
+        """Whether ``ok`` holds on every rank that shares the step (here: this process alone)."""
+        return ok
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -225,7 +231,7 @@ class MatrixOptimizer(Optimizer):
         if not self._grads_finite():
             return loss
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
+            params = [p for p in group["params"] if self._steps_here(p)]
             if group["algorithm"] == ADAMW:
                 for p in params:
                     if not self.state[p]:

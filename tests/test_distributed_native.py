@@ -1,0 +1,87 @@
+"""The native torchrun mode, ``REG(model, mesh=…)`` with no DDP/FSDP wrapper: gradients averaged
+onto whole-tensor owners over dp, state only on owners, parameters gathered back; equal to the
+single-process run on the concatenated batch for dp × tp within 4 ranks (gloo, forked ranks)."""
+
+import pytest
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+from multiproc import run_ranks
+from reg_dist import REG
+from reg_dist.distributed.ownership import imbalance, plan_owners
+from test_distributed_reg import BATCH, Net, _data, _loss, _reference
+
+
+def _native(dp, tp, kwargs, check_state=True):
+    expected = _reference(kwargs)
+
+    def body(rank, world):
+        mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
+        torch.manual_seed(0)
+        model = Net()
+        if tp > 1:
+            parallelize_module(model, mesh["tp"], {"up": ColwiseParallel(), "down": RowwiseParallel()})
+        opt = REG(model, mesh=mesh, **kwargs)
+        dp_rank, per = rank // tp, BATCH // dp
+        for tokens in _data():
+            opt.zero_grad()
+            _loss(model, tokens[dp_rank * per:(dp_rank + 1) * per]).backward()
+            opt.step()
+        for name, value in model.state_dict().items():
+            full = value.full_tensor() if isinstance(value, DTensor) else value
+            torch.testing.assert_close(full, expected[name], rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, name=name: f"{name}: {m}")
+        return sorted(n for g in opt.param_groups for p, n in zip(g["params"], g["param_names"]) if opt.state[p])
+
+    owned = run_ranks(dp * tp, body)
+    if check_state:  # every tensor has state on exactly one dp rank (per TP rank)
+        for t in range(tp):
+            per_dp = [owned[d * tp + t] for d in range(dp)]
+            names = sorted(n for names in per_dp for n in names)
+            assert names == sorted(set(names)) and len(names) == 9
+    return owned
+
+
+@pytest.mark.parametrize("dp,tp", [(2, 1), (4, 1), (2, 2), (1, 2)])
+def test_native_dp_x_tp_reg_equals_single_process(dp, tp):
+    _native(dp, tp, {"lr": 0.02})
+
+
+def test_native_mode_keeps_optimizer_state_only_on_owners():
+    owned = _native(4, 1, {"lr": 0.02})
+    assert all(0 < len(names) < 9 for names in owned)
+
+
+def test_native_mode_collectives_do_not_grow_with_parameters():
+    def body(rank, world):
+        mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("dp", "tp"))
+        torch.manual_seed(0)
+        model = Net()
+        opt = REG(model, mesh=mesh)
+        _loss(model, _data()[0][rank * 4:(rank + 1) * 4]).backward()
+        opt.step()
+        return opt.comm_stats()
+
+    for stats in run_ranks(2, body):
+        assert stats["dp"]["calls"] == 2  # one reduce-scatter of the grads, one all-gather of the params
+        assert stats["world"]["calls"] == 1 and set(stats) == {"dp", "world"}
+
+
+def test_mesh_without_dp_dimension_is_an_error():
+    def body(rank, world):
+        mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("data",))
+        with pytest.raises(ValueError, match="mesh must have a dimension named 'dp'"):
+            REG(Net(), mesh=mesh)
+
+    run_ranks(2, body)
+
+
+def test_ownership_plan_is_longest_first_and_balanced():
+    costs = [10, 70, 30, 30, 60, 40]
+    owners = plan_owners(costs, 2)
+    # 70 → r0; 60 → r1; 40 → r1 (60 < 70); 30 → r0 (70 < 100); 30 → r0 (tie: lower rank); 10 → r1
+    assert owners == [1, 0, 0, 0, 1, 1]
+    assert abs(imbalance(costs, owners, 2) - (130 / 120 - 1)) < 1e-12
+    assert plan_owners(costs, 2) == owners  # deterministic
