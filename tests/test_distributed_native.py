@@ -5,13 +5,12 @@ single-process run on the concatenated batch for dp × tp within 4 ranks (gloo, 
 import pytest
 import torch
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from multiproc import run_ranks
 from reg_dist import REG
 from reg_dist.distributed.ownership import imbalance, plan_owners
-from test_distributed_reg import BATCH, Net, _data, _loss, _reference
+from test_distributed_reg import BATCH, Net, _data, _loss, _reference, assert_matches
 
 
 def _native(dp, tp, kwargs, check_state=True):
@@ -29,10 +28,7 @@ def _native(dp, tp, kwargs, check_state=True):
             opt.zero_grad()
             _loss(model, tokens[dp_rank * per:(dp_rank + 1) * per]).backward()
             opt.step()
-        for name, value in model.state_dict().items():
-            full = value.full_tensor() if isinstance(value, DTensor) else value
-            torch.testing.assert_close(full, expected[name], rtol=1e-5, atol=1e-6,
-                                       msg=lambda m, name=name: f"{name}: {m}")
+        assert_matches(model, expected)
         return sorted(n for g in opt.param_groups for p, n in zip(g["params"], g["param_names"]) if opt.state[p])
 
     owned = run_ranks(dp * tp, body)

@@ -75,11 +75,16 @@ def _run_sharded(world, shard, kwargs):
             opt.zero_grad()
             _loss(model, tokens[dp_rank * per:(dp_rank + 1) * per]).backward()
             opt.step()
-        for name, value in model.state_dict().items():
-            full = value.full_tensor() if isinstance(value, DTensor) else value
-            torch.testing.assert_close(full, expected[name], rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+        assert_matches(model, expected)
 
     run_ranks(world, body)
+
+
+def assert_matches(model, expected):
+    """Every full parameter of the (sharded) ``model`` equals the single-process one, fp32 tolerance."""
+    for name, value in model.state_dict().items():
+        full = value.full_tensor() if isinstance(value, DTensor) else value
+        torch.testing.assert_close(full, expected[name], rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def fsdp(model, rank, world):
@@ -171,8 +176,7 @@ def test_gradient_accumulation_equals_one_big_batch_and_transforms_once_per_step
                 (_loss(model, micro) / 2).backward()
             opt.step()
             assert opt.comm_stats()["dp"]["calls"] == 2  # one RACS iteration + the RMS norms, once per step
-        for name, value in model.state_dict().items():
-            torch.testing.assert_close(value.full_tensor(), expected[name], rtol=1e-5, atol=1e-6)
+        assert_matches(model, expected)
 
     run_ranks(2, body)
 

@@ -26,7 +26,7 @@ from ..ops.stats import acc_dtype
 from ..optim import reg
 from ..optim.routing import Route
 from ..optim.momentum import momentum_into_
-from ..optim.scaling import RMS_EPS
+from ..optim.scaling import RMS_EPS, shape_factor
 from ..optim.tensors import local_tensor
 from .dtensor import dtensor_layout
 from .layout import Layout
@@ -133,10 +133,8 @@ class REG(reg.REG):
         if group["scale"] == "rms":
             norms = sharded_frobenius_norms(n, layouts, self._comm)
             factors = [rms * math.sqrt(m * k) / (norm + RMS_EPS) for (m, k), norm in zip(shapes, norms)]
-        elif group["scale"] == "match_rms_adamw":
-            factors = [torch.tensor(rms * math.sqrt(max(m, k))) for m, k in shapes]
         else:
-            factors = [torch.tensor(math.sqrt(max(1.0, m / k))) for m, k in shapes]
+            factors = [torch.tensor(shape_factor(group["scale"], rms, m, k)) for m, k in shapes]
         for p, x, u, s in zip(params, locals_, n, factors):
             if wd != 0 and lr != 0:
                 x.mul_(1.0 - lr * wd)

@@ -25,5 +25,10 @@ def scale_factors(u: Tensor, scale: str, rms: float) -> Tensor:
     if scale == "rms":
         norms = torch.linalg.vector_norm(u, dim=(-2, -1), dtype=torch.promote_types(u.dtype, torch.float32))
         return (rms * math.sqrt(m * n)) / (norms + RMS_EPS)
-    value = rms * math.sqrt(max(m, n)) if scale == "match_rms_adamw" else math.sqrt(max(1.0, m / n))
-    return torch.full(u.shape[:-2], value, dtype=torch.promote_types(u.dtype, torch.float32), device=u.device)
+    return torch.full(u.shape[:-2], shape_factor(scale, rms, m, n), dtype=torch.promote_types(u.dtype, torch.float32),
+                      device=u.device)
+
+
+def shape_factor(scale: str, rms: float, m: int, n: int) -> float:
+    """The factor of the conventions that depend on the shape alone ("match_rms_adamw", "original")."""
+    return rms * math.sqrt(max(m, n)) if scale == "match_rms_adamw" else math.sqrt(max(1.0, m / n))
