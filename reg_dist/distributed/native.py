@@ -18,13 +18,12 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from ..optim.tensors import local_tensor
-from .layout import Layout
 from .ownership import imbalance, plan_owners
 from .stats import CommStats, count
 
 
 class NativeDP:
-    def __init__(self, mesh: DeviceMesh, params: list[Tensor], layouts: dict[int, Layout]) -> None:
+    def __init__(self, mesh: DeviceMesh, params: list[Tensor]) -> None:
         names = mesh.mesh_dim_names or ()
         if "dp" not in names:
             raise ValueError(f"mesh must have a dimension named 'dp' (and optionally 'tp'), got names {names}")

@@ -13,7 +13,6 @@ every rank agrees on skipping a step with a non-finite gradient anywhere.
 """
 
 import logging
-import math
 from typing import Any
 
 import torch
@@ -26,7 +25,7 @@ from ..ops.stats import acc_dtype
 from ..optim import reg
 from ..optim.routing import Route
 from ..optim.momentum import momentum_into_
-from ..optim.scaling import RMS_EPS, shape_factor
+from ..optim.scaling import rms_factor, shape_factor
 from ..optim.tensors import local_tensor
 from .dtensor import dtensor_layout
 from .layout import Layout
@@ -64,7 +63,7 @@ class REG(reg.REG):
         if self._layouts or mesh is not None:
             check_same_on_all_ranks(self.routes)
         if mesh is not None:
-            self._native = NativeDP(mesh, [p for g in self.param_groups for p in g["params"]], self._layouts)
+            self._native = NativeDP(mesh, [p for g in self.param_groups for p in g["params"]])
             logger.info("REG native data parallelism over %d ranks: tensor ownership imbalance %.1f %%",
                         self._native.size, 100 * self._native.imbalance)
 
@@ -102,11 +101,12 @@ class REG(reg.REG):
         return bool(flag.item())
 
     def add_param_group(self, param_group: dict) -> None:
+        first_new = len(self.param_groups)
         super().add_param_group(param_group)
-        for group in self.param_groups:
+        for group in self.param_groups[first_new:]:
             if group["algorithm"] == self.algorithm:
                 for p, name in zip(group["params"], group["param_names"]):
-                    if isinstance(p, DTensor) and id(p) not in self._layouts:
+                    if isinstance(p, DTensor):
                         self._layouts[id(p)] = dtensor_layout(p, name)
 
     def _matrix_step(self, params: list[Tensor], group: dict) -> None:
@@ -117,13 +117,7 @@ class REG(reg.REG):
 
     def _sharded_step(self, params: list[DTensor], group: dict) -> None:
         layouts = [self._layouts[id(p)] for p in params]
-        bufs = []
-        for p in params:
-            state = self.state[p]
-            if not state:
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                state["momentum_buffer"] = torch.zeros_like(p)
-            bufs.append(local_tensor(state["momentum_buffer"]))
+        bufs = [local_tensor(self.matrix_state(p)["momentum_buffer"]) for p in params]
         locals_ = [p.to_local() for p in params]
         n = [torch.empty_like(x, dtype=acc_dtype(x.dtype)) for x in locals_]
         momentum_into_([local_tensor(p.grad) for p in params], bufs, n, group["momentum"], group["nesterov"])
@@ -132,7 +126,7 @@ class REG(reg.REG):
         shapes = [lay.shape for lay in layouts]
         if group["scale"] == "rms":
             norms = sharded_frobenius_norms(n, layouts, self._comm)
-            factors = [rms * math.sqrt(m * k) / (norm + RMS_EPS) for (m, k), norm in zip(shapes, norms)]
+            factors = [rms_factor(norm, rms, m, k) for (m, k), norm in zip(shapes, norms)]
         else:
             factors = [torch.tensor(shape_factor(group["scale"], rms, m, k)) for m, k in shapes]
         for p, x, u, s in zip(params, locals_, n, factors):

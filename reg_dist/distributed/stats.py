@@ -20,20 +20,17 @@ from torch import Tensor
 
 from ..ops.equilibrate import check_equilibrate_args
 from ..ops.racs import check_racs_args
-from ..ops.stats import acc_dtype, pow_sums_to_norms_
+from ..ops.stats import abs_powers, acc_dtype, pow_sums_to_norms_
 from .layout import Layout
 
 
 def partial_row_col(local: Tensor, layout: Layout, p: float) -> Tensor:
     """``cat(r, c)`` ``(m + n,)`` of this rank's elements: sums of |x|^p (max for p = inf)."""
     m, n = layout.shape
-    d = acc_dtype(local.dtype)
-    out = torch.zeros(m + n, dtype=d, device=local.device)
+    out = torch.zeros(m + n, dtype=acc_dtype(local.dtype), device=local.device)
     rows, cols = out[:m], out[m:]
     for view, r, c in layout.pieces(local):
-        q = view.to(d).abs() if p != 2 else view.to(d).square()
-        if p not in (1, 2, math.inf):
-            q = q.pow_(p)
+        q = abs_powers(view, p)
         h, w = view.shape
         if p == math.inf:
             torch.maximum(rows[r : r + h], q.amax(-1), out=rows[r : r + h])
@@ -59,8 +56,9 @@ def reduce_packed(vectors: list[Tensor], layouts: list[Layout], op: dist.ReduceO
                   stats: CommStats | None = None) -> None:
     """In place: every ``vectors[k]`` reduced over each group of ``layouts[k]``, one collective per
     group name, counted into ``stats``."""
-    for name in sorted({g for lay in layouts for g, _ in lay.groups}):
-        members = [(v, dict(lay.groups)[name]) for v, lay in zip(vectors, layouts) if name in dict(lay.groups)]
+    groups = [dict(lay.groups) for lay in layouts]
+    for name in sorted({g for gs in groups for g in gs}):
+        members = [(v, gs[name]) for v, gs in zip(vectors, groups) if name in gs]
         group = members[0][1]
         if any(g is not group for _, g in members):
             raise ValueError(f"layouts on this rank name different process groups {name!r}")

@@ -22,7 +22,8 @@ def check_matrix(x: Tensor, op: str) -> None:
         raise ValueError(f"{op}: x must be a floating-point tensor of shape (..., m, n), got {got}")
 
 
-def _powers(x: Tensor, p: float) -> Tensor:
+def abs_powers(x: Tensor, p: float) -> Tensor:
+    """``|x|^p`` in the accumulation dtype (``|x|`` for p = inf, whose statistics are maxima)."""
     a = x.to(acc_dtype(x.dtype))
     if p == 2:
         return a.square()
@@ -39,7 +40,7 @@ def row_col_pow_sums(x: Tensor, p: float = 2.0, rows: bool = True, cols: bool = 
     r = torch.empty(flat.shape[:-1], dtype=d, device=x.device) if rows else None
     c = torch.empty((flat.shape[0], flat.shape[-1]), dtype=d, device=x.device) if cols else None
     for b in range(flat.shape[0]):
-        q = _powers(flat[b], p)
+        q = abs_powers(flat[b], p)
         for out, dim in ((r, -1), (c, -2)):
             if out is None:
                 continue

@@ -241,13 +241,18 @@ class MatrixOptimizer(Optimizer):
                 self._matrix_step(params, group)
         return loss
 
+    def matrix_state(self, p: Tensor) -> dict:
+        """The state of matrix parameter ``p``, made on first use: a step count and the momentum buffer."""
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
     def _matrix_step(self, params: list[Tensor], group: dict) -> None:
         buckets: dict[tuple, list[Tensor]] = defaultdict(list)
         for p in params:
-            state = self.state[p]
-            if not state:
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state = self.matrix_state(p)
             _, m, n = self._view[id(p)]
             tag = self.bucket_tag(group, int(state["step"]))
             buckets[(m, n, acc_dtype(p.dtype), p.device, tag)].append(p)

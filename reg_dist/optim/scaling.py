@@ -23,10 +23,15 @@ def scale_factors(u: Tensor, scale: str, rms: float) -> Tensor:
     """Per-matrix factor ``(B,)`` (fp32 or wider) that multiplies each ``u[b]``."""
     m, n = u.shape[-2:]
     if scale == "rms":
-        norms = torch.linalg.vector_norm(u, dim=(-2, -1), dtype=torch.promote_types(u.dtype, torch.float32))
-        return (rms * math.sqrt(m * n)) / (norms + RMS_EPS)
+        return rms_factor(torch.linalg.vector_norm(u, dim=(-2, -1), dtype=torch.promote_types(u.dtype, torch.float32)),
+                          rms, m, n)
     return torch.full(u.shape[:-2], shape_factor(scale, rms, m, n), dtype=torch.promote_types(u.dtype, torch.float32),
                       device=u.device)
+
+
+def rms_factor(norm: Tensor, rms: float, m: int, n: int) -> Tensor:
+    """The "rms" factor ``ρ·√(m·n) / (||U||_F + eps)`` of matrices with Frobenius norms ``norm``."""
+    return (rms * math.sqrt(m * n)) / (norm + RMS_EPS)
 
 
 def shape_factor(scale: str, rms: float, m: int, n: int) -> float:
