@@ -1,8 +1,7 @@
 """reg_dist: REG (row-and-column scaling), Muon and MuonEq for sharded large-model training."""
 
 from . import ops
-from .distributed import REG
-from .optim import Muon, MuonEq
+from .distributed import REG, Muon, MuonEq, mark_fused
 
-__all__ = ["REG", "Muon", "MuonEq", "ops"]
+__all__ = ["REG", "Muon", "MuonEq", "mark_fused", "ops"]
 __version__ = "0.1.0"

@@ -7,7 +7,9 @@ import torch
 import torch.distributed as dist
 
 from multiproc import run_ranks
-from reg_dist.distributed import Layout, sharded_equilibrate_, sharded_frobenius_norms, sharded_racs_
+import dataclasses
+
+from reg_dist.distributed import Layout, fused_rows, sharded_equilibrate_, sharded_frobenius_norms, sharded_racs_
 from reg_dist.distributed import stats as dstats
 from reg_dist.ops import equilibrate, racs
 
@@ -74,6 +76,16 @@ def tp_rows_zero_flat(rank, world, shape, groups):
     return Layout(shape, rows, (0, shape[1]), flat=_split(numel, 2, dp_rank), groups=(("dp", dp_group), ("tp", tp_group)))
 
 
+FUSED = [fused_rows((3, 2, 2)), fused_rows((1, 1, 1), repeat=2)]  # QKV of SHAPES[0]; GQA-interleaved SHAPES[1]
+
+
+def fused(fn):
+    """``fn``'s layouts with each parameter's rows fused into the separate matrices of ``FUSED``."""
+    def layout(rank, world, shape, *groups):
+        return dataclasses.replace(fn(rank, world, shape, *groups), fused=FUSED[SHAPES.index(shape)])
+    return layout
+
+
 CASES = {
     "tp_rows_2": (2, tp_rows),
     "tp_cols_4": (4, tp_cols),
@@ -81,12 +93,33 @@ CASES = {
     "flat_4_with_empty_rank": (4, flat_ranges),
     "tp2_x_fsdp2": (4, tp_cols_fsdp_rows),
     "tp2_x_zero2": (4, tp_rows_zero_flat),
+    "fused_tp_rows_2": (2, fused(tp_rows)),
+    "fused_flat_4_with_empty_rank": (4, fused(flat_ranges)),
+    "fused_tp2_x_zero2": (4, fused(tp_rows_zero_flat)),
 }
+
+
+def block_rows(case, shape):
+    """The rows of each separate matrix of a parameter of ``shape``."""
+    if not case.startswith("fused"):
+        return [list(range(shape[0]))]
+    segments = FUSED[SHAPES.index(tuple(shape))]
+    return [[i for start, end, b in segments if b == k for i in range(start, end)] for k in range(3)]
+
+
+def per_block(op, case):
+    """``op`` applied to each fused matrix of a parameter on its own."""
+    def apply(full):
+        out = full.clone()
+        for rows in block_rows(case, full.shape):
+            out[rows] = op(full[rows])
+        return out
+    return apply
 
 
 def _layouts(case, rank, world):
     fn = CASES[case][1]
-    if fn in (tp_cols_fsdp_rows, tp_rows_zero_flat):
+    if "x_" in case:
         groups = _grid(rank)
         return [fn(rank, world, s, groups) for s in SHAPES]
     return [fn(rank, world, s) for s in SHAPES]
@@ -94,6 +127,7 @@ def _layouts(case, rank, world):
 
 def _check_all(case, op, reference):
     world = CASES[case][0]
+    reference = per_block(reference, case)
 
     def body(rank, world):
         layouts = _layouts(case, rank, world)
@@ -126,7 +160,9 @@ def test_sharded_frobenius_norms_equal_single_process(case):
         layouts = _layouts(case, rank, world)
         fulls = [_full(k) for k in range(len(SHAPES))]
         norms = sharded_frobenius_norms([_local(f, lay) for f, lay in zip(fulls, layouts)], layouts)
-        torch.testing.assert_close(norms, torch.stack([f.norm() for f in fulls]), rtol=1e-12, atol=0)
+        for f, got in zip(fulls, norms):  # a norm per fused matrix
+            want = torch.stack([f[rows].norm() for rows in block_rows(case, f.shape)])
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
 
     run_ranks(world, body)
 

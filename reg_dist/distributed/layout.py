@@ -1,29 +1,57 @@
-"""Which elements of a logical m × n matrix a rank holds, and which process groups split it.
+"""Which elements of a logical m × n parameter a rank holds, which groups split it, and which
+separate matrices are fused inside it.
 
-A rank holds a *block* of the logical matrix, rows ``[r0, r1)`` × columns ``[c0, c1)`` (a tensor-
+A rank holds a *block* of the logical parameter, rows ``[r0, r1)`` × columns ``[c0, c1)`` (a tensor-
 parallel shard, an FSDP row shard, or both), stored either as a 2-D ``(r1−r0, c1−c0)`` tensor or,
 with ``flat=(s, e)``, as the elements ``s … e−1`` of that block's row-major flattening (a DeepSpeed
 ZeRO or Megatron distributed-optimizer partition, which may cut rows anywhere). ``groups`` names the
-process groups whose ranks together hold the rest of the matrix; statistics are summed over them
-in the order of their names, the same on every rank.
+process groups whose ranks together hold the rest of the parameter; statistics are summed over
+them in the order of their names, the same on every rank.
 
-``pieces`` cuts the local tensor into at most three rectangles with their logical offsets, which
-is all the statistics and the scaling need to know.
+``fused`` cuts the parameter's rows into segments ``(start, end, k)``, each belonging to matrix
+``k`` (QKV, gate/up, the experts of a stacked MoE weight): matrix k is its segments' rows, in order,
+× all n columns. Without it the parameter is one matrix.
+
+``rects`` cuts the local elements into rectangles, each a contiguous run of the local tensor's
+row-major flattening inside one segment: all the statistics, the scaling and the owner moves need.
 """
 
+import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import NamedTuple
 
 import torch.distributed as dist
 from torch import Tensor
 
+Segment = tuple[int, int, int]  # rows [start, end) of the parameter belong to fused matrix k
 
-class Piece(NamedTuple):
-    """A 2-D view of local elements and the logical (row, col) of its top-left element."""
 
-    view: Tensor
+class Rect(NamedTuple):
+    """``h × w`` local elements stored at ``[start, start + h·w)`` of the local row-major flattening,
+    at logical ``(row, col)`` of the parameter; they are rows ``brow …`` of fused matrix ``block``."""
+
+    start: int
+    h: int
+    w: int
     row: int
     col: int
+    block: int
+    brow: int
+
+
+def fused_rows(sizes: tuple[int, ...], repeat: int = 1) -> tuple[Segment, ...]:
+    """Segments of a parameter whose rows are ``repeat`` times the blocks ``sizes`` (matrix k gets
+    the k-th block of every repeat): ``(q, k, v)`` for a fused QKV, ``(hd·q/g, hd, hd)`` repeated ``g``
+    times for Megatron's grouped-query QKV, ``(m,) * E`` for E stacked experts."""
+    if not sizes or any(not isinstance(s, int) or s <= 0 for s in sizes) or repeat < 1:
+        raise ValueError(f"fused rows need positive integer block sizes and repeat >= 1, got {sizes} × {repeat}")
+    segments, start = [], 0
+    for _ in range(repeat):
+        for k, size in enumerate(sizes):
+            segments.append((start, start + size, k))
+            start += size
+    return tuple(segments)
 
 
 @dataclass(frozen=True)
@@ -33,6 +61,7 @@ class Layout:
     cols: tuple[int, int]
     flat: tuple[int, int] | None = None
     groups: tuple[tuple[str, dist.ProcessGroup], ...] = ()
+    fused: tuple[Segment, ...] | None = None
 
     def __post_init__(self) -> None:
         (m, n), (r0, r1), (c0, c1) = self.shape, self.rows, self.cols
@@ -47,36 +76,79 @@ class Layout:
         names = [name for name, _ in self.groups]
         if names != sorted(set(names)):
             raise ValueError(f"layout groups must have distinct names in sorted order, got {names}")
+        if self.fused is not None:
+            ends = [0] + [end for _, end, _ in self.fused]
+            contiguous = all(start == ends[i] and end > start for i, (start, end, _) in enumerate(self.fused))
+            blocks = sorted({k for _, _, k in self.fused})
+            if not contiguous or ends[-1] != m or blocks != list(range(len(blocks))):
+                raise ValueError(f"fused segments {self.fused} must cover rows 0 … {m} in order, without gaps, "
+                                 f"naming matrices 0, 1, …")
+
+    @property
+    def segments(self) -> tuple[Segment, ...]:
+        return self.fused if self.fused is not None else ((0, self.shape[0], 0),)
+
+    @cached_property
+    def block_shapes(self) -> tuple[tuple[int, int], ...]:
+        """``(rows, n)`` of every fused matrix (one for an unfused parameter)."""
+        rows: dict[int, int] = {}
+        for start, end, k in self.segments:
+            rows[k] = rows.get(k, 0) + end - start
+        return tuple((rows[k], self.shape[1]) for k in range(len(rows)))
+
+    @property
+    def local_shape(self) -> tuple[int, ...]:
+        """The shape of the local tensor this layout describes."""
+        if self.flat is not None:
+            return (self.flat[1] - self.flat[0],)
+        return (self.rows[1] - self.rows[0], self.cols[1] - self.cols[0])
 
     @property
     def numel(self) -> int:
         """Number of elements this rank holds."""
-        if self.flat is not None:
-            return self.flat[1] - self.flat[0]
-        return (self.rows[1] - self.rows[0]) * (self.cols[1] - self.cols[0])
+        return math.prod(self.local_shape)
 
     def check(self, local: Tensor) -> None:
-        expected = (self.numel,) if self.flat is not None else (self.rows[1] - self.rows[0], self.cols[1] - self.cols[0])
-        if tuple(local.shape) != expected:
-            raise ValueError(f"local tensor of shape {tuple(local.shape)} does not match its layout, which needs {expected}")
+        if local.numel() != self.numel or (local.ndim == 2 and tuple(local.shape) != self.local_shape):
+            raise ValueError(f"local tensor of shape {tuple(local.shape)} does not match its layout, "
+                             f"which needs {self.local_shape}")
 
-    def pieces(self, local: Tensor) -> list[Piece]:
-        """``local`` (as ``check`` wants it) as rectangles with logical offsets; empty ones left out."""
-        self.check(local)
-        (r0, _), (c0, c1) = self.rows, self.cols
-        if self.flat is None:
-            return [Piece(local, r0, c0)] if local.numel() else []
+    @cached_property
+    def rects(self) -> tuple[Rect, ...]:
+        """The local elements as rectangles (see ``Rect``), in local storage order; none empty."""
+        (r0, r1), (c0, c1) = self.rows, self.cols
         width = c1 - c0
-        s, e = self.flat
-        out = []
-        head_end = min(e, -(-s // width) * width)
-        if head_end > s:
-            out.append(Piece(local[: head_end - s].view(1, -1), r0 + s // width, c0 + s % width))
-        full = (e - head_end) // width
-        if full:
-            out.append(Piece(local[head_end - s : head_end - s + full * width].view(full, width),
-                             r0 + head_end // width, c0))
-        tail = head_end + full * width
-        if e > tail:
-            out.append(Piece(local[tail - s :].view(1, -1), r0 + tail // width, c0))
-        return out
+        s, e = self.flat if self.flat is not None else (0, (r1 - r0) * width)
+        out: list[Rect] = []
+        if width == 0 or e == s:
+            return ()
+        brow = {}
+        cuts = []  # (local row start, local row end, block, block row of the start) of each segment
+        for start, end, k in self.segments:
+            first = brow.get(k, 0)
+            brow[k] = first + end - start
+            lo, hi = max(start, r0), min(end, r1)
+            if lo < hi:
+                cuts.append((lo - r0, hi - r0, k, first + lo - start))
+        for lo, hi, k, b in cuts:
+            a, z = max(s, lo * width), min(e, hi * width)  # flat range of this segment that is held
+            while a < z:
+                row, col = divmod(a, width)
+                if col or z - a < width:  # a partial row
+                    w = min(width - col, z - a)
+                    out.append(Rect(a - s, 1, w, r0 + row, c0 + col, k, b + row - lo))
+                    a += w
+                else:
+                    h = (z - a) // width
+                    out.append(Rect(a - s, h, width, r0 + row, c0, k, b + row - lo))
+                    a += h * width
+        return tuple(out)
+
+    def pieces(self, local: Tensor) -> list[tuple[Tensor, Rect]]:
+        """``local`` (contiguous, as ``check`` wants it) as ``(h × w view, rect)`` pairs."""
+        self.check(local)
+        if not local.is_contiguous():
+            raise ValueError("a sharded local tensor must be contiguous")
+        flat = local.view(-1)
+        return [(flat[r.start : r.start + r.h * r.w].view(r.h, r.w), r) for r in self.rects]
+

@@ -1,7 +1,8 @@
 """reg_dist's own data parallelism for a model with no DDP/FSDP wrapper (``REG(model, mesh=…)``).
 
 Every tensor (a TP shard where the model is tensor parallel) gets one owner among the ``dp`` ranks
-(``ownership.plan_owners``, cost = logical element count, so the TP ranks of one matrix agree).
+(``ownership.plan_owners`` on a cost computed from the logical shape, so the TP ranks of one
+matrix agree: its element count for REG, its Newton–Schulz cost for Muon).
 The gradients are packed owner by owner, each owner's segment padded to the longest, and
 
     reduce-scatter (SUM) over dp, ÷ dp   → every owner holds the averaged gradient of its tensors
@@ -23,7 +24,7 @@ from .stats import CommStats, count
 
 
 class NativeDP:
-    def __init__(self, mesh: DeviceMesh, params: list[Tensor]) -> None:
+    def __init__(self, mesh: DeviceMesh, params: list[Tensor], costs: list[int]) -> None:
         names = mesh.mesh_dim_names or ()
         if "dp" not in names:
             raise ValueError(f"mesh must have a dimension named 'dp' (and optionally 'tp'), got names {names}")
@@ -38,7 +39,6 @@ class NativeDP:
                 raise ValueError("a parameter is already sharded over 'dp' (FSDP2?): build the optimizer "
                                  "without mesh=, it then steps the shards as they are")
         self.params = params
-        costs = [p.numel() for p in params]  # logical size: the same on every TP rank
         self.owners = plan_owners(costs, self.size)
         self.imbalance = imbalance(costs, self.owners, self.size)
         self._owned = {id(p) for p, o in zip(params, self.owners) if o == self.rank}

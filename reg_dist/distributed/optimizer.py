@@ -1,14 +1,19 @@
-"""REG on sharded (DTensor) parameters: FSDP2 ``fully_shard``, tensor parallelism, or both.
+"""REG, Muon and MuonEq on sharded parameters: FSDP2 ``fully_shard``, tensor parallelism (DTensor),
+fused matrices (``mark_fused``), and reg_dist's own data parallelism (``mesh=``).
 
-Every rank steps only the elements it holds. For the matrices of a group:
+Every rank keeps momentum for the elements it holds and computes ``N`` there. Then, for a group's
+matrices with layouts (``layout``):
 
-    M = μ·M + G;  N = G + μ·M            on the local shard (state lives where the elements live)
-    U = racs(N)                          sharded_racs_: one packed all-reduce per mesh dim per iteration
-    s = ρ·√(mn) / ||U||_F  ("rms")       one more packed all-reduce of the squared norms
-    W = W·(1 − lr·wd) − lr·s·U           on the local shard
+    REG     U = racs(N)        statistics path: one packed all-reduce per mesh dim per iteration,
+            s = ρ·√(mn)/||U||  one more for the norms; every rank scales its own elements
+    Muon    U = s·NS(N)        owner path (``owner``): pieces travel to one owner per matrix, which
+    MuonEq  U = s·NS(eq(N))    orthogonalises whole same-shape stacks; MuonEq equilibrates first
+                               on the statistics path, so only the scaled matrix travels
+    all     W = W·(1 − lr·wd) − lr·U   on the local elements
 
 Gradients must already be reduced across data parallelism (FSDP2 does so; a TP-only model sees the
-same batch on every rank). Plain tensors in the same optimizer take the single-process step, and
+same batch on every rank; ``mesh=`` does it here). A sharded matrix without a gradient steps with a
+zero one, as every rank holding it must take part. Plain tensors take the single-process step, and
 every rank agrees on skipping a step with a non-finite gradient anywhere.
 """
 
@@ -21,18 +26,22 @@ from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
+from ..ops.newton_schulz import orthogonalize
 from ..ops.stats import acc_dtype
-from ..optim import reg
-from ..optim.routing import Route
+from ..optim import muon, muoneq, reg
 from ..optim.momentum import momentum_into_
-from ..optim.scaling import rms_factor, shape_factor
+from ..optim.routing import Route
+from ..optim.scaling import rms_factor, scale_factors, shape_factor
 from ..optim.tensors import local_tensor
-from .dtensor import dtensor_layout
+from .dtensor import FUSED_ATTR, dim_names, dtensor_layout, mesh_group, plain_layout
 from .layout import Layout
 from .native import NativeDP
-from .stats import CommStats, count, sharded_frobenius_norms, sharded_racs_
+from .owner import OwnerPlan, newton_schulz_cost
+from .stats import CommStats, count, sharded_equilibrate_, sharded_frobenius_norms, sharded_racs_
 
 logger = logging.getLogger("reg_dist")
+
+TP_MODES = ("gather", "blockwise")
 
 
 def check_same_on_all_ranks(routes: list[Route]) -> None:
@@ -50,10 +59,11 @@ def check_same_on_all_ranks(routes: list[Route]) -> None:
                              f"{dist.get_rank()} but {other} on rank {rank}")
 
 
-class REG(reg.REG):
-    """``reg_dist.optim.REG`` that also steps DTensor parameters in place on their shards."""
+class Sharded:
+    """Mixin over a ``MatrixOptimizer``: layouts, native data parallelism, comm stats, agreement."""
 
     supports_dtensor = True
+    blockwise_dims: tuple[str, ...] = ()
 
     def __init__(self, params: Any, mesh: DeviceMesh | None = None, **kwargs: Any) -> None:
         self._layouts: dict[int, Layout] = {}
@@ -63,9 +73,14 @@ class REG(reg.REG):
         if self._layouts or mesh is not None:
             check_same_on_all_ranks(self.routes)
         if mesh is not None:
-            self._native = NativeDP(mesh, [p for g in self.param_groups for p in g["params"]])
-            logger.info("REG native data parallelism over %d ranks: tensor ownership imbalance %.1f %%",
-                        self._native.size, 100 * self._native.imbalance)
+            params = [p for g in self.param_groups for p in g["params"]]
+            self._native = NativeDP(mesh, params, [self._cost(p) for p in params])
+            logger.info("%s native data parallelism over %d ranks: ownership imbalance %.1f %%",
+                        type(self).__name__, self._native.size, 100 * self._native.imbalance)
+
+    def _cost(self, p: Tensor) -> int:
+        """What owning ``p`` costs its data-parallel owner per step (elements; NS cost: owner path)."""
+        return p.numel()
 
     def comm_stats(self) -> CommStats:
         """Collectives of the last step, per group name: ``{"dp": {"calls": …, "bytes": …}, …}``;
@@ -75,7 +90,7 @@ class REG(reg.REG):
     @torch.no_grad()
     def step(self, closure=None):
         """One step; with ``mesh=``, gradients are first averaged onto their owners over ``dp``
-        (one reduce-scatter), and the owners' updated tensors all-gathered back afterwards."""
+        (reduce-scatter), and the owners' updated tensors all-gathered back afterwards."""
         self._comm = {}
         loss = None
         if closure is not None:
@@ -89,7 +104,9 @@ class REG(reg.REG):
         return loss
 
     def _steps_here(self, p: Tensor) -> bool:
-        return p.grad is not None and (self._native is None or self._native.owns(p))
+        if self._native is not None and not self._native.owns(p):
+            return False
+        return p.grad is not None or id(p) in self._layouts
 
     def _all_ranks_agree(self, ok: bool) -> bool:
         """Every rank skips together: one all-reduce over the world once anything is sharded."""
@@ -107,30 +124,159 @@ class REG(reg.REG):
             if group["algorithm"] == self.algorithm:
                 for p, name in zip(group["params"], group["param_names"]):
                     if isinstance(p, DTensor):
-                        self._layouts[id(p)] = dtensor_layout(p, name)
+                        self._layouts[id(p)] = dtensor_layout(p, name, self.blockwise_dims)
+                    elif hasattr(p, FUSED_ATTR):
+                        self._layouts[id(p)] = plain_layout(p)
 
     def _matrix_step(self, params: list[Tensor], group: dict) -> None:
-        sharded = [p for p in params if isinstance(p, DTensor)]
-        super()._matrix_step([p for p in params if not isinstance(p, DTensor)], group)
-        if sharded:
-            self._sharded_step(sharded, group)
+        laid = [p for p in params if id(p) in self._layouts]
+        super()._matrix_step([p for p in params if id(p) not in self._layouts], group)
+        self._sharded_step(laid, group)
 
-    def _sharded_step(self, params: list[DTensor], group: dict) -> None:
-        layouts = [self._layouts[id(p)] for p in params]
+    def _momentum(self, params: list[Tensor], group: dict) -> list[Tensor]:
+        """``N`` of every parameter's local elements (fp32 or wider); a missing gradient counts as 0."""
+        locals_ = [local_tensor(p) for p in params]
+        n = [torch.empty_like(x, dtype=acc_dtype(x.dtype), memory_format=torch.contiguous_format) for x in locals_]
+        grads = [local_tensor(p.grad) if p.grad is not None else torch.zeros_like(x) for p, x in zip(params, locals_)]
         bufs = [local_tensor(self.matrix_state(p)["momentum_buffer"]) for p in params]
-        locals_ = [p.to_local() for p in params]
-        n = [torch.empty_like(x, dtype=acc_dtype(x.dtype)) for x in locals_]
-        momentum_into_([local_tensor(p.grad) for p in params], bufs, n, group["momentum"], group["nesterov"])
+        momentum_into_(grads, bufs, n, group["momentum"], group["nesterov"])
+        return n
+
+    def _sharded_step(self, params: list[Tensor], group: dict) -> None:
+        raise NotImplementedError
+
+
+def _apply(params: list[Tensor], updates: list[Tensor], group: dict, state: dict) -> None:
+    """``W ← W·(1 − lr·wd) − lr·U`` on the local elements."""
+    lr, wd = group["lr"], group["weight_decay"]
+    for p, u in zip(params, updates):
+        x = local_tensor(p)
+        if wd != 0 and lr != 0:
+            x.mul_(1.0 - lr * wd)
+        x.add_(u.view(x.shape).to(x.dtype), alpha=-lr)
+        state[p]["step"] += 1
+
+
+class REG(Sharded, reg.REG):
+    """``reg_dist.optim.REG`` that also steps sharded and fused parameters in place, exactly."""
+
+    def _sharded_step(self, params: list[Tensor], group: dict) -> None:
+        if not params:
+            return
+        layouts = [self._layouts[id(p)] for p in params]
+        n = self._momentum(params, group)
         sharded_racs_(n, layouts, group["p"], group["iters"], group["eps"], self._comm)
-        lr, wd, rms = group["lr"], group["weight_decay"], group["rms"]
-        shapes = [lay.shape for lay in layouts]
+        self.transformed += sum(len(lay.block_shapes) for lay in layouts)
+        rms = group["rms"]
         if group["scale"] == "rms":
             norms = sharded_frobenius_norms(n, layouts, self._comm)
-            factors = [rms_factor(norm, rms, m, k) for (m, k), norm in zip(shapes, norms)]
+            factors = [torch.stack([rms_factor(v, rms, m, k) for v, (m, k) in zip(norm, lay.block_shapes)])
+                       for norm, lay in zip(norms, layouts)]
         else:
-            factors = [torch.tensor(shape_factor(group["scale"], rms, m, k)) for m, k in shapes]
-        for p, x, u, s in zip(params, locals_, n, factors):
-            if wd != 0 and lr != 0:
-                x.mul_(1.0 - lr * wd)
-            x.addcmul_(u, s.to(u.device), value=-lr)
-            self.state[p]["step"] += 1
+            factors = [torch.tensor([shape_factor(group["scale"], rms, m, k) for m, k in lay.block_shapes])
+                       for lay in layouts]
+        for u, lay, s in zip(n, layouts, factors):
+            if len(s) == 1:
+                u.mul_(s.to(u.device))
+            else:
+                for view, r in lay.pieces(u):
+                    view.mul_(s[r.block].to(u.device))
+        _apply(params, n, group, self.state)
+
+
+class OwnerPath(Sharded):
+    """Muon and MuonEq on sharded and fused matrices: the owner path (see ``owner``).
+
+    ``tp_mode="gather"`` (default) assembles tensor-parallel matrices whole, exactly;
+    ``"blockwise"`` orthogonalises each rank's TP block as its own matrix (no TP traffic; the update
+    then depends on the TP degree). ``move_dtype`` is what the owner moves carry (bf16 by default).
+    """
+
+    def __init__(self, params: Any, mesh: DeviceMesh | None = None, tp_mode: str = "gather",
+                 move_dtype: torch.dtype = torch.bfloat16, **kwargs: Any) -> None:
+        if tp_mode not in TP_MODES:
+            raise ValueError(f"tp_mode must be one of {TP_MODES}, got {tp_mode!r}")
+        if move_dtype not in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+            raise ValueError(f"move_dtype must be a floating dtype, got {move_dtype!r}")
+        self.tp_mode, self.move_dtype = tp_mode, move_dtype
+        self.blockwise_dims = ("tp",) if tp_mode == "blockwise" else ()
+        self._plans: dict[int, list[tuple[OwnerPlan, list[Tensor]]]] = {}
+        self._constructed = False
+        super().__init__(params, mesh=mesh, **kwargs)
+        if tp_mode == "blockwise":
+            logger.warning("%s tp_mode='blockwise': each tensor-parallel block is orthogonalised on its own, "
+                           "so the update changes with the TP degree", type(self).__name__)
+        for group in self.param_groups:
+            self._plan_group(group)
+        self._constructed = True
+
+    def _cost(self, p: Tensor) -> int:
+        count_, m, n = self._view.get(id(p), (1, p.numel(), 1))
+        return count_ * newton_schulz_cost(m, n)
+
+    def add_param_group(self, param_group: dict) -> None:
+        first_new = len(self.param_groups)
+        super().add_param_group(param_group)
+        if self._constructed:  # a group added later: its plan now (collective: every rank adds it)
+            for group in self.param_groups[first_new:]:
+                self._plan_group(group)
+
+    def plans(self) -> list[OwnerPlan]:
+        return [plan for entries in self._plans.values() for plan, _ in entries]
+
+    def _plan_group(self, group: dict) -> None:
+        """One ``OwnerPlan`` per communicator for the group's parameters with layouts stepped here."""
+        by_group: dict[Any, list[tuple[Tensor, str]]] = {}
+        for p, name in zip(group["params"], group["param_names"]):
+            if id(p) in self._layouts and (self._native is None or self._native.owns(p)):
+                by_group.setdefault(self._communicator(p), []).append((p, name))
+        entries = []
+        for (pg, name), pairs in by_group.items():
+            ps, names = [p for p, _ in pairs], [n for _, n in pairs]
+            plan = OwnerPlan([self._layouts[id(p)] for p in ps], names, pg, name)
+            logger.info("%s owner plan over %r: %d matrices, %d here, imbalance %.1f %%", type(self).__name__,
+                        name, len(plan.matrices), plan.owned, 100 * plan.imbalance)
+            entries.append((plan, ps))
+        self._plans[id(group)] = entries
+
+    def _communicator(self, p: Tensor) -> tuple[dist.ProcessGroup | None, str]:
+        """The group whose ranks hold the pieces of ``p`` (its whole mesh, less blockwise dims)."""
+        if not isinstance(p, DTensor):
+            return None, "local"
+        dims = tuple(d for d in dim_names(p.device_mesh) if d not in self.blockwise_dims)
+        return mesh_group(p.device_mesh, dims), "×".join(dims) or "local"
+
+    def _sharded_step(self, params: list[Tensor], group: dict) -> None:
+        stepping = {id(p) for p in params}
+        for plan, ps in self._plans.get(id(group), []):
+            if not all(id(p) in stepping for p in ps):
+                raise RuntimeError("a sharded parameter is not stepped on a rank that holds it")
+            n = self._momentum(ps, group)
+            self._premove_(n, [self._layouts[id(p)] for p in ps], group, [int(self.state[p]["step"]) for p in ps])
+            out = plan.run(dict(enumerate(n)), lambda x: self._orthogonalize_scaled(x, group), self.move_dtype,
+                           n[0].dtype if n else torch.float32, self._comm)
+            self.transformed += plan.owned
+            _apply(ps, [out[i] for i in range(len(ps))], group, self.state)
+
+    def _premove_(self, n: list[Tensor], layouts: list[Layout], group: dict, steps: list[int]) -> None:
+        """What runs on the local pieces before they travel (MuonEq: equilibration)."""
+
+    def _orthogonalize_scaled(self, x: Tensor, group: dict) -> Tensor:
+        u = orthogonalize(x, group["ns_steps"], group["coefficients"], group["ns_dtype"])
+        return u * scale_factors(u, group["scale"], group["rms"]).view(-1, 1, 1).to(u.device)
+
+
+class Muon(OwnerPath, muon.Muon):
+    """``reg_dist.optim.Muon`` that also steps sharded and fused matrices, each orthogonalised once."""
+
+
+class MuonEq(OwnerPath, muoneq.MuonEq):
+    """``reg_dist.optim.MuonEq`` on sharded and fused matrices: statistics path, then owner path."""
+
+    def _premove_(self, n: list[Tensor], layouts: list[Layout], group: dict, steps: list[int]) -> None:
+        tags = sorted({self.bucket_tag(group, s) for s in steps})
+        for tag in tags:
+            chosen = [i for i, s in enumerate(steps) if self.bucket_tag(group, s) == tag]
+            sharded_equilibrate_([n[i] for i in chosen], [layouts[i] for i in chosen], tag, group["exponent"],
+                                 stats=self._comm)
+

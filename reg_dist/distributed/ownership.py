@@ -1,16 +1,18 @@
-"""Whole-tensor ownership across data-parallel ranks: longest-processing-time first.
+"""Whole-matrix ownership across ranks: longest-processing-time first.
 
-Tensors are taken in decreasing cost (ties by index) and each goes to the rank with the least
-cost so far (ties by rank): deterministic, so every rank computes the same plan.
+Matrices are taken in decreasing cost (ties by index) and each goes to the least-loaded rank so
+far (ties by rank) among its candidates (default: every rank): deterministic, so every rank
+computes the same plan.
 """
 
 
-def plan_owners(costs: list[int], ranks: int) -> list[int]:
-    """The owner rank of every tensor, given its cost."""
+def plan_owners(costs: list[int], ranks: int, candidates: list[list[int]] | None = None) -> list[int]:
+    """The owner rank of every matrix, given its cost and the ranks allowed to own it."""
     load = [0] * ranks
     owners = [0] * len(costs)
     for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        rank = min(range(ranks), key=lambda r: (load[r], r))
+        allowed = candidates[i] if candidates is not None else range(ranks)
+        rank = min(allowed, key=lambda r: (load[r], r))
         owners[i] = rank
         load[rank] += costs[i]
     return owners

@@ -25,19 +25,20 @@ from .layout import Layout
 
 
 def partial_row_col(local: Tensor, layout: Layout, p: float) -> Tensor:
-    """``cat(r, c)`` ``(m + n,)`` of this rank's elements: sums of |x|^p (max for p = inf)."""
-    m, n = layout.shape
-    out = torch.zeros(m + n, dtype=acc_dtype(local.dtype), device=local.device)
-    rows, cols = out[:m], out[m:]
-    for view, r, c in layout.pieces(local):
+    """``cat(r, c)`` ``(m + K·n,)`` of this rank's elements: sums of |x|^p (max for p = inf) into each
+    logical row of the parameter and each column of each of its K fused matrices."""
+    (m, n), blocks = layout.shape, len(layout.block_shapes)
+    out = torch.zeros(m + blocks * n, dtype=acc_dtype(local.dtype), device=local.device)
+    rows, cols = out[:m], out[m:].view(blocks, n)
+    for view, r in layout.pieces(local):
         q = abs_powers(view, p)
-        h, w = view.shape
+        row, col = rows[r.row : r.row + r.h], cols[r.block, r.col : r.col + r.w]
         if p == math.inf:
-            torch.maximum(rows[r : r + h], q.amax(-1), out=rows[r : r + h])
-            torch.maximum(cols[c : c + w], q.amax(-2), out=cols[c : c + w])
+            torch.maximum(row, q.amax(-1), out=row)
+            torch.maximum(col, q.amax(-2), out=col)
         else:
-            rows[r : r + h] += q.sum(-1)
-            cols[c : c + w] += q.sum(-2)
+            row += q.sum(-1)
+            col += q.sum(-2)
     return out
 
 
@@ -71,20 +72,21 @@ def reduce_packed(vectors: list[Tensor], layouts: list[Layout], op: dist.ReduceO
 
 def row_col_stats(locals_: list[Tensor], layouts: list[Layout], p: float,
                   stats: CommStats | None = None) -> list[tuple[Tensor, Tensor]]:
-    """Full ``(r, c)`` of every matrix (sums of |x|^p, or maxima for p = inf), reduced across ranks."""
+    """Full ``r (m,)`` and ``c (K, n)`` of every parameter (sums of |x|^p, or maxima for p = inf),
+    reduced across ranks."""
     vectors = [partial_row_col(x, lay, p) for x, lay in zip(locals_, layouts)]
     reduce_packed(vectors, layouts, dist.ReduceOp.MAX if p == math.inf else dist.ReduceOp.SUM, stats)
-    return [(v[: lay.shape[0]], v[lay.shape[0] :]) for v, lay in zip(vectors, layouts)]
+    return [(v[: lay.shape[0]], v[lay.shape[0] :].view(-1, lay.shape[1])) for v, lay in zip(vectors, layouts)]
 
 
 def scale_local_(local: Tensor, layout: Layout, row: Tensor | None, col: Tensor | None) -> None:
-    """In place ``x_ij ← row_i · x_ij · col_j`` on this rank's elements (logical i, j)."""
-    for view, r, c in layout.pieces(local):
-        h, w = view.shape
+    """In place ``x_ij ← row_i · x_ij · col_kj`` on this rank's elements (logical row i, column j of
+    fused matrix k); ``row (m,)``, ``col (K, n)``."""
+    for view, r in layout.pieces(local):
         if row is not None:
-            view.mul_(row[r : r + h].unsqueeze(-1))
+            view.mul_(row[r.row : r.row + r.h].unsqueeze(-1))
         if col is not None:
-            view.mul_(col[c : c + w].unsqueeze(-2))
+            view.mul_(col[r.block, r.col : r.col + r.w].unsqueeze(-2))
 
 
 def sharded_racs_(locals_: list[Tensor], layouts: list[Layout], p: float = 2.0, iters: int = 1,
@@ -106,9 +108,15 @@ def sharded_equilibrate_(locals_: list[Tensor], layouts: list[Layout], mode: str
                      c.add_(eps).pow_(exponent) if mode != "row" else None)
 
 
-def sharded_frobenius_norms(locals_: list[Tensor], layouts: list[Layout], stats: CommStats | None = None) -> Tensor:
-    """``(K,)`` Frobenius norms of the sharded matrices (for the "rms" scale), one packed reduction."""
-    d = acc_dtype(locals_[0].dtype) if locals_ else torch.float32
-    sq = [torch.linalg.vector_norm(x, dtype=d).square().reshape(1) for x in locals_]
+def sharded_frobenius_norms(locals_: list[Tensor], layouts: list[Layout],
+                            stats: CommStats | None = None) -> list[Tensor]:
+    """``(K,)`` Frobenius norms of the fused matrices of every sharded parameter (the "rms" scale),
+    one packed reduction."""
+    sq = []
+    for x, lay in zip(locals_, layouts):
+        out = torch.zeros(len(lay.block_shapes), dtype=acc_dtype(x.dtype), device=x.device)
+        for view, r in lay.pieces(x):
+            out[r.block] += torch.linalg.vector_norm(view, dtype=out.dtype).square()
+        sq.append(out)
     reduce_packed(sq, layouts, dist.ReduceOp.SUM, stats)
-    return torch.cat(sq).sqrt() if sq else torch.zeros(0)
+    return [v.sqrt_() for v in sq]

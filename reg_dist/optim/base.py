@@ -106,6 +106,7 @@ class MatrixOptimizer(Optimizer):
             raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
         self.nonfinite = nonfinite
         self.skipped_steps = 0
+        self.transformed = 0  # matrices (or matrix pieces) this process has transformed, over all steps
         self.routes: list[Route] = []
         self._info: dict[int, ParamInfo] = {}
         self._view: dict[int, tuple[int, int, int]] = {}
@@ -195,7 +196,7 @@ class MatrixOptimizer(Optimizer):
         grads, names = [], []
         for group in self.param_groups:
             for p, name in zip(group["params"], group["param_names"]):
-                if not self._steps_here(p):
+                if not self._steps_here(p) or p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (parameter {name})")
@@ -274,6 +275,7 @@ class MatrixOptimizer(Optimizer):
             group["nesterov"],
         )
         u = self.transform(x, group, tag)
+        self.transformed += len(x)
         s = scale_factors(u, group["scale"], group["rms"])
         lr, wd = group["lr"], group["weight_decay"]
         if wd != 0 and lr != 0:

@@ -1,0 +1,172 @@
+"""Owner moves: every matrix transformed whole, exactly once, on one rank of a process group.
+
+For the parameters of one optimizer group, each held in pieces by the ranks of ``group`` (every
+rank's ``Layout``, exchanged once at construction), every fused matrix j gets one owner among the
+ranks that hold some of it (``plan_owners``, longest-processing-time first on the Newton–Schulz cost
+m·n·min(m, n)). A step then runs
+
+    send       one all-to-all: every element travels from one rank holding it to owner(j)
+               (a replicated piece is sent once, by its lowest rank), in ``move_dtype``
+    transform  the owner stacks same-shape matrices ``(B, m, n)`` and calls ``fn`` once per stack
+    return     one all-to-all: every rank holding elements of j receives them from owner(j)
+
+Split sizes are fixed by the layouts, so uneven and empty pieces need no padding and every rank
+calls both collectives (possibly with nothing to send) in the same order: nothing can hang. A plan
+whose moves all stay on their rank (each matrix whole on its only holder) makes no collective.
+"""
+
+import dataclasses
+from collections import defaultdict
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .layout import Layout, Rect
+from .ownership import imbalance, plan_owners
+from .stats import CommStats
+
+
+def newton_schulz_cost(m: int, n: int) -> int:
+    """FLOPs of one Newton–Schulz iteration up to a constant: m·n·min(m, n)."""
+    return m * n * min(m, n)
+
+
+Move = tuple[int, int, tuple[Rect, ...]]  # (parameter index, owned-matrix slot or block, rects)
+
+
+def _geometry(layout: Layout | None) -> Layout | None:
+    """The layout without its process groups (picklable), None where the rank holds nothing."""
+    if layout is None or layout.numel == 0:
+        return None
+    return dataclasses.replace(layout, groups=())
+
+
+class OwnerPlan:
+    """The static moves of one group's matrices over ``group`` (None: this process alone)."""
+
+    def __init__(self, layouts: list[Layout | None], names: list[str], group: dist.ProcessGroup | None,
+                 group_name: str) -> None:
+        self.group, self.group_name = group, group_name
+        self.size = dist.get_world_size(group) if group is not None else 1
+        self.rank = dist.get_rank(group) if group is not None else 0
+        mine = [_geometry(lay) for lay in layouts]
+        everyone = [mine] if group is None else [None] * self.size
+        if group is not None:
+            dist.all_gather_object(everyone, mine, group=group)
+        self.matrices: list[tuple[int, int, tuple[int, int]]] = []  # (parameter, block, (m, n))
+        candidates, senders = [], []
+        for i, name in enumerate(names):
+            geoms = {r: theirs[i] for r, theirs in enumerate(everyone) if theirs[i] is not None}
+            if not geoms or len({(g.shape, g.fused) for g in geoms.values()}) != 1:
+                raise ValueError(f"ranks of {group_name!r} disagree on the shape or fused blocks of parameter "
+                                 f"{name}, or none holds any of it")
+            first = next(iter(geoms.values()))
+            distinct = {}  # a replicated piece is sent by its lowest rank
+            for r, g in geoms.items():
+                distinct.setdefault((g.rows, g.cols, g.flat), r)
+            (m, n), total = first.shape, sum(geoms[r].numel for r in distinct.values())
+            if total != m * n:
+                raise ValueError(f"the layouts of parameter {name} do not add up: the ranks of {group_name!r} "
+                                 f"hold {total} distinct elements of its {m}×{n}")
+            senders.append(set(distinct.values()))
+            for k, block_shape in enumerate(first.block_shapes):
+                self.matrices.append((i, k, block_shape))
+                candidates.append(sorted(geoms))
+        costs = [newton_schulz_cost(m, n) for _, _, (m, n) in self.matrices]
+        self.owners = plan_owners(costs, self.size, candidates)
+        self.imbalance = imbalance(costs, self.owners, self.size)
+
+        def rects(r: int, i: int, k: int) -> tuple[Rect, ...]:
+            return tuple(x for x in everyone[r][i].rects if x.block == k) if everyone[r][i] is not None else ()
+
+        # slots: the owned matrices, grouped by shape into stacks
+        self.stacks: dict[tuple[int, int], list[int]] = defaultdict(list)
+        slot: dict[int, tuple[tuple[int, int], int]] = {}
+        for j, ((i, k, shape), owner) in enumerate(zip(self.matrices, self.owners)):
+            if owner == self.rank:
+                slot[j] = (shape, len(self.stacks[shape]))
+                self.stacks[shape].append(j)
+        self.send: list[list[Move]] = [[] for _ in range(self.size)]
+        self.recv: list[list[tuple[tuple[int, int], int, tuple[Rect, ...]]]] = [[] for _ in range(self.size)]
+        self.back_send: list[list[tuple[tuple[int, int], int, tuple[Rect, ...]]]] = [[] for _ in range(self.size)]
+        self.back_recv: list[list[Move]] = [[] for _ in range(self.size)]
+        for j, ((i, k, _), owner) in enumerate(zip(self.matrices, self.owners)):
+            for r in range(self.size):
+                held_r = rects(r, i, k)
+                if not held_r:
+                    continue
+                if r == self.rank:
+                    self.back_recv[owner].append((i, k, held_r))
+                    if r in senders[i]:
+                        self.send[owner].append((i, k, held_r))
+                if owner == self.rank:
+                    self.back_send[r].append((*slot[j], held_r))
+                    if r in senders[i]:
+                        self.recv[r].append((*slot[j], held_r))
+        sizes = lambda moves: [sum(x.h * x.w for _, _, rs in ms for x in rs) for ms in moves]  # noqa: E731
+        self.send_sizes, self.recv_sizes = sizes(self.send), sizes(self.recv)
+        self.back_send_sizes, self.back_recv_sizes = sizes(self.back_send), sizes(self.back_recv)
+        off_rank = sum(s for r, s in enumerate(self.send_sizes) if r != self.rank)
+        off_rank += sum(s for r, s in enumerate(self.back_send_sizes) if r != self.rank)
+        flag = torch.tensor([off_rank > 0], dtype=torch.int32)
+        if group is not None:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        self.moves_data = bool(flag.item())  # False: every move stays on its rank, no collective needed
+
+    @property
+    def owned(self) -> int:
+        """How many matrices this rank transforms per step."""
+        return sum(len(js) for js in self.stacks.values())
+
+    def _exchange(self, send: Tensor, send_sizes: list[int], recv_sizes: list[int],
+                  stats: CommStats | None) -> Tensor:
+        recv = send.new_empty(sum(recv_sizes))
+        if not self.moves_data:
+            recv.copy_(send)  # everything is this rank's own
+            return recv
+        dist.all_to_all_single(recv, send, recv_sizes, send_sizes, group=self.group)
+        if stats is not None:
+            entry = stats.setdefault(self.group_name, {"calls": 0, "bytes": 0})
+            entry["calls"] += 1
+            entry["bytes"] += (send.numel() - send_sizes[self.rank]) * send.element_size()
+        return recv
+
+    def run(self, locals_: dict[int, Tensor], fn: Callable[[Tensor], Tensor], move_dtype: torch.dtype,
+            work_dtype: torch.dtype, stats: CommStats | None = None) -> dict[int, Tensor]:
+        """``fn`` applied to every whole matrix on its owner; returns, for every parameter held here,
+        its local elements of the result (``move_dtype``, shaped like ``locals_[i]``).
+
+        ``locals_`` maps parameter index to this rank's contiguous elements of it; ``fn`` takes a
+        ``(B, m, n)`` stack in ``work_dtype`` and returns one of the same shape.
+        """
+        device = next(iter(locals_.values())).device if locals_ else torch.device("cpu")
+        flats = {i: x.reshape(-1) for i, x in locals_.items()}
+        parts = [flats[i][r.start : r.start + r.h * r.w] for moves in self.send for i, _, rs in moves for r in rs]
+        send = torch.cat(parts).to(move_dtype) if parts else torch.empty(0, dtype=move_dtype, device=device)
+        recv = self._exchange(send, self.send_sizes, self.recv_sizes, stats)
+
+        mats = {shape: torch.zeros(len(js), *shape, dtype=work_dtype, device=device)
+                for shape, js in self.stacks.items()}
+        at = 0
+        for moves in self.recv:
+            for (shape, b), _, rs in moves:
+                for r in rs:
+                    mats[shape][b, r.brow : r.brow + r.h, r.col : r.col + r.w] = recv[at : at + r.h * r.w].view(r.h, r.w)
+                    at += r.h * r.w
+        done = {shape: fn(x) for shape, x in mats.items()}
+
+        parts = [done[shape][b, r.brow : r.brow + r.h, r.col : r.col + r.w].reshape(-1)
+                 for moves in self.back_send for (shape, b), _, rs in moves for r in rs]
+        send = torch.cat(parts).to(move_dtype) if parts else torch.empty(0, dtype=move_dtype, device=device)
+        back = self._exchange(send, self.back_send_sizes, self.back_recv_sizes, stats)
+
+        out = {i: torch.empty(x.numel(), dtype=move_dtype, device=device) for i, x in locals_.items()}
+        at = 0
+        for moves in self.back_recv:
+            for i, _, rs in moves:
+                for r in rs:
+                    out[i][r.start : r.start + r.h * r.w] = back[at : at + r.h * r.w]
+                    at += r.h * r.w
+        return {i: out[i].view(locals_[i].shape) for i in out}
