@@ -10,11 +10,11 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 from multiproc import run_ranks
 from reg_dist import REG
 from reg_dist.distributed.ownership import imbalance, plan_owners
-from test_distributed_reg import BATCH, Net, _data, _loss, _reference, assert_matches
+from sharded import BATCH, Net, assert_matches, data, loss_of, reference
 
 
 def _native(dp, tp, kwargs, check_state=True):
-    expected = _reference(kwargs)
+    expected = reference(REG, kwargs)
 
     def body(rank, world):
         mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
@@ -24,9 +24,9 @@ def _native(dp, tp, kwargs, check_state=True):
             parallelize_module(model, mesh["tp"], {"up": ColwiseParallel(), "down": RowwiseParallel()})
         opt = REG(model, mesh=mesh, **kwargs)
         dp_rank, per = rank // tp, BATCH // dp
-        for tokens in _data():
+        for tokens in data():
             opt.zero_grad()
-            _loss(model, tokens[dp_rank * per:(dp_rank + 1) * per]).backward()
+            loss_of(model, tokens[dp_rank * per:(dp_rank + 1) * per]).backward()
             opt.step()
         assert_matches(model, expected)
         return sorted(n for g in opt.param_groups for p, n in zip(g["params"], g["param_names"]) if opt.state[p])
@@ -56,7 +56,7 @@ def test_native_mode_collectives_do_not_grow_with_parameters():
         torch.manual_seed(0)
         model = Net()
         opt = REG(model, mesh=mesh)
-        _loss(model, _data()[0][rank * 4:(rank + 1) * 4]).backward()
+        loss_of(model, data()[0][rank * 4:(rank + 1) * 4]).backward()
         opt.step()
         return opt.comm_stats()
 

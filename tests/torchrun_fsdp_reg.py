@@ -1,4 +1,4 @@
-"""Run by a test under a real ``torchrun``: FSDP2 + REG on the ``test_distributed_reg`` model and
+"""Run by a test under a real ``torchrun``: FSDP2 + REG on the ``sharded`` test model and
 data; rank 0 saves the full parameters to argv[1]."""
 
 import sys
@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from test_distributed_reg import BATCH, Net, _data, _loss, fsdp
+from sharded import BATCH, Net, data, fsdp, loss_of
 from reg_dist import REG
 
 dist.init_process_group("gloo")
@@ -18,9 +18,9 @@ model = Net()
 fsdp(model, rank, world)
 opt = REG(model, lr=0.02)
 per = BATCH // world
-for tokens in _data():
+for tokens in data():
     opt.zero_grad()
-    _loss(model, tokens[rank * per:(rank + 1) * per]).backward()
+    loss_of(model, tokens[rank * per:(rank + 1) * per]).backward()
     opt.step()
 full = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in model.state_dict().items()}
 if rank == 0:

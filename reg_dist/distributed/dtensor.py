@@ -27,10 +27,12 @@ def mark_fused(p: Tensor, sizes: tuple[int, ...], repeat: int = 1) -> Tensor:
     return p
 
 
-def plain_layout(p: Tensor) -> Layout:
-    """A whole tensor held by this process alone: ``(m, n)`` with its fused blocks, or ``(E, m, n)``."""
-    shape, fused = _logical(p, tuple(p.shape))
-    return Layout(shape, (0, shape[0]), (0, shape[1]), fused=fused)
+def plain_layout(p: Tensor, view: tuple[int, int, int]) -> Layout:
+    """A whole tensor this process holds, seen as ``view`` = (count, m, n) matrices (``routing``):
+    ``(count·m) × n`` with a fused matrix per count, or the blocks ``mark_fused`` named."""
+    count, m, n = view
+    fused = fused_rows((m,) * count) if count > 1 else getattr(p, FUSED_ATTR, None)
+    return Layout((count * m, n), (0, count * m), (0, n), fused=fused)
 
 
 def _logical(p: Tensor, shape: tuple[int, ...]):

@@ -29,6 +29,8 @@ class NativeDP:
         if "dp" not in names:
             raise ValueError(f"mesh must have a dimension named 'dp' (and optionally 'tp'), got names {names}")
         self.group = mesh.get_group("dp")
+        tp = mesh.size(names.index("tp")) if "tp" in names else 1
+        self.tp_group = mesh.get_group("tp") if tp > 1 else None  # plain tensors are copies over it
         self.size = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
         dtypes = {p.dtype for p in params}

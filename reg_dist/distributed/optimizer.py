@@ -126,7 +126,7 @@ class Sharded:
                     if isinstance(p, DTensor):
                         self._layouts[id(p)] = dtensor_layout(p, name, self.blockwise_dims)
                     elif hasattr(p, FUSED_ATTR):
-                        self._layouts[id(p)] = plain_layout(p)
+                        self._layouts[id(p)] = plain_layout(p, self._view[id(p)])
 
     def _matrix_step(self, params: list[Tensor], group: dict) -> None:
         laid = [p for p in params if id(p) in self._layouts]
@@ -226,8 +226,12 @@ class OwnerPath(Sharded):
 
     def _plan_group(self, group: dict) -> None:
         """One ``OwnerPlan`` per communicator for the group's parameters with layouts stepped here."""
+        if group["algorithm"] != self.algorithm:
+            return
         by_group: dict[Any, list[tuple[Tensor, str]]] = {}
         for p, name in zip(group["params"], group["param_names"]):
+            if self._native is not None and self._native.tp_group is not None and id(p) not in self._layouts:
+                self._layouts[id(p)] = plain_layout(p, self._view[id(p)])  # a copy on every TP rank: move it once
             if id(p) in self._layouts and (self._native is None or self._native.owns(p)):
                 by_group.setdefault(self._communicator(p), []).append((p, name))
         entries = []
@@ -240,11 +244,15 @@ class OwnerPath(Sharded):
         self._plans[id(group)] = entries
 
     def _communicator(self, p: Tensor) -> tuple[dist.ProcessGroup | None, str]:
-        """The group whose ranks hold the pieces of ``p`` (its whole mesh, less blockwise dims)."""
+        """The group whose ranks hold the pieces of ``p``: its whole root mesh, less blockwise dims
+        (copies on the mesh dims that do not shard ``p`` are then one piece, moved once); under
+        ``mesh=``, the parameter's own (TP) mesh, as each dp owner steps its own tensors."""
         if not isinstance(p, DTensor):
-            return None, "local"
-        dims = tuple(d for d in dim_names(p.device_mesh) if d not in self.blockwise_dims)
-        return mesh_group(p.device_mesh, dims), "×".join(dims) or "local"
+            tp_copies = self._native.tp_group if self._native is not None else None
+            return tp_copies, "tp" if tp_copies is not None else "local"
+        mesh = p.device_mesh if self._native is not None else p.device_mesh._get_root_mesh()
+        dims = tuple(d for d in dim_names(mesh) if d not in self.blockwise_dims)
+        return mesh_group(mesh, dims), "×".join(dims) or "local"
 
     def _sharded_step(self, params: list[Tensor], group: dict) -> None:
         stepping = {id(p) for p in params}

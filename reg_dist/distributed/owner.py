@@ -33,7 +33,8 @@ def newton_schulz_cost(m: int, n: int) -> int:
     return m * n * min(m, n)
 
 
-Move = tuple[int, int, tuple[Rect, ...]]  # (parameter index, owned-matrix slot or block, rects)
+Move = tuple[int, tuple[Rect, ...]]  # (parameter index, its rects of one matrix) on a holder
+Slot = tuple[tuple[tuple[int, int], int], tuple[Rect, ...]]  # ((shape, index in its stack), rects) on an owner
 
 
 def _geometry(layout: Layout | None) -> Layout | None:
@@ -89,8 +90,8 @@ class OwnerPlan:
                 slot[j] = (shape, len(self.stacks[shape]))
                 self.stacks[shape].append(j)
         self.send: list[list[Move]] = [[] for _ in range(self.size)]
-        self.recv: list[list[tuple[tuple[int, int], int, tuple[Rect, ...]]]] = [[] for _ in range(self.size)]
-        self.back_send: list[list[tuple[tuple[int, int], int, tuple[Rect, ...]]]] = [[] for _ in range(self.size)]
+        self.recv: list[list[Slot]] = [[] for _ in range(self.size)]
+        self.back_send: list[list[Slot]] = [[] for _ in range(self.size)]
         self.back_recv: list[list[Move]] = [[] for _ in range(self.size)]
         for j, ((i, k, _), owner) in enumerate(zip(self.matrices, self.owners)):
             for r in range(self.size):
@@ -98,14 +99,14 @@ class OwnerPlan:
                 if not held_r:
                     continue
                 if r == self.rank:
-                    self.back_recv[owner].append((i, k, held_r))
+                    self.back_recv[owner].append((i, held_r))
                     if r in senders[i]:
-                        self.send[owner].append((i, k, held_r))
+                        self.send[owner].append((i, held_r))
                 if owner == self.rank:
-                    self.back_send[r].append((*slot[j], held_r))
+                    self.back_send[r].append((slot[j], held_r))
                     if r in senders[i]:
-                        self.recv[r].append((*slot[j], held_r))
-        sizes = lambda moves: [sum(x.h * x.w for _, _, rs in ms for x in rs) for ms in moves]  # noqa: E731
+                        self.recv[r].append((slot[j], held_r))
+        sizes = lambda moves: [sum(x.h * x.w for _, rs in ms for x in rs) for ms in moves]  # noqa: E731
         self.send_sizes, self.recv_sizes = sizes(self.send), sizes(self.recv)
         self.back_send_sizes, self.back_recv_sizes = sizes(self.back_send), sizes(self.back_recv)
         off_rank = sum(s for r, s in enumerate(self.send_sizes) if r != self.rank)
@@ -143,7 +144,7 @@ class OwnerPlan:
         """
         device = next(iter(locals_.values())).device if locals_ else torch.device("cpu")
         flats = {i: x.reshape(-1) for i, x in locals_.items()}
-        parts = [flats[i][r.start : r.start + r.h * r.w] for moves in self.send for i, _, rs in moves for r in rs]
+        parts = [flats[i][r.start : r.start + r.h * r.w] for moves in self.send for i, rs in moves for r in rs]
         send = torch.cat(parts).to(move_dtype) if parts else torch.empty(0, dtype=move_dtype, device=device)
         recv = self._exchange(send, self.send_sizes, self.recv_sizes, stats)
 
@@ -151,21 +152,21 @@ class OwnerPlan:
                 for shape, js in self.stacks.items()}
         at = 0
         for moves in self.recv:
-            for (shape, b), _, rs in moves:
+            for (shape, b), rs in moves:
                 for r in rs:
                     mats[shape][b, r.brow : r.brow + r.h, r.col : r.col + r.w] = recv[at : at + r.h * r.w].view(r.h, r.w)
                     at += r.h * r.w
         done = {shape: fn(x) for shape, x in mats.items()}
 
         parts = [done[shape][b, r.brow : r.brow + r.h, r.col : r.col + r.w].reshape(-1)
-                 for moves in self.back_send for (shape, b), _, rs in moves for r in rs]
+                 for moves in self.back_send for (shape, b), rs in moves for r in rs]
         send = torch.cat(parts).to(move_dtype) if parts else torch.empty(0, dtype=move_dtype, device=device)
         back = self._exchange(send, self.back_send_sizes, self.back_recv_sizes, stats)
 
         out = {i: torch.empty(x.numel(), dtype=move_dtype, device=device) for i, x in locals_.items()}
         at = 0
         for moves in self.back_recv:
-            for i, _, rs in moves:
+            for i, rs in moves:
                 for r in rs:
                     out[i][r.start : r.start + r.h * r.w] = back[at : at + r.h * r.w]
                     at += r.h * r.w

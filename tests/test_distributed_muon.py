@@ -1,0 +1,148 @@
+"""Muon and MuonEq on sharded parameters (FSDP2, tensor parallel, both, the native mode) equal the
+single-process run on the concatenated batch: the owner path assembles every matrix whole, exactly
+once (gloo, forked ranks; Newton–Schulz and the moves in fp32)."""
+
+import pytest
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+from multiproc import run_ranks
+from reg_dist import Muon, MuonEq, optim
+from reg_dist.distributed import Layout, OwnerPlan
+from reg_dist.ops.newton_schulz import orthogonalize
+from sharded import BATCH, STEPS, Net, assert_matches, data, fsdp, fsdp_x_tp, loss_of, reference, run_sharded, tp
+
+EXACT = {"lr": 0.02, "ns_dtype": torch.float32}
+ALGORITHMS = {
+    "muon": (Muon, optim.Muon, {}),
+    "muoneq_rowcol_phase": (MuonEq, optim.MuonEq, {"mode": "rowcol", "phase": 2}),
+}
+MATRICES = 4 + 3 + 1 + 3  # up, down, squeeze, expand; q, k, v; proj; three experts
+
+
+def _run(world, shard, algorithm, fused=True, micro=1, check=None, **extra):
+    cls, single, kwargs = ALGORITHMS[algorithm]
+    kwargs = {**EXACT, **kwargs, **extra}
+    expected = reference(single, {k: v for k, v in kwargs.items() if k not in ("move_dtype", "tp_mode")}, fused)
+    return run_sharded(world, shard, cls, {"move_dtype": torch.float32, **kwargs}, expected, fused=fused,
+                       micro=micro, check=check)
+
+
+def _work(model, opt):
+    return opt.transformed
+
+
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+@pytest.mark.parametrize("world", [2, 4])
+def test_fsdp2_equals_single_process_and_orthogonalises_each_matrix_once(world, algorithm):
+    work = _run(world, fsdp, algorithm, check=_work)
+    assert sum(work) == STEPS * MATRICES
+    assert all(w > 0 for w in work)  # the planner spreads the matrices over every rank
+
+
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+@pytest.mark.parametrize("world", [2, 4])
+def test_tensor_parallel_gather_mode_equals_single_process(world, algorithm):
+    _run(world, tp, algorithm)
+
+
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+def test_fsdp2_x_tensor_parallel_equals_single_process_and_moves_copies_once(algorithm):
+    # the norm-free experts live on the dp mesh only: their tp copies count as one piece
+    work = _run(4, fsdp_x_tp, algorithm, check=_work)
+    assert sum(work) == STEPS * MATRICES
+
+
+def test_gather_mode_is_invariant_to_the_tensor_parallel_degree():
+    def final(model, opt):  # numpy: pickled by value through the result queue
+        return {k: (v.full_tensor() if isinstance(v, DTensor) else v).numpy().copy() for k, v in model.state_dict().items()}
+
+    two, four = _run(2, tp, "muon", check=final)[0], _run(4, tp, "muon", check=final)[0]
+    for name in two:
+        torch.testing.assert_close(torch.from_numpy(two[name]), torch.from_numpy(four[name]), rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    work = _run(2, fsdp, "muon", micro=2, check=_work)
+    assert sum(work) == STEPS * MATRICES  # the transform ran once per optimizer step, not per micro-batch
+
+
+@pytest.mark.parametrize("dp,tp_size", [(2, 1), (4, 1), (2, 2), (1, 2)])
+def test_native_dp_x_tp_equals_single_process(dp, tp_size):
+    cls, single, extra = ALGORITHMS["muon"]
+    expected = reference(single, EXACT)
+
+    def body(rank, world):
+        mesh = init_device_mesh("cpu", (dp, tp_size), mesh_dim_names=("dp", "tp"))
+        torch.manual_seed(0)
+        model = Net()
+        if tp_size > 1:
+            parallelize_module(model, mesh["tp"], {"up": ColwiseParallel(), "down": RowwiseParallel()})
+        opt = cls(model, mesh=mesh, move_dtype=torch.float32, **EXACT)
+        dp_rank, per = rank // tp_size, BATCH // dp
+        for tokens in data():
+            opt.zero_grad()
+            loss_of(model, tokens[dp_rank * per:(dp_rank + 1) * per]).backward()
+            opt.step()
+        assert_matches(model, expected)
+        return opt.transformed
+
+    work = run_ranks(dp * tp_size, body)
+    assert sum(work) == STEPS * 4  # up, down, squeeze, expand: once each per step, on one rank
+
+
+def test_blockwise_mode_orthogonalises_each_tensor_parallel_block_on_its_own():
+    lr = 0.02
+
+    def body(rank, world):
+        torch.manual_seed(0)
+        model = Net()
+        tp(model, rank, world)
+        opt = Muon(model, tp_mode="blockwise", weight_decay=0.0, momentum=0.0, nesterov=False, lr=lr,
+                   ns_dtype=torch.float32, move_dtype=torch.float32)
+        before = model.up.weight.to_local().clone()
+        loss_of(model, data()[0]).backward()
+        grad = model.up.weight.grad.to_local().clone()
+        opt.step()
+        block = model.up.weight.to_local()
+        m, n = block.shape  # the local 28 × 18 block is the matrix: its own NS and its own scale
+        expected = before - lr * 0.2 * max(m, n) ** 0.5 * orthogonalize(grad[None], 5, "jordan", torch.float32)[0]
+        torch.testing.assert_close(block, expected, rtol=1e-5, atol=1e-6)
+        assert opt.comm_stats().get("tp") is None  # no owner move over tp
+
+    run_ranks(2, body)
+
+
+def test_owner_moves_are_two_all_to_alls_per_plan_and_count_their_bytes():
+    def body(rank, world):
+        torch.manual_seed(0)
+        model = Net()
+        fsdp(model, rank, world)
+        opt = Muon(model)  # bf16 moves by default
+        loss_of(model, data()[0][rank * 4:(rank + 1) * 4]).backward()
+        opt.step()
+        return opt.comm_stats()
+
+    for stats in run_ranks(2, body):
+        assert stats["dp"]["calls"] == 2
+        assert 0 < stats["dp"]["bytes"] < 2 * 2 * (56 * 18 * 2 + 3 * 18 * 2)  # bf16, at most all elements twice
+
+
+def test_layouts_that_do_not_add_up_fail_when_the_plan_is_made():
+    def body(rank, world):
+        import torch.distributed as dist
+
+        lay = Layout((4, 4), (0, 2), (0, 4))  # both ranks claim rows 0-1: rows 2-3 held by no one
+        with pytest.raises(ValueError, match=r"do not add up: the ranks of 'dp' hold 8 distinct elements of its 4×4"):
+            OwnerPlan([lay], ["w"], dist.group.WORLD, "dp")
+
+    run_ranks(2, body)
+
+
+def test_invalid_tp_mode_and_move_dtype_are_rejected():
+    with pytest.raises(ValueError, match="tp_mode must be one of"):
+        Muon(Net(), tp_mode="local")
+    with pytest.raises(ValueError, match="move_dtype must be a floating dtype"):
+        MuonEq(Net(), move_dtype=torch.int8)
