@@ -86,8 +86,10 @@ def test_comm_stats_report_one_packed_collective_per_group_per_racs_iteration():
     vector_bytes = 4 * sum(m + n for m, n in matrices)
     for s in stats:
         assert s == {
-            "world": {"calls": 1, "bytes": 4},  # every rank agrees on the non-finite check: one int32
-            "dp": {"calls": 3 + 1, "bytes": 3 * vector_bytes + 4 * len(matrices)},
+            "world": {"calls": 1, "bytes": 4, "sent": 4},  # every rank agrees on the non-finite check: one int32
+            # an all-reduce over 2 ranks sends 2·(2−1)/2 = 1× its buffer (ring)
+            "dp": {"calls": 3 + 1, "bytes": 3 * vector_bytes + 4 * len(matrices),
+                   "sent": 3 * vector_bytes + 4 * len(matrices)},
         }
 
 

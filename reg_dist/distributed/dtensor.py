@@ -14,6 +14,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from .layout import Layout, fused_rows
 
 FUSED_ATTR = "reg_fused_rows"
+LAYOUT_ATTR = "reg_layout"  # a Layout an integration (Megatron, DeepSpeed) attached to a plain local tensor
 
 
 def mark_fused(p: Tensor, sizes: tuple[int, ...], repeat: int = 1) -> Tensor:

@@ -70,7 +70,7 @@ class NativeDP:
                 view.copy_(local_tensor(p.grad))
         mine = torch.empty(self.segment, dtype=dtype, device=send.device)
         dist.reduce_scatter_tensor(mine, send, op=dist.ReduceOp.SUM, group=self.group)
-        count(stats, "dp", send)
+        count(stats, "dp", send, "reduce_scatter", self.group)
         mine.div_(self.size)
         for p, view in self._slices(mine, segment_of=self.rank):
             if p.grad is None:
@@ -84,7 +84,7 @@ class NativeDP:
             view.copy_(local_tensor(p))
         everyone = torch.empty(self.size * self.segment, dtype=mine.dtype, device=mine.device)
         dist.all_gather_into_tensor(everyone, mine, group=self.group)
-        count(stats, "dp", everyone)
+        count(stats, "dp", everyone, "all_gather", self.group)
         for p, view in self._slices(everyone):
             if not self.owns(p):
                 local_tensor(p).copy_(view)

@@ -33,7 +33,7 @@ from ..optim.momentum import momentum_into_
 from ..optim.routing import Route
 from ..optim.scaling import rms_factor, scale_factors, shape_factor
 from ..optim.tensors import local_tensor
-from .dtensor import FUSED_ATTR, dim_names, dtensor_layout, mesh_group, plain_layout
+from .dtensor import FUSED_ATTR, LAYOUT_ATTR, dim_names, dtensor_layout, mesh_group, plain_layout
 from .layout import Layout
 from .native import NativeDP
 from .owner import OwnerPlan, newton_schulz_cost
@@ -83,8 +83,10 @@ class Sharded:
         return p.numel()
 
     def comm_stats(self) -> CommStats:
-        """Collectives of the last step, per group name: ``{"dp": {"calls": …, "bytes": …}, …}``;
-        ``"world"`` is the agreement on non-finite gradients."""
+        """Collectives of the last step, per group name: ``{"dp": {"calls": …, "bytes": …, "sent": …}, …}``
+        (``bytes``: the collectives' buffers; ``sent``: what this rank transmitted, ring estimate for
+        reductions and gathers, exact for owner moves); ``"world"`` is the agreement on non-finite
+        gradients."""
         return {name: dict(entry) for name, entry in self._comm.items()}
 
     @torch.no_grad()
@@ -114,7 +116,7 @@ class Sharded:
             return ok
         flag = torch.tensor([int(ok)], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        count(self._comm, "world", flag)
+        count(self._comm, "world", flag, "all_reduce")
         return bool(flag.item())
 
     def add_param_group(self, param_group: dict) -> None:
@@ -123,7 +125,9 @@ class Sharded:
         for group in self.param_groups[first_new:]:
             if group["algorithm"] == self.algorithm:
                 for p, name in zip(group["params"], group["param_names"]):
-                    if isinstance(p, DTensor):
+                    if hasattr(p, LAYOUT_ATTR):
+                        self._layouts[id(p)] = getattr(p, LAYOUT_ATTR)
+                    elif isinstance(p, DTensor):
                         self._layouts[id(p)] = dtensor_layout(p, name, self.blockwise_dims)
                     elif hasattr(p, FUSED_ATTR):
                         self._layouts[id(p)] = plain_layout(p, self._view[id(p)])
@@ -247,6 +251,12 @@ class OwnerPath(Sharded):
         """The group whose ranks hold the pieces of ``p``: its whole root mesh, less blockwise dims
         (copies on the mesh dims that do not shard ``p`` are then one piece, moved once); under
         ``mesh=``, the parameter's own (TP) mesh, as each dp owner steps its own tensors."""
+        if hasattr(p, LAYOUT_ATTR):  # an integration's layout: the ranks of its one group hold the pieces
+            groups = getattr(p, LAYOUT_ATTR).groups
+            if len(groups) > 1:
+                raise ValueError(f"a reg_layout split over several groups {[n for n, _ in groups]} needs a DTensor "
+                                 f"or one group over all of them")
+            return (groups[0][1], groups[0][0]) if groups else (None, "local")
         if not isinstance(p, DTensor):
             tp_copies = self._native.tp_group if self._native is not None else None
             return tp_copies, "tp" if tp_copies is not None else "local"

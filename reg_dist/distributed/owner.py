@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .layout import Layout, Rect
 from .ownership import imbalance, plan_owners
-from .stats import CommStats
+from .stats import CommStats, count
 
 
 def newton_schulz_cost(m: int, n: int) -> int:
@@ -128,10 +128,8 @@ class OwnerPlan:
             recv.copy_(send)  # everything is this rank's own
             return recv
         dist.all_to_all_single(recv, send, recv_sizes, send_sizes, group=self.group)
-        if stats is not None:
-            entry = stats.setdefault(self.group_name, {"calls": 0, "bytes": 0})
-            entry["calls"] += 1
-            entry["bytes"] += (send.numel() - send_sizes[self.rank]) * send.element_size()
+        count(stats, self.group_name, send, "all_to_all",
+              sent=(send.numel() - send_sizes[self.rank]) * send.element_size())
         return recv
 
     def run(self, locals_: dict[int, Tensor], fn: Callable[[Tensor], Tensor], move_dtype: torch.dtype,

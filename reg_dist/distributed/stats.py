@@ -42,15 +42,29 @@ def partial_row_col(local: Tensor, layout: Layout, p: float) -> Tensor:
     return out
 
 
-CommStats = dict[str, dict[str, int]]  # group name -> {"calls": …, "bytes": …}
+CommStats = dict[str, dict[str, int]]  # group name -> {"calls": …, "bytes": …, "sent": …}
+
+# Bytes one rank puts on the wire per byte of the collective's full buffer, ring algorithms, R ranks
+WIRE = {
+    "all_reduce": lambda r: 2 * (r - 1) / r,
+    "reduce_scatter": lambda r: (r - 1) / r,  # of the full (input) buffer
+    "all_gather": lambda r: (r - 1) / r,  # of the full (output) buffer
+}
 
 
-def count(stats: CommStats | None, name: str, buf: Tensor) -> None:
-    """Add one collective of ``buf`` over group ``name`` to ``stats`` (None: not counting)."""
-    if stats is not None:
-        entry = stats.setdefault(name, {"calls": 0, "bytes": 0})
-        entry["calls"] += 1
-        entry["bytes"] += buf.numel() * buf.element_size()
+def count(stats: CommStats | None, name: str, buf: Tensor, kind: str, group: dist.ProcessGroup | None = None,
+          sent: int | None = None) -> None:
+    """Add one collective over group ``name`` to ``stats`` (None: not counting): ``bytes`` is its full
+    buffer, ``sent`` what this rank transmits (ring estimate, or ``sent`` where known exactly)."""
+    if stats is None:
+        return
+    nbytes = buf.numel() * buf.element_size()
+    if sent is None:
+        sent = round(WIRE[kind](dist.get_world_size(group)) * nbytes)
+    entry = stats.setdefault(name, {"calls": 0, "bytes": 0, "sent": 0})
+    entry["calls"] += 1
+    entry["bytes"] += nbytes
+    entry["sent"] += sent
 
 
 def reduce_packed(vectors: list[Tensor], layouts: list[Layout], op: dist.ReduceOp,
@@ -67,7 +81,7 @@ def reduce_packed(vectors: list[Tensor], layouts: list[Layout], op: dist.ReduceO
         dist.all_reduce(buf, op=op, group=group)
         for v, chunk in zip((v for v, _ in members), buf.split([v.numel() for v, _ in members])):
             v.copy_(chunk)
-        count(stats, name, buf)
+        count(stats, name, buf, "all_reduce", group)
 
 
 def row_col_stats(locals_: list[Tensor], layouts: list[Layout], p: float,
