@@ -101,6 +101,16 @@ def run_sharded(world, shard, cls, kwargs, expected, fused=False, micro=1, check
     return run_ranks(world, body)
 
 
+def full_state(model, opt=None):
+    """The full parameters as numpy arrays (pickled by value through ``run_ranks``' result queue)."""
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).numpy().copy() for k, v in model.state_dict().items()}
+
+
+def assert_same(a, b):
+    for name in a:
+        torch.testing.assert_close(torch.from_numpy(a[name]), torch.from_numpy(b[name]), rtol=1e-5, atol=1e-6)
+
+
 def assert_matches(model, expected):
     """Every full parameter of the (sharded) ``model`` equals the single-process one, fp32 tolerance."""
     for name, value in model.state_dict().items():

@@ -5,14 +5,13 @@ once (gloo, forked ranks; Newton–Schulz and the moves in fp32)."""
 import pytest
 import torch
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from multiproc import run_ranks
 from reg_dist import Muon, MuonEq, optim
 from reg_dist.distributed import Layout, OwnerPlan
 from reg_dist.ops.newton_schulz import orthogonalize
-from sharded import BATCH, STEPS, Net, assert_matches, data, fsdp, fsdp_x_tp, loss_of, reference, run_sharded, tp
+from sharded import BATCH, STEPS, Net, assert_matches, assert_same, data, full_state, fsdp, fsdp_x_tp, loss_of, reference, run_sharded, tp
 
 EXACT = {"lr": 0.02, "ns_dtype": torch.float32}
 ALGORITHMS = {
@@ -56,12 +55,7 @@ def test_fsdp2_x_tensor_parallel_equals_single_process_and_moves_copies_once(alg
 
 
 def test_gather_mode_is_invariant_to_the_tensor_parallel_degree():
-    def final(model, opt):  # numpy: pickled by value through the result queue
-        return {k: (v.full_tensor() if isinstance(v, DTensor) else v).numpy().copy() for k, v in model.state_dict().items()}
-
-    two, four = _run(2, tp, "muon", check=final)[0], _run(4, tp, "muon", check=final)[0]
-    for name in two:
-        torch.testing.assert_close(torch.from_numpy(two[name]), torch.from_numpy(four[name]), rtol=1e-5, atol=1e-6)
+    assert_same(_run(2, tp, "muon", check=full_state)[0], _run(4, tp, "muon", check=full_state)[0])
 
 
 def test_gradient_accumulation_equals_one_big_batch():

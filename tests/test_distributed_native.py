@@ -65,6 +65,28 @@ def test_native_mode_collectives_do_not_grow_with_parameters():
         assert stats["world"]["calls"] == 1 and set(stats) == {"dp", "world"}
 
 
+def test_buckets_bound_the_buffers_and_keep_the_result():
+    expected = reference(REG, {"lr": 0.02})
+
+    def body(rank, world):
+        mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("dp", "tp"))
+        torch.manual_seed(0)
+        model = Net()
+        opt = REG(model, mesh=mesh, lr=0.02, bucket_bytes=2048)  # a few tensors per owner per bucket
+        for tokens in data():
+            opt.zero_grad()
+            loss_of(model, tokens[rank * 4:(rank + 1) * 4]).backward()
+            opt.step()
+        assert_matches(model, expected)
+        buckets = len(opt._native.buckets)
+        largest = max(segment for segment, _ in opt._native.buckets)
+        return buckets, largest, opt.comm_stats()["dp"]["calls"]
+
+    for buckets, largest, calls in run_ranks(2, body):
+        assert buckets > 1 and calls == 2 * buckets
+        assert largest <= 56 * 18  # one bucket's segment: at most the largest tensor (over the budget alone)
+
+
 def test_mesh_without_dp_dimension_is_an_error():
     def body(rank, world):
         mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("data",))

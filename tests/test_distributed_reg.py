@@ -8,7 +8,7 @@ from torch.distributed.tensor import DTensor
 
 from multiproc import run_ranks
 from reg_dist import REG
-from sharded import STEPS, Net, data, fsdp, fsdp_x_tp, loss_of, reference, run_sharded, tp
+from sharded import STEPS, Net, assert_same, data, full_state, fsdp, fsdp_x_tp, loss_of, reference, run_sharded, tp
 
 
 
@@ -37,6 +37,20 @@ def test_tensor_parallel_reg_equals_single_process(world):
 
 def test_fsdp2_x_tensor_parallel_reg_equals_single_process():
     _run_sharded(4, fsdp_x_tp, {"lr": 0.02})
+
+
+def test_reg_is_invariant_to_the_tensor_parallel_degree():
+    kwargs = {"lr": 0.02}
+    expected = reference(REG, kwargs)
+    runs = [run_sharded(w, tp, REG, kwargs, expected, check=full_state)[0] for w in (2, 4)]
+    assert_same(*runs)
+
+
+def test_reg_is_invariant_to_the_data_parallel_degree():
+    kwargs = {"lr": 0.02}
+    expected = reference(REG, kwargs)
+    runs = [run_sharded(w, fsdp, REG, kwargs, expected, check=full_state)[0] for w in (2, 4)]
+    assert_same(*runs)
 
 
 @pytest.mark.parametrize("world,shard", [(4, fsdp), (2, tp), (4, fsdp_x_tp)], ids=["fsdp4", "tp2", "fsdp2xtp2"])
@@ -109,7 +123,8 @@ def test_ranks_that_disagree_on_parameters_fail_at_construction():
     run_ranks(2, body)
 
 
-def test_torchrun_two_processes_fsdp2_reg_equals_single_process(tmp_path):
+@pytest.mark.parametrize("mode", ["fsdp", "native"])
+def test_torchrun_two_processes_equal_single_process(tmp_path, mode):
     import socket
     import subprocess
     import sys
@@ -119,13 +134,28 @@ def test_torchrun_two_processes_fsdp2_reg_equals_single_process(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "params.pt"
-    script = Path(__file__).with_name("torchrun_fsdp_reg.py")
+    script = Path(__file__).with_name("torchrun_sharded.py")
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master-port={port}",
-         "--master-addr=127.0.0.1", str(script), str(out)],
+         "--master-addr=127.0.0.1", str(script), mode, str(out)],
         capture_output=True, text=True, timeout=300,
     )
     assert run.returncode == 0, run.stderr[-4000:]
     got = torch.load(out)
     for name, value in reference(REG, {"lr": 0.02}).items():
         torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_layouts_that_do_not_add_up_fail_at_construction_on_every_rank():
+    def body(rank, world):
+        import torch.distributed as dist
+
+        from reg_dist.distributed import Layout
+
+        w = torch.nn.Parameter(torch.zeros(1, 4))
+        w.reg_layout = Layout((4, 4), (rank, rank + 1), (0, 4), groups=(("dp", dist.group.WORLD),))  # rows 2-3: no one
+        with pytest.raises(ValueError, match=r"layouts of parameter w do not add up: the ranks of dp hold 8 "
+                                             r"elements of its 4×4"):
+            REG([("w", w)])
+
+    run_ranks(2, body)

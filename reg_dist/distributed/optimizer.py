@@ -35,9 +35,9 @@ from ..optim.scaling import rms_factor, scale_factors, shape_factor
 from ..optim.tensors import local_tensor
 from .dtensor import FUSED_ATTR, LAYOUT_ATTR, dim_names, dtensor_layout, mesh_group, plain_layout
 from .layout import Layout
-from .native import NativeDP
+from .native import BUCKET_BYTES, NativeDP
 from .owner import OwnerPlan, newton_schulz_cost
-from .stats import CommStats, count, sharded_equilibrate_, sharded_frobenius_norms, sharded_racs_
+from .stats import CommStats, check_layouts_add_up, count, sharded_equilibrate_, sharded_frobenius_norms, sharded_racs_
 
 logger = logging.getLogger("reg_dist")
 
@@ -65,18 +65,22 @@ class Sharded:
     supports_dtensor = True
     blockwise_dims: tuple[str, ...] = ()
 
-    def __init__(self, params: Any, mesh: DeviceMesh | None = None, **kwargs: Any) -> None:
+    def __init__(self, params: Any, mesh: DeviceMesh | None = None, bucket_bytes: int = BUCKET_BYTES,
+                 **kwargs: Any) -> None:
         self._layouts: dict[int, Layout] = {}
         self._comm: CommStats = {}
         self._native: NativeDP | None = None
         super().__init__(params, **kwargs)
         if self._layouts or mesh is not None:
             check_same_on_all_ranks(self.routes)
+            laid = [(p, name) for g in self.param_groups for p, name in zip(g["params"], g["param_names"])
+                    if id(p) in self._layouts]
+            check_layouts_add_up([self._layouts[id(p)] for p, _ in laid], [name for _, name in laid])
         if mesh is not None:
             params = [p for g in self.param_groups for p in g["params"]]
-            self._native = NativeDP(mesh, params, [self._cost(p) for p in params])
-            logger.info("%s native data parallelism over %d ranks: ownership imbalance %.1f %%",
-                        type(self).__name__, self._native.size, 100 * self._native.imbalance)
+            self._native = NativeDP(mesh, params, [self._cost(p) for p in params], bucket_bytes)
+            logger.info("%s native data parallelism over %d ranks in %d bucket(s): ownership imbalance %.1f %%",
+                        type(self).__name__, self._native.size, len(self._native.buckets), 100 * self._native.imbalance)
 
     def _cost(self, p: Tensor) -> int:
         """What owning ``p`` costs its data-parallel owner per step (elements; NS cost: owner path)."""
@@ -197,7 +201,7 @@ class OwnerPath(Sharded):
     """
 
     def __init__(self, params: Any, mesh: DeviceMesh | None = None, tp_mode: str = "gather",
-                 move_dtype: torch.dtype = torch.bfloat16, **kwargs: Any) -> None:
+                 move_dtype: torch.dtype = torch.bfloat16, bucket_bytes: int = BUCKET_BYTES, **kwargs: Any) -> None:
         if tp_mode not in TP_MODES:
             raise ValueError(f"tp_mode must be one of {TP_MODES}, got {tp_mode!r}")
         if move_dtype not in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
@@ -206,7 +210,7 @@ class OwnerPath(Sharded):
         self.blockwise_dims = ("tp",) if tp_mode == "blockwise" else ()
         self._plans: dict[int, list[tuple[OwnerPlan, list[Tensor]]]] = {}
         self._constructed = False
-        super().__init__(params, mesh=mesh, **kwargs)
+        super().__init__(params, mesh=mesh, bucket_bytes=bucket_bytes, **kwargs)
         if tp_mode == "blockwise":
             logger.warning("%s tp_mode='blockwise': each tensor-parallel block is orthogonalised on its own, "
                            "so the update changes with the TP degree", type(self).__name__)

@@ -84,6 +84,19 @@ def reduce_packed(vectors: list[Tensor], layouts: list[Layout], op: dist.ReduceO
         count(stats, name, buf, "all_reduce", group)
 
 
+def check_layouts_add_up(layouts: list[Layout], names: list[str]) -> None:
+    """Raise ValueError unless the ranks splitting each parameter hold m·n elements in all: the
+    element counts summed over each layout's groups, one packed all-reduce per group name."""
+    held = [torch.tensor([float(lay.numel)], dtype=torch.float64) for lay in layouts]
+    reduce_packed(held, layouts, dist.ReduceOp.SUM)
+    for total, lay, name in zip(held, layouts, names):
+        m, n = lay.shape
+        if int(total.item()) != m * n:
+            groups = ", ".join(g for g, _ in lay.groups) or "no group"
+            raise ValueError(f"the layouts of parameter {name} do not add up: the ranks of {groups} hold "
+                             f"{int(total.item())} elements of its {m}×{n}")
+
+
 def row_col_stats(locals_: list[Tensor], layouts: list[Layout], p: float,
                   stats: CommStats | None = None) -> list[tuple[Tensor, Tensor]]:
     """Full ``r (m,)`` and ``c (K, n)`` of every parameter (sums of |x|^p, or maxima for p = inf),
