@@ -44,6 +44,10 @@ def _geometry(layout: Layout | None) -> Layout | None:
     return dataclasses.replace(layout, groups=())
 
 
+def _elements_per_rank(moves: list[list[tuple[object, tuple[Rect, ...]]]]) -> list[int]:
+    return [sum(r.h * r.w for _, rects in per_rank for r in rects) for per_rank in moves]
+
+
 class OwnerPlan:
     """The static moves of one group's matrices over ``group`` (None: this process alone)."""
 
@@ -106,7 +110,7 @@ class OwnerPlan:
                     self.back_send[r].append((slot[j], held_r))
                     if r in senders[i]:
                         self.recv[r].append((slot[j], held_r))
-        sizes = lambda moves: [sum(x.h * x.w for _, rs in ms for x in rs) for ms in moves]  # noqa: E731
+        sizes = _elements_per_rank
         self.send_sizes, self.recv_sizes = sizes(self.send), sizes(self.recv)
         self.back_send_sizes, self.back_recv_sizes = sizes(self.back_send), sizes(self.back_recv)
         off_rank = sum(s for r, s in enumerate(self.send_sizes) if r != self.rank)

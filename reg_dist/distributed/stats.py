@@ -1,9 +1,9 @@
 """Exact row/column statistics of sharded matrices: local partial sums, packed all-reduces.
 
-For matrices ``k = 1 … K``, each held by this rank as ``locals[k]`` described by ``layouts[k]``:
+For parameters ``k = 1 … K``, each held by this rank as ``locals[k]`` described by ``layouts[k]``:
 
     r_k = Σ over held elements of |x|^p into its logical row   (length m_k; p = inf: max)
-    c_k = the same into its logical column                       (length n_k)
+    c_k = the same into its logical column, per fused matrix     (B_k × n_k; B_k = 1 unless fused)
 
 then, for each group name in sorted order, the vectors of every matrix split over that group are
 packed into one buffer and reduced with a single ``all_reduce`` (SUM, or MAX for p = inf). Every
