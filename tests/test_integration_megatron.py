@@ -18,7 +18,8 @@ with warnings.catch_warnings():  # "Transformer Engine and Apex are not installe
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 from multiproc import run_ranks
-from reg_dist import REG, Muon, MuonEq, mark_fused, optim
+from reg_dist import REG, Muon, MuonEq, optim
+from reg_dist.distributed import fused_rows
 from reg_dist.integrations.megatron import attach_layouts, megatron_layout
 
 TP = 2
@@ -40,11 +41,11 @@ def _init(**sizes) -> ModelParallelConfig:
     return ModelParallelConfig(tensor_model_parallel_size=TP, use_cpu_initialization=True, **sizes)
 
 
-def _layers(config, bias=False, col_rows=FFN, **col):
+def _layers(config, bias=False, col_rows=FFN):
     init = nn.init.xavier_normal_
     return nn.ModuleDict({
         "col": ColumnParallelLinear(HIDDEN, col_rows, config=config, init_method=init, bias=bias,
-                                    keep_master_weight_for_test=True, **col),
+                                    keep_master_weight_for_test=True),
         "row": RowParallelLinear(FFN, HIDDEN, config=config, init_method=init, bias=bias, input_is_parallel=True,
                                  skip_bias_add=False, keep_master_weight_for_test=True),
     })
@@ -53,6 +54,31 @@ def _layers(config, bias=False, col_rows=FFN, **col):
 def _block(full: torch.Tensor, layout) -> torch.Tensor:
     (r0, r1), (c0, c1) = layout.rows, layout.cols
     return full[r0:r1, c0:c1]
+
+
+def _separate(full: dict, qkv: bool) -> dict:
+    """The single-process parameters: with ``qkv``, the fused weight's q, k and v as three (each its
+    rows of every query group, in order), as megatron's optimizer splits them."""
+    out = {n: nn.Parameter(w.clone()) for n, w in full.items() if not (qkv and n == "col.weight")}
+    if qkv:
+        segments = fused_rows(QKV, GROUPS)
+        for k, part in enumerate("qkv"):
+            rows = [full["col.weight"][start:end] for start, end, block in segments if block == k]
+            out[part] = nn.Parameter(torch.cat(rows).clone())
+    return out
+
+
+def _join(ref: dict, qkv: bool) -> dict:
+    """``_separate`` undone: the fused weight from its q, k and v."""
+    if not qkv:
+        return ref
+    taken, rows = [0, 0, 0], []
+    for start, end, k in fused_rows(QKV, GROUPS):
+        rows.append(ref["qkv"[k]][taken[k]:taken[k] + end - start])
+        taken[k] += end - start
+    out = {n: w for n, w in ref.items() if n not in ("q", "k", "v")}
+    out["col.weight"] = torch.cat(rows)
+    return out
 
 
 def _assemble(local: torch.Tensor, layout) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,9 +132,7 @@ def test_sharded_megatron_weights_step_like_the_single_process_optimizer(algorit
         gen = torch.Generator().manual_seed(0)
         full = {n: torch.randn(p.reg_layout.shape, generator=gen) for n, p in names.items()}
         grads = [{n: torch.randn(p.reg_layout.shape, generator=gen) for n, p in names.items()} for _ in range(STEPS)]
-        ref = {n: nn.Parameter(w.clone()) for n, w in full.items()}
-        if qkv:
-            mark_fused(ref["col.weight"], QKV, GROUPS)
+        ref = _separate(full, qkv)
         with torch.no_grad():
             for n, p in names.items():
                 p.copy_(_block(full[n], p.reg_layout))
@@ -116,12 +140,14 @@ def test_sharded_megatron_weights_step_like_the_single_process_optimizer(algorit
         for g in grads:
             for n, p in names.items():
                 p.grad = _block(g[n], p.reg_layout).clone()
-                ref[n].grad = g[n].clone()
+            for n, r in _separate(g, qkv).items():
+                ref[n].grad = r.detach()
             opt.step()
             ref_opt.step()
+        expected = _join({n: r.detach() for n, r in ref.items()}, qkv)
         for n, p in names.items():
             assembled, _ = _assemble(p, p.reg_layout)
-            torch.testing.assert_close(assembled, ref[n].detach(), rtol=1e-5, atol=1e-6, msg=n)
+            torch.testing.assert_close(assembled, expected[n], rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
         return opt.transformed
 
     work = run_ranks(TP, body)
@@ -137,11 +163,12 @@ def test_expert_weights_take_the_expert_tensor_parallel_group():
         expert = ColumnParallelLinear(HIDDEN, FFN, config=config, init_method=nn.init.xavier_normal_, bias=False,
                                       is_expert=True)
         # megatron marks the expert weight allreduce=False; its expert TP group (size 1) holds it whole
-        return megatron_layout(dense.weight, "dense.weight"), megatron_layout(expert.weight, "expert.weight")
+        layouts = megatron_layout(dense.weight, "dense.weight"), megatron_layout(expert.weight, "expert.weight")
+        return [(lay.shape, lay.rows, lay.cols, [n for n, _ in lay.groups]) for lay in layouts]
 
     for rank, (dense, expert) in enumerate(run_ranks(TP, body)):
-        assert dense.shape == (FFN, HIDDEN) and dense.rows == (12 * rank, 12 * (rank + 1))
-        assert expert.shape == (FFN, HIDDEN) and expert.rows == (0, FFN) and expert.groups == ()
+        assert dense == ((FFN, HIDDEN), (12 * rank, 12 * (rank + 1)), (0, HIDDEN), ["tp"])
+        assert expert == ((FFN, HIDDEN), (0, FFN), (0, HIDDEN), [])
 
 
 def test_strided_partitions_and_shards_that_do_not_add_up_raise():
