@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make train   build .venv (once), then run the main training job
+#   make train   build .venv (once), then run the main training job (torchrun, 2 ranks; NPROC=, ARGS=)
 #   make test    build .venv (once), then run the test suite
 # The environment is the pinned stack of shared/ENVIRONMENT.md; re-running is safe.
 PYTHON ?= python3.11
@@ -22,8 +22,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# a real multi-rank job: 2 ranks (dp = 2, gloo on the CPU, one torch thread each on a 2-core box)
+NPROC  ?= 2
 train: $(STAMP)
-	$(BIN)/python launch/train.py $(ARGS)
+	$(BIN)/python -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) launch/train.py $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)

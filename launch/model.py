@@ -31,17 +31,35 @@ class GPTConfig:
 
 
 class CausalSelfAttention(nn.Module):
+    """``qkv`` rows are laid out ``(3, heads, head_dim)``: all queries, then all keys, then all values.
+
+    Tensor parallelism (``launch.train.parallelize``) needs each rank's contiguous block of ``qkv``
+    rows to hold whole heads; it permutes the rows to the head-major layout ``(heads, 3, head_dim)``
+    (``head_major = True``) and sets ``heads`` to the heads of one rank. The module computes the
+    same function either way.
+    """
+
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
-        self.heads = cfg.heads
+        self.heads = cfg.heads  # the heads this module computes (the local heads under tensor parallelism)
+        self.head_dim = cfg.width // cfg.heads
+        self.head_major = False
         self.qkv = nn.Linear(cfg.width, 3 * cfg.width, bias=False)
         self.proj = nn.Linear(cfg.width, cfg.width, bias=False)
 
+    def head_major_order(self) -> Tensor:
+        """Row permutation of ``qkv`` from ``(3, heads, head_dim)`` to ``(heads, 3, head_dim)`` (all heads)."""
+        return torch.arange(self.qkv.weight.shape[0]).view(3, -1, self.head_dim).transpose(0, 1).flatten()
+
     def forward(self, x: Tensor) -> Tensor:
-        b, t, c = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        b, t, _ = x.shape
+        qkv = self.qkv(x)
+        if self.head_major:
+            q, k, v = qkv.view(b, t, self.heads, 3, self.head_dim).permute(3, 0, 2, 1, 4)
+        else:
+            q, k, v = qkv.view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(y.transpose(1, 2).reshape(b, t, c))
+        return self.proj(y.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
 
 
 class MLP(nn.Module):

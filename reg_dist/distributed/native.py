@@ -1,11 +1,13 @@
 """reg_dist's own data parallelism for a model with no DDP/FSDP wrapper (``REG(model, mesh=…)``).
 
-Every tensor (a TP shard where the model is tensor parallel) gets one owner among the ``dp`` ranks
-(``ownership.plan_owners`` on a cost computed from the logical shape, so the TP ranks of one
-matrix agree: its element count for REG, its Newton–Schulz cost for Muon).
-Each owner's tensors are cut, in order, into runs of at most ``bucket_bytes``; bucket b holds the
-b-th run of every owner, packed owner by owner with each segment padded to the bucket's longest.
-Per bucket:
+Every tensor (a TP shard where the model is tensor parallel) gets one owner among the ``dp`` ranks,
+longest-processing-time first (``ownership.plan_owners``), on a cost computed from the logical
+shape so the TP ranks of one matrix agree: first the tensors with a compute cost (the Newton–Schulz
+cost of Muon's matrices), then the rest by size, onto the ranks' element loads so far.
+
+Each owner's tensors form one stream, in order; the streams are cut into windows of
+``bucket_bytes``, and window b of every owner is one bucket, packed owner by owner (a tensor may
+span windows; only the shorter streams' tails are padding). Per bucket:
 
     reduce-scatter (SUM) over dp, ÷ dp   → every owner holds the averaged gradient of its tensors
     the owners step what they own         → momentum and AdamW state exist only on the owner
@@ -21,16 +23,15 @@ from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from ..optim.base import stacks
 from ..optim.tensors import local_tensor
 from .ownership import imbalance, plan_owners
 from .stats import CommStats, count
 
-BUCKET_BYTES = 64 * 2**20  # per owner per bucket
+BUCKET_BYTES = 64 * 2**20  # of each owner's stream per bucket
 
 
 class NativeDP:
-    def __init__(self, mesh: DeviceMesh, params: list[Tensor], costs: list[int],
+    def __init__(self, mesh: DeviceMesh, params: list[Tensor], costs: list[int | None],
                  bucket_bytes: int = BUCKET_BYTES) -> None:
         names = mesh.mesh_dim_names or ()
         if "dp" not in names:
@@ -50,63 +51,72 @@ class NativeDP:
                 raise ValueError("a parameter is already sharded over 'dp' (FSDP2?): build the optimizer "
                                  "without mesh=, it then steps the shards as they are")
         self.dtype, self.device = params[0].dtype, local_tensor(params[0]).device
-        owners = plan_owners(costs, self.size)
-        self.imbalance = imbalance(costs, owners, self.size)
+        sizes = [local_tensor(p).numel() for p in params]
+        owners = plan_owners([c if c is not None else 0 for c in costs], self.size)
+        costed = [i for i, c in enumerate(costs) if c is not None]
+        rest = [i for i, c in enumerate(costs) if c is None]
+        load = [0] * self.size
+        for i in costed:
+            load[owners[i]] += sizes[i]
+        for i, owner in zip(rest, plan_owners([sizes[i] for i in rest], self.size, start=load)):
+            owners[i] = owner
+        # the balance of the compute cost where there is one, else of the sizes
+        self.imbalance = (imbalance([costs[i] for i in costed], [owners[i] for i in costed], self.size) if costed
+                          else imbalance(sizes, owners, self.size))
         self._owned = {id(p) for p, o in zip(params, owners) if o == self.rank}
-        runs = []  # runs[r][b]: owner r's tensors in bucket b
-        for r in range(self.size):
-            mine = [p for p, o in zip(params, owners) if o == r]
-            runs.append(stacks(mine, [local_tensor(p).numel() * p.element_size() for p in mine], bucket_bytes))
-        # bucket b: (segment length, [(tensor, owner, offset in the owner's segment)])
-        self.buckets: list[tuple[int, list[tuple[Tensor, int, int]]]] = []
-        for b in range(max(len(rs) for rs in runs)):
-            entries, segment = [], 0
-            for r, rs in enumerate(runs):
-                offset = 0
-                for p in rs[b] if b < len(rs) else []:
-                    entries.append((p, r, offset))
-                    offset += local_tensor(p).numel()
-                segment = max(segment, offset)
-            self.buckets.append((segment, entries))
+        stream = [0] * self.size  # (tensor, owner, its offset in the owner's stream)
+        placed = []
+        for p, owner, size in zip(params, owners, sizes):
+            placed.append((p, owner, stream[owner], size))
+            stream[owner] += size
+        window = max(1, bucket_bytes // params[0].element_size())
+        longest = max(stream)
+        # bucket: (segment length, [(tensor, owner, first element in the tensor, in the segment, count)])
+        self.buckets: list[tuple[int, list[tuple[Tensor, int, int, int, int]]]] = []
+        for w0 in range(0, longest, window):
+            w1 = min(w0 + window, longest)
+            entries = [(p, owner, max(w0, off) - off, max(w0, off) - w0, min(w1, off + size) - max(w0, off))
+                       for p, owner, off, size in placed if off < w1 and off + size > w0]
+            self.buckets.append((w1 - w0, entries))
+        self.padding = sum(longest - s for s in stream)  # elements of padding per step and direction
 
     def owns(self, p: Tensor) -> bool:
         return id(p) in self._owned
 
     @staticmethod
     def _slices(buf: Tensor, entries, segment: int, owner: int | None = None):
-        """``(tensor, view of buf)`` of the bucket's tensors: all, laid out over every owner's
-        segment, or only ``owner``'s, in a buffer of one segment."""
-        for p, r, offset in entries:
+        """``(tensor, flat view of its elements in the bucket, view of buf)``: all the bucket's
+        tensors laid out over every owner's segment, or only ``owner``'s in a one-segment buffer."""
+        for p, r, first, at, n in entries:
             if owner is None or r == owner:
-                start = (r if owner is None else 0) * segment + offset
-                local = local_tensor(p)
-                yield p, buf[start : start + local.numel()].view_as(local)
+                start = (r if owner is None else 0) * segment + at
+                yield p, slice(first, first + n), buf[start : start + n]
 
     def average_grads_to_owners(self, stats: CommStats) -> None:
         """The dp-averaged gradient of every owned tensor into its ``.grad`` (a missing grad counts as 0)."""
         for segment, entries in self.buckets:
             send = torch.zeros(self.size * segment, dtype=self.dtype, device=self.device)
-            for p, view in self._slices(send, entries, segment):
+            for p, part, view in self._slices(send, entries, segment):
                 if p.grad is not None:
-                    view.copy_(local_tensor(p.grad))
+                    view.copy_(local_tensor(p.grad).reshape(-1)[part])
             mine = torch.empty(segment, dtype=self.dtype, device=self.device)
             dist.reduce_scatter_tensor(mine, send, op=dist.ReduceOp.SUM, group=self.group)
             count(stats, "dp", send, "reduce_scatter", self.group)
             mine.div_(self.size)
-            for p, view in self._slices(mine, entries, segment, owner=self.rank):
+            for p, part, view in self._slices(mine, entries, segment, owner=self.rank):
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                local_tensor(p.grad).copy_(view)
+                local_tensor(p.grad).view(-1)[part].copy_(view)
 
     def gather_params_from_owners(self, stats: CommStats) -> None:
         """Every rank's copy of every tensor set to its owner's."""
         for segment, entries in self.buckets:
             mine = torch.zeros(segment, dtype=self.dtype, device=self.device)
-            for p, view in self._slices(mine, entries, segment, owner=self.rank):
-                view.copy_(local_tensor(p))
+            for p, part, view in self._slices(mine, entries, segment, owner=self.rank):
+                view.copy_(local_tensor(p).reshape(-1)[part])
             everyone = torch.empty(self.size * segment, dtype=self.dtype, device=self.device)
             dist.all_gather_into_tensor(everyone, mine, group=self.group)
             count(stats, "dp", everyone, "all_gather", self.group)
-            for p, view in self._slices(everyone, entries, segment):
+            for p, part, view in self._slices(everyone, entries, segment):
                 if not self.owns(p):
-                    local_tensor(p).copy_(view)
+                    local_tensor(p).view(-1)[part].copy_(view)

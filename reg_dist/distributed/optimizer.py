@@ -82,9 +82,10 @@ class Sharded:
             logger.info("%s native data parallelism over %d ranks in %d bucket(s): ownership imbalance %.1f %%",
                         type(self).__name__, self._native.size, len(self._native.buckets), 100 * self._native.imbalance)
 
-    def _cost(self, p: Tensor) -> int:
-        """What owning ``p`` costs its data-parallel owner per step (elements; NS cost: owner path)."""
-        return p.numel()
+    def _cost(self, p: Tensor) -> int | None:
+        """What owning ``p`` costs its data-parallel owner per step beyond its size (None: nothing;
+        the native mode then balances it by size)."""
+        return None
 
     def comm_stats(self) -> CommStats:
         """Collectives of the last step, per group name: ``{"dp": {"calls": …, "bytes": …, "sent": …}, …}``
@@ -218,8 +219,10 @@ class OwnerPath(Sharded):
             self._plan_group(group)
         self._constructed = True
 
-    def _cost(self, p: Tensor) -> int:
-        count_, m, n = self._view.get(id(p), (1, p.numel(), 1))
+    def _cost(self, p: Tensor) -> int | None:
+        if id(p) not in self._view:
+            return None
+        count_, m, n = self._view[id(p)]
         return count_ * newton_schulz_cost(m, n)
 
     def add_param_group(self, param_group: dict) -> None:

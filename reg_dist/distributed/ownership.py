@@ -6,9 +6,11 @@ computes the same plan.
 """
 
 
-def plan_owners(costs: list[int], ranks: int, candidates: list[list[int]] | None = None) -> list[int]:
-    """The owner rank of every matrix, given its cost and the ranks allowed to own it."""
-    load = [0] * ranks
+def plan_owners(costs: list[int], ranks: int, candidates: list[list[int]] | None = None,
+                start: list[int] | None = None) -> list[int]:
+    """The owner rank of every matrix, given its cost, the ranks allowed to own it (default: all)
+    and the ranks' loads before it (default: 0)."""
+    load = list(start) if start is not None else [0] * ranks
     owners = [0] * len(costs)
     for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
         allowed = candidates[i] if candidates is not None else range(ranks)
