@@ -54,7 +54,6 @@ import os
 import shutil
 import sys
 import time
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -480,8 +479,6 @@ def load_checkpoint(path: Path, model: nn.Module, opt, sched, data: ByteWindows,
 def main(argv: list[str] | None = None) -> dict:
     """Train as ``argv`` says; returns what ``log.json`` holds (on rank 0; {} elsewhere)."""
     args = parse_args(argv)
-    # reg_dist's collectives use torch's deprecated names: one warning per rank and call site otherwise
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     par = Parallel(args)
     env = world_env()
     if args.threads:

@@ -23,13 +23,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child(rank, world, port, fn, queue):
+def _child(rank, world, port, fn, queue, init_group):
     try:
         torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=TIMEOUT_S))
+        if init_group:
+            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                    timeout=timedelta(seconds=TIMEOUT_S))
+        else:  # the environment torchrun gives its ranks; fn makes its own group
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                              LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
         queue.put((rank, True, fn(rank, world)))
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
     except BaseException:
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -38,12 +43,13 @@ def _child(rank, world, port, fn, queue):
         os._exit(0)
 
 
-def run_ranks(world: int, fn) -> list:
-    """``[fn(0, world), …, fn(world − 1, world)]``, each run in its own forked gloo rank."""
+def run_ranks(world: int, fn, init_group: bool = True) -> list:
+    """``[fn(0, world), …, fn(world − 1, world)]``, each run in its own forked gloo rank (with
+    ``init_group=False``, in a forked process with torchrun's environment variables instead)."""
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_child, args=(r, world, port, fn, queue)) for r in range(world)]
+    procs = [ctx.Process(target=_child, args=(r, world, port, fn, queue, init_group)) for r in range(world)]
     for p in procs:
         p.start()
     results = {}

@@ -101,6 +101,29 @@ def run_sharded(world, shard, cls, kwargs, expected, fused=False, micro=1, check
     return run_ranks(world, body)
 
 
+def run_native(dp, tp_size, cls, kwargs, expected, check=None):
+    """``cls(model, mesh=(dp, tp_size), **kwargs)`` with no wrapper (``up``/``down`` tensor parallel
+    when tp_size > 1), each dp rank on its part of each batch; must end at ``expected``; returns
+    ``check(model, opt)`` of every rank."""
+
+    def body(rank, world):
+        mesh = init_device_mesh("cpu", (dp, tp_size), mesh_dim_names=("dp", "tp"))
+        torch.manual_seed(0)
+        model = Net()
+        if tp_size > 1:
+            parallelize_module(model, mesh["tp"], {"up": ColwiseParallel(), "down": RowwiseParallel()})
+        opt = cls(model, mesh=mesh, **kwargs)
+        dp_rank, per = rank // tp_size, BATCH // dp
+        for tokens in data():
+            opt.zero_grad()
+            loss_of(model, tokens[dp_rank * per:(dp_rank + 1) * per]).backward()
+            opt.step()
+        assert_matches(model, expected)
+        return check(model, opt) if check else None
+
+    return run_ranks(dp * tp_size, body)
+
+
 def full_state(model, opt=None):
     """The full parameters as numpy arrays (pickled by value through ``run_ranks``' result queue)."""
     return {k: (v.full_tensor() if isinstance(v, DTensor) else v).numpy().copy() for k, v in model.state_dict().items()}

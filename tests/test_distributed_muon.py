@@ -4,14 +4,12 @@ once (gloo, forked ranks; Newton–Schulz and the moves in fp32)."""
 
 import pytest
 import torch
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from multiproc import run_ranks
 from reg_dist import Muon, MuonEq, optim
 from reg_dist.distributed import Layout, OwnerPlan
 from reg_dist.ops.newton_schulz import orthogonalize
-from sharded import BATCH, STEPS, Net, assert_matches, assert_same, data, full_state, fsdp, fsdp_x_tp, loss_of, reference, run_sharded, tp
+from sharded import STEPS, Net, assert_same, data, full_state, run_native, fsdp, fsdp_x_tp, loss_of, reference, run_sharded, tp
 
 EXACT = {"lr": 0.02, "ns_dtype": torch.float32}
 ALGORITHMS = {
@@ -65,25 +63,8 @@ def test_gradient_accumulation_equals_one_big_batch():
 
 @pytest.mark.parametrize("dp,tp_size", [(2, 1), (4, 1), (2, 2), (1, 2)])
 def test_native_dp_x_tp_equals_single_process(dp, tp_size):
-    cls, single, extra = ALGORITHMS["muon"]
-    expected = reference(single, EXACT)
-
-    def body(rank, world):
-        mesh = init_device_mesh("cpu", (dp, tp_size), mesh_dim_names=("dp", "tp"))
-        torch.manual_seed(0)
-        model = Net()
-        if tp_size > 1:
-            parallelize_module(model, mesh["tp"], {"up": ColwiseParallel(), "down": RowwiseParallel()})
-        opt = cls(model, mesh=mesh, move_dtype=torch.float32, **EXACT)
-        dp_rank, per = rank // tp_size, BATCH // dp
-        for tokens in data():
-            opt.zero_grad()
-            loss_of(model, tokens[dp_rank * per:(dp_rank + 1) * per]).backward()
-            opt.step()
-        assert_matches(model, expected)
-        return opt.transformed
-
-    work = run_ranks(dp * tp_size, body)
+    work = run_native(dp, tp_size, Muon, {**EXACT, "move_dtype": torch.float32}, reference(optim.Muon, EXACT),
+                      check=_work)
     assert sum(work) == STEPS * 4  # up, down, squeeze, expand: once each per step, on one rank
 
 

@@ -5,33 +5,18 @@ single-process run on the concatenated batch for dp × tp within 4 ranks (gloo, 
 import pytest
 import torch
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from multiproc import run_ranks
 from reg_dist import REG
 from reg_dist.distributed.ownership import imbalance, plan_owners
-from sharded import BATCH, Net, assert_matches, data, loss_of, reference
+from sharded import Net, assert_matches, data, loss_of, reference, run_native
 
 
 def _native(dp, tp, kwargs, check_state=True):
-    expected = reference(REG, kwargs)
-
-    def body(rank, world):
-        mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
-        torch.manual_seed(0)
-        model = Net()
-        if tp > 1:
-            parallelize_module(model, mesh["tp"], {"up": ColwiseParallel(), "down": RowwiseParallel()})
-        opt = REG(model, mesh=mesh, **kwargs)
-        dp_rank, per = rank // tp, BATCH // dp
-        for tokens in data():
-            opt.zero_grad()
-            loss_of(model, tokens[dp_rank * per:(dp_rank + 1) * per]).backward()
-            opt.step()
-        assert_matches(model, expected)
+    def stateful(model, opt):
         return sorted(n for g in opt.param_groups for p, n in zip(g["params"], g["param_names"]) if opt.state[p])
 
-    owned = run_ranks(dp * tp, body)
+    owned = run_native(dp, tp, REG, kwargs, reference(REG, kwargs), check=stateful)
     if check_state:  # every tensor has state on exactly one dp rank (per TP rank)
         for t in range(tp):
             per_dp = [owned[d * tp + t] for d in range(dp)]

@@ -3,13 +3,9 @@ launch (bad input, real torchrun runs with dp = 2 and tp = 2 against one process
 
 import json
 import math
-import multiprocessing as mp
-import os
-import queue as queue_mod
 import socket
 import subprocess
 import sys
-import traceback
 from pathlib import Path
 
 import pytest
@@ -96,42 +92,13 @@ def _torchrun(nproc: int, args: list[str]) -> subprocess.CompletedProcess:
 def _main_on_ranks(world: int, argv: list[str]) -> list:
     """``main(argv)`` on ``world`` ranks forked from this (warm) process, with torchrun's environment:
     each rank's returned log (rank 0) or {}; ``("exit", code)`` for a rank that exited."""
-    ctx, port = mp.get_context("fork"), _free_port()
-    results = ctx.Queue()
-
-    def child(rank):
+    def rank_main(rank, world):
         try:
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                              LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-            try:
-                results.put((rank, True, main(argv)))
-            except SystemExit as e:
-                results.put((rank, True, ("exit", e.code)))
-        except BaseException:
-            results.put((rank, False, traceback.format_exc()))
-        finally:
-            results.close()
-            results.join_thread()
-            os._exit(0)
+            return main(argv)
+        except SystemExit as e:
+            return ("exit", e.code)
 
-    procs = [ctx.Process(target=child, args=(r,)) for r in range(world)]
-    for p in procs:
-        p.start()
-    got = {}
-    try:
-        for _ in range(world):
-            rank, ok, value = results.get(timeout=60)
-            got[rank] = (ok, value)
-    except queue_mod.Empty:
-        pass
-    finally:
-        for p in procs:
-            p.join(5)
-            if p.is_alive():
-                p.kill()
-    failed = [f"rank {r}:\n{v}" for r, (ok, v) in sorted(got.items()) if not ok]
-    assert not failed and len(got) == world, "\n".join(failed) or f"ranks missing: {set(range(world)) - set(got)}"
-    return [got[r][1] for r in range(world)]
+    return run_ranks(world, rank_main, init_group=False)
 
 
 def _final_model(run: Path, rank: int = 0) -> dict:

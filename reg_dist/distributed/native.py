@@ -100,7 +100,7 @@ class NativeDP:
                 if p.grad is not None:
                     view.copy_(local_tensor(p.grad).reshape(-1)[part])
             mine = torch.empty(segment, dtype=self.dtype, device=self.device)
-            dist.reduce_scatter_tensor(mine, send, op=dist.ReduceOp.SUM, group=self.group)
+            dist.reduce_scatter_single(mine, send, op=dist.ReduceOp.SUM, group=self.group)
             count(stats, "dp", send, "reduce_scatter", self.group)
             mine.div_(self.size)
             for p, part, view in self._slices(mine, entries, segment, owner=self.rank):
@@ -115,7 +115,7 @@ class NativeDP:
             for p, part, view in self._slices(mine, entries, segment, owner=self.rank):
                 view.copy_(local_tensor(p).reshape(-1)[part])
             everyone = torch.empty(self.size * segment, dtype=self.dtype, device=self.device)
-            dist.all_gather_into_tensor(everyone, mine, group=self.group)
+            dist.all_gather_single(everyone, mine, group=self.group)
             count(stats, "dp", everyone, "all_gather", self.group)
             for p, part, view in self._slices(everyone, entries, segment):
                 if not self.owns(p):
