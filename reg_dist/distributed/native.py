@@ -30,6 +30,21 @@ from .stats import CommStats, count
 BUCKET_BYTES = 64 * 2**20  # of each owner's stream per bucket
 
 
+def water_fill(loads: list[int], total: int) -> list[int]:
+    """How much of ``total`` each rank takes so that the least-loaded ranks rise to one level."""
+    order = sorted(range(len(loads)), key=lambda r: (loads[r], r))
+    k = len(loads)
+    while k > 1 and (total + sum(loads[r] for r in order[:k])) // k < loads[order[k - 1]]:
+        k -= 1
+    level = (total + sum(loads[r] for r in order[:k])) // k
+    give = [0] * len(loads)
+    for r in order[:k]:
+        give[r] = level - loads[r]
+    for r in order[: total - sum(give)]:  # the remainder, one element each
+        give[r] += 1
+    return give
+
+
 class NativeDP:
     def __init__(self, mesh: DeviceMesh, params: list[Tensor], costs: list[int | None],
                  bucket_bytes: int = BUCKET_BYTES) -> None:
@@ -52,58 +67,72 @@ class NativeDP:
                                  "without mesh=, it then steps the shards as they are")
         self.dtype, self.device = params[0].dtype, local_tensor(params[0]).device
         sizes = [local_tensor(p).numel() for p in params]
-        owners = plan_owners([c if c is not None else 0 for c in costs], self.size)
-        costed = [i for i, c in enumerate(costs) if c is not None]
-        rest = [i for i, c in enumerate(costs) if c is None]
-        load = [0] * self.size
-        for i in costed:
-            load[owners[i]] += sizes[i]
-        for i, owner in zip(rest, plan_owners([sizes[i] for i in rest], self.size, start=load)):
-            owners[i] = owner
-        # the balance of the compute cost where there is one, else of the sizes
-        self.imbalance = (imbalance([costs[i] for i in costed], [owners[i] for i in costed], self.size) if costed
-                          else imbalance(sizes, owners, self.size))
-        self._owned = {id(p) for p, o in zip(params, owners) if o == self.rank}
-        stream = [0] * self.size  # (tensor, owner, its offset in the owner's stream)
-        placed = []
-        for p, owner, size in zip(params, owners, sizes):
-            placed.append((p, owner, stream[owner], size))
-            stream[owner] += size
+        whole = [i for i, c in enumerate(costs) if c is not None]
+        owners = dict(zip(whole, plan_owners([costs[i] for i in whole], self.size)))
+        self.imbalance = imbalance([costs[i] for i in whole], list(owners.values()), self.size)
+        self._owned = {id(params[i]) for i, o in owners.items() if o == self.rank}
+        stream = [0] * self.size
+        placed = []  # (tensor, owner, offset in the owner's stream, first element in the tensor, count)
+        for i, owner in owners.items():
+            placed.append((params[i], owner, stream[owner], 0, sizes[i]))
+            stream[owner] += sizes[i]
+        # the rest (element-wise AdamW) flat, in order, cut to level the owners' streams
+        flat = [i for i, c in enumerate(costs) if c is None]
+        give = water_fill(stream, sum(sizes[i] for i in flat))
+        self._slice: dict[int, slice] = {}  # this rank's part of each flat-sharded tensor
+        r = 0
+        for i in flat:
+            first = 0
+            while first < sizes[i]:
+                while give[r] == 0:
+                    r += 1
+                n = min(give[r], sizes[i] - first)
+                placed.append((params[i], r, stream[r], first, n))
+                if r == self.rank:
+                    self._slice[id(params[i])] = slice(first, first + n)
+                stream[r] += n
+                give[r] -= n
+                first += n
         window = max(1, bucket_bytes // params[0].element_size())
         longest = max(stream)
         # bucket: (segment length, [(tensor, owner, first element in the tensor, in the segment, count)])
         self.buckets: list[tuple[int, list[tuple[Tensor, int, int, int, int]]]] = []
         for w0 in range(0, longest, window):
             w1 = min(w0 + window, longest)
-            entries = [(p, owner, max(w0, off) - off, max(w0, off) - w0, min(w1, off + size) - max(w0, off))
-                       for p, owner, off, size in placed if off < w1 and off + size > w0]
+            entries = [(p, owner, first + max(w0, off) - off, max(w0, off) - w0, min(w1, off + n) - max(w0, off))
+                       for p, owner, off, first, n in placed if off < w1 and off + n > w0]
             self.buckets.append((w1 - w0, entries))
         self.padding = sum(longest - s for s in stream)  # elements of padding per step and direction
 
     def owns(self, p: Tensor) -> bool:
-        return id(p) in self._owned
+        """Whether this rank steps ``p``: it owns it whole, or a slice of it (``slice_of``)."""
+        return id(p) in self._owned or id(p) in self._slice
+
+    def slice_of(self, p: Tensor) -> slice | None:
+        """This rank's elements of a flat-sharded tensor ``p`` (of its local flattening); None if whole."""
+        return self._slice.get(id(p))
 
     @staticmethod
     def _slices(buf: Tensor, entries, segment: int, owner: int | None = None):
-        """``(tensor, flat view of its elements in the bucket, view of buf)``: all the bucket's
-        tensors laid out over every owner's segment, or only ``owner``'s in a one-segment buffer."""
+        """``(tensor, its owner, flat slice of its elements in the bucket, view of buf)``: all the
+        bucket's tensors laid out over every owner's segment, or only ``owner``'s in a one-segment buffer."""
         for p, r, first, at, n in entries:
             if owner is None or r == owner:
                 start = (r if owner is None else 0) * segment + at
-                yield p, slice(first, first + n), buf[start : start + n]
+                yield p, r, slice(first, first + n), buf[start : start + n]
 
     def average_grads_to_owners(self, stats: CommStats) -> None:
         """The dp-averaged gradient of every owned tensor into its ``.grad`` (a missing grad counts as 0)."""
         for segment, entries in self.buckets:
             send = torch.zeros(self.size * segment, dtype=self.dtype, device=self.device)
-            for p, part, view in self._slices(send, entries, segment):
+            for p, _, part, view in self._slices(send, entries, segment):
                 if p.grad is not None:
                     view.copy_(local_tensor(p.grad).reshape(-1)[part])
             mine = torch.empty(segment, dtype=self.dtype, device=self.device)
             dist.reduce_scatter_single(mine, send, op=dist.ReduceOp.SUM, group=self.group)
             count(stats, "dp", send, "reduce_scatter", self.group)
             mine.div_(self.size)
-            for p, part, view in self._slices(mine, entries, segment, owner=self.rank):
+            for p, _, part, view in self._slices(mine, entries, segment, owner=self.rank):
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 local_tensor(p.grad).view(-1)[part].copy_(view)
@@ -112,11 +141,11 @@ class NativeDP:
         """Every rank's copy of every tensor set to its owner's."""
         for segment, entries in self.buckets:
             mine = torch.zeros(segment, dtype=self.dtype, device=self.device)
-            for p, part, view in self._slices(mine, entries, segment, owner=self.rank):
+            for p, _, part, view in self._slices(mine, entries, segment, owner=self.rank):
                 view.copy_(local_tensor(p).reshape(-1)[part])
             everyone = torch.empty(self.size * segment, dtype=self.dtype, device=self.device)
             dist.all_gather_single(everyone, mine, group=self.group)
             count(stats, "dp", everyone, "all_gather", self.group)
-            for p, part, view in self._slices(everyone, entries, segment):
-                if not self.owns(p):
+            for p, r, part, view in self._slices(everyone, entries, segment):
+                if r != self.rank:
                     local_tensor(p).view(-1)[part].copy_(view)

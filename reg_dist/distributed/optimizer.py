@@ -29,6 +29,7 @@ from torch.distributed.tensor import DTensor
 from ..ops.newton_schulz import orthogonalize
 from ..ops.stats import acc_dtype
 from ..optim import muon, muoneq, reg
+from ..optim.adamw import adamw_step, init_adamw_state
 from ..optim.momentum import momentum_into_
 from ..optim.routing import Route
 from ..optim.scaling import rms_factor, scale_factors, shape_factor
@@ -83,9 +84,23 @@ class Sharded:
                         type(self).__name__, self._native.size, len(self._native.buckets), 100 * self._native.imbalance)
 
     def _cost(self, p: Tensor) -> int | None:
-        """What owning ``p`` costs its data-parallel owner per step beyond its size (None: nothing;
-        the native mode then balances it by size)."""
-        return None
+        """What owning ``p`` whole costs its data-parallel owner per step (its logical size); None
+        for the element-wise AdamW tensors, which the native mode shards flat instead."""
+        return p.numel() if id(p) in self._view else None
+
+    def _adamw_step(self, params: list[Tensor], group: dict) -> None:
+        """AdamW on what this rank steps: under ``mesh=``, its flat slice of each AdamW tensor."""
+        if self._native is None:
+            return super()._adamw_step(params, group)
+        views, grads = [], []
+        for p in params:
+            part = self._native.slice_of(p)
+            x, g = local_tensor(p), local_tensor(p.grad)
+            views.append(x.view(-1)[part] if part is not None else x)
+            grads.append(g.view(-1)[part] if part is not None else g)
+            if not self.state[p]:
+                init_adamw_state(views[-1], self.state[p])
+        adamw_step(views, grads, [self.state[p] for p in params], group)
 
     def comm_stats(self) -> CommStats:
         """Collectives of the last step, per group name: ``{"dp": {"calls": …, "bytes": …, "sent": …}, …}``

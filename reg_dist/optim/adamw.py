@@ -15,14 +15,15 @@ def init_adamw_state(p: Tensor, state: dict) -> None:
     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
-def adamw_step(params: list[Tensor], states: list[dict], group: dict) -> None:
-    """One AdamW step on ``params`` (each with a grad) whose states ``init_adamw_state`` made.
+def adamw_step(params: list[Tensor], grads: list[Tensor], states: list[dict], group: dict) -> None:
+    """One AdamW step on ``params`` with ``grads``, whose states ``init_adamw_state`` made.
 
-    AdamW is element-wise, so a DTensor parameter steps exactly on its local shard.
+    AdamW is element-wise, so a DTensor parameter steps exactly on its local shard, and a slice
+    of a parameter (a view) on its elements.
     """
     if not params:
         return
-    grads = [local_tensor(p.grad) for p in params]
+    grads = [local_tensor(g) for g in grads]
     params = [local_tensor(p) for p in params]
     fused = all(p.device.type in _get_fused_kernels_supported_devices() for p in params)
     steps = []

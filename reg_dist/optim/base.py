@@ -234,13 +234,16 @@ class MatrixOptimizer(Optimizer):
         for group in self.param_groups:
             params = [p for p in group["params"] if self._steps_here(p)]
             if group["algorithm"] == ADAMW:
-                for p in params:
-                    if not self.state[p]:
-                        init_adamw_state(p, self.state[p])
-                adamw_step(params, [self.state[p] for p in params], group)
+                self._adamw_step(params, group)
             else:
                 self._matrix_step(params, group)
         return loss
+
+    def _adamw_step(self, params: list[Tensor], group: dict) -> None:
+        for p in params:
+            if not self.state[p]:
+                init_adamw_state(p, self.state[p])
+        adamw_step(params, [p.grad for p in params], [self.state[p] for p in params], group)
 
     def matrix_state(self, p: Tensor) -> dict:
         """The state of matrix parameter ``p``, made on first use: a step count and the momentum buffer."""
