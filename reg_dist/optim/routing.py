@@ -91,24 +91,26 @@ def matrix_view(p: Tensor, info: ParamInfo) -> tuple[int, int, int]:
 def route(p: Tensor, info: ParamInfo, requested: str | None, matrix_algorithm: str) -> Route:
     """The route of ``p``: ``requested`` is the algorithm its group names (None: the default rule)."""
     name = " = ".join(info.names)
-    shape = tuple(p.shape)
+    layout = getattr(p, "reg_layout", None)  # reg_dist.distributed.dtensor.LAYOUT_ATTR: a piece of a logical m × n
+    shape = tuple(layout.shape) if layout is not None else tuple(p.shape)  # matrix, whatever its local shape
     if requested == ADAMW:
         return Route(name, shape, ADAMW, "group says adamw")
     if requested is not None:
-        if p.ndim < 2:
+        if len(shape) < 2:
             raise ValueError(
                 f"parameter {name} of shape {list(shape)} is in a group with algorithm={requested!r}, "
                 f"which needs a matrix (2 or more dims); put it in an algorithm='adamw' group"
             )
-        return Route(name, shape, requested, "group says " + requested, matrix_view(p, info))
-    if p.ndim < 2:
+        view = (1, *shape) if layout is not None else matrix_view(p, info)
+        return Route(name, shape, requested, "group says " + requested, view)
+    if len(shape) < 2:
         return Route(name, shape, ADAMW, f"{p.ndim}-D")
     if info.embedding or any(_is_embedding_name(n) for n in info.names):
         tied = len(info.names) > 1
         return Route(name, shape, ADAMW, "embedding (tied)" if tied else "embedding")
     if any(_is_head_name(n) for n in info.names):
         return Route(name, shape, ADAMW, "output head")
-    view = matrix_view(p, info)
+    view = (1, *shape) if layout is not None else matrix_view(p, info)
     reason = "conv kernel" if p.ndim > 3 or info.conv else ("expert stack" if p.ndim == 3 else "matrix")
     return Route(name, shape, matrix_algorithm, reason, view)
 
