@@ -200,8 +200,8 @@ def print_comparison(cases: list[dict], layers: int) -> None:
               f"{c['ratio_rank0']:>13.3f}{c['ratio_max']:>8.3f}{imb:>14}")
     print("ZeRO-1: AdamW's reduce-scatter of fp32 grads + all-gather of fp32 params over DP, ring: 2·(DP−1)/DP ×\n"
           "  the fp32 bytes of one DP replica of the rank's parameters (TP-sharded matrices halved at TP=2).\n"
-          "DP sync, optim.: rank 0. DP sync, native: measured 'dp' reduce-scatters + all-gathers (each bucket\n"
-          "  padded to its longest owner segment); * FSDP2: not in comm_stats, taken as the ZeRO-1 figure.\n"
+          "DP sync, optim.: rank 0. DP sync, native: measured 'dp' reduce-scatters + all-gathers (buckets padded\n"
+          "  to the longest owner stream, if any); * FSDP2: not in comm_stats, taken as the ZeRO-1 figure.\n"
           "optim.: the rest of comm_stats' 'sent' (statistics all-reduces, owner moves, non-finite agreement).\n"
           f"Targets: total ≤ {TARGET_RATIO}× ZeRO-1 AdamW; planner imbalance (LPT on NS cost m·n·min(m, n)) "
           f"≤ {100 * TARGET_IMBALANCE:.0f} %.")
