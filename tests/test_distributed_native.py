@@ -81,6 +81,24 @@ def test_buckets_bound_the_buffers_and_keep_the_result():
         assert largest <= 56 * 18  # one bucket's segment: at most the largest tensor (over the budget alone)
 
 
+def test_process_groups_serve_as_the_mesh():
+    expected = reference(REG, {"lr": 0.02})
+
+    def body(rank, world):
+        import torch.distributed as dist
+
+        torch.manual_seed(0)
+        model = Net()
+        opt = REG(model, mesh={"dp": dist.group.WORLD}, lr=0.02)
+        for tokens in data():
+            opt.zero_grad()
+            loss_of(model, tokens[rank * 4:(rank + 1) * 4]).backward()
+            opt.step()
+        assert_matches(model, expected)
+
+    run_ranks(2, body)
+
+
 def test_mesh_without_dp_dimension_is_an_error():
     def body(rank, world):
         mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("data",))

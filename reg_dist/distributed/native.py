@@ -46,16 +46,22 @@ def water_fill(loads: list[int], total: int) -> list[int]:
 
 
 class NativeDP:
-    def __init__(self, mesh: DeviceMesh, params: list[Tensor], costs: list[int | None],
-                 bucket_bytes: int = BUCKET_BYTES) -> None:
-        names = mesh.mesh_dim_names or ()
-        if "dp" not in names:
-            raise ValueError(f"mesh must have a dimension named 'dp' (and optionally 'tp'), got names {names}")
+    def __init__(self, mesh: DeviceMesh | dict[str, dist.ProcessGroup], params: list[Tensor],
+                 costs: list[int | None], bucket_bytes: int = BUCKET_BYTES) -> None:
+        if isinstance(mesh, DeviceMesh):
+            names = mesh.mesh_dim_names or ()
+            groups = {name: mesh.get_group(name) for name in names}
+        elif isinstance(mesh, dict) and all(isinstance(g, dist.ProcessGroup) for g in mesh.values()):
+            groups = dict(mesh)
+        else:
+            raise TypeError(f"mesh must be a DeviceMesh or a dict of process groups, got {type(mesh).__name__}")
+        if "dp" not in groups or set(groups) - {"dp", "tp"}:
+            raise ValueError(f"mesh must have a dimension named 'dp' (and optionally 'tp'), got names {tuple(groups)}")
         if not isinstance(bucket_bytes, int) or bucket_bytes <= 0:
             raise ValueError(f"bucket_bytes must be a positive integer, got {bucket_bytes!r}")
-        self.group = mesh.get_group("dp")
-        tp = mesh.size(names.index("tp")) if "tp" in names else 1
-        self.tp_group = mesh.get_group("tp") if tp > 1 else None  # plain tensors are copies over it
+        self.group = groups["dp"]
+        tp = groups.get("tp")
+        self.tp_group = tp if tp is not None and dist.get_world_size(tp) > 1 else None  # plain tensors are copies over it
         self.size = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
         dtypes = {p.dtype for p in params}

@@ -66,7 +66,8 @@ class Sharded:
     supports_dtensor = True
     blockwise_dims: tuple[str, ...] = ()
 
-    def __init__(self, params: Any, mesh: DeviceMesh | None = None, bucket_bytes: int = BUCKET_BYTES,
+    def __init__(self, params: Any, mesh: DeviceMesh | dict[str, dist.ProcessGroup] | None = None,
+                 bucket_bytes: int = BUCKET_BYTES,
                  **kwargs: Any) -> None:
         self._layouts: dict[int, Layout] = {}
         self._comm: CommStats = {}
@@ -216,7 +217,8 @@ class OwnerPath(Sharded):
     then depends on the TP degree). ``move_dtype`` is what the owner moves carry (bf16 by default).
     """
 
-    def __init__(self, params: Any, mesh: DeviceMesh | None = None, tp_mode: str = "gather",
+    def __init__(self, params: Any, mesh: DeviceMesh | dict[str, dist.ProcessGroup] | None = None,
+                 tp_mode: str = "gather",
                  move_dtype: torch.dtype = torch.bfloat16, bucket_bytes: int = BUCKET_BYTES, **kwargs: Any) -> None:
         if tp_mode not in TP_MODES:
             raise ValueError(f"tp_mode must be one of {TP_MODES}, got {tp_mode!r}")
