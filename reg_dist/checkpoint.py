@@ -1,0 +1,236 @@
+"""Optimizer checkpoints in ``torch.distributed.checkpoint`` (DCP) form, loadable into any layout.
+
+Every state tensor of a parameter (momentum, AdamW's moments) is saved under
+``"{name}/{key}"`` as the rank's pieces of the parameter's *logical* 2-D tensor:
+
+    a 1-D tensor (n,) → (1, n);  (m, n) → (m, n);  an expert stack (E, m, n) → (E·m, n);
+    a conv kernel (out, in, *k) → (out, in·Πk)
+
+so whatever holds it (one process, FSDP2 row shards, TP blocks, the native mode's whole-matrix
+owners and flat AdamW slices) writes rectangles of the same global tensor, and DCP reshards on
+load: a checkpoint from (dp, tp) = (4, 1) loads at (2, 2), under FSDP2, or in one process.
+Step counts are saved per parameter, the hyper-parameters and ``skipped_steps`` as objects.
+Whole-matrix ownership is an in-memory arrangement, never the format.
+
+Loading reads into fresh tensors and swaps them in only when every key was found with its shape:
+a checkpoint of another optimizer, with missing or extra parameters or other shapes raises a
+``ValueError`` naming the difference and leaves the optimizer as it was.
+"""
+
+import io
+import math
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import Tensor
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+from torch.distributed.checkpoint.utils import find_state_dict_object
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from .distributed.layout import Layout
+from .optim.base import MatrixOptimizer
+from .optim.routing import ADAMW
+
+MATRIX_KEYS = ("momentum_buffer",)
+ADAMW_KEYS = ("exp_avg", "exp_avg_sq")
+META = "reg_dist_meta"
+
+
+def logical_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """The 2-D form every state tensor of a parameter of ``shape`` is saved in."""
+    if len(shape) <= 1:
+        return (1, math.prod(shape))
+    if len(shape) == 3:
+        return (shape[0] * shape[1], shape[2])
+    return (shape[0], math.prod(shape[1:]))
+
+
+def holding(p: Tensor, part: slice | None = None) -> Layout:
+    """The elements of ``p``'s logical 2-D tensor this rank's copy of ``p`` holds (``part``: only
+    that slice of its local flattening, as the native mode's flat AdamW shards)."""
+    local = p.to_local() if isinstance(p, DTensor) else p
+    shape = tuple(p.shape)
+    m, n = logical_shape(shape)
+    if isinstance(p, DTensor):
+        local_shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+        block = logical_shape(tuple(local_shape))
+        if p.ndim <= 1:
+            rows, cols = (0, 1), (offset[0] if p.ndim else 0, (offset[0] if p.ndim else 0) + block[1])
+        else:
+            row0 = offset[0] * (shape[1] if p.ndim == 3 else 1)
+            if any(o for o in offset[1:-1]) or (p.ndim != 2 and offset[-1]):
+                raise ValueError(f"a DTensor of shape {list(shape)} split along {p.placements} has no "
+                                 f"rectangular pieces in its logical {m}×{n} form")
+            rows, cols = (row0, row0 + block[0]), (offset[-1] if p.ndim == 2 else 0,
+                                                    (offset[-1] if p.ndim == 2 else 0) + block[1])
+    else:
+        rows, cols = (0, m), (0, n)
+    flat = (part.start, part.stop) if part is not None else None
+    if flat is None and local.numel() != (rows[1] - rows[0]) * (cols[1] - cols[0]):
+        raise ValueError(f"local tensor of {local.numel()} elements is not the {rows}×{cols} block of {m}×{n}")
+    return Layout((m, n), rows, cols, flat=flat)
+
+
+class Pieces:
+    """A rank's rectangles of a logical 2-D tensor (none where it holds nothing: every rank must
+    name every key), in the protocol DCP uses for DTensor (``__create_write_items__``,
+    ``__create_chunk_list__``, ``__get_tensor_shard__``): unlike a ShardedTensor it needs no global
+    view, so building one is local and any holdings work."""
+
+    def __init__(self, shape: tuple[int, int], x: Tensor | None = None, layout: Layout | None = None) -> None:
+        self.global_size = torch.Size(shape)
+        self.views = {} if x is None else {torch.Size([r.row, r.col]): v for v, r in layout.pieces(x.reshape(-1))}
+
+    def __create_write_items__(self, fqn: str, obj: "Pieces") -> list[WriteItem]:
+        return [WriteItem(index=MetadataIndex(fqn, offsets), type=WriteItemType.SHARD,
+                          tensor_data=TensorWriteData(chunk=ChunkStorageMetadata(offsets, view.size()),
+                                                      properties=TensorProperties.create_from_tensor(view),
+                                                      size=self.global_size))
+                for offsets, view in self.views.items()]
+
+    def __create_chunk_list__(self) -> list[ChunkStorageMetadata]:
+        return [ChunkStorageMetadata(offsets, view.size()) for offsets, view in self.views.items()]
+
+    def __get_tensor_shard__(self, index: MetadataIndex) -> Tensor:
+        return self.views[index.offset]
+
+
+STEP = Layout((1, 1), (0, 1), (0, 1))  # a step count: one element
+
+
+def _lookup(state_dict: dict, index: MetadataIndex):
+    obj = state_dict.get(index.fqn)
+    return obj.__get_tensor_shard__(index) if isinstance(obj, Pieces) else find_state_dict_object(state_dict, index)
+
+
+class SavePlanner(DefaultSavePlanner):
+    def lookup_object(self, index: MetadataIndex):
+        return _lookup(self.state_dict, index)
+
+
+class LoadPlanner(DefaultLoadPlanner):
+    meta: dict | None = None
+
+    def set_up_planner(self, state_dict: dict, metadata=None, is_coordinator: bool = False) -> None:
+        pieces = {k: v for k, v in state_dict.items() if isinstance(v, Pieces)}
+        super().set_up_planner(state_dict, metadata, is_coordinator)  # its meta-tensor pass drops Pieces
+        state_dict.update(pieces)
+        self.state_dict.update(pieces)
+
+    def lookup_tensor(self, index: MetadataIndex) -> Tensor:
+        return _lookup(self.state_dict, index)
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        if read_item.dest_index.fqn == META:  # saved as a BytesIO holding torch.save(meta)
+            inner = torch.load(value, weights_only=False)
+            inner.seek(0)
+            self.meta = torch.load(inner, weights_only=False)
+        else:
+            super().load_bytes(read_item, value)
+
+
+def _held(opt: MatrixOptimizer, p: Tensor) -> tuple[bool, slice | None]:
+    """Whether this rank keeps state for ``p``, and which slice of it (native mode's flat shards)."""
+    native = getattr(opt, "_native", None)
+    if native is None:
+        return True, None
+    return native.owns(p), native.slice_of(p)
+
+
+def _keys(group: dict) -> tuple[str, ...]:
+    return ADAMW_KEYS if group["algorithm"] == ADAMW else MATRIX_KEYS
+
+
+def optimizer_state_dict(opt: MatrixOptimizer) -> dict:
+    """This rank's part of ``opt``'s state in DCP form (see the module docstring)."""
+    meta = io.BytesIO()
+    torch.save({"optimizer": type(opt).__name__, "skipped_steps": opt.skipped_steps,
+                "groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]}, meta)
+    sd: dict = {META: meta}
+    for group in opt.param_groups:
+        for p, name in zip(group["params"], group["param_names"]):
+            state = opt.state.get(p)
+            held, part = _held(opt, p)
+            shape = logical_shape(tuple(p.shape))
+            if state and held:
+                layout = holding(p, part)
+                sd[f"{name}/step"] = Pieces((1, 1), state["step"].float(), STEP)
+                for key in _keys(group):
+                    value = state[key]
+                    local = value.to_local() if isinstance(value, DTensor) else value
+                    sd[f"{name}/{key}"] = Pieces(shape, local.contiguous(), layout)
+            else:
+                sd[f"{name}/step"] = Pieces((1, 1))
+                sd.update({f"{name}/{key}": Pieces(shape) for key in _keys(group)})
+    return sd
+
+
+def save(opt: MatrixOptimizer, path: str | Path) -> None:
+    """Every rank writes its part of ``opt``'s state to the checkpoint directory ``path``."""
+    dcp.save(optimizer_state_dict(opt), checkpoint_id=str(path), planner=SavePlanner())
+
+
+def load(opt: MatrixOptimizer, path: str | Path) -> None:
+    """Fill ``opt``'s state from the checkpoint at ``path``, whatever layout wrote it."""
+    try:
+        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except (OSError, EOFError, RuntimeError, ValueError) as e:
+        raise ValueError(f"no readable checkpoint at {path}: {e}") from e
+    names = {name for g in opt.param_groups for name in g["param_names"]}
+    saved_names = {key.rsplit("/", 1)[0] for key in saved if key != META and "/" in key}
+    if saved_names - names or names - saved_names:
+        raise ValueError(f"checkpoint {path} has other parameters: missing here {sorted(saved_names - names)[:8]}, "
+                         f"missing there {sorted(names - saved_names)[:8]}")
+    fresh: dict[int, dict] = {}
+    target: dict = {META: io.BytesIO()}
+    for group in opt.param_groups:
+        for p, name in zip(group["params"], group["param_names"]):
+            shape = logical_shape(tuple(p.shape))
+            for key in _keys(group):
+                if f"{name}/{key}" not in saved:
+                    raise ValueError(f"checkpoint {path} has no {key!r} for parameter {name}: "
+                                     f"saved by another optimizer or algorithm?")
+                size = tuple(saved[f"{name}/{key}"].size)
+                if size != shape:
+                    raise ValueError(f"checkpoint {path}: {name}/{key} is {list(size)}, the parameter here "
+                                     f"is {list(shape)} in its logical form")
+            held, part = _held(opt, p)
+            if not held:
+                target[f"{name}/step"] = Pieces((1, 1))
+                target.update({f"{name}/{key}": Pieces(shape) for key in _keys(group)})
+                continue
+            layout = holding(p, part)
+            local = p.to_local() if isinstance(p, DTensor) else p
+            state = {"step": torch.zeros((), dtype=torch.float32)}
+            target[f"{name}/step"] = Pieces((1, 1), state["step"], STEP)
+            for key in _keys(group):
+                x = torch.zeros(layout.numel, dtype=local.dtype, device=local.device)
+                target[f"{name}/{key}"] = Pieces(shape, x, layout)
+                value = x if part is not None else x.view(local.shape)
+                state[key] = (DTensor.from_local(value, p.device_mesh, p.placements, run_check=False,
+                                                 shape=p.shape, stride=p.stride())
+                              if isinstance(p, DTensor) and part is None else value)
+            fresh[id(p)] = state
+    planner = LoadPlanner()
+    try:
+        dcp.load(target, checkpoint_id=str(path), planner=planner)
+    except CheckpointException as e:
+        raise ValueError(f"checkpoint {path} is unreadable (truncated or corrupt): {str(e).splitlines()[-1]}") from e
+    meta = planner.meta or {}
+    if meta.get("optimizer") != type(opt).__name__:
+        raise ValueError(f"checkpoint {path} is of {meta.get('optimizer')}, not {type(opt).__name__}")
+    if [g["param_names"] for g in meta["groups"]] != [g["param_names"] for g in opt.param_groups]:
+        raise ValueError(f"checkpoint {path} groups its parameters otherwise than this optimizer")
+    for group, saved_group in zip(opt.param_groups, meta["groups"]):
+        group.update({k: v for k, v in saved_group.items() if k != "param_names"})
+    opt.skipped_steps = meta["skipped_steps"]
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if id(p) in fresh:
+                opt.state[p] = fresh[id(p)]
