@@ -22,11 +22,10 @@ import math
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.utils import find_state_dict_object
@@ -57,20 +56,21 @@ def holding(p: Tensor, part: slice | None = None) -> Layout:
     local = p.to_local() if isinstance(p, DTensor) else p
     shape = tuple(p.shape)
     m, n = logical_shape(shape)
-    if isinstance(p, DTensor):
-        local_shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-        block = logical_shape(tuple(local_shape))
-        if p.ndim <= 1:
-            rows, cols = (0, 1), (offset[0] if p.ndim else 0, (offset[0] if p.ndim else 0) + block[1])
-        else:
-            row0 = offset[0] * (shape[1] if p.ndim == 3 else 1)
-            if any(o for o in offset[1:-1]) or (p.ndim != 2 and offset[-1]):
-                raise ValueError(f"a DTensor of shape {list(shape)} split along {p.placements} has no "
-                                 f"rectangular pieces in its logical {m}×{n} form")
-            rows, cols = (row0, row0 + block[0]), (offset[-1] if p.ndim == 2 else 0,
-                                                    (offset[-1] if p.ndim == 2 else 0) + block[1])
-    else:
+    if not isinstance(p, DTensor):
         rows, cols = (0, m), (0, n)
+    else:
+        size, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+        if p.ndim <= 1:
+            start = offset[0] if p.ndim else 0
+            rows, cols = (0, 1), (start, start + math.prod(size))
+        elif p.ndim == 2:
+            rows, cols = (offset[0], offset[0] + size[0]), (offset[1], offset[1] + size[1])
+        elif any(offset[1:]) or tuple(size[1:]) != shape[1:]:
+            raise ValueError(f"a DTensor of shape {list(shape)} split along {p.placements} has no "
+                             f"rectangular pieces in its logical {m}×{n} form")
+        else:
+            per = m // shape[0]  # logical rows per index of dim 0
+            rows, cols = (offset[0] * per, (offset[0] + size[0]) * per), (0, n)
     flat = (part.start, part.stop) if part is not None else None
     if flat is None and local.numel() != (rows[1] - rows[0]) * (cols[1] - cols[0]):
         raise ValueError(f"local tensor of {local.numel()} elements is not the {rows}×{cols} block of {m}×{n}")

@@ -1,0 +1,342 @@
+"""DeepSpeed (ZeRO 0, 1, 2, 3, gloo ranks forked from this process): REG, MuonEq and reg_dist's Muon
+named in the JSON config equal the single-process optimizers on the concatenated batch (fp32), with
+gradient accumulation, clipping, a JSON scheduler and a checkpoint round trip; each matrix is
+transformed once per step; bf16 trains; bad params fail early; any other optimizer type is plain
+``deepspeed.initialize``.
+
+``Net`` (``sharded``) is uneven: under ZeRO 1/2 on 2 ranks its 3368 elements split 1684 / 1684 cut
+``down`` (18 × 56) mid-row, and rank 1 holds nothing of ``up``, rank 0 nothing of ``squeeze`` and
+``expand``; under ZeRO 3 every parameter is split on its own (``squeeze``, 3 × 18, mid-row; on 4
+ranks the last rank's piece is short and padded). The fused variant adds a QKV weight marked as three
+matrices and a 3-D stack of three experts."""
+
+import contextlib
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed")
+# what deepspeed.initialize would otherwise import in every forked rank (~8 s each): import it once, here
+import deepspeed  # noqa: E402
+import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: E402,F401  (is_zero_supported_optimizer imports it)
+import deepspeed.runtime.zero.stage_1_and_2  # noqa: E402,F401
+import torch._dynamo  # noqa: E402,F401
+
+import reg_dist.deepspeed as rds  # noqa: E402
+from multiproc import run_ranks  # noqa: E402
+from reg_dist import mark_fused, optim  # noqa: E402
+from reg_dist.integrations.deepspeed import RegDistAdapter, parse_params, reg_dist_type  # noqa: E402
+from sharded import BATCH, QKV, STEPS, Net, assert_matches, data, loss_of, reference  # noqa: E402
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+WORLD = 2
+MATRICES = 4  # up, down, squeeze, expand (embed and head go to AdamW)
+FUSED_MATRICES = MATRICES + 3 + 1 + 3  # q, k, v; proj; three experts
+ALGORITHMS = {  # JSON type, JSON params, single-process reference, its kwargs
+    "reg": ("REG", {"lr": 0.02}, optim.REG, {"lr": 0.02}),
+    "muon": ("reg_dist.Muon", {"lr": 0.02, "ns_dtype": "float32", "move_dtype": "float32"}, optim.Muon,
+             {"lr": 0.02, "ns_dtype": torch.float32}),
+    "muoneq": ("MuonEq", {"lr": 0.02, "ns_dtype": "float32", "move_dtype": "float32", "mode": "rowcol", "phase": 2},
+               optim.MuonEq, {"lr": 0.02, "ns_dtype": torch.float32, "mode": "rowcol", "phase": 2}),
+}
+
+
+def _no_shm_build():
+    """DeepSpeed JIT-builds a shared-memory comm op at every init_distributed on the CPU (40-60 s
+    uncached); gloo is all these tests need. In the forked rank only."""
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
+def _config(algorithm, stage, gas, world=WORLD, **extra):
+    kind, params, _, _ = ALGORITHMS[algorithm]
+    return {"train_micro_batch_size_per_gpu": BATCH // world // gas, "gradient_accumulation_steps": gas,
+            "zero_optimization": {"stage": stage}, "optimizer": {"type": kind, "params": dict(params)},
+            "steps_per_print": 10**6, "gradient_clipping": 0.0, **extra}  # DeepSpeed 0.19.8 clips at 1.0 by default
+
+
+def _reference(algorithm, clip=0.0):
+    """The full parameters after ``STEPS`` single-process steps on the whole batches (clipped first)."""
+    _, _, cls, kwargs = ALGORITHMS[algorithm]
+    torch.manual_seed(0)
+    model = Net()
+    opt = cls(model, **kwargs)
+    for tokens in data():
+        opt.zero_grad()
+        loss_of(model, tokens).backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _full(model, stage):
+    """A context in which the model holds its full parameters (gathered under ZeRO 3)."""
+    return deepspeed.zero.GatheredParameters(list(model.parameters())) if stage == 3 else contextlib.nullcontext()
+
+
+def _train(config, expected, gas, world=WORLD, fused=False):
+    """Every rank trains ``Net`` through reg_dist.deepspeed.initialize(config) on its share of each
+    batch, in ``gas`` micro-batches, and must end at ``expected``; returns each rank's
+    (transformed, engine.optimizer type, stage)."""
+    stage = config["zero_optimization"]["stage"]
+
+    def body(rank, world):
+        _no_shm_build()
+        torch.manual_seed(0)
+        model = Net(fused=fused)
+        if fused:
+            mark_fused(model.qkv.weight, QKV)
+        engine, optimizer, _, _ = rds.initialize(model=model, config=config)
+        adapter = engine.basic_optimizer
+        assert isinstance(adapter, RegDistAdapter) and adapter.inner is not None
+        per = BATCH // world
+        for tokens in data():
+            for chunk in tokens[rank * per:(rank + 1) * per].chunk(gas):
+                engine.backward(loss_of(engine, chunk))
+                engine.step()
+        with _full(model, stage):
+            assert_matches(model, expected)
+        return adapter.transformed, type(optimizer).__name__, adapter.stage
+
+    return run_ranks(world, body, init_group=False)
+
+
+WRAPPERS = {0: "RegDistAdapter", 1: "DeepSpeedZeroOptimizer", 2: "DeepSpeedZeroOptimizer",
+            3: "DeepSpeedZeroOptimizer_Stage3"}
+
+
+@pytest.mark.parametrize("gas", [1, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_reg_equals_single_process(stage, gas):
+    out = _train(_config("reg", stage, gas), _reference("reg"), gas)
+    # REG counts the matrices whose pieces it scaled: every rank takes part in every matrix, once per step
+    assert [t for t, _, _ in out] == [STEPS * MATRICES] * WORLD
+    assert {(name, st) for _, name, st in out} == {(WRAPPERS[stage], stage)}
+
+
+@pytest.mark.parametrize("gas", [1, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("algorithm", ["muon", "muoneq"])
+def test_muon_and_muoneq_equal_single_process(algorithm, stage, gas):
+    out = _train(_config(algorithm, stage, gas), _reference(algorithm), gas)
+    work = [t for t, _, _ in out]
+    if stage == 0:  # DDP-style: every rank orthogonalises every matrix
+        assert work == [STEPS * MATRICES] * WORLD
+    else:  # owner path: each matrix once per step, on one rank
+        assert sum(work) == STEPS * MATRICES
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("algorithm", ["reg", "muon"])
+def test_fused_qkv_and_expert_stack_on_4_ranks(algorithm, stage):
+    """4 ranks (ZeRO 3 pads the last rank's partitions); a QKV weight marked as three matrices and a
+    3-D stack of three experts equal the single-process run on separate matrices."""
+    _, _, cls, kwargs = ALGORITHMS[algorithm]
+    out = _train(_config(algorithm, stage, 1, world=4), reference(cls, kwargs, fused=True), 1, world=4, fused=True)
+    work = [t for t, _, _ in out]
+    assert work == [STEPS * FUSED_MATRICES] * 4 if algorithm == "reg" else sum(work) == STEPS * FUSED_MATRICES
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_gradient_clipping_acts_on_raw_gradients(stage):
+    clip = 0.05  # well below the gradient norms here, so every step is clipped
+    _train(_config("reg", stage, 2, gradient_clipping=clip), _reference("reg", clip=clip), 2)
+
+
+def test_config_file_through_args_and_lr_scheduler(tmp_path):
+    """A JSON file named by ``args.deepspeed_config``, with a scheduler block: the schedule's lr
+    reaches reg_dist's groups."""
+    config = _config("reg", 2, 1, scheduler={"type": "WarmupLR", "params": {
+        "warmup_min_lr": 0.0, "warmup_max_lr": 0.02, "warmup_num_steps": 2, "warmup_type": "linear"}})
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(config))
+
+    def body(rank, world):
+        _no_shm_build()
+        torch.manual_seed(0)
+        model = Net()
+        args = types.SimpleNamespace(deepspeed_config=str(path), local_rank=rank)
+        engine, _, _, scheduler = rds.initialize(args=args, model=model)
+        assert scheduler is not None
+        lrs = []
+        per = BATCH // world
+        for tokens in data():
+            lrs.append(engine.get_lr()[0])
+            engine.backward(loss_of(engine, tokens[rank * per:(rank + 1) * per]))
+            engine.step()
+            inner = {g["lr"] for g in engine.basic_optimizer.inner.param_groups}
+            assert inner == {lrs[-1]}  # the step used the scheduled lr
+        return lrs, {k: v.numpy().copy() for k, v in model.state_dict().items()}
+
+    (lrs, state), _ = run_ranks(WORLD, body, init_group=False)
+    assert 0 <= lrs[0] < lrs[-1] <= 0.02  # a warm-up, applied
+    torch.manual_seed(0)  # the reference with the same lr per step
+    model = Net()
+    opt = optim.REG(model, lr=0.02)
+    for tokens, lr in zip(data(), lrs):
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.zero_grad()
+        loss_of(model, tokens).backward()
+        opt.step()
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(torch.from_numpy(state[name]), value, rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_param_key_lists_the_valid_ones():
+    config = _config("reg", 1, 1)
+    config["optimizer"]["params"]["betas"] = [0.9, 0.95]
+    with pytest.raises(ValueError, match=r"unknown optimizer param\(s\) \['betas'\].*valid: lr, momentum"):
+        rds.initialize(model=Net(), config=config)
+
+
+def test_bad_dtype_name_and_client_optimizer_with_config_optimizer_are_refused():
+    config = _config("muon", 1, 1)
+    config["optimizer"]["params"]["ns_dtype"] = "int8"
+    with pytest.raises(ValueError, match="ns_dtype"):
+        rds.initialize(model=Net(), config=config)
+    model = Net()
+    with pytest.raises(ValueError, match="give one of them"):
+        rds.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), config=_config("reg", 1, 1))
+
+
+def test_bad_zero_stage_is_refused():
+    with pytest.raises(ValueError, match="stage must be 0, 1, 2 or 3"):
+        rds.initialize(model=Net(), config=_config("reg", 4, 1))
+
+
+@pytest.mark.parametrize("optimizer", [None, {"type": "Muon", "params": {"lr": 0.02}},
+                                       {"type": "AdamW", "params": {"lr": 0.02, "torch_adam": True}}],
+                         ids=["no-optimizer", "deepspeed-muon", "adamw"])
+def test_other_types_are_exactly_deepspeed_initialize(monkeypatch, optimizer):
+    config = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2}}
+    if optimizer is not None:
+        config["optimizer"] = optimizer
+    calls = []
+    monkeypatch.setattr(deepspeed, "initialize", lambda **kw: calls.append(kw) or ("engine", "opt", None, None))
+    model = Net()
+    assert rds.initialize(model=model, config=config, mpu="mpu", distributed_port=1234) == ("engine", "opt", None, None)
+    (kw,) = calls
+    assert kw["config"] is config and kw["model"] is model and kw["optimizer"] is None
+    assert kw["mpu"] == "mpu" and kw["distributed_port"] == 1234
+
+
+def test_adamw_passes_through_and_trains():
+    """A real run: AdamW (torch_adam) through reg_dist.deepspeed.initialize is DeepSpeed's own."""
+    config = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2}, "steps_per_print": 10**6,
+              "optimizer": {"type": "AdamW", "params": {"lr": 0.01, "torch_adam": True}}}
+
+    def body(rank, world):
+        _no_shm_build()
+        torch.manual_seed(0)
+        engine, optimizer, _, _ = rds.initialize(model=Net(), config=config)
+        assert type(engine.basic_optimizer) is torch.optim.AdamW
+        tokens = data()[0][rank * 4:(rank + 1) * 4]
+        losses = []
+        for _ in range(3):
+            loss = loss_of(engine, tokens)
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+        return losses
+
+    for losses in run_ranks(WORLD, body, init_group=False):
+        assert losses[-1] < losses[0]
+
+
+def test_shipped_configs_build_and_step():
+    """Every ``configs/zero{stage}_{optimizer}.json``, by path: reg_dist's optimizer at that stage,
+    each matrix transformed at every step."""
+    paths = sorted(CONFIGS.glob("zero*.json"))
+    assert len(paths) == 12
+    for path in paths:
+        config = json.loads(path.read_text())
+        assert reg_dist_type(config) is not None and "train_batch_size" not in config  # any world size
+        parse_params(reg_dist_type(config), config["optimizer"].get("params"))
+
+    def body(rank, world):
+        _no_shm_build()
+        out = {}
+        for path in paths:
+            torch.manual_seed(0)
+            engine, _, _, scheduler = rds.initialize(model=Net(), config=str(path))
+            adapter = engine.basic_optimizer
+            for tokens in data()[:2]:
+                engine.backward(loss_of(engine, tokens[rank * 4:(rank + 1) * 4]))
+                engine.step()
+            out[path.stem] = (adapter.stage, adapter.cls.__name__, adapter.transformed, scheduler is not None)
+        return out
+
+    ranks = run_ranks(WORLD, body, init_group=False)
+    for name in ranks[0]:
+        stage, cls = int(name[4]), {"reg": "REG", "muon": "Muon", "muoneq": "MuonEq"}[name.split("_")[1]]
+        assert [r[name][:2] for r in ranks] == [(stage, cls)] * WORLD and all(r[name][3] for r in ranks)
+        work = [r[name][2] for r in ranks]
+        assert (work == [2 * MATRICES] * WORLD) if stage == 0 or cls == "REG" else sum(work) == 2 * MATRICES
+
+
+@pytest.mark.parametrize("stage,algorithm", [(1, "reg"), (2, "reg"), (2, "muon"), (2, "muoneq"), (3, "muoneq")])
+def test_bf16_loss_falls(stage, algorithm):
+    """bf16 weights (fp32 master partitions): the loss on a fixed batch falls."""
+    config = _config(algorithm, stage, 1, bf16={"enabled": True})
+
+    def body(rank, world):
+        _no_shm_build()
+        torch.manual_seed(0)
+        engine, *_ = rds.initialize(model=Net(), config=config)
+        assert all(p.dtype == torch.bfloat16 for p in engine.module.parameters())
+        tokens, losses = data()[0][rank * 4:(rank + 1) * 4], []
+        for _ in range(4):
+            loss = loss_of(engine, tokens)
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+        return losses, engine.basic_optimizer.transformed
+
+    out = run_ranks(WORLD, body, init_group=False)
+    for losses, _ in out:
+        assert losses[-1] < losses[0] - 0.3, losses
+    assert sum(w for _, w in out) == 4 * MATRICES * (WORLD if algorithm == "reg" else 1)
+
+
+def test_unsupported_precisions_are_refused_before_deepspeed_starts():
+    with pytest.raises(NotImplementedError, match="fp16"):
+        rds.initialize(model=Net(), config=_config("reg", 2, 1, fp16={"enabled": True}))
+    with pytest.raises(NotImplementedError, match="bf16 at ZeRO stage 0"):
+        rds.initialize(model=Net(), config=_config("reg", 0, 1, bf16={"enabled": True}))
+    with pytest.raises(NotImplementedError, match="BF16_Optimizer"):
+        rds.initialize(model=Net(), config=_config("reg", 1, 1, bf16={"enabled": True},
+                                                   data_types={"grad_accum_dtype": "fp32"}))
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_checkpoint_round_trip_resumes_the_same_trajectory(tmp_path, stage):
+    """2 steps, ``save_checkpoint``, a fresh engine (other initial weights) ``load_checkpoint``s and
+    takes the 3rd: the result is the uninterrupted run's (MuonEq's phase needs the step counts too)."""
+    config, expected = _config("muoneq", stage, 1), _reference("muoneq")
+    where = str(tmp_path / "ckpt")
+
+    def body(rank, world):
+        _no_shm_build()
+        per, batches = BATCH // world, data()
+        torch.manual_seed(0)
+        engine, *_ = rds.initialize(model=Net(), config=config)
+        for tokens in batches[:2]:
+            engine.backward(loss_of(engine, tokens[rank * per:(rank + 1) * per]))
+            engine.step()
+        engine.save_checkpoint(where, tag="step2")
+        torch.manual_seed(1)
+        model = Net()
+        resumed, *_ = rds.initialize(model=model, config=config)
+        resumed.load_checkpoint(where, tag="step2")
+        for tokens in batches[2:]:
+            resumed.backward(loss_of(resumed, tokens[rank * per:(rank + 1) * per]))
+            resumed.step()
+        with _full(model, stage):
+            assert_matches(model, expected)
+
+    run_ranks(WORLD, body, init_group=False)
