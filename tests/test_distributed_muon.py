@@ -126,3 +126,15 @@ def test_invalid_tp_mode_and_move_dtype_are_rejected():
         Muon(Net(), tp_mode="local")
     with pytest.raises(ValueError, match="move_dtype must be a floating dtype"):
         MuonEq(Net(), move_dtype=torch.int8)
+
+
+def test_blockwise_mode_refuses_layouts_it_cannot_split_instead_of_ignoring_them():
+    def body(rank, world):
+        import torch.distributed as dist
+
+        w = torch.nn.Parameter(torch.zeros(2, 4))
+        w.reg_layout = Layout((4, 4), (2 * rank, 2 * rank + 2), (0, 4), groups=(("tp", dist.group.WORLD),))
+        with pytest.raises(ValueError, match="tp_mode='blockwise' splits DTensor parameters only"):
+            Muon([("w", w)], tp_mode="blockwise")
+
+    run_ranks(2, body)

@@ -277,6 +277,9 @@ class OwnerPath(Sharded):
         ``mesh=``, the parameter's own (TP) mesh, as each dp owner steps its own tensors."""
         if hasattr(p, LAYOUT_ATTR):  # an integration's layout: the ranks of its one group hold the pieces
             groups = getattr(p, LAYOUT_ATTR).groups
+            if self.blockwise_dims and any(name in self.blockwise_dims for name, _ in groups):
+                raise ValueError("tp_mode='blockwise' splits DTensor parameters only; an integration's "
+                                 "reg_layout parameter is always orthogonalised whole")
             if len(groups) > 1:
                 raise ValueError(f"a reg_layout split over several groups {[n for n, _ in groups]} needs a DTensor "
                                  f"or one group over all of them")

@@ -36,9 +36,10 @@ def _default_tp_group(param: Tensor) -> dist.ProcessGroup:
     return parallel_state.get_tensor_model_parallel_group()
 
 
-def _qkv_fused(param: Tensor, name: str, m: int, local_rows: int):
-    """The fused q/k/v segments of a weight Megatron marked ``is_qkv`` (None otherwise)."""
-    if not getattr(param, "is_qkv", False):
+def _qkv_fused(param: Tensor, name: str, m: int, local_rows: int, split_qkv: bool = True):
+    """The fused q/k/v segments of a weight Megatron marked ``is_qkv`` (None otherwise, or with
+    ``split_qkv=False``: the weight is then one matrix)."""
+    if not split_qkv or not getattr(param, "is_qkv", False):
         return None
     split = tuple(int(s) for s in param.qkv_split_shapes)
     per_group = sum(split)
@@ -48,14 +49,16 @@ def _qkv_fused(param: Tensor, name: str, m: int, local_rows: int):
     return fused_rows(split, m // per_group)
 
 
-def megatron_layout(param: Tensor, name: str, group: dist.ProcessGroup | None = None) -> Layout:
+def megatron_layout(param: Tensor, name: str, group: dist.ProcessGroup | None = None,
+                    split_qkv: bool = True) -> Layout:
     """The Layout of this rank's local shard ``param`` of a Megatron weight in its logical matrix,
-    read from Megatron's TP attributes; ``group`` is the TP group that split it (default: Megatron's)."""
+    read from Megatron's TP attributes; ``group`` is the TP group that split it (default: Megatron's).
+    ``split_qkv=False`` keeps an ``is_qkv`` weight one matrix instead of its q, k and v blocks."""
     if param.ndim != 2:
         raise ValueError(f"Megatron parameter {name} of shape {list(param.shape)}: only 2-D weights have a layout")
     a, b = param.shape
     if not getattr(param, "tensor_model_parallel", False):
-        return Layout((a, b), (0, a), (0, b), fused=_qkv_fused(param, name, a, a))
+        return Layout((a, b), (0, a), (0, b), fused=_qkv_fused(param, name, a, a, split_qkv))
     dim, stride = getattr(param, "partition_dim", -1), getattr(param, "partition_stride", 1)
     if stride != 1:
         raise ValueError(f"Megatron parameter {name} has partition_stride={stride}: strided tensor-parallel "
@@ -76,18 +79,18 @@ def megatron_layout(param: Tensor, name: str, group: dist.ProcessGroup | None = 
         m, n, rows, cols = size * a, b, (rank * a, (rank + 1) * a), (0, b)
     else:
         m, n, rows, cols = a, size * b, (0, a), (rank * b, (rank + 1) * b)
-    fused = _qkv_fused(param, name, m, a)
+    fused = _qkv_fused(param, name, m, a, split_qkv)
     if fused is not None and dim != 0:
         raise ValueError(f"QKV parameter {name} is split along columns; Megatron splits QKV rows (dim 0)")
     groups = (("tp", group),) if size > 1 else ()
     return Layout((m, n), rows, cols, groups=groups, fused=fused)
 
 
-def attach_layouts(module: nn.Module) -> int:
+def attach_layouts(module: nn.Module, split_qkv: bool = True) -> int:
     """Set ``p.reg_layout`` on every tensor-parallel parameter of 2 or more dims of a Megatron
     ``module`` (with the ``tp_group`` of the layer owning it, where it names one); return how many.
     Where the layer records its logical ``output_size`` × ``input_size``, the weight's layout must
-    have that shape."""
+    have that shape. ``split_qkv=False``: ``is_qkv`` weights stay one matrix each."""
     attached, seen = 0, set()
     for mod_name, mod in module.named_modules():
         for p_name, p in mod.named_parameters(recurse=False):
@@ -96,7 +99,8 @@ def attach_layouts(module: nn.Module) -> int:
             seen.add(id(p))
             name = f"{mod_name}.{p_name}" if mod_name else p_name
             tp_group = getattr(mod, "tp_group", None)
-            layout = megatron_layout(p, name, tp_group if isinstance(tp_group, dist.ProcessGroup) else None)
+            layout = megatron_layout(p, name, tp_group if isinstance(tp_group, dist.ProcessGroup) else None,
+                                     split_qkv)
             sizes = (getattr(mod, "output_size", None), getattr(mod, "input_size", None))
             if p_name == "weight" and all(isinstance(s, int) for s in sizes) and layout.shape != sizes:
                 raise ValueError(f"Megatron parameter {name}: local shard {list(p.shape)} over its TP group "

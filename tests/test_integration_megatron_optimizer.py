@@ -1,0 +1,255 @@
+"""``--optimizer reg|reg_muon|muoneq`` in Megatron: flags → ``validate_args`` → ``OptimizerConfig`` →
+``get_megatron_optimizer``, and TP 2 × DP 2 training with Megatron's DDP (gloo, forked ranks, the
+test-only CUDA → CPU shim in ``megatron_cpu``) equal to the single-process reg_dist optimizer on the
+full weights."""
+
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+with warnings.catch_warnings():  # Apex / TE not installed, absl: import once, here
+    warnings.simplefilter("ignore")
+    pytest.importorskip("megatron.core")
+    import reg_dist.megatron as rm  # before megatron.training: the typing.override alias on Python 3.11
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import get_megatron_optimizer
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.module import MegatronModule
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.training.arguments import parse_args, validate_args
+
+from multiproc import run_ranks
+from reg_dist import optim
+from reg_dist.distributed import fused_rows
+from reg_dist.integrations.megatron_optimizer import NAMES, local_matrices
+
+TP, DP = 2, 2
+HIDDEN, FFN = 8, 12
+HEADS, GROUPS, KV = 4, 2, 2  # linear_qkv per query group: q = HEADS / GROUPS · KV = 4, k = v = 2 rows
+QKV = (HEADS // GROUPS * KV, KV, KV)
+QKV_ROWS = GROUPS * sum(QKV)
+STEPS, BATCH = 3, 4
+BASE = ["--num-layers", "1", "--hidden-size", "16", "--num-attention-heads", "4", "--seq-length", "8",
+        "--max-position-embeddings", "8", "--micro-batch-size", "1", "--train-iters", "3", "--lr", "0.02"]
+
+
+def _parse(argv, provider=None, monkeypatch=None):
+    monkeypatch.setattr(sys, "argv", ["pretrain_gpt.py", *BASE, *argv])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        args = parse_args(extra_args_provider=provider or rm.extra_args_provider)
+        validate_args(args)
+    return args
+
+
+class Tiny(MegatronModule):
+    """``linear_qkv`` (column-parallel, with a bias) → tanh → ``linear_proj`` (row-parallel)."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__(config)
+        init = nn.init.xavier_normal_
+        self.linear_qkv = ColumnParallelLinear(HIDDEN, QKV_ROWS, config=config, init_method=init, bias=True,
+                                               gather_output=False)
+        self.linear_proj = RowParallelLinear(QKV_ROWS, HIDDEN, config=config, init_method=init, bias=False,
+                                             input_is_parallel=True, skip_bias_add=False)
+
+    def forward(self, x):
+        h, _ = self.linear_qkv(x)
+        y, _ = self.linear_proj(torch.tanh(h))
+        return y
+
+
+def _reference_forward(w: dict, x):
+    return torch.tanh(x @ w["qkv.weight"].T + w["qkv.bias"]) @ w["proj.weight"].T
+
+
+def _setup(tp=TP):
+    """Megatron's parallel state, the CUDA → CPU shim and a CPU-initialising TransformerConfig."""
+    import megatron_cpu
+
+    warnings.simplefilter("ignore")
+    megatron_cpu.install()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    torch.manual_seed(0)
+    return TransformerConfig(num_layers=1, hidden_size=HIDDEN, num_attention_heads=HEADS, num_query_groups=GROUPS,
+                             kv_channels=KV, tensor_model_parallel_size=tp, use_cpu_initialization=True)
+
+
+def _ddp(config, model):
+    return DistributedDataParallel(config=config, ddp_config=DistributedDataParallelConfig(), module=model)
+
+
+def _inner(optimizer):
+    """Our torch optimizer inside Megatron's ChainedOptimizer / FP32Optimizer wrappers."""
+    ours = [o.optimizer for o in optimizer.chained_optimizers if isinstance(o.optimizer, tuple(NAMES.values()))]
+    assert len(ours) == 1
+    return ours[0]
+
+
+# ---- flags -------------------------------------------------------------------------------------
+
+def test_flags_parse_validate_and_reach_the_optimizer_config(monkeypatch):
+    args = _parse(["--optimizer", "muoneq", "--muoneq-mode", "rowcol", "--muoneq-phase", "3", "--reg-ns-dtype",
+                   "fp32", "--reg-rms", "0.3", "--no-reg-split-qkv", "--weight-decay", "0.05"], monkeypatch=monkeypatch)
+    assert (args.optimizer, args.muoneq_mode, args.muoneq_phase, args.reg_split_qkv) == ("muoneq", "rowcol", 3, False)
+    assert not args.use_layer_wise_distributed_optimizer
+    config = rm.optimizer_config(args)
+    assert (config.optimizer, config.lr, config.weight_decay) == ("muoneq", 0.02, 0.05)
+    assert (config.muoneq_mode, config.muoneq_phase, config.reg_rms, config.reg_split_qkv) == ("rowcol", 3, 0.3, False)
+    defaults = _parse(["--optimizer", "reg"], monkeypatch=monkeypatch)
+    assert (defaults.reg_p, defaults.reg_iters, defaults.reg_split_qkv, defaults.reg_nesterov) == (2.0, 1, True, True)
+
+
+def test_our_names_join_megatrons_choices_and_compose_with_a_users_provider(monkeypatch):
+    def user(parser):
+        parser.add_argument("--my-flag", type=int, default=0)
+        return parser
+
+    args = _parse(["--optimizer", "reg_muon", "--my-flag", "7", "--reg-ns-steps", "4"], rm.with_args(user),
+                  monkeypatch)
+    assert (args.optimizer, args.my_flag, args.reg_ns_steps) == ("reg_muon", 7, 4)
+    # the other way round: the user's provider calls ours
+    args = _parse(["--optimizer", "muon", "--my-flag", "1"], lambda p: rm.extra_args_provider(user(p)), monkeypatch)
+    assert (args.optimizer, args.my_flag) == ("muon", 1)  # Megatron's own Muon stays reachable
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--optimizer", "reg", "--reg-iters", "0"], "argument --reg-iters: must be an integer >= 1, got 0"),
+    (["--optimizer", "reg", "--reg-p", "0.5"], "--optimizer reg: p must be"),
+    (["--optimizer", "muoneq", "--muoneq-mode", "diag"], "argument --muoneq-mode: invalid choice: 'diag'"),
+    (["--optimizer", "muoneq", "--muoneq-phase", "2"], "--optimizer muoneq: phase applies only to mode='rowcol'"),
+    (["--optimizer", "reg", "--muoneq-phase", "2"], "--muoneq-phase applies only to --optimizer muoneq, not reg"),
+    (["--optimizer", "reg", "--use-distributed-optimizer"], "--optimizer reg does not support --use-distributed"),
+    (["--optimizer", "reg_muon", "--reg-ns-dtype", "int8"], "argument --reg-ns-dtype: invalid choice: 'int8'"),
+    (["--optimizer", "regg"], "argument --optimizer: invalid choice: 'regg'"),
+], ids=["iters", "p", "mode", "phase-mode", "phase-optimizer", "distopt", "ns-dtype", "name"])
+def test_bad_flags_stop_the_parse_with_a_clear_message(argv, message, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _parse(argv, monkeypatch=monkeypatch)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, split", [("reg", True), ("reg_muon", True), ("muoneq", False)])
+def test_get_megatron_optimizer_builds_ours_from_parsed_flags(name, split, monkeypatch):
+    extra = [] if split else ["--no-reg-split-qkv"]
+    config = rm.optimizer_config(_parse(["--optimizer", name, "--reg-rms", "0.25", *extra], monkeypatch=monkeypatch))
+    rm.register()
+
+    def body(rank, world):
+        model = _ddp(tc := _setup(), Tiny(tc))
+        optimizer = get_megatron_optimizer(config, [model])
+        inner = _inner(optimizer)
+        (group,) = [g for g in inner.param_groups if g["algorithm"] != "adamw"]
+        qkv = model.module.linear_qkv.weight
+        others = [type(o.optimizer).__name__ for o in optimizer.chained_optimizers if o.optimizer is not inner]
+        return (type(inner).__name__, group["rms"], group["lr"], group["param_names"], qkv.reg_layout.shape,
+                qkv.reg_layout.fused is not None, others)
+
+    for got in run_ranks(TP, body):
+        cls, rms, lr, names, shape, fused, others = got
+        assert (cls, rms, lr) == (NAMES[name].__name__, 0.25, 0.02)
+        assert names == ["linear_qkv.weight", "linear_proj.weight"]
+        assert shape == (QKV_ROWS, HIDDEN) and fused == split
+        assert others == ["AdamW"]  # the bias: Megatron's Adam (torch AdamW without Apex / TE)
+
+
+# ---- TP 2 × DP 2 trajectory ----------------------------------------------------------------------
+
+REFERENCE = {"reg": optim.REG, "reg_muon": optim.Muon, "muoneq": optim.MuonEq}
+SETTINGS = {"reg": {}, "reg_muon": {"reg_ns_dtype": "fp32", "reg_move_dtype": "fp32"},
+            "muoneq": {"reg_ns_dtype": "fp32", "reg_move_dtype": "fp32", "muoneq_mode": "rowcol", "muoneq_phase": 2}}
+
+
+def _reference_kwargs(name, config):
+    from reg_dist.integrations.megatron_optimizer import optimizer_kwargs, settings_from
+
+    kwargs = optimizer_kwargs(name, settings_from(config), config.lr, config.weight_decay)
+    kwargs.pop("move_dtype", None)
+    return kwargs
+
+
+def _split(full: torch.Tensor, split: bool) -> dict:
+    """The single-process matrices of the fused qkv weight: q, k, v (their rows of every group) or whole."""
+    if not split:
+        return {"qkv.weight": full}
+    segments = fused_rows(QKV, GROUPS)
+    return {f"qkv.{part}": torch.cat([full[s:e] for s, e, b in segments if b == k]) for k, part in enumerate("qkv")}
+
+
+def _join(parts: dict, split: bool) -> torch.Tensor:
+    if not split:
+        return parts["qkv.weight"]
+    taken, rows = [0, 0, 0], []
+    for s, e, k in fused_rows(QKV, GROUPS):
+        rows.append(parts["qkv." + "qkv"[k]][taken[k]:taken[k] + e - s])
+        taken[k] += e - s
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("split", [True, False], ids=["qkv-split", "qkv-whole"])
+@pytest.mark.parametrize("name", list(NAMES))
+def test_tp2_dp2_megatron_ddp_trajectory_equals_the_single_process_optimizer(name, split):
+    config = rm.optimizer_config(optimizer=name, lr=0.02, weight_decay=0.1, clip_grad=0.0, reg_split_qkv=split,
+                                 **SETTINGS[name])
+    rm.register()
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randn(DP, BATCH, HIDDEN, generator=gen) for _ in range(STEPS)]
+    targets = [torch.randn(DP, BATCH, HIDDEN, generator=gen) for _ in range(STEPS)]
+
+    def body(rank, world):
+        tc = _setup()
+        model = _ddp(tc, Tiny(tc))
+        optimizer = get_megatron_optimizer(config, [model])
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+        dp_rank = parallel_state.get_data_parallel_rank()
+        params = {"qkv.weight": model.module.linear_qkv.weight, "qkv.bias": model.module.linear_qkv.bias,
+                  "proj.weight": model.module.linear_proj.weight}
+        dims = {"qkv.weight": 0, "qkv.bias": 0, "proj.weight": 1}
+
+        def full(n):
+            p = params[n].detach().contiguous()
+            shards = [torch.empty_like(p) for _ in range(TP)]
+            dist.all_gather(shards, p, group=tp_group)
+            return torch.cat(shards, dim=dims[n])
+
+        # the single-process reference, on every rank: the full weights, the DP-averaged gradient
+        ref_w = {n: full(n) for n in params}
+        ref = {**{k: nn.Parameter(v.clone()) for k, v in _split(ref_w["qkv.weight"], split).items()},
+               "proj.weight": nn.Parameter(ref_w["proj.weight"].clone())}
+        ref_bias = nn.Parameter(ref_w["qkv.bias"].clone())
+        ref_opt = REFERENCE[name](list(ref.items()), **_reference_kwargs(name, config))
+        ref_adam = torch.optim.AdamW([ref_bias], lr=config.lr, weight_decay=config.weight_decay,
+                                     betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
+        for x, t in zip(batches, targets):
+            model.zero_grad_buffer()
+            optimizer.zero_grad()
+            loss = ((model(x[dp_rank]) - t[dp_rank]) ** 2).mean()
+            loss.backward()
+            model.finish_grad_sync()
+            ok, _, _ = optimizer.step()
+            assert ok
+
+            w = {"qkv.weight": _join(ref, split), "qkv.bias": ref_bias, "proj.weight": ref["proj.weight"]}
+            ref_loss = sum(((_reference_forward(w, x[d]) - t[d]) ** 2).mean() for d in range(DP)) / DP
+            ref_opt.zero_grad()
+            ref_adam.zero_grad()
+            ref_loss.backward()
+            ref_opt.step()
+            ref_adam.step()
+        expected = {"qkv.weight": _join({k: v.detach() for k, v in ref.items()}, split),
+                    "qkv.bias": ref_bias.detach(), "proj.weight": ref["proj.weight"].detach()}
+        for n in params:
+            torch.testing.assert_close(full(n), expected[n], rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+        return _inner(optimizer).transformed, len(local_matrices(optimizer))
+
+    work = run_ranks(TP * DP, body)
+    assert all(matrices == 2 for _, matrices in work)
+    pieces = 2 + (len(QKV) - 1 if split else 0)  # logical matrices per step
+    per_replica = [w for w, _ in work[:TP]]  # ranks 0, 1: one TP group (one DP replica)
+    assert sum(per_replica) == STEPS * (pieces * TP if name == "reg" else pieces)
