@@ -101,19 +101,27 @@ def run_sharded(world, shard, cls, kwargs, expected, fused=False, micro=1, check
     return run_ranks(world, body)
 
 
-def run_native(dp, tp_size, cls, kwargs, expected, check=None):
-    """``cls(model, mesh=(dp, tp_size), **kwargs)`` with no wrapper (``up``/``down`` tensor parallel
-    when tp_size > 1), each dp rank on its part of each batch; must end at ``expected``; returns
-    ``check(model, opt)`` of every rank."""
-
-    def body(rank, world):
+def native(dp, tp_size):
+    """``shard(model, rank, world) -> ({"mesh": …}, dp_rank, dp)`` for the native mode: no wrapper,
+    ``up``/``down`` tensor parallel when tp_size > 1; the dict is the optimizer's extra arguments."""
+    def shard(model, rank, world):
         mesh = init_device_mesh("cpu", (dp, tp_size), mesh_dim_names=("dp", "tp"))
-        torch.manual_seed(0)
-        model = Net()
         if tp_size > 1:
             parallelize_module(model, mesh["tp"], {"up": ColwiseParallel(), "down": RowwiseParallel()})
-        opt = cls(model, mesh=mesh, **kwargs)
-        dp_rank, per = rank // tp_size, BATCH // dp
+        return {"mesh": mesh}, rank // tp_size, dp
+    return shard
+
+
+def run_native(dp, tp_size, cls, kwargs, expected, check=None):
+    """``cls(model, mesh=(dp, tp_size), **kwargs)`` (see ``native``), each dp rank on its part of each
+    batch; must end at ``expected``; returns ``check(model, opt)`` of every rank."""
+
+    def body(rank, world):
+        torch.manual_seed(0)
+        model = Net()
+        extra, dp_rank, _ = native(dp, tp_size)(model, rank, world)
+        opt = cls(model, **extra, **kwargs)
+        per = BATCH // dp
         for tokens in data():
             opt.zero_grad()
             loss_of(model, tokens[dp_rank * per:(dp_rank + 1) * per]).backward()

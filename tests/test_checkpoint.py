@@ -3,12 +3,10 @@ continued trajectory equals the uninterrupted single-process one (gloo, forked r
 
 import pytest
 import torch
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from multiproc import run_ranks
 from reg_dist import REG, Muon, MuonEq, checkpoint, optim
-from sharded import BATCH, Net, assert_matches, data, fsdp, loss_of, reference
+from sharded import BATCH, Net, assert_matches, data, fsdp, loss_of, native, reference
 
 KWARGS = {"lr": 0.02}
 EXACT_MOVES = {"move_dtype": torch.float32}
@@ -17,15 +15,6 @@ ALGORITHMS = {  # sharded class, single-process class, their hyper-parameters, t
     "muon": (Muon, optim.Muon, {**KWARGS, "ns_dtype": torch.float32}, EXACT_MOVES),
     "muoneq": (MuonEq, optim.MuonEq, {**KWARGS, "ns_dtype": torch.float32, "mode": "rowcol", "phase": 2}, EXACT_MOVES),
 }
-
-
-def _native(dp, tp_size):
-    def shard(model, rank, world):
-        mesh = init_device_mesh("cpu", (dp, tp_size), mesh_dim_names=("dp", "tp"))
-        if tp_size > 1:
-            parallelize_module(model, mesh["tp"], {"up": ColwiseParallel(), "down": RowwiseParallel()})
-        return {"mesh": mesh}, rank // tp_size, dp
-    return shard
 
 
 def _fsdp(model, rank, world):
@@ -37,7 +26,7 @@ def _one_process(model, rank, world):
     return {}, 0, 1
 
 
-LAYOUTS = {"native_4x1": (4, _native(4, 1)), "native_2x2": (4, _native(2, 2)), "native_2x1": (2, _native(2, 1)),
+LAYOUTS = {"native_4x1": (4, native(4, 1)), "native_2x2": (4, native(2, 2)), "native_2x1": (2, native(2, 1)),
            "one_process": (1, _one_process), "fsdp_4": (4, _fsdp)}
 
 

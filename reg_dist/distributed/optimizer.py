@@ -256,14 +256,17 @@ class OwnerPath(Sharded):
         """One ``OwnerPlan`` per communicator for the group's parameters with layouts stepped here."""
         if group["algorithm"] != self.algorithm:
             return
-        by_group: dict[Any, list[tuple[Tensor, str]]] = {}
+        # one plan per set of ranks (two meshes may hand out distinct group objects over the same ranks)
+        by_ranks: dict[Any, tuple[dist.ProcessGroup | None, str, list[tuple[Tensor, str]]]] = {}
         for p, name in zip(group["params"], group["param_names"]):
             if self._native is not None and self._native.tp_group is not None and id(p) not in self._layouts:
                 self._layouts[id(p)] = plain_layout(p, self._view[id(p)])  # a copy on every TP rank: move it once
             if id(p) in self._layouts and (self._native is None or self._native.owns(p)):
-                by_group.setdefault(self._communicator(p), []).append((p, name))
+                pg, pg_name = self._communicator(p)
+                ranks = tuple(dist.get_process_group_ranks(pg)) if pg is not None else None
+                by_ranks.setdefault((ranks, pg_name), (pg, pg_name, []))[2].append((p, name))
         entries = []
-        for (pg, name), pairs in by_group.items():
+        for pg, name, pairs in by_ranks.values():
             ps, names = [p for p, _ in pairs], [n for _, n in pairs]
             plan = OwnerPlan([self._layouts[id(p)] for p in ps], names, pg, name)
             logger.info("%s owner plan over %r: %d matrices, %d here, imbalance %.1f %%", type(self).__name__,

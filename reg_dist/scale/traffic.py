@@ -1,0 +1,508 @@
+"""What reg_dist's collectives carry in one optimizer step, rank by rank, predicted from the shapes
+and the layout alone: the ``opt.comm_stats()`` of every rank, the owner plans (from the real
+planner, ``reg_dist.distributed.ownership``), each rank's Newton–Schulz work and optimizer state.
+
+It follows the code path by path (no process group is made):
+
+    statistics   per RACS iteration (REG) or per owner plan (MuonEq's equilibration), one packed
+                 all-reduce per group name that splits any of the rank's laid-out matrices, of
+                 m + K·n floats per matrix (fp32; K fused blocks); REG's "rms" scale adds one of K floats
+    owner moves  per owner plan whose moves leave a rank, two all-to-alls: every distinct held element
+                 to its matrix's owner, every owned matrix back to every holder (bf16 by default);
+                 "bytes" is the rank's send buffer, "sent" its off-rank part
+    native dp    per bucket of ``bucket_bytes`` of the owners' streams, one reduce-scatter and one
+                 all-gather over dp of dp × segment parameter-dtype elements
+    world        one int32 all-reduce (the non-finite agreement) once anything is laid out
+
+Parameters are DTensors exactly where reg_dist makes them so (``parallel``): under FSDP2 all of
+them (row-sharded over dp after tensor parallelism, chunks as ``torch.chunk`` cuts them), otherwise
+only the tensor-parallel ones; a 2-D matrix with fused rows is laid out even when plain. Owner plans
+run where reg_dist runs them: FSDP2, one over the whole (dp, tp) mesh ("dp" or "dp×tp"); replicated
+dp, one over the TP DTensors' root mesh ("tp", or "dp×tp" with copies over dp); native with tp, one
+per dp owner over its tp group. Of identical copies the lowest rank sends; owners may be any rank
+holding part of the parameter. Sizes are kept per rank as torch tensors, so 16,384 ranks cost
+milliseconds per matrix; parameters of one shape and split share them.
+
+``tests/test_scale_calibration.py`` checks every rank's ``comm_stats()`` and owner plans against live
+gloo runs of every layout above (up to 4 ranks), and against benchmarks/results/comm.json.
+"""
+
+import functools
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..distributed.native import BUCKET_BYTES, water_fill
+from ..distributed.owner import newton_schulz_cost
+from ..distributed.ownership import imbalance, plan_owners
+from ..distributed.stats import WIRE
+from .parallel import Parallel
+from .shapes import MATRIX, Model, Param
+
+OPTIMIZERS = ("reg", "muon", "muoneq")
+INT = torch.int64
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The optimizer options that change traffic and work (reg_dist's defaults)."""
+
+    iters: int = 1  # REG's RACS iterations
+    scale: str = "rms"  # REG's scale: "rms" needs one more all-reduce (the Frobenius norms)
+    move_bytes: int = 2  # owner moves in bf16
+    param_bytes: int = 4  # parameter (and gradient, momentum, AdamW moment) dtype: fp32
+    bucket_bytes: int = BUCKET_BYTES  # native mode
+    ns_steps: int = 5
+
+    def __post_init__(self) -> None:
+        for name in ("iters", "ns_steps", "bucket_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.scale not in ("rms", "match_rms_adamw", "original"):
+            raise ValueError(f"scale must be one of ('rms', 'match_rms_adamw', 'original'), got {self.scale!r}")
+        for name in ("move_bytes", "param_bytes"):
+            if getattr(self, name) not in (2, 4, 8):
+                raise ValueError(f"{name} must be 2, 4 or 8 (bf16/fp16, fp32, fp64), got {getattr(self, name)!r}")
+
+    @property
+    def stat_bytes(self) -> int:
+        """The statistics' accumulation dtype: fp32, fp64 for fp64 parameters."""
+        return 8 if self.param_bytes == 8 else 4
+
+
+def ns_flops(m: int, n: int, steps: int) -> int:
+    """FLOPs of ``steps`` Newton–Schulz iterations on an m × n matrix (a = min, b = max side):
+    A = X·Xᵀ (2a²b), B = b·A + c·A² (2a³), X = a·X + B·X (2a²b) per iteration."""
+    a, b = min(m, n), max(m, n)
+    return steps * (4 * a * a * b + 2 * a * a * a)
+
+
+def _chunk(size: Tensor, parts: int, index: Tensor) -> tuple[Tensor, Tensor]:
+    """``Shard`` of ``size`` units into ``parts`` (torch.chunk): part i holds [min(i·c, size), min((i+1)·c, size))."""
+    c = (size + parts - 1) // parts
+    return torch.minimum(index * c, size), torch.minimum((index + 1) * c, size)
+
+
+@dataclass
+class Holding:
+    """One parameter on the ranks of a pipeline stage (stage rank r = d·tp + t)."""
+
+    index: int  # in model.params
+    param: Param
+    dims: tuple[str, ...]  # mesh dims that shard it (its Layout's groups when it is a DTensor)
+    dtensor: bool
+    numel: Tensor  # (R,) elements each rank holds
+    blocks: Tensor  # (K, R) elements of each fused matrix each rank holds
+
+    @property
+    def laid(self) -> bool:
+        """reg_dist gives it a Layout: a DTensor matrix, or a plain 2-D matrix with fused rows."""
+        return self.param.algorithm == MATRIX and (self.dtensor or self.param.fused is not None)
+
+    @property
+    def stat_floats(self) -> int:
+        """Its packed statistics vector: m + K·n."""
+        (m, n), k = self.param.logical, len(self.param.blocks)
+        return m + k * n
+
+
+def holdings(model: Model, par: Parallel) -> list[Holding]:
+    """Every parameter's holdings; parameters of one shape and split share their (read-only) tensors."""
+    return [Holding(i, p, *_held(p.shape, p.tp, p.fused, p.algorithm, par)) for i, p in enumerate(model.params)]
+
+
+@functools.lru_cache(maxsize=4096)
+def _held(shape: tuple[int, ...], split: int | None, fused, algorithm: str, par: Parallel):
+    p = Param("p", shape, algorithm, tp=split, fused=fused)
+    R, tp, dp = par.stage_ranks, par.tp, par.dp
+    r = torch.arange(R, dtype=INT)
+    d, t = r // tp, r % tp
+    units, width = p.shape[0], (p.logical[1] if len(p.shape) > 1 else 1)
+    lo, hi = torch.zeros(R, dtype=INT), torch.full((R,), units, dtype=INT)
+    c0, c1 = torch.zeros(R, dtype=INT), torch.full((R,), width, dtype=INT)
+    dims = []
+    if tp > 1 and p.tp is not None:
+        dims.append("tp")
+        if p.tp == 0:
+            lo, hi = _chunk(hi, tp, t)
+        else:
+            c0, c1 = _chunk(c1, tp, t)
+    if par.zero == 3:  # FSDP2: dim 0 of the (TP-local) tensor over dp
+        dims.append("dp")
+        a, b = _chunk(hi - lo, dp, d)
+        lo, hi = lo + a, lo + b
+    w = c1 - c0
+    numel = (hi - lo) * (p.shape[1] if len(p.shape) == 3 else 1) * w
+    blocks = torch.zeros(len(p.blocks), R, dtype=INT)
+    if p.algorithm == MATRIX:
+        row0, row1 = lo * p.unit_rows, hi * p.unit_rows
+        seg = torch.tensor(p.segments, dtype=INT)  # (S, 3)
+        overlap = (torch.minimum(row1[None], seg[:, 1:2]) - torch.maximum(row0[None], seg[:, 0:1])).clamp_(min=0)
+        blocks.index_add_(0, seg[:, 2], overlap * w[None])
+    dtensor = par.zero == 3 or "tp" in dims
+    return tuple(sorted(dims)), dtensor, numel, blocks
+
+
+def group_order(model: Model) -> list[int]:
+    """Parameter indices in reg_dist's param-group order: one group per algorithm, in the order the
+    algorithms first appear, each in model order (the native mode's streams follow it)."""
+    firsts = []
+    for p in model.params:
+        if p.algorithm not in firsts:
+            firsts.append(p.algorithm)
+    return [i for a in firsts for i, p in enumerate(model.params) if p.algorithm == a]
+
+
+# ---- the collectives ------------------------------------------------------------------------------
+
+@dataclass
+class Call:
+    """The collectives of one group name and kind in a step, summed per stage rank: how many calls,
+    their buffer bytes and the bytes sent (``stats.count``'s definitions). An all-to-all also sums,
+    per rank, the off-rank bytes sent and received inside the node (``*_near``) and across nodes
+    (``*_far``), and its peers (ranks it exchanges anything with: the larger of its senders and
+    receivers, per call)."""
+
+    group: str
+    kind: str
+    size: int  # ranks in each group instance
+    calls: Tensor  # (R,)
+    bytes: Tensor  # (R,)
+    sent: Tensor  # (R,)
+    a2a: dict[str, Tensor] | None = None
+
+
+class _Calls:
+    def __init__(self, ranks: int) -> None:
+        self.ranks, self.slots = ranks, {}
+
+    def add(self, group: str, kind: str, size: int, part: Tensor, nbytes: Tensor, count: int = 1,
+            sent: Tensor | None = None, a2a: dict[str, Tensor] | None = None) -> None:
+        """``count`` calls on the ranks of ``part``, each of ``nbytes`` (per rank) with ``sent`` (default:
+        the ring estimate, rounded per call as ``stats.count`` does)."""
+        if sent is None:
+            sent = _ring_sent(kind, size, nbytes)
+        z = lambda: torch.zeros(self.ranks, dtype=INT)  # noqa: E731
+        slot = self.slots.setdefault((group, kind), Call(group, kind, size, z(), z(), z(), {} if a2a else None))
+        if slot.size != size:
+            raise AssertionError(f"group {group!r} with two sizes")
+        part = part.to(INT)
+        slot.calls += count * part
+        slot.bytes += count * nbytes * part
+        slot.sent += count * sent * part
+        for k, value in (a2a or {}).items():
+            slot.a2a[k] = slot.a2a.get(k, z()) + value * part
+
+    def list(self) -> list[Call]:
+        return list(self.slots.values())
+
+
+def _ring_sent(kind: str, size: int, nbytes: Tensor) -> Tensor:
+    """``round(WIRE[kind](size) · bytes)`` per rank, exactly as ``stats.count`` rounds it."""
+    out = torch.zeros_like(nbytes)
+    for value in nbytes.unique().tolist():
+        out[nbytes == value] = round(WIRE[kind](size) * value)
+    return out
+
+
+@dataclass
+class OwnerPlanModel:
+    """One owner plan: its matrices, owners (group ranks) and what its two all-to-alls move."""
+
+    name: str
+    ranks: Tensor  # stage ranks of the group, in group-rank order
+    matrices: list[tuple[int, int, tuple[int, int]]]  # (param index, block, (m, n))
+    owners: list[int]
+    imbalance: float
+    moves: bool
+    vectors: dict[str, Tensor]  # per group rank, elements: send1/self1/send2/self2, *_far, peers1/peers2
+    flops: Tensor  # (p,) Newton–Schulz FLOPs of the owned matrices
+    owned: Tensor  # (p,) elements of the owned matrices
+
+
+def owner_plan(entries: list[tuple[Holding, Tensor]], ranks: Tensor, name: str, node: Tensor,
+               settings: Settings) -> OwnerPlanModel:
+    """``OwnerPlan`` of ``entries`` (a holding and its sender mask over stage ranks: the lowest rank of
+    each set of identical copies) over the group ``ranks``; ``node`` maps stage ranks to nodes."""
+    p = len(ranks)
+    mats, cands, held = [], [], []
+    for h, sender in entries:
+        mine = (h.numel[ranks] > 0).nonzero().flatten().tolist()
+        if not mine:
+            raise ValueError(f"no rank of group {name!r} holds any of parameter {h.param.name}")
+        cand = range(mine[0], mine[-1] + 1) if mine[-1] - mine[0] + 1 == len(mine) else mine
+        s = sender[ranks]
+        for k, shape in enumerate(h.param.blocks):
+            hk = h.blocks[k][ranks]
+            sk = hk * s
+            if int(sk.sum()) != shape[0] * shape[1]:
+                raise AssertionError(f"{h.param.name} block {k}: distinct held elements do not add up")
+            mats.append((h.index, k, shape))
+            cands.append(cand)
+            held.append((hk, sk))
+    costs = [newton_schulz_cost(m, n) for _, _, (m, n) in mats]
+    owners = list(_plan(tuple(costs), p, tuple(c if isinstance(c, range) else tuple(c) for c in cands)))
+    z = lambda: torch.zeros(p, dtype=INT)  # noqa: E731
+    v = {k: z() for k in ("send1", "self1", "recv1", "send1_far", "recv1_far",
+                          "send2", "self2", "recv2", "send2_far", "recv2_far")}
+    flops, owned = torch.zeros(p, dtype=torch.float64), z()
+    gnode = node[ranks]
+    by_owner: dict[int, list[int]] = defaultdict(list)
+    for j, ((hk, sk), o, (_, _, (m, n))) in enumerate(zip(held, owners, mats)):
+        far = gnode != gnode[o]
+        own_s, own_h = int(sk[o]), int(hk[o])
+        v["send1"] += sk
+        v["self1"][o] += own_s
+        v["recv1"][o] += m * n - own_s
+        v["send1_far"] += sk * far
+        v["recv1_far"][o] += int((sk * far).sum())
+        total = int(hk.sum())
+        v["send2"][o] += total
+        v["self2"][o] += own_h
+        v["recv2"] += hk
+        v["recv2"][o] -= own_h
+        v["send2_far"][o] += int((hk * far).sum())
+        v["recv2_far"] += hk * far
+        flops[o] += ns_flops(m, n, settings.ns_steps)
+        owned[o] += m * n
+        by_owner[o].append(j)
+    peers = {k: z() for k in ("send1", "recv1", "send2", "recv2")}
+    for o, js in by_owner.items():
+        senders = torch.zeros(p, dtype=torch.bool)
+        holders = torch.zeros(p, dtype=torch.bool)
+        for j in js:
+            senders |= held[j][1] > 0
+            holders |= held[j][0] > 0
+        senders[o] = holders[o] = False
+        peers["recv1"][o] = int(senders.sum())
+        peers["send1"] += senders
+        peers["send2"][o] = int(holders.sum())
+        peers["recv2"] += holders
+    v["peers1"] = torch.maximum(peers["send1"], peers["recv1"])
+    v["peers2"] = torch.maximum(peers["send2"], peers["recv2"])
+    moves = bool(((v["send1"] - v["self1"]) > 0).any() or ((v["send2"] - v["self2"]) > 0).any())
+    return OwnerPlanModel(name, ranks, mats, owners, imbalance(costs, owners, p), moves, v, flops, owned)
+
+
+@functools.lru_cache(maxsize=32)
+def _plan(costs: tuple[int, ...], ranks: int, candidates: tuple) -> tuple[int, ...]:
+    """The real planner (``ownership.plan_owners``), remembered: Muon and MuonEq plan alike."""
+    return tuple(plan_owners(list(costs), ranks, list(candidates)))
+
+
+@dataclass
+class NativePlanModel:
+    """``NativeDP``'s plan: the dp owner of every whole matrix, each rank's flat AdamW share and the
+    buckets (per tp rank, as TP-local sizes may differ)."""
+
+    owners: dict[int, int]  # param index -> dp rank
+    imbalance: float
+    give: dict[int, list[int]]  # t -> flat elements per dp rank
+    segments: dict[int, list[int]]  # t -> segment length of every bucket
+
+
+def native_plan(model: Model, hold: list[Holding], par: Parallel, costs: list[int | None],
+                settings: Settings) -> NativePlanModel:
+    order = group_order(model)
+    whole = [i for i in order if costs[i] is not None]
+    owner_list = plan_owners([costs[i] for i in whole], par.dp)
+    owners = dict(zip(whole, owner_list))
+    imb = imbalance([costs[i] for i in whole], owner_list, par.dp)
+    flat = [i for i in order if costs[i] is None]
+    give, segments = {}, {}
+    window = max(1, settings.bucket_bytes // settings.param_bytes)
+    for t in range(par.tp):
+        size = [int(h.numel[t]) for h in hold]  # rank (d=0, t) holds the TP-local tensor
+        stream = [0] * par.dp
+        for i, o in owners.items():
+            stream[o] += size[i]
+        give[t] = water_fill(stream, sum(size[i] for i in flat))
+        stream = [s + g for s, g in zip(stream, give[t])]
+        longest = max(stream)
+        segments[t] = [min(w0 + window, longest) - w0 for w0 in range(0, longest, window)]
+    return NativePlanModel(owners, imb, give, segments)
+
+
+@dataclass
+class Traffic:
+    """The predicted step of one optimizer on one pipeline stage: collectives, owner plans, and per
+    stage rank the Newton–Schulz FLOPs, the state, and the elements stepped and owned."""
+
+    model: Model
+    parallel: Parallel
+    optimizer: str
+    settings: Settings
+    calls: list[Call]
+    plans: list[OwnerPlanModel]
+    native: NativePlanModel | None
+    ns_flops: Tensor  # (R,) float64
+    state_bytes: Tensor  # (R,)
+    matrix_elements: Tensor  # (R,) matrix elements this rank keeps momentum for and updates
+    adamw_elements: Tensor  # (R,) elements AdamW steps here
+    owned_elements: Tensor  # (R,) elements of the whole matrices this rank transforms
+    laid_elements: Tensor  # (R,) held elements of the laid-out matrices (statistics, moves)
+
+    def comm_stats(self, rank: int) -> dict[str, dict[str, int]]:
+        """What ``opt.comm_stats()`` returns on stage rank ``rank`` after a step."""
+        out: dict[str, dict[str, int]] = {}
+        for c in self.calls:
+            if int(c.calls[rank]) == 0:
+                continue
+            e = out.setdefault(c.group, {"calls": 0, "bytes": 0, "sent": 0})
+            e["calls"] += int(c.calls[rank])
+            e["bytes"] += int(c.bytes[rank])
+            e["sent"] += int(c.sent[rank])
+        return out
+
+    def sent(self, groups: tuple[str, ...] | None = None, exclude: tuple[str, ...] = ()) -> Tensor:
+        """(R,) bytes each rank sends per step over ``groups`` (None: all but ``exclude``)."""
+        total = torch.zeros(self.parallel.stage_ranks, dtype=INT)
+        for c in self.calls:
+            if (groups is None and c.group not in exclude) or (groups is not None and c.group in groups):
+                total += c.sent
+        return total
+
+    @property
+    def imbalance(self) -> float | None:
+        """The planners' imbalance on Newton–Schulz cost (worst owner plan; native: also the dp owners)."""
+        values = [p.imbalance for p in self.plans if len(p.ranks) > 1]
+        if self.native is not None and self.optimizer != "reg":
+            values.append(self.native.imbalance)
+        return max(values) if values else None
+
+
+def traffic(model: Model, par: Parallel, optimizer: str, settings: Settings = Settings()) -> Traffic:
+    """reg_dist's ``optimizer`` ("reg", "muon", "muoneq") on ``model`` laid out as ``par`` (one pipeline
+    stage: pass ``model.stage(pp, i)`` for pp > 1)."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    if par.pp == 1:
+        par.check(model)
+    R, tp, dp = par.stage_ranks, par.tp, par.dp
+    r = torch.arange(R, dtype=INT)
+    d_of, t_of = r // tp, r % tp
+    node = r // par.gpus_per_node  # stage 0's ranks (stages are contiguous blocks of ranks)
+    hold = holdings(model, par)
+    pb, sb, mb = settings.param_bytes, settings.stat_bytes, settings.move_bytes
+    calls = _Calls(R)
+    everyone = torch.ones(R, dtype=torch.bool)
+    matrices = [h for h in hold if h.param.algorithm == MATRIX]
+    laid = [h for h in hold if h.laid]
+
+    # who steps each matrix (native: its dp owner's ranks), and the native mode's own collectives
+    native = None
+    steps = {h.index: everyone for h in hold}
+    if par.zero == 1:
+        if optimizer == "reg":
+            costs = [h.param.numel if h.param.algorithm == MATRIX else None for h in hold]
+        else:
+            costs = [h.param.view[0] * newton_schulz_cost(*h.param.view[1:]) if h.param.algorithm == MATRIX
+                     else None for h in hold]
+        native = native_plan(model, hold, par, costs, settings)
+        for i, o in native.owners.items():
+            steps[i] = d_of == o
+        for t, segs in native.segments.items():
+            for seg, n in sorted(_counts(segs).items()):
+                nbytes = torch.full((R,), dp * seg * pb, dtype=INT)
+                for kind in ("reduce_scatter", "all_gather"):
+                    calls.add("dp", kind, dp, t_of == t, nbytes, count=n)
+
+    def stats(members: list[Holding], floats, part: Tensor) -> None:
+        """One packed all-reduce per group name splitting any of ``members`` that ``part``'s ranks step."""
+        for g in sorted({g for h in members if h.dtensor for g in h.dims}):
+            elems = torch.zeros(R, dtype=INT)
+            for h in members:
+                if h.dtensor and g in h.dims:
+                    elems += floats(h) * (steps[h.index] & part)
+            calls.add(g, "all_reduce", dp if g == "dp" else tp, elems > 0, elems * sb)
+
+    plans: list[OwnerPlanModel] = []
+    flops = torch.zeros(R, dtype=torch.float64)
+    owned = torch.zeros(R, dtype=INT)
+    if optimizer == "reg":
+        for _ in range(settings.iters):
+            stats(laid, lambda h: h.stat_floats, everyone)
+        if settings.scale == "rms":
+            stats(laid, lambda h: len(h.param.blocks), everyone)
+    else:
+        def sender(h: Holding, dims: tuple[str, ...]) -> Tensor:
+            """Holders that send a piece: of identical copies (the group's dims that do not split the
+            parameter), the lowest rank's."""
+            out = h.numel > 0
+            if "dp" in dims and "dp" not in h.dims:
+                out = out & (d_of == 0)
+            if "tp" in dims and "tp" not in h.dims:
+                out = out & (t_of == 0)
+            return out
+
+        instances, local = [], []  # (name, group ranks, entries); single-process matrices
+        if par.zero == 3:  # every matrix a DTensor on the root mesh: one plan over all of it
+            dims = ("dp",) if tp == 1 else ("dp", "tp")
+            instances.append(("×".join(dims), r, [(h, sender(h, dims)) for h in matrices]))
+        elif tp == 1:
+            local = matrices
+        elif par.zero == 0:  # TP DTensors on the root (dp, tp) mesh (a 1-D tp mesh when dp = 1); the rest plain
+            dims = ("tp",) if dp == 1 else ("dp", "tp")
+            instances.append(("×".join(dims), r, [(h, sender(h, dims)) for h in matrices if "tp" in h.dims]))
+            local = [h for h in matrices if "tp" not in h.dims]
+        else:  # native with tp: each dp rank's owned matrices over its tp group (plain copies moved once)
+            for d in range(dp):
+                mine = [(h, sender(h, ("tp",))) for h in matrices if native.owners[h.index] == d]
+                if mine:
+                    instances.append(("tp", d * tp + torch.arange(tp, dtype=INT), mine))
+        for name, ranks, entries in instances:
+            if not entries:
+                continue
+            plan = owner_plan(entries, ranks, name, node, settings)
+            plans.append(plan)
+            flops[ranks] += plan.flops
+            owned[ranks] += plan.owned
+            part = torch.zeros(R, dtype=torch.bool)
+            part[ranks] = True
+            if optimizer == "muoneq":
+                stats([h for h, _ in entries], lambda h: h.stat_floats, part)
+            if plan.moves and len(ranks) > 1:
+                v = plan.vectors
+
+                def spread(x: Tensor, ranks: Tensor = ranks) -> Tensor:
+                    out = torch.zeros(R, dtype=INT)
+                    out[ranks] = x
+                    return out
+
+                for a in ("1", "2"):
+                    sent = spread((v["send" + a] - v["self" + a]) * mb)
+                    far_s, far_r = spread(v["send" + a + "_far"] * mb), spread(v["recv" + a + "_far"] * mb)
+                    extra = {"send_far": far_s, "send_near": sent - far_s, "recv_far": far_r,
+                             "recv_near": spread(v["recv" + a] * mb) - far_r, "peers": spread(v["peers" + a])}
+                    calls.add(name, "all_to_all", len(ranks), part, spread(v["send" + a] * mb), sent=sent, a2a=extra)
+        for h in local:  # single-process: every rank stepping it transforms its whole copy
+            flops += steps[h.index] * float(sum(ns_flops(m, n, settings.ns_steps) for m, n in h.param.blocks))
+            owned += steps[h.index] * h.param.numel
+    if laid or native is not None:
+        four = torch.full((R,), 4, dtype=INT)
+        calls.add("world", "all_reduce", par.world, everyone, four)
+
+    mat_el, adam_el, laid_el = (torch.zeros(R, dtype=INT) for _ in range(3))
+    for h in hold:
+        if h.param.algorithm == MATRIX:
+            mat_el += h.numel * steps[h.index]
+            if h.laid:
+                laid_el += h.numel * steps[h.index]
+        elif native is None:
+            adam_el += h.numel
+    if native is not None:
+        for t, give in native.give.items():
+            adam_el[t_of == t] = torch.tensor(give, dtype=INT)[d_of[t_of == t]]
+    state = mat_el * pb + adam_el * 2 * pb
+    return Traffic(model, par, optimizer, settings, calls.list(), plans, native, flops, state, mat_el, adam_el,
+                   owned, laid_el)
+
+
+def _counts(values: list[int]) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for v in values:
+        out[v] = out.get(v, 0) + 1
+    return out
