@@ -34,26 +34,60 @@ x exactly for dp = 4), within one rounding (≤ 1 ulp) otherwise (dp = 3 on gloo
 tests/test_launch.py. The price is one extra all-reduce of the gradients per step, paid only when
 clipping under dp > 1.
 
-Checkpoints. ``--save-every N`` writes ``OUT/checkpoints/step-NNNNNN/`` (and at the last step):
-``rank{r}.pt`` per rank (its model tensors, TP shards as local tensors; its optimizer state, which
-the native mode keeps on owners only; scheduler; data position; step; rank 0 also the log) and
-``meta.json`` (world, dp, tp, step, model, optimizer, batch), then points ``OUT/checkpoints/latest``
-at it. ``--resume PATH`` (a checkpoint directory, or a run directory: its latest checkpoint)
-continues the run exactly; it needs the same dp × tp, model, optimizer, batch size and sequence
-length. Without --out a resumed run writes into the checkpoint's run directory; a new --out that
-exists and is not empty is refused unless --overwrite.
+Checkpoints. ``--save-every N`` writes ``OUT/checkpoints/step-NNNNNN/`` (and at the last step) in
+``torch.distributed.checkpoint`` (DCP) form, every rank writing only what it holds: ``model/`` (the
+model's tensors, TP shards as DTensors, replicated tensors once; the ``train`` state: step,
+scheduler, the data stream's position; each rank's RNG state; rank 0's log) and ``optimizer/``
+(``reg_dist.checkpoint`` for REG/Muon/MuonEq: its state as rectangles of each parameter's logical
+tensor, whatever rank owns it; DCP's optimizer state dict for AdamW), then ``meta.json``, the
+completion marker, written last. It is written as ``.step-NNNNNN.tmp`` and renamed once complete,
+so a checkpoint cut short (a rank lost mid-save) is never picked: the newest ``step-N`` with its
+``meta.json`` is. ``--keep K`` (default 3; 0: all) keeps the newest K. The ``qkv`` weights (and
+their optimizer state) are saved in the head-major row order every tp > 1 holds, permuted on the
+way in and out at tp = 1, so that a checkpoint is one logical model at any tp; ``read_model(dir)``
+gives it as plain full tensors in one process. Every rank writes into the same directory (several
+nodes would need a shared file system).
+
+Resuming. ``--resume auto`` (the default) continues from --out's newest complete checkpoint when
+it has one, so a job rerun with the same command (or restarted by ``torchrun --max-restarts=R``:
+pass --out) picks up where it stopped, losing at most the steps since the last checkpoint; a
+rerun of a finished run (its checkpoint at --steps) trains nothing. ``--resume PATH`` names a
+checkpoint directory or a run directory (its newest complete checkpoint); ``--resume none`` starts
+afresh (into a non-empty --out only with --overwrite, which deletes its checkpoints). A torchrun
+restart (``TORCHELASTIC_RESTART_COUNT`` > 0) continues from --out's newest complete checkpoint
+whatever --resume says. Resuming in its own run directory from an older checkpoint deletes the
+later ones (a trajectory abandoned: never to be picked by a later auto-resume). The model,
+optimizer, batch size and sequence length must match; dp and tp need not. The data position is
+global: every dp rank draws the whole global batch of windows from one generator (the same state
+on every rank) and keeps its rows, so the global batch sequence does not depend on dp and a resume
+at another dp × tp trains on exactly the batches the uninterrupted run would have. At the same
+dp × tp the continued run is bit for bit the uninterrupted one; at another it differs only as the
+layouts themselves differ (the order of the sums over dp and tp: ~1e-7 relative for REG and AdamW;
+Muon and MuonEq's default bf16 Newton–Schulz, and their bf16 owner moves at tp > 1, make that
+~1e-4–1e-3). The RNG state (nothing draws from it in training: no dropout) is each rank's own at the
+same layout, else that of the saved rank at the same (dp, tp) coordinates modulo the saved sizes.
+Without --out a resumed run writes into the checkpoint's run directory; a new --out that exists
+and is not empty is refused unless --overwrite (a torchrun restart may write into its own --out).
+Under torchrun the process group is made on the agent's store with a prefix of its own per attempt
+(``attempt_store``): torch 2.13 keeps one store across restarts and adds none, and a restarted rank
+could otherwise read the dead attempt's addresses.
 
 Every invalid input (arguments, world size, checkpoint) exits non-zero with one message (printed by
 rank 0) before any training step.
 """
 
 import argparse
+import io
 import json
 import math
 import os
+import re
 import shutil
+import signal
 import sys
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -65,6 +99,11 @@ from torch import Tensor, nn
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch.distributed.checkpoint as dcp  # noqa: E402
+from torch.distributed.checkpoint.api import CheckpointException  # noqa: E402
+from torch.distributed.constants import default_pg_timeout  # noqa: E402
+from torch.distributed.checkpoint.state_dict import (  # noqa: E402
+    StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module  # noqa: E402
@@ -72,13 +111,13 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 from launch.data import DEFAULT_CACHE, ByteWindows, build_corpus  # noqa: E402
 from launch.model import GPT, GPTConfig  # noqa: E402
 from reg_dist import REG, Muon, MuonEq  # noqa: E402
+from reg_dist import checkpoint as reg_checkpoint  # noqa: E402
 
 MATRIX_OPTIMIZERS = {"reg": REG, "muon": Muon, "muoneq": MuonEq}
 OPTIMIZERS = (*MATRIX_OPTIMIZERS, "adamw")
 RUNS = Path(__file__).resolve().parents[1] / "runs"
 FINAL_LR_FRACTION = 0.1
 CHECKPOINTS = "checkpoints"
-LATEST = "latest"
 META = "meta.json"
 # what a checkpoint must match to be resumed (besides the world layout)
 RESUME_MUST_MATCH = ("optimizer", "model", "batch_size", "seq_len")
@@ -139,9 +178,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="cpu (gloo under torchrun) or cuda (one GPU per local rank, nccl)")
     p.add_argument("--save-every", type=int, default=0,
                    help="steps between checkpoints under OUT/checkpoints (and at the last step); 0 disables")
-    p.add_argument("--resume", type=Path, default=None,
-                   help="checkpoint directory, or run directory (its latest checkpoint), to continue from")
-    p.add_argument("--overwrite", action="store_true", help="write into an existing non-empty --out")
+    p.add_argument("--keep", type=int, default=3, help="complete checkpoints kept (the newest); 0 keeps all")
+    p.add_argument("--resume", default="auto", metavar="PATH|auto|none",
+                   help="checkpoint directory, or run directory (its newest complete checkpoint), to continue "
+                        "from; auto: --out's newest complete checkpoint if it has one; none: start afresh")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an existing non-empty --out (starting afresh: its checkpoints are deleted)")
+    # test only: this rank (default: the last) kills itself (SIGKILL) in step N on torchrun's first attempt
+    p.add_argument("--die-at-step", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--die-rank", type=int, default=-1, help=argparse.SUPPRESS)
     p.add_argument("--data-dir", type=Path, default=DEFAULT_CACHE, help="cache of the corpus token files")
     p.add_argument("--out", type=Path, default=None,
                    help="run directory (default: runs/OPTIMIZER-TIMESTAMP; resuming: the checkpoint's)")
@@ -151,8 +196,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if args.save_every < 0:
-        p.error(f"--save-every must be >= 0, got {args.save_every}")
+    for name in ("save_every", "keep"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     for name in ("lr", "weight_decay", "clip"):
         value = getattr(args, name)
         if not (math.isfinite(value) and value >= 0):
@@ -168,18 +214,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--device cuda: no CUDA device is available")
     if args.device == "cuda" and world_env()["local_world"] > torch.cuda.device_count():
         p.error(f"{world_env()['local_world']} local ranks but {torch.cuda.device_count()} CUDA device(s)")
-    args.meta = None
-    if args.resume is not None:
-        args.resume, args.meta = find_checkpoint(p, args)
+    args.resume, args.meta = find_checkpoint(p, args)
     run_dir_of_checkpoint = None
     if args.resume is not None and args.resume.parent.name == CHECKPOINTS:
         run_dir_of_checkpoint = args.resume.parent.parent
     if args.out is None:
         args.out = run_dir_of_checkpoint or RUNS / f"{args.optimizer}-{time.strftime('%Y%m%d-%H%M%S')}"
-    continuing = run_dir_of_checkpoint is not None and args.out.resolve() == run_dir_of_checkpoint.resolve()
+    args.continuing = run_dir_of_checkpoint is not None and args.out.resolve() == run_dir_of_checkpoint.resolve()
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0  # torchrun restarted this job
     if args.out.exists() and not args.out.is_dir():
         p.error(f"--out {args.out} exists and is not a directory")
-    if args.out.is_dir() and any(args.out.iterdir()) and not (args.overwrite or continuing):
+    if args.out.is_dir() and any(args.out.iterdir()) and not (args.overwrite or args.continuing or restarted):
         p.error(f"--out {args.out} exists and is not empty: pass --overwrite to write into it "
                 f"(or choose another run directory)")
     return args
@@ -202,33 +247,45 @@ def check_parallel(p: argparse.ArgumentParser, args: argparse.Namespace) -> None
         p.error(f"--batch-size {args.batch_size} (the global batch) must be divisible by dp = {args.dp}")
 
 
-def find_checkpoint(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Path, dict]:
-    """The checkpoint directory ``--resume`` names (a run directory: its latest) and its meta, checked."""
-    path = args.resume
-    latest = path / CHECKPOINTS / LATEST
-    if not (path / META).is_file() and latest.is_file():
-        path = path / CHECKPOINTS / latest.read_text().strip()
-    if not (path / META).is_file():
-        p.error(f"--resume {args.resume}: no checkpoint there (expected a checkpoint directory with {META}, "
-                f"or a run directory with {CHECKPOINTS}/{LATEST})")
+def find_checkpoint(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Path | None, dict | None]:
+    """The checkpoint ``--resume`` names and its meta, checked: a checkpoint directory, or a run
+    directory (its newest complete checkpoint); ``auto``: the newest complete one of --out, if any."""
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+    if restarted and args.out is not None and complete_checkpoints(args.out):
+        args.resume = "auto"  # a torchrun restart continues this job from its own newest checkpoint
+    if args.resume == "none":
+        return None, None
+    if args.resume == "auto":
+        found = complete_checkpoints(args.out) if args.out is not None else []
+        if not found:
+            return None, None
+        path = found[-1]
+    else:
+        path = Path(args.resume)
+        if not (path / META).is_file():
+            found = complete_checkpoints(path)
+            if not found:
+                p.error(f"--resume {path}: no checkpoint there (expected a checkpoint directory with {META}, "
+                        f"or a run directory with a complete {CHECKPOINTS}/step-N)")
+            path = found[-1]
     try:
         meta = json.loads((path / META).read_text())
         step, world, dp, tp = (int(meta[k]) for k in ("step", "world", "dp", "tp"))
     except (OSError, ValueError, KeyError, TypeError) as e:
         p.error(f"--resume {path}: corrupt checkpoint, cannot read {META}: {e!r}")
-    if (world, dp, tp) != (args.world, args.dp, args.tp):
-        p.error(f"--resume {path} was written by world {world} = dp {dp} × tp {tp}; this run is world {args.world} = "
-                f"dp {args.dp} × tp {args.tp}: resume with the same dp × tp (resume at another world size is "
-                f"issue 8's DCP work)")
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        p.error(f"--resume {path}: a checkpoint in {meta.get('format', 'the per-rank rank{r}.pt format')} of an "
+                f"earlier train.py, not {CHECKPOINT_FORMAT}: it cannot be resumed")
     ours = run_identity(args)
     for key in RESUME_MUST_MATCH:
         if meta.get(key) != ours[key]:
-            p.error(f"--resume {path}: the checkpoint has {key} {meta.get(key)}, this run {ours[key]}")
-    if step >= args.steps:
+            p.error(f"--resume {path}: the checkpoint has {key} {meta.get(key)}, this run {ours[key]}"
+                    + (" (a checkpoint of another optimizer)" if key == "optimizer" else ""))
+    if step > args.steps or (step == args.steps and args.resume != "auto"):
         p.error(f"--resume {path} is at step {step}, already at or past --steps {args.steps}")
-    missing = [r for r in range(world) if not (path / f"rank{r}.pt").is_file()]
-    if missing:
-        p.error(f"--resume {path}: incomplete checkpoint, no file for rank(s) {missing}")
+    for part in (MODEL_DIR, OPTIMIZER_DIR):
+        if not (path / part / ".metadata").is_file():
+            p.error(f"--resume {path}: incomplete checkpoint, no {part}/.metadata")
     return path, meta
 
 
@@ -287,6 +344,19 @@ def clip_grad_norm(params: list[Tensor], max_norm: float, tp_group) -> float:
     return norm.item()
 
 
+def attempt_store(env: dict[str, int]) -> dist.Store | None:
+    """Under torchrun, the agent's store with a prefix of its own for this attempt (None: ``env://``).
+
+    The agent keeps one store for all its restarts and ``env://`` adds no per-attempt prefix (torch
+    2.13), so without one the ranks of a restarted job can read the addresses of the attempt before,
+    whose ranks are dead, and fail to connect (seen with gloo: "connectFullMesh ... Connection refused")."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env["world"],
+                           is_master=False, timeout=default_pg_timeout)
+    return dist.PrefixStore(f"/launch.train/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", client)
+
+
 class Parallel:
     """The process group and mesh (or none, in one process) and the collectives the loop needs."""
 
@@ -301,8 +371,9 @@ class Parallel:
         self.mesh = self.dp_group = self.tp_group = None
         self.rank = self.dp_rank = 0
         if self.world > 1:
-            dist.init_process_group("nccl" if args.device == "cuda" else "gloo", device_id=(
-                self.device if args.device == "cuda" else None))
+            dist.init_process_group("nccl" if args.device == "cuda" else "gloo", store=attempt_store(env),
+                                    rank=env["rank"], world_size=self.world,
+                                    device_id=self.device if args.device == "cuda" else None)
             self.mesh = init_device_mesh(args.device, (self.dp, self.tp), mesh_dim_names=("dp", "tp"))
             self.rank = dist.get_rank()
             self.dp_rank = self.mesh.get_local_rank("dp")
@@ -390,20 +461,132 @@ def duration(seconds: float) -> str:
 
 
 # ---- checkpoints --------------------------------------------------------------------------
-def _to_local(obj):
-    """``obj`` with every DTensor replaced by its local shard (what a per-rank file holds)."""
-    if isinstance(obj, DTensor):
-        return obj.to_local()
-    if isinstance(obj, dict):
-        return {k: _to_local(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_local(v) for v in obj)
-    return obj
+CHECKPOINT_FORMAT = "dcp-1"
+STEP_DIR = re.compile(r"step-(\d+)")
+MODEL_DIR, OPTIMIZER_DIR = "model", "optimizer"
+ADAMW_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """The complete checkpoints of a run directory, oldest first: the ``checkpoints/step-N``
+    directories that hold their completion marker ``meta.json``. (A checkpoint is written as
+    ``.step-N.tmp`` and renamed only once complete, so a cut-short one is never picked.)"""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), d) for d in root.iterdir()
+             if (m := STEP_DIR.fullmatch(d.name)) and d.is_dir() and (d / META).is_file()]
+    return [d for _, d in sorted(found)]
+
+
+def checkpoint_rows(model: GPT) -> dict[str, Tensor]:
+    """{name: row order} of the ``qkv`` weights this model holds in another row order than the
+    checkpoint's. A checkpoint keeps every ``qkv`` weight (and its optimizer state) in the head-major
+    order (see ``parallelize``), the order every tp > 1 holds, so that its rows are the same logical
+    tensor at any tp; with tp = 1 the rows are permuted on the way in and out (exact: copies)."""
+    return {f"blocks.{i}.attn.qkv.weight": block.attn.head_major_order()
+            for i, block in enumerate(model.blocks) if not block.attn.head_major}
+
+
+def _reorder_state(opt, params: dict[str, Tensor], rows: dict[str, Tensor], inverse: bool = False) -> list:
+    """Put ``opt``'s state tensors of the ``rows`` parameters in checkpoint row order (``inverse``: back
+    from it), as new tensors; returns ``[(state, key, old tensor)]`` to undo it."""
+    swapped = []
+    for name, order in rows.items():
+        p = params[name]
+        state = opt.state.get(p, {})
+        for key, value in list(state.items()):
+            if not isinstance(value, Tensor) or value.ndim == 0:
+                continue
+            if value.shape != p.shape:
+                raise ValueError(f"optimizer state {key!r} of {name} has shape {list(value.shape)}, not the "
+                                 f"parameter's {list(p.shape)}: its rows cannot be reordered")
+            index = (torch.argsort(order) if inverse else order).to(value.device)
+            swapped.append((state, key, value))
+            state[key] = value[index]
+    return swapped
+
+
+def _pack(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _unpack(data: bytes):
+    if not isinstance(data, bytes):
+        raise ValueError(f"expected a saved object, found {type(data).__name__}")
+    return torch.load(io.BytesIO(data), weights_only=True)
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _no_dist() -> bool:
+    return not dist.is_initialized()
+
+
+@contextmanager
+def _quiet_in_one_process():
+    """Without this DCP warns, in one process, that it assumes one process (reg_dist.checkpoint passes
+    no ``no_dist``)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_optimizer(opt, model: nn.Module, rows: dict[str, Tensor], path: Path) -> None:
+    """The optimizer's state in DCP form at ``path`` (collective): ``reg_dist.checkpoint`` for REG,
+    Muon and MuonEq; torch's DCP optimizer state dict (keyed by parameter name) for AdamW."""
+    swapped = _reorder_state(opt, dict(model.named_parameters()), rows)
+    try:
+        with _quiet_in_one_process():
+            if isinstance(opt, torch.optim.AdamW):
+                dcp.save(get_optimizer_state_dict(model, opt, options=ADAMW_OPTIONS), checkpoint_id=str(path),
+                         no_dist=_no_dist())
+            else:
+                reg_checkpoint.save(opt, path)
+    finally:
+        for state, key, value in swapped:
+            state[key] = value
+
+
+def load_optimizer(opt, model: nn.Module, rows: dict[str, Tensor], path: Path) -> None:
+    """Fill the optimizer's state from ``path``, written at any dp × tp (collective). REG/Muon/MuonEq
+    keep their state as it was if the checkpoint is bad (``reg_dist.checkpoint``); torch's AdamW
+    first gets zero state (DCP's ``get_optimizer_state_dict`` on a fresh optimizer)."""
+    saved = _read_metadata(path)
+    theirs = "reg_dist's (REG, Muon or MuonEq)" if reg_checkpoint.META in saved else "torch.optim.AdamW's"
+    if isinstance(opt, torch.optim.AdamW) != (reg_checkpoint.META not in saved):
+        raise ValueError(f"{path} holds {theirs} state, not {type(opt).__name__}'s")
+    if isinstance(opt, torch.optim.AdamW):
+        target = get_optimizer_state_dict(model, opt, options=ADAMW_OPTIONS)
+        target = {k: v.detach().clone() if isinstance(v, Tensor) else v for k, v in target.items()}
+        with _quiet_in_one_process():
+            dcp.load(target, checkpoint_id=str(path), no_dist=_no_dist())
+        set_optimizer_state_dict(model, opt, target, options=ADAMW_OPTIONS)
+    else:
+        with _quiet_in_one_process():
+            reg_checkpoint.load(opt, path)
+    _reorder_state(opt, dict(model.named_parameters()), rows, inverse=True)
 
 
 def save_checkpoint(out: Path, step: int, model: nn.Module, opt, sched, data: ByteWindows, log: dict,
                     args: argparse.Namespace, par: Parallel) -> Path:
-    """``out/checkpoints/step-NNNNNN/`` with ``rank{r}.pt`` per rank and ``meta.json``; then ``latest``."""
+    """``out/checkpoints/step-NNNNNN/`` (collective): written as ``.step-NNNNNN.tmp``, completed by its
+    ``meta.json``, then renamed; the newest ``--keep`` complete checkpoints are kept."""
     root = out / CHECKPOINTS
     final = root / f"step-{step:06d}"
     tmp = root / f".{final.name}.tmp"
@@ -411,68 +594,139 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, opt, sched, data: By
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     par.barrier()
-    state = {"step": step, "model": _to_local(model.state_dict()), "optimizer": _to_local(opt.state_dict()),
-             "scheduler": sched.state_dict(), "data": data.generator.get_state(), "rng": torch.get_rng_state()}
+    rows = checkpoint_rows(model)
+    state = {f"model.{k}": v[rows[k]] if k in rows else v for k, v in model.state_dict().items()}
+    # the same on every rank (one copy is written): the data stream's position is the global one
+    state["train"] = _pack({"step": step, "scheduler": sched.state_dict(), "data": data.generator.get_state()})
+    state[f"rng.{par.rank}"] = _pack(_rng_state(par.device))
     if par.rank0:
         state["log"] = json.dumps(log, default=str)
-    torch.save(state, tmp / f"rank{par.rank}.pt")
+    with _quiet_in_one_process():
+        dcp.save(state, checkpoint_id=str(tmp / MODEL_DIR), no_dist=_no_dist())
+    save_optimizer(opt, model, rows, tmp / OPTIMIZER_DIR)
     par.barrier()
     if par.rank0:
-        write_json(tmp / META, {**run_identity(args), "step": step, "time": time.strftime("%Y-%m-%d %H:%M:%S")})
-        shutil.rmtree(final, ignore_errors=True)
+        meta = {**run_identity(args), "step": step, "format": CHECKPOINT_FORMAT, "qkv_rows": "head-major",
+                "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+        with open(tmp / META, "w") as f:  # the completion marker, written last
+            f.write(json.dumps(meta, indent=1))
+            f.flush()
+            os.fsync(f.fileno())
+        old = root / f".{final.name}.old"
+        if final.exists():  # the same step again (a resumed run passing an existing checkpoint)
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
-        _write_text(root / LATEST, final.name + "\n")
+        _fsync_dir(root)
+        shutil.rmtree(old, ignore_errors=True)
+        if args.keep:
+            for stale in complete_checkpoints(out)[:-args.keep]:
+                shutil.rmtree(stale, ignore_errors=True)
     par.barrier()
     return final
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _reason(e: BaseException) -> str:
+    """``e`` in one line (DCP's CheckpointException carries every rank's traceback: its last line)."""
+    if isinstance(e, CheckpointException):
+        return next((line.strip() for line in reversed(str(e).splitlines()) if line.strip()), repr(e))
+    return f"{type(e).__name__}: {e}"
 
 
-def load_checkpoint(path: Path, model: nn.Module, opt, sched, data: ByteWindows, par: Parallel) -> tuple[int, dict]:
-    """Restore this rank's part of the checkpoint at ``path``; returns (step, rank 0's log or {}).
-    Every rank learns of any rank's failure and all exit before training."""
-    step, log, error = 0, {}, None
-    file = path / f"rank{par.rank}.pt"
+def _read_metadata(path: Path):
     try:
-        ck = torch.load(file, map_location=par.device, weights_only=True)
-        missing = {"step", "model", "optimizer", "scheduler", "data"} - set(ck)
-        if missing:
-            raise ValueError(f"missing entries {sorted(missing)}")
-        own = model.state_dict()
-        if set(own) != set(ck["model"]):
-            raise ValueError(f"model tensors differ: {sorted(set(own) ^ set(ck['model']))[:6]}")
-        for name, value in own.items():
-            saved = ck["model"][name]
-            if local(value).shape != saved.shape:
-                raise ValueError(f"{name} has shape {list(saved.shape)}, the model {list(local(value).shape)}")
-        with torch.no_grad():
-            for name, value in own.items():
-                local(value).copy_(ck["model"][name])
-        opt.load_state_dict(ck["optimizer"])
-        for p, st in opt.state.items():  # state of a TP shard back to a DTensor like its parameter
-            if isinstance(p, DTensor):
-                for k, v in st.items():
-                    if isinstance(v, Tensor) and not isinstance(v, DTensor) and v.shape == p.to_local().shape \
-                            and v.ndim > 0:
-                        st[k] = DTensor.from_local(v, p.device_mesh, p.placements, run_check=False,
-                                                   shape=p.shape, stride=p.stride())
-        sched.load_state_dict(ck["scheduler"])
-        data.generator.set_state(ck["data"])
-        if "rng" in ck:
-            torch.set_rng_state(ck["rng"])
-        step = int(ck["step"])
-        if par.rank0:
-            log = json.loads(ck["log"])
-    except Exception as e:  # noqa: BLE001 — any failure to read or apply it is a corrupt checkpoint
-        error = f"corrupt checkpoint {file}: {type(e).__name__}: {e}"
-    error = par.first_error(error)
-    if error:
+        return dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except Exception as e:  # noqa: BLE001 — missing, truncated or not DCP at all
+        raise ValueError(f"no readable DCP metadata in {path}: {type(e).__name__}: {e}") from e
+
+
+def load_checkpoint(path: Path, meta: dict, model: nn.Module, opt, sched, data: ByteWindows,
+                    par: Parallel) -> tuple[int, dict]:
+    """Restore the checkpoint at ``path``, written at any dp × tp (collective); returns (step, rank 0's
+    log or {}). Everything is read into fresh tensors first: a bad checkpoint exits every rank (one
+    message) before the model is touched."""
+    rows = checkpoint_rows(model)
+    own = model.state_dict()
+    saved_dp, saved_tp = int(meta["dp"]), int(meta["tp"])
+    # RNG: a rank's own state at the same layout; otherwise that of the saved rank at the same
+    # (dp, tp) coordinates modulo the saved sizes (nothing in training draws from it: no dropout)
+    tp_rank = par.rank % par.tp
+    source = par.rank if (saved_dp, saved_tp) == (par.dp, par.tp) else \
+        (par.dp_rank % saved_dp) * saved_tp + tp_rank % saved_tp
+    target: dict = {f"model.{k}": torch.empty_like(v) if k in rows else v.detach().clone() for k, v in own.items()}
+    target.update({"train": b"", f"rng.{source}": b""})
+    if par.rank0:
+        target["log"] = ""
+    train = rng = None
+    error = None
+    try:
+        saved = _read_metadata(path / MODEL_DIR)
+        missing = sorted(k[6:] for k in target if k.startswith("model.") and k not in saved)
+        extra = sorted(k[6:] for k in saved if k.startswith("model.") and k not in target)
+        if missing or extra:
+            raise ValueError(f"model tensors differ: missing in the checkpoint {missing[:6]}, "
+                             f"not in this model {extra[:6]}")
+        for key, value in target.items():
+            if key.startswith("model.") and tuple(saved[key].size) != tuple(value.shape):
+                raise ValueError(f"{key[6:]} is {list(saved[key].size)} in the checkpoint, {list(value.shape)} here")
+        try:
+            with _quiet_in_one_process():
+                dcp.load(target, checkpoint_id=str(path / MODEL_DIR), no_dist=_no_dist())
+            train, rng = _unpack(target["train"]), _unpack(target[f"rng.{source}"])
+        except (Exception, CheckpointException) as e:  # noqa: BLE001
+            raise ValueError(f"{MODEL_DIR}/ is unreadable (truncated or corrupt): {_reason(e)}") from e
+        if int(train["step"]) != int(meta["step"]):
+            raise ValueError(f"step {train['step']} in the checkpoint, {meta['step']} in its {META}")
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 — any failure to read it is a bad checkpoint
+        error = f"cannot load checkpoint {path}: {_reason(e)}"
+    if error := par.first_error(error):
         die(error)
-    return step, log
+    try:
+        load_optimizer(opt, model, rows, path / OPTIMIZER_DIR)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001
+        error = f"cannot load the optimizer state of checkpoint {path}: {_reason(e)}"
+    if error := par.first_error(error):
+        die(error)
+    with torch.no_grad():  # nothing below fails on a checkpoint that loaded
+        for name, value in own.items():
+            loaded = target[f"model.{name}"]
+            if name in rows:
+                value.index_copy_(0, rows[name].to(value.device), loaded)
+            else:
+                local(value).copy_(local(loaded))
+    sched_state = train["scheduler"]
+    n = len(opt.param_groups)
+    if len(sched_state["base_lrs"]) != n:  # another grouping (AdamW: TP shards in a group of their own)
+        sched_state = {**sched_state, "base_lrs": sched_state["base_lrs"][:1] * n,
+                       "_last_lr": sched_state["_last_lr"][:1] * n, "lr_lambdas": [None] * n}
+    sched.load_state_dict(sched_state)
+    for group, lr in zip(opt.param_groups, sched.get_last_lr()):
+        group["lr"] = lr
+    data.generator.set_state(train["data"])
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and par.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], par.device)
+    log = json.loads(target["log"]) if par.rank0 else {}
+    return int(train["step"]), log
+
+
+def read_model(path: str | Path) -> dict[str, Tensor]:
+    """The model of the checkpoint directory ``path`` as full tensors in one process (any layout
+    wrote it), ``qkv`` rows back in the model's own order: a ``GPT``'s ``load_state_dict`` takes it."""
+    path = Path(path)
+    meta = json.loads((path / META).read_text())
+    saved = _read_metadata(path / MODEL_DIR)
+    state = {k: torch.empty(tuple(v.size), dtype=v.properties.dtype) for k, v in saved.items()
+             if k.startswith("model.")}
+    with _quiet_in_one_process():
+        dcp.load(state, checkpoint_id=str(path / MODEL_DIR), no_dist=True)
+    cfg = meta["model"]
+    model = {k[len("model."):]: v for k, v in state.items()}
+    order = torch.arange(3 * cfg["width"]).view(3, cfg["heads"], -1).transpose(0, 1).flatten()
+    for name in model:
+        if name.endswith("attn.qkv.weight"):
+            model[name] = torch.empty_like(model[name]).index_copy_(0, order, model[name])
+    return model
 
 
 # ---- the run ------------------------------------------------------------------------------
@@ -507,11 +761,12 @@ def main(argv: list[str] | None = None) -> dict:
     params = list(model.parameters())
     routing = routing_text(opt, model)
     first = 1
-    log = {"args": {k: v for k, v in vars(args).items() if k not in ("model", "meta")}, "model": asdict(args.model),
+    log = {"args": {k: v for k, v in vars(args).items() if k not in ("model", "meta", "continuing")},
+           "model": asdict(args.model),
            "params": num_params, "corpus": {k: str(v) for k, v in paths.items()}, "routing": routing,
            "train": [], "val": []}
     if args.resume is not None:
-        done, saved = load_checkpoint(args.resume, model, opt, sched, train_data, par)
+        done, saved = load_checkpoint(args.resume, args.meta, model, opt, sched, train_data, par)
         first = done + 1
         if par.rank0:
             log["train"] = [r for r in saved.get("train", []) if r["step"] <= done]
@@ -529,6 +784,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     if par.rank0:
         args.out.mkdir(parents=True, exist_ok=True)
+        ckpts = args.out / CHECKPOINTS
+        if not args.continuing:  # a run afresh in this directory: no checkpoint of another run may be picked
+            shutil.rmtree(ckpts, ignore_errors=True)
+        else:  # what a run that died mid-save left behind, and the steps after the resumed one (abandoned)
+            for left in ckpts.glob(".step-*"):
+                shutil.rmtree(left, ignore_errors=True)
+            for later in complete_checkpoints(args.out):
+                if int(STEP_DIR.fullmatch(later.name).group(1)) > first - 1:
+                    shutil.rmtree(later, ignore_errors=True)
+    par.barrier()
     log_path = args.out / "log.json"
     tokens_per_step = args.batch_size * args.seq_len
     start = time.perf_counter()
@@ -554,6 +819,9 @@ def main(argv: list[str] | None = None) -> dict:
             die(f"non-finite training loss {record['loss']} at step {step}; log in {log_path}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if step == args.die_at_step and par.rank == args.die_rank % args.world \
+                and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
+            os.kill(os.getpid(), signal.SIGKILL)  # test only: a rank lost mid-step (--die-at-step)
         if average_here:  # every rank then holds the dp-averaged gradient (see the module docstring)
             for p in params:
                 if p.grad is None:
