@@ -63,6 +63,9 @@ def _save_then_resume(tmp_path, algorithm, saved_at, resumed_at):
         checkpoint.load(opt, path)
         _steps(model, opt, data()[2:], dp_rank, dp)
         assert_matches(model, expected)
+        for name, value in model.state_dict().items():  # and relative 1e-6 per parameter, in norm
+            full = value.full_tensor() if hasattr(value, "full_tensor") else value
+            assert (full - expected[name]).norm() <= 1e-6 * expected[name].norm(), name
 
     run_ranks(LAYOUTS[saved_at][0], save)
     if LAYOUTS[resumed_at][0] == 1:
