@@ -5,6 +5,7 @@ or many (data × tensor parallel).
     python launch/train.py --optimizer muon --steps 50 --out runs/muon
     torchrun --standalone --nproc_per_node=2 launch/train.py              # dp = 2 (what `make train` runs)
     torchrun --standalone --nproc_per_node=4 launch/train.py --dp 2 --tp 2
+    deepspeed --num_gpus 2 launch/train.py --deepspeed configs/zero2_reg.json   # DeepSpeed: launch/deepspeed_job.py
 
 Prints (rank 0 only) the optimizer's routing table, then a progress line every --log-every steps,
 and writes ``log.json`` (args, per-step train loss / lr / tokens per second, validation losses,
@@ -127,7 +128,7 @@ def world_env() -> dict[str, int]:
     """Rank, world size, local rank and local world size as torchrun sets them (one process: 0, 1, 0, 1)."""
     return {key: int(os.environ.get(var, default)) for key, var, default in (
         ("rank", "RANK", 0), ("world", "WORLD_SIZE", 1), ("local_rank", "LOCAL_RANK", 0),
-        ("local_world", "LOCAL_WORLD_SIZE", 1))}
+        ("local_world", "LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))}  # LOCAL_SIZE: the deepspeed launcher's
 
 
 def is_rank0() -> bool:
@@ -157,7 +158,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (every parameter group)")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--batch-size", type=int, default=16, help="global batch (windows per step), split over dp")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="global batch (windows per step), split over dp (default 16; with --deepspeed: the config's)")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--width", type=int, default=128)
@@ -187,6 +189,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # test only: this rank (default: the last) kills itself (SIGKILL) in step N on torchrun's first attempt
     p.add_argument("--die-at-step", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--die-rank", type=int, default=-1, help=argparse.SUPPRESS)
+    p.add_argument("--deepspeed", type=Path, default=None, metavar="CONFIG",
+                   help="train through reg_dist.deepspeed.initialize with this DeepSpeed JSON config "
+                        "(see launch/deepspeed_job.py)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed's
     p.add_argument("--data-dir", type=Path, default=DEFAULT_CACHE, help="cache of the corpus token files")
     p.add_argument("--out", type=Path, default=None,
                    help="run directory (default: runs/OPTIMIZER-TIMESTAMP; resuming: the checkpoint's)")
@@ -209,12 +215,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.model = GPTConfig(depth=args.depth, width=args.width, heads=args.heads, seq_len=args.seq_len)
     except ValueError as e:
         p.error(str(e))
+    if args.deepspeed is not None:
+        from launch.deepspeed_job import check_args
+        check_args(p, args)
+    elif args.batch_size is None:
+        args.batch_size = 16
     check_parallel(p, args)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     if args.device == "cuda" and world_env()["local_world"] > torch.cuda.device_count():
         p.error(f"{world_env()['local_world']} local ranks but {torch.cuda.device_count()} CUDA device(s)")
-    args.resume, args.meta = find_checkpoint(p, args)
+    args.resume, args.meta = find_checkpoint(p, args) if args.deepspeed is None else (None, None)
     run_dir_of_checkpoint = None
     if args.resume is not None and args.resume.parent.name == CHECKPOINTS:
         run_dir_of_checkpoint = args.resume.parent.parent
@@ -733,6 +744,9 @@ def read_model(path: str | Path) -> dict[str, Tensor]:
 def main(argv: list[str] | None = None) -> dict:
     """Train as ``argv`` says; returns what ``log.json`` holds (on rank 0; {} elsewhere)."""
     args = parse_args(argv)
+    if args.deepspeed is not None:
+        from launch.deepspeed_job import run
+        return run(args)
     par = Parallel(args)
     env = world_env()
     if args.threads:

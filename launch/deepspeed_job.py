@@ -1,0 +1,230 @@
+"""``launch/train.py --deepspeed CONFIG``: the same training job through ``reg_dist.deepspeed.initialize``.
+
+    deepspeed --num_gpus 2 launch/train.py --deepspeed configs/zero2_reg.json     # CPU too (gloo)
+    torchrun --standalone --nproc_per_node=2 launch/train.py --deepspeed configs/zero2_reg.json
+
+The DeepSpeed JSON config decides the optimizer (``"REG"``, ``"MuonEq"``, ``"reg_dist.Muon"``, or any
+DeepSpeed type), its lr and weight decay, the ZeRO stage, precision, gradient clipping and, when it
+has a ``"scheduler"`` block, the schedule; without one, train.py's warm-up + cosine (--warmup,
+--steps) is passed as the engine's scheduler. --optimizer, --lr, --weight-decay and --clip are then
+not used. The batch is the config's: every rank runs ``train_micro_batch_size_per_gpu`` windows per
+micro-step, ``gradient_accumulation_steps`` micro-steps per optimizer step (--steps counts optimizer
+steps), so the global batch is micro × accumulation × world; a --batch-size that differs is an
+error. Data parallel only (dp = world; --tp > 1 is an error). Checkpoints (--save-every) and
+--resume PATH are not supported in this mode yet.
+
+``LAUNCH_DS_NO_SHM=1`` skips DeepSpeed's shared-memory comm op (JIT-built, 40-60 s uncached, on
+every CPU ``init_distributed``; gloo is all training needs): the tests set it.
+"""
+
+import json
+import math
+import os
+import socket
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from launch.data import ByteWindows, build_corpus
+from launch.model import GPT
+
+CONFIG_OPTIMIZER_NAMES = {"reg": "reg", "reg_dist.reg": "reg", "muoneq": "muoneq", "reg_dist.muoneq": "muoneq",
+                          "reg_dist.muon": "muon"}
+
+
+def config_batch(config: dict, world: int) -> tuple[int, int, int]:
+    """(micro-batch per rank, accumulation steps, global batch) of a DeepSpeed config at ``world`` ranks,
+    completed from any two of them as DeepSpeed does; ValueError if they disagree or are missing."""
+    micro = config.get("train_micro_batch_size_per_gpu")
+    gas = config.get("gradient_accumulation_steps")
+    total = config.get("train_batch_size")
+    for key, value in (("train_micro_batch_size_per_gpu", micro), ("gradient_accumulation_steps", gas),
+                       ("train_batch_size", total)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+    if micro is None and total is None:
+        raise ValueError("the config names neither train_micro_batch_size_per_gpu nor train_batch_size")
+    if micro is None:
+        gas = gas or 1
+        if total % (gas * world):
+            raise ValueError(f"train_batch_size {total} is not divisible by gradient_accumulation_steps {gas} × "
+                             f"world {world}")
+        micro = total // (gas * world)
+    elif gas is None:
+        if total is None:
+            gas = 1
+        elif total % (micro * world):
+            raise ValueError(f"train_batch_size {total} is not divisible by train_micro_batch_size_per_gpu {micro} "
+                             f"× world {world}")
+        else:
+            gas = total // (micro * world)
+    if total is not None and total != micro * gas * world:
+        raise ValueError(f"train_batch_size {total} != train_micro_batch_size_per_gpu {micro} × "
+                         f"gradient_accumulation_steps {gas} × world {world} = {micro * gas * world}")
+    return micro, gas, micro * gas * world
+
+
+def check_args(p, args) -> None:
+    """train.py's argument checks for --deepspeed (``p.error`` on any failure): loads the config into
+    ``args.ds_config``; sets ``args.micro_batch``, ``args.grad_accum``, ``args.batch_size`` (global),
+    ``args.optimizer`` (the config's), ``args.resume = "none"``."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    try:
+        args.ds_config = json.loads(Path(args.deepspeed).read_text())
+    except (OSError, ValueError) as e:
+        p.error(f"--deepspeed {args.deepspeed}: cannot read the JSON config: {e}")
+    if not isinstance(args.ds_config, dict):
+        p.error(f"--deepspeed {args.deepspeed}: the config must be a JSON object")
+    if args.tp != 1:
+        p.error(f"--tp {args.tp} with --deepspeed: DeepSpeed runs data parallel only (drop --tp)")
+    if args.dp not in (None, world):
+        p.error(f"--dp {args.dp} with --deepspeed: dp is the world size {world}")
+    if args.save_every:
+        p.error("--save-every with --deepspeed: checkpoints are not supported in DeepSpeed mode yet")
+    overridden = [f"--{name.replace('_', '-')}" for name in ("optimizer", "lr", "weight_decay", "clip")
+                  if getattr(args, name) != p.get_default(name)]
+    if overridden:
+        p.error(f"{', '.join(overridden)} with --deepspeed: the config's optimizer block and "
+                f"gradient_clipping decide them; set them in {args.deepspeed}")
+    if args.resume not in ("auto", "none"):
+        p.error("--resume with --deepspeed: resuming is not supported in DeepSpeed mode yet")
+    try:
+        args.micro_batch, args.grad_accum, total = config_batch(args.ds_config, world)
+    except ValueError as e:
+        p.error(f"--deepspeed {args.deepspeed}: {e}")
+    if args.batch_size is not None and args.batch_size != total:
+        p.error(f"--batch-size {args.batch_size} disagrees with --deepspeed {args.deepspeed}: the global batch is "
+                f"train_micro_batch_size_per_gpu {args.micro_batch} × gradient_accumulation_steps {args.grad_accum} "
+                f"× world {world} = {total} (drop --batch-size or pass {total})")
+    args.batch_size = total
+    kind = ((args.ds_config.get("optimizer") or {}).get("type") or "none")
+    args.optimizer = CONFIG_OPTIMIZER_NAMES.get(str(kind).lower(), str(kind).lower())
+    args.resume = "none"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(args) -> dict:
+    """The training job of ``launch.train.main`` on a DeepSpeed engine; returns the log (rank 0) or {}."""
+    from launch import train as T
+
+    if os.environ.get("LAUNCH_DS_NO_SHM") == "1":
+        import deepspeed.comm.torch  # noqa: F401  (deepspeed.comm's attribute `torch` is torch itself)
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    import reg_dist.deepspeed as rds
+
+    par = T.Parallel(args)  # the gloo/nccl group and dp mesh under a launcher (none in one process)
+    if not dist.is_initialized():  # one process: DeepSpeed still wants a process group and LOCAL_RANK
+        for var in ("RANK", "LOCAL_RANK"):
+            os.environ.setdefault(var, "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    env = T.world_env()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    elif args.world > 1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // env["local_world"]))
+    args.out = Path(par.broadcast(str(args.out)))
+    torch.manual_seed(args.seed)
+    if par.rank0:
+        paths = build_corpus(args.data_dir)
+    par.barrier()
+    if not par.rank0:
+        paths = build_corpus(args.data_dir)
+    micro, gas = args.micro_batch, args.grad_accum
+    train_data = ByteWindows(paths["train"], args.seq_len, micro, seed=args.seed, rank=par.dp_rank,
+                             world_size=args.dp)
+    val_data = ByteWindows(paths["val"], args.seq_len, micro, rank=par.dp_rank, world_size=args.dp)
+    model = GPT(args.model)
+    num_params = model.num_params()
+    scheduler = None
+    if "scheduler" not in args.ds_config:
+        factor = T.lr_factor(args.warmup, args.steps)
+        scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor)  # noqa: E731
+    engine, _, _, _ = rds.initialize(model=model, model_parameters=model.parameters(), config=args.ds_config,
+                                     lr_scheduler=scheduler)
+    device = engine.device
+    val_batches = [(x.to(device), y.to(device)) for x, y in val_data.eval_batches(args.eval_batches)]
+    stage = engine.zero_optimization_stage()
+    say = print if par.rank0 else (lambda *a, **k: None)
+    say(f"model: {num_params:,} parameters {asdict(args.model)}")
+    say(f"deepspeed {args.deepspeed}: optimizer {args.optimizer}, ZeRO stage {stage}, world {args.world}; "
+        f"global batch {args.batch_size} = micro {micro} × accumulation {gas} × dp {args.dp}, × {args.seq_len} "
+        f"bytes; threads {torch.get_num_threads()} per rank", flush=True)
+
+    log = {"args": {k: v for k, v in vars(args).items() if k not in ("model", "meta", "continuing", "ds_config")},
+           "deepspeed_config": args.ds_config, "model": asdict(args.model), "params": num_params,
+           "corpus": {k: str(v) for k, v in paths.items()}, "train": [], "val": []}
+    if par.rank0:
+        args.out.mkdir(parents=True, exist_ok=True)
+    par.barrier()
+    log_path = args.out / "log.json"
+    tokens_per_step = args.batch_size * args.seq_len
+    start = time.perf_counter()
+    train_s = interval_s = 0.0
+    printed = 0
+    val_loss = T.evaluate(engine, val_batches, par)
+    log["val"].append({"step": 0, "loss": val_loss})
+    say(f"step 0/{args.steps} | val {val_loss:.4f}", flush=True)
+    for step in range(1, args.steps + 1):
+        t0 = time.perf_counter()
+        lr = engine.get_lr()[0]
+        losses = []
+        for _ in range(gas):
+            x, y = train_data.next_batch()
+            x, y = x.to(device), y.to(device)
+            loss = F.cross_entropy(engine(x).flatten(0, 1).float(), y.flatten())
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+        record = {"step": step, "loss": par.mean_over_dp(sum(losses) / gas), "lr": lr}
+        log["train"].append(record)
+        if not math.isfinite(record["loss"]):
+            if par.rank0:
+                T.write_json(log_path, log)
+            T.die(f"non-finite training loss {record['loss']} at step {step}; log in {log_path}")
+        dt = time.perf_counter() - t0
+        train_s += dt
+        interval_s += dt
+        record["tokens_per_s"] = tokens_per_step / dt
+        if step % args.eval_every == 0 or step == args.steps:
+            val_loss = T.evaluate(engine, val_batches, par)
+            log["val"].append({"step": step, "loss": val_loss})
+            if par.rank0:
+                T.write_json(log_path, log)
+        if step % args.log_every == 0 or step == args.steps:
+            n = step - printed
+            say(f"step {step}/{args.steps} | loss {record['loss']:.4f} | val {val_loss:.4f} "
+                f"(@{log['val'][-1]['step']}) | lr {record['lr']:.2e} | {n * tokens_per_step / interval_s:,.0f} tok/s"
+                f" | ETA {T.duration((args.steps - step) * interval_s / n)}", flush=True)
+            interval_s, printed = 0.0, step
+
+    losses = [r["loss"] for r in log["train"]]
+    last = losses[-min(10, len(losses)):]
+    log["final"] = {"steps": args.steps, "train_loss_first": losses[0], "train_loss_last": losses[-1],
+                    "train_loss_last10_mean": sum(last) / len(last), "val_loss": val_loss,
+                    "wall_s": time.perf_counter() - start, "train_s": train_s,
+                    "tokens": args.steps * tokens_per_step,
+                    "tokens_per_s": args.steps * tokens_per_step / train_s if train_s else 0.0,
+                    "skipped_steps": engine.skipped_steps, "world": args.world, "dp": args.dp, "tp": 1,
+                    "zero_stage": stage}
+    if par.rank0:
+        T.write_json(log_path, log)
+        f = log["final"]
+        print(f"done: train loss {f['train_loss_first']:.4f} -> {f['train_loss_last']:.4f} "
+              f"(last-10 mean {f['train_loss_last10_mean']:.4f}), val {log['val'][0]['loss']:.4f} -> {val_loss:.4f}, "
+              f"{T.duration(f['wall_s'])} wall, {f['tokens_per_s']:,.0f} tok/s; log {log_path}", flush=True)
+    sys.stdout.flush()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return log if par.rank0 else {}
