@@ -109,7 +109,7 @@ WRAPPERS = {0: "RegDistAdapter", 1: "DeepSpeedZeroOptimizer", 2: "DeepSpeedZeroO
             3: "DeepSpeedZeroOptimizer_Stage3"}
 
 
-@pytest.mark.parametrize("gas", [1, 2])
+@pytest.mark.parametrize("gas", [1, 4])
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_reg_equals_single_process(stage, gas):
     out = _train(_config("reg", stage, gas), _reference("reg"), gas)
@@ -118,7 +118,7 @@ def test_reg_equals_single_process(stage, gas):
     assert {(name, st) for _, name, st in out} == {(WRAPPERS[stage], stage)}
 
 
-@pytest.mark.parametrize("gas", [1, 2])
+@pytest.mark.parametrize("gas", [1, 4])
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 @pytest.mark.parametrize("algorithm", ["muon", "muoneq"])
 def test_muon_and_muoneq_equal_single_process(algorithm, stage, gas):
