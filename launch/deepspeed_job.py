@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from launch.data import ByteWindows, build_corpus
+from launch.data import ByteWindows
 from launch.model import GPT
 
 CONFIG_OPTIMIZER_NAMES = {"reg": "reg", "reg_dist.reg": "reg", "muoneq": "muoneq", "reg_dist.muoneq": "muoneq",
@@ -128,19 +128,7 @@ def run(args) -> dict:
             os.environ.setdefault(var, "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    env = T.world_env()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    elif args.world > 1:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        torch.set_num_threads(max(1, cores // env["local_world"]))
-    args.out = Path(par.broadcast(str(args.out)))
-    torch.manual_seed(args.seed)
-    if par.rank0:
-        paths = build_corpus(args.data_dir)
-    par.barrier()
-    if not par.rank0:
-        paths = build_corpus(args.data_dir)
+    paths = T.prepare_rank(args, par, T.world_env())
     micro, gas = args.micro_batch, args.grad_accum
     train_data = ByteWindows(paths["train"], args.seq_len, micro, seed=args.seed, rank=par.dp_rank,
                              world_size=args.dp)
@@ -204,9 +192,8 @@ def run(args) -> dict:
                 T.write_json(log_path, log)
         if step % args.log_every == 0 or step == args.steps:
             n = step - printed
-            say(f"step {step}/{args.steps} | loss {record['loss']:.4f} | val {val_loss:.4f} "
-                f"(@{log['val'][-1]['step']}) | lr {record['lr']:.2e} | {n * tokens_per_step / interval_s:,.0f} tok/s"
-                f" | ETA {T.duration((args.steps - step) * interval_s / n)}", flush=True)
+            say(T.progress(step, args.steps, record, val_loss, log["val"][-1]["step"], n * tokens_per_step, n,
+                           interval_s), flush=True)
             interval_s, printed = 0.0, step
 
     losses = [r["loss"] for r in log["train"]]

@@ -741,14 +741,16 @@ def read_model(path: str | Path) -> dict[str, Tensor]:
 
 
 # ---- the run ------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> dict:
-    """Train as ``argv`` says; returns what ``log.json`` holds (on rank 0; {} elsewhere)."""
-    args = parse_args(argv)
-    if args.deepspeed is not None:
-        from launch.deepspeed_job import run
-        return run(args)
-    par = Parallel(args)
-    env = world_env()
+def progress(step: int, steps: int, record: dict, val_loss: float, val_step: int, tokens: int, n: int,
+             seconds: float) -> str:
+    """The progress line: loss, last validation, lr, tokens/s over the last ``n`` steps, ETA."""
+    return (f"step {step}/{steps} | loss {record['loss']:.4f} | val {val_loss:.4f} (@{val_step}) | "
+            f"lr {record['lr']:.2e} | {tokens / seconds:,.0f} tok/s | ETA {duration((steps - step) * seconds / n)}")
+
+
+def prepare_rank(args: argparse.Namespace, par: "Parallel", env: dict) -> dict:
+    """Threads per rank, rank 0's run directory and seed everywhere, the corpus built once (rank 0
+    first): the token files' paths."""
     if args.threads:
         torch.set_num_threads(args.threads)
     elif args.world > 1:
@@ -761,6 +763,18 @@ def main(argv: list[str] | None = None) -> dict:
     par.barrier()
     if not par.rank0:
         paths = build_corpus(args.data_dir)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Train as ``argv`` says; returns what ``log.json`` holds (on rank 0; {} elsewhere)."""
+    args = parse_args(argv)
+    if args.deepspeed is not None:
+        from launch.deepspeed_job import run
+        return run(args)
+    par = Parallel(args)
+    env = world_env()
+    paths = prepare_rank(args, par, env)
     per_rank = args.batch_size // args.dp
     train_data = ByteWindows(paths["train"], args.seq_len, per_rank, seed=args.seed, rank=par.dp_rank,
                              world_size=args.dp)
@@ -859,9 +873,8 @@ def main(argv: list[str] | None = None) -> dict:
             say(f"checkpoint {where}", flush=True)
         if step % args.log_every == 0 or step == args.steps:
             n = step - printed
-            say(f"step {step}/{args.steps} | loss {record['loss']:.4f} | val {val_loss:.4f} "
-                f"(@{log['val'][-1]['step']}) | lr {record['lr']:.2e} | {n * tokens_per_step / interval_s:,.0f} tok/s"
-                f" | ETA {duration((args.steps - step) * interval_s / n)}", flush=True)
+            say(progress(step, args.steps, record, val_loss, log["val"][-1]["step"], n * tokens_per_step, n,
+                         interval_s), flush=True)
             interval_s, printed = 0.0, step
 
     steps_here = args.steps - first + 1
