@@ -8,6 +8,8 @@ import multiprocessing as mp
 import os
 import queue as queue_mod
 import socket
+import subprocess
+import sys
 import traceback
 from datetime import timedelta
 
@@ -17,7 +19,7 @@ import torch.distributed as dist
 TIMEOUT_S = 60
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -43,12 +45,21 @@ def _child(rank, world, port, fn, queue, init_group):
         os._exit(0)
 
 
+def torchrun(script, nproc: int, args: list[str], *options: str, timeout: float = 240,
+             **run_kwargs) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --nproc_per_node=nproc *options script *args`` on a free
+    localhost port, its output captured."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *options,
+                           f"--master-port={free_port()}", "--master-addr=127.0.0.1", str(script), *args],
+                          capture_output=True, text=True, timeout=timeout, **run_kwargs)
+
+
 def run_ranks(world: int, fn, init_group: bool = True) -> list:
     """``[fn(0, world), …, fn(world − 1, world)]``, each run in its own forked gloo rank (with
     ``init_group=False``, in a forked process with torchrun's environment variables instead)."""
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_child, args=(r, world, port, fn, queue, init_group)) for r in range(world)]
     for p in procs:
         p.start()

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from multiproc import run_ranks
+from multiproc import run_ranks, torchrun
 from reg_dist import REG
 from sharded import STEPS, Net, assert_same, data, full_state, fsdp, fsdp_x_tp, loss_of, reference, run_sharded, tp
 
@@ -125,21 +125,10 @@ def test_ranks_that_disagree_on_parameters_fail_at_construction():
 
 @pytest.mark.parametrize("mode", ["fsdp", "native"])
 def test_torchrun_two_processes_equal_single_process(tmp_path, mode):
-    import socket
-    import subprocess
-    import sys
     from pathlib import Path
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "params.pt"
-    script = Path(__file__).with_name("torchrun_sharded.py")
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master-port={port}",
-         "--master-addr=127.0.0.1", str(script), mode, str(out)],
-        capture_output=True, text=True, timeout=300,
-    )
+    run = torchrun(Path(__file__).with_name("torchrun_sharded.py"), 2, [mode, str(out)], timeout=300)
     assert run.returncode == 0, run.stderr[-4000:]
     got = torch.load(out)
     for name, value in reference(REG, {"lr": 0.02}).items():

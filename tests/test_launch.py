@@ -4,7 +4,6 @@ launch (bad input, real torchrun runs with dp = 2 and tp = 2 against one process
 import json
 import math
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from launch.data import ByteWindows, build_corpus, split_of, stdlib_files
 from launch.model import GPT, GPTConfig
 from launch.train import all_reduce_mean_, complete_checkpoints, main, parse_args, read_model
-from multiproc import run_ranks
+from multiproc import run_ranks, torchrun
 from reg_dist import REG
 
 
@@ -78,16 +77,8 @@ TINY = ["--steps", "6", "--depth", "1", "--width", "32", "--heads", "2", "--seq-
 CLIPPED = ["--clip", "0.05"]  # below every gradient norm of these runs: clipping acts on every step
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(nproc: int, args: list[str], *options: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *options,
-                           f"--master-port={_free_port()}", "--master-addr=127.0.0.1", str(TRAIN), *args],
-                          capture_output=True, text=True, timeout=240)
+    return torchrun(TRAIN, nproc, args, *options)
 
 
 def _main_on_ranks(world: int, argv: list[str]) -> list:

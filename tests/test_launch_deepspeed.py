@@ -4,12 +4,13 @@ configs/zero2_reg.json) of a tiny model train with a finite, falling loss and ag
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from multiproc import free_port, torchrun
 
 pytest.importorskip("deepspeed")
 
@@ -21,22 +22,14 @@ TINY = ["--deepspeed", str(CONFIG), "--steps", "8", "--warmup", "1", "--depth", 
 ENV = {**os.environ, "LAUNCH_DS_NO_SHM": "1", "PYTHONPATH": str(ROOT)}  # no shm comm op JIT build (gloo only)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _deepspeed(args):
     launcher = Path(sys.executable).parent / "deepspeed"
-    return subprocess.run([str(launcher), "--num_gpus", "2", "--master_port", str(_free_port()), str(TRAIN), *args],
+    return subprocess.run([str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), str(TRAIN), *args],
                           capture_output=True, text=True, timeout=120, env=ENV, cwd=ROOT)
 
 
 def _torchrun(args):
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master-port={_free_port()}", "--master-addr=127.0.0.1", str(TRAIN), *args],
-                          capture_output=True, text=True, timeout=120, env=ENV, cwd=ROOT)
+    return torchrun(TRAIN, 2, args, timeout=120, env=ENV, cwd=ROOT)
 
 
 def _check(run, out: Path) -> dict:

@@ -54,6 +54,25 @@ def fused_rows(sizes: tuple[int, ...], repeat: int = 1) -> tuple[Segment, ...]:
     return tuple(segments)
 
 
+def check_segments(fused: tuple[Segment, ...], rows: int) -> None:
+    """Raise ValueError unless ``fused`` cuts rows 0 … ``rows`` in order, without gaps, into
+    segments of matrices 0, 1, …"""
+    ends = [0] + [end for _, end, _ in fused]
+    contiguous = all(start == ends[i] and end > start for i, (start, end, _) in enumerate(fused))
+    blocks = sorted({k for _, _, k in fused})
+    if not contiguous or ends[-1] != rows or blocks != list(range(len(blocks))):
+        raise ValueError(f"fused segments {fused} must cover rows 0 … {rows} in order, without gaps, "
+                         f"naming matrices 0, 1, …")
+
+
+def block_shapes(segments: tuple[Segment, ...], n: int) -> tuple[tuple[int, int], ...]:
+    """``(rows, n)`` of every fused matrix the segments name."""
+    rows: dict[int, int] = {}
+    for start, end, k in segments:
+        rows[k] = rows.get(k, 0) + end - start
+    return tuple((rows[k], n) for k in range(len(rows)))
+
+
 @dataclass(frozen=True)
 class Layout:
     shape: tuple[int, int]
@@ -77,12 +96,7 @@ class Layout:
         if names != sorted(set(names)):
             raise ValueError(f"layout groups must have distinct names in sorted order, got {names}")
         if self.fused is not None:
-            ends = [0] + [end for _, end, _ in self.fused]
-            contiguous = all(start == ends[i] and end > start for i, (start, end, _) in enumerate(self.fused))
-            blocks = sorted({k for _, _, k in self.fused})
-            if not contiguous or ends[-1] != m or blocks != list(range(len(blocks))):
-                raise ValueError(f"fused segments {self.fused} must cover rows 0 … {m} in order, without gaps, "
-                                 f"naming matrices 0, 1, …")
+            check_segments(self.fused, m)
 
     @property
     def segments(self) -> tuple[Segment, ...]:
@@ -91,10 +105,7 @@ class Layout:
     @cached_property
     def block_shapes(self) -> tuple[tuple[int, int], ...]:
         """``(rows, n)`` of every fused matrix (one for an unfused parameter)."""
-        rows: dict[int, int] = {}
-        for start, end, k in self.segments:
-            rows[k] = rows.get(k, 0) + end - start
-        return tuple((rows[k], self.shape[1]) for k in range(len(rows)))
+        return block_shapes(self.segments, self.shape[1])
 
     @property
     def local_shape(self) -> tuple[int, ...]:

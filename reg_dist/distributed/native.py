@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
+from ..ops.stats import check_count
 from ..optim.tensors import local_tensor
 from .ownership import imbalance, plan_owners
 from .stats import CommStats, count
@@ -57,8 +58,7 @@ class NativeDP:
             raise TypeError(f"mesh must be a DeviceMesh or a dict of process groups, got {type(mesh).__name__}")
         if "dp" not in groups or set(groups) - {"dp", "tp"}:
             raise ValueError(f"mesh must have a dimension named 'dp' (and optionally 'tp'), got names {tuple(groups)}")
-        if not isinstance(bucket_bytes, int) or bucket_bytes <= 0:
-            raise ValueError(f"bucket_bytes must be a positive integer, got {bucket_bytes!r}")
+        check_count("bucket_bytes", bucket_bytes)
         self.group = groups["dp"]
         tp = groups.get("tp")
         self.tp_group = tp if tp is not None and dist.get_world_size(tp) > 1 else None  # plain tensors are copies over it

@@ -19,6 +19,8 @@ Figures of the presets, and where they come from:
 
 from dataclasses import dataclass
 
+from ..ops.stats import check_count
+
 
 @dataclass(frozen=True)
 class Cluster:
@@ -37,8 +39,7 @@ class Cluster:
     source: str = ""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.gpus_per_node, int) or isinstance(self.gpus_per_node, bool) or self.gpus_per_node < 1:
-            raise ValueError(f"cluster {self.name}: gpus_per_node must be an integer >= 1, got {self.gpus_per_node!r}")
+        check_count(f"cluster {self.name}: gpus_per_node", self.gpus_per_node)
         for field in ("bf16_flops", "hbm_bytes_per_s", "hbm_bytes", "nvlink_bytes_per_s", "ib_bytes_per_s"):
             value = getattr(self, field)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:

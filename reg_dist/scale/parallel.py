@@ -19,15 +19,10 @@ its own dp × tp ranks (the only thing shared is the one-int non-finite agreemen
 
 from dataclasses import dataclass
 
+from ..ops.stats import check_count
 from .shapes import Model
 
 ZERO_STAGES = {0: "replicated (DDP)", 1: "reg_dist native (whole-matrix owners, ZeRO-1-like)", 3: "FSDP2"}
-
-
-def _count(name: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -43,7 +38,7 @@ class Parallel:
 
     def __post_init__(self) -> None:
         for name in ("nodes", "gpus_per_node", "tp", "pp"):
-            _count(name, getattr(self, name))
+            check_count(name, getattr(self, name))
         if self.zero not in ZERO_STAGES or isinstance(self.zero, bool):
             raise ValueError(f"zero must be one of {tuple(ZERO_STAGES)} "
                              f"({'; '.join(f'{k}: {v}' for k, v in ZERO_STAGES.items())}), got {self.zero!r}; "
@@ -53,7 +48,9 @@ class Parallel:
             raise ValueError(f"world size {world} ({self.nodes} nodes × {self.gpus_per_node} GPUs) is not "
                              f"dp × tp × pp for tp={self.tp}, pp={self.pp}: {self.tp * self.pp} does not divide it")
         dp = world // (self.tp * self.pp)
-        if self.dp is not None and _count("dp", self.dp) != dp:
+        if self.dp is not None:
+            check_count("dp", self.dp)
+        if self.dp is not None and self.dp != dp:
             raise ValueError(f"world size {world} is not dp × tp × pp = {self.dp} × {self.tp} × {self.pp} "
                              f"= {self.dp * self.tp * self.pp}")
         object.__setattr__(self, "dp", dp)

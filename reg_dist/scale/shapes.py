@@ -19,15 +19,13 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..distributed.dtensor import FUSED_ATTR
+from ..distributed.layout import Segment, block_shapes, check_segments, fused_rows
+from ..ops.stats import check_count
+from ..optim.routing import module_param_info, route
+
 MATRIX, ADAMW = "matrix", "adamw"
 COLWISE, ROWWISE = 0, 1  # the tensor dimension tensor parallelism splits
-Segment = tuple[int, int, int]  # rows [start, end) of the logical matrix belong to fused matrix k
-
-
-def _positive_int(name: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -68,12 +66,10 @@ class Param:
         if self.fused is not None:
             if len(shape) != 2:
                 raise ValueError(f"parameter {self.name}: fused row blocks need a 2-D matrix, got {list(shape)}")
-            ends = [0] + [end for _, end, _ in self.fused]
-            blocks = sorted({k for _, _, k in self.fused})
-            if (any(s != ends[i] or e <= s for i, (s, e, _) in enumerate(self.fused)) or ends[-1] != shape[0]
-                    or blocks != list(range(len(blocks)))):
-                raise ValueError(f"parameter {self.name}: fused segments {self.fused} must cover rows 0 … "
-                                 f"{shape[0]} in order, naming matrices 0, 1, …")
+            try:
+                check_segments(self.fused, shape[0])
+            except ValueError as e:
+                raise ValueError(f"parameter {self.name}: {e}") from None
 
     @property
     def numel(self) -> int:
@@ -96,17 +92,13 @@ class Param:
     @property
     def segments(self) -> tuple[Segment, ...]:
         if len(self.shape) == 3:
-            m = self.shape[1]
-            return tuple((e * m, (e + 1) * m, e) for e in range(self.shape[0]))
+            return fused_rows((self.shape[1],) * self.shape[0])
         return self.fused if self.fused is not None else ((0, self.logical[0], 0),)
 
     @property
     def blocks(self) -> tuple[tuple[int, int], ...]:
         """``(rows, n)`` of every separate matrix inside the parameter."""
-        rows: dict[int, int] = {}
-        for start, end, k in self.segments:
-            rows[k] = rows.get(k, 0) + end - start
-        return tuple((rows[k], self.logical[1]) for k in range(len(rows)))
+        return block_shapes(self.segments, self.logical[1])
 
     @property
     def view(self) -> tuple[int, int, int]:
@@ -148,10 +140,10 @@ class Model:
         if len(set(names)) != len(names):
             raise ValueError(f"model {self.name}: parameter names repeat")
         for field in ("layers", "d_model", "seq_len", "batch_tokens"):
-            _positive_int(f"{self.name}: {field}", getattr(self, field))
+            check_count(f"{self.name}: {field}", getattr(self, field))
         for field in ("heads", "kv_heads", "ffn", "flop_params"):
             if getattr(self, field) is not None:
-                _positive_int(f"{self.name}: {field}", getattr(self, field))
+                check_count(f"{self.name}: {field}", getattr(self, field))
         if self.heads is not None and self.kv_heads is not None and self.heads % self.kv_heads:
             raise ValueError(f"model {self.name}: {self.kv_heads} key/value heads do not divide {self.heads} heads")
         if self.flop_params is None:
@@ -355,7 +347,6 @@ def from_module(module: nn.Module, tp: dict[str, str] | None = None, name: str |
     name or on its last component) to "colwise" (weight and bias split along the output rows) or
     "rowwise" (weight split along the input columns), as ``parallelize_module``'s plans do.
     ``sizes`` go to ``Model`` (``layers``, ``d_model``, ``heads``, …); layers default to 1."""
-    from ..optim.routing import module_param_info, route
 
     tp = dict(tp or {})
     for key, style in tp.items():
@@ -373,7 +364,7 @@ def from_module(module: nn.Module, tp: dict[str, str] | None = None, name: str |
         mod_name, _, leaf = info.names[0].rpartition(".")
         style = style_of(mod_name)
         split = COLWISE if style == "colwise" else ROWWISE if style == "rowwise" and leaf == "weight" else None
-        fused = getattr(t, "reg_fused_rows", None)
+        fused = getattr(t, FUSED_ATTR, None)
         if r.matrix is None:
             params.append(Param(info.names[0], tuple(t.shape), ADAMW, tp=split))
         else:  # the routing's view: (m, n), an (E, m, n) stack, or a conv kernel as out × (in·Πk)

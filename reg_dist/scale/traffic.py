@@ -38,6 +38,8 @@ from ..distributed.native import BUCKET_BYTES, water_fill
 from ..distributed.owner import newton_schulz_cost
 from ..distributed.ownership import imbalance, plan_owners
 from ..distributed.stats import WIRE
+from ..ops.stats import check_count
+from ..optim.scaling import check_scale
 from .parallel import Parallel
 from .shapes import MATRIX, Model, Param
 
@@ -58,11 +60,8 @@ class Settings:
 
     def __post_init__(self) -> None:
         for name in ("iters", "ns_steps", "bucket_bytes"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if self.scale not in ("rms", "match_rms_adamw", "original"):
-            raise ValueError(f"scale must be one of ('rms', 'match_rms_adamw', 'original'), got {self.scale!r}")
+            check_count(name, getattr(self, name))
+        check_scale(self.scale)
         for name in ("move_bytes", "param_bytes"):
             if getattr(self, name) not in (2, 4, 8):
                 raise ValueError(f"{name} must be 2, 4 or 8 (bf16/fp16, fp32, fp64), got {getattr(self, name)!r}")
