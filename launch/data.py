@@ -1,10 +1,14 @@
-"""Byte-level pretraining data: the Python standard library's own ``*.py`` sources.
+"""Byte-level training data that every Python installation has, in two domains:
 
-``build_corpus`` concatenates the files (sorted by relative path, each followed by a NUL byte, which
-never occurs in source text) into one uint8 token file per split, written once and atomically to a
-cache directory. The split is by file: a file whose relative path hashes (CRC-32) to a value below
-``VAL_PERCENT`` mod 100 is validation, so validation text is never trained on. Installed packages
-(``site-packages``, ``dist-packages``) are not part of the corpus.
+- ``stdlib`` (pretraining): the standard library's own ``*.py`` sources, installed packages
+  (``site-packages``, ``dist-packages``) left out; one document per file.
+- ``pydoc`` (fine-tuning): the English reference text of ``pydoc_data/topics.py`` (what ``help()``
+  shows for keywords and topics); one document per topic.
+
+``build_corpus`` concatenates a domain's documents (sorted by name, each followed by a NUL byte, which
+occurs in neither) into one uint8 token file per split, written once and atomically to a cache
+directory. The split is by document: one whose name hashes (CRC-32) to a value below ``VAL_PERCENT``
+mod 100 is validation, so validation text is never trained on.
 
 ``ByteWindows`` memory-maps one split and serves batches of random ``seq_len + 1``-byte windows
 from a seeded generator, plus a fixed set of evenly spaced windows for evaluation.
@@ -16,12 +20,14 @@ import sys
 import sysconfig
 import tempfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 VAL_PERCENT = 5
+DOMAINS = ("stdlib", "pydoc")
 SEPARATOR = b"\0"
 EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages"})
 DEFAULT_CACHE = Path(__file__).resolve().parents[1] / "runs" / "cache"
@@ -40,9 +46,15 @@ def stdlib_files(root: str | Path | None = None) -> list[tuple[str, Path]]:
     return sorted(files)
 
 
-def split_of(rel: str) -> str:
-    """``"val"`` or ``"train"``: the split a file belongs to, from its relative path alone."""
-    return "val" if zlib.crc32(rel.encode()) % 100 < VAL_PERCENT else "train"
+def pydoc_topics() -> list[tuple[str, bytes]]:
+    """``(topic, UTF-8 text)`` of every topic of ``pydoc_data/topics.py``, sorted by topic."""
+    from pydoc_data.topics import topics
+    return sorted((name, text.encode()) for name, text in topics.items())
+
+
+def split_of(name: str) -> str:
+    """``"val"`` or ``"train"``: the split a document belongs to, from its name alone."""
+    return "val" if zlib.crc32(name.encode()) % 100 < VAL_PERCENT else "train"
 
 
 def _write_atomic(path: Path, chunks: list[bytes]) -> None:
@@ -57,26 +69,42 @@ def _write_atomic(path: Path, chunks: list[bytes]) -> None:
         raise
 
 
-def build_corpus(out_dir: str | Path = DEFAULT_CACHE, root: str | Path | None = None) -> dict[str, Path]:
-    """Token files ``{"train": path, "val": path}`` for the stdlib at ``root``, built if not cached.
+def _documents(domain: str, root: str | Path | None) -> list[tuple[str, str, Callable[[], bytes]]]:
+    """``(name, identity, read)`` of each document: the identity (name and size, or a checksum) enters
+    the cache's fingerprint without reading a stdlib file."""
+    if domain == "stdlib":
+        return [(rel, f"{rel}\0{path.stat().st_size}", path.read_bytes) for rel, path in stdlib_files(root)]
+    if domain == "pydoc":
+        if root is not None:
+            raise ValueError("root applies to the stdlib domain only")
+        return [(name, f"{name}\0{len(text)}\0{zlib.crc32(text)}", lambda text=text: text)
+                for name, text in pydoc_topics()]
+    raise ValueError(f"unknown data domain {domain!r}: choose from {', '.join(DOMAINS)}")
 
-    The file names carry a fingerprint of the file list (paths and sizes) and the Python version, so
-    a different standard library gets its own files.
+
+def build_corpus(out_dir: str | Path = DEFAULT_CACHE, root: str | Path | None = None,
+                 domain: str = "stdlib") -> dict[str, Path]:
+    """Token files ``{"train": path, "val": path}`` of ``domain`` (the stdlib at ``root``), built if not cached.
+
+    The file names carry a fingerprint of the documents (names and sizes) and the Python version, so
+    a different installation gets its own files.
     """
-    files = stdlib_files(root)
+    docs = _documents(domain, root)
     fp = hashlib.sha256(f"{sys.version_info[:2]} {VAL_PERCENT}".encode())
-    for rel, path in files:
-        fp.update(f"{rel}\0{path.stat().st_size}\0".encode())
-    stem = f"stdlib-py{sys.version_info[0]}{sys.version_info[1]}-{fp.hexdigest()[:12]}"
+    for _, identity, _ in docs:
+        fp.update(f"{identity}\0".encode())
+    stem = f"{domain}-py{sys.version_info[0]}{sys.version_info[1]}-{fp.hexdigest()[:12]}"
     out_dir = Path(out_dir)
     paths = {split: out_dir / f"{stem}.{split}.bin" for split in ("train", "val")}
     if all(p.exists() for p in paths.values()):
         return paths
     out_dir.mkdir(parents=True, exist_ok=True)
     chunks: dict[str, list[bytes]] = {"train": [], "val": []}
-    for rel, path in files:
-        chunks[split_of(rel)] += [path.read_bytes(), SEPARATOR]
+    for name, _, read in docs:
+        chunks[split_of(name)] += [read(), SEPARATOR]
     for split, path in paths.items():
+        if not chunks[split]:
+            raise ValueError(f"the {domain} domain has no {split} documents")
         _write_atomic(path, chunks[split])
     return paths
 

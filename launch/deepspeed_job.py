@@ -86,8 +86,9 @@ def check_args(p, args) -> None:
         p.error(f"--dp {args.dp} with --deepspeed: dp is the world size {world}")
     if args.save_every:
         p.error("--save-every with --deepspeed: checkpoints are not supported in DeepSpeed mode yet")
-    overridden = [f"--{name.replace('_', '-')}" for name in ("optimizer", "lr", "weight_decay", "clip")
-                  if getattr(args, name) != p.get_default(name)]
+    decided = ("optimizer", "lr", "weight_decay", "clip", "betas", "momentum", "rms", "reg_p", "reg_iters", "ns_steps",
+               "muoneq_mode")
+    overridden = [f"--{name.replace('_', '-')}" for name in decided if getattr(args, name) != p.get_default(name)]
     if overridden:
         p.error(f"{', '.join(overridden)} with --deepspeed: the config's optimizer block and "
                 f"gradient_clipping decide them; set them in {args.deepspeed}")
@@ -128,7 +129,7 @@ def run(args) -> dict:
             os.environ.setdefault(var, "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    paths = T.prepare_rank(args, par, T.world_env())
+    paths = T.prepare_rank(args, par, T.world_env())[args.data]
     micro, gas = args.micro_batch, args.grad_accum
     train_data = ByteWindows(paths["train"], args.seq_len, micro, seed=args.seed, rank=par.dp_rank,
                              world_size=args.dp)

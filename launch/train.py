@@ -1,8 +1,9 @@
-"""Train the byte-level GPT of ``launch.model`` on the stdlib corpus of ``launch.data``, on one rank
-or many (data × tensor parallel).
+"""Train the byte-level GPT of ``launch.model`` on a corpus of ``launch.data`` (``--data stdlib``,
+Python sources; ``pydoc``, English reference text), on one rank or many (data × tensor parallel).
 
     python launch/train.py                                  # one process: REG with the defaults
     python launch/train.py --optimizer muon --steps 50 --out runs/muon
+    python launch/train.py --optimizer reg --data pydoc --init runs/adamw --eval-also stdlib  # fine-tune
     torchrun --standalone --nproc_per_node=2 launch/train.py              # dp = 2 (what `make train` runs)
     torchrun --standalone --nproc_per_node=4 launch/train.py --dp 2 --tp 2
     deepspeed --num_gpus 2 launch/train.py --deepspeed configs/zero2_reg.json   # DeepSpeed: launch/deepspeed_job.py
@@ -11,7 +12,11 @@ Prints (rank 0 only) the optimizer's routing table, then a progress line every -
 and writes ``log.json`` (args, per-step train loss / lr / tokens per second, validation losses,
 final numbers) to the run directory --out, rewritten atomically at every evaluation and at the end.
 The learning rate warms up linearly for --warmup steps, then follows a cosine down to 10% at the
-last step.
+last step. Each optimizer's own hyper-parameters have flags (``--betas``; ``--momentum``, ``--rms``
+for REG/Muon/MuonEq; ``--reg-p``, ``--reg-iters``; ``--ns-steps``; ``--muoneq-mode``); a flag given
+to an optimizer it does not apply to is refused. ``--init CHECKPOINT`` starts from another run's
+model weights (the same model) with a fresh optimizer, schedule and data stream: fine-tuning;
+``--eval-also DOMAIN`` validates on a second domain too (``val_also`` in the log: forgetting).
 
 Parallelism. Under torchrun the world (gloo on the CPU; nccl with ``--device cuda``) is a
 ``(dp, tp)`` mesh, ``dp × tp = world`` (``--dp`` defaults to world / ``--tp``). Each dp rank reads
@@ -109,7 +114,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh  # noqa: 
 from torch.distributed.tensor import DTensor  # noqa: E402
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module  # noqa: E402
 
-from launch.data import DEFAULT_CACHE, ByteWindows, build_corpus  # noqa: E402
+from launch.data import DEFAULT_CACHE, DOMAINS, ByteWindows, build_corpus  # noqa: E402
 from launch.model import GPT, GPTConfig  # noqa: E402
 from reg_dist import REG, Muon, MuonEq  # noqa: E402
 from reg_dist import checkpoint as reg_checkpoint  # noqa: E402
@@ -118,10 +123,20 @@ MATRIX_OPTIMIZERS = {"reg": REG, "muon": Muon, "muoneq": MuonEq}
 OPTIMIZERS = (*MATRIX_OPTIMIZERS, "adamw")
 RUNS = Path(__file__).resolve().parents[1] / "runs"
 FINAL_LR_FRACTION = 0.1
+BAR = 20  # characters of the progress bar
 CHECKPOINTS = "checkpoints"
 META = "meta.json"
 # what a checkpoint must match to be resumed (besides the world layout)
-RESUME_MUST_MATCH = ("optimizer", "model", "batch_size", "seq_len")
+RESUME_MUST_MATCH = ("optimizer", "model", "batch_size", "seq_len", "data")
+# --flag: (keyword of the optimizer, the optimizers it applies to); None leaves the optimizer's default
+HYPER_PARAMETERS = {
+    "momentum": ("momentum", ("reg", "muon", "muoneq")),
+    "rms": ("rms", ("reg", "muon", "muoneq")),
+    "reg_p": ("p", ("reg",)),
+    "reg_iters": ("iters", ("reg",)),
+    "ns_steps": ("ns_steps", ("muon", "muoneq")),
+    "muoneq_mode": ("mode", ("muoneq",)),
+}
 
 
 def world_env() -> dict[str, int]:
@@ -157,6 +172,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="reg")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (every parameter group)")
     p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95), metavar=("B1", "B2"),
+                   help="AdamW's betas (--optimizer adamw, and the AdamW inside REG/Muon/MuonEq)")
+    p.add_argument("--momentum", type=float, default=None, help="REG/Muon/MuonEq momentum (default 0.95)")
+    p.add_argument("--rms", type=float, default=None,
+                   help="REG/Muon/MuonEq update RMS, matched to AdamW's (default 0.2)")
+    p.add_argument("--reg-p", type=float, default=None, help="REG: the RACS norm exponent p (default 2)")
+    p.add_argument("--reg-iters", type=int, default=None, help="REG: RACS iterations (default 1)")
+    p.add_argument("--ns-steps", type=int, default=None, help="Muon/MuonEq: Newton-Schulz steps (default 5)")
+    p.add_argument("--muoneq-mode", choices=("row", "col", "rowcol"), default=None,
+                   help="MuonEq: the equilibration before Newton-Schulz (default row)")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch-size", type=int, default=None,
                    help="global batch (windows per step), split over dp (default 16; with --deepspeed: the config's)")
@@ -193,12 +218,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="train through reg_dist.deepspeed.initialize with this DeepSpeed JSON config "
                         "(see launch/deepspeed_job.py)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed's
+    p.add_argument("--data", choices=DOMAINS, default="stdlib",
+                   help="the domain trained and validated on: stdlib (Python sources) or pydoc (English "
+                        "reference text)")
+    p.add_argument("--eval-also", choices=DOMAINS, action="append", default=[], metavar="DOMAIN",
+                   help="also validate on this domain at every evaluation (repeatable; e.g. forgetting after "
+                        "fine-tuning)")
+    p.add_argument("--init", type=Path, default=None, metavar="PATH",
+                   help="start from the model weights of this checkpoint (or run directory: its newest) with a fresh "
+                        "optimizer, schedule and data stream: fine-tuning. The model must match; ignored on resume")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_CACHE, help="cache of the corpus token files")
     p.add_argument("--out", type=Path, default=None,
                    help="run directory (default: runs/OPTIMIZER-TIMESTAMP; resuming: the checkpoint's)")
     args = p.parse_args(argv)
     for name in ("steps", "batch_size", "seq_len", "depth", "width", "heads", "eval_every", "eval_batches", "log_every",
-                 "threads", "dp", "tp"):
+                 "threads", "dp", "tp", "reg_iters", "ns_steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -218,14 +252,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.deepspeed is not None:
         from launch.deepspeed_job import check_args
         check_args(p, args)
-    elif args.batch_size is None:
-        args.batch_size = 16
+        if args.init is not None or args.eval_also:
+            p.error("--init and --eval-also are not supported with --deepspeed yet")
+    else:
+        check_hyper_parameters(p, args)
+        args.batch_size = 16 if args.batch_size is None else args.batch_size
     check_parallel(p, args)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     if args.device == "cuda" and world_env()["local_world"] > torch.cuda.device_count():
         p.error(f"{world_env()['local_world']} local ranks but {torch.cuda.device_count()} CUDA device(s)")
     args.resume, args.meta = find_checkpoint(p, args) if args.deepspeed is None else (None, None)
+    args.init = find_init(p, args) if args.init is not None and args.resume is None else None
     run_dir_of_checkpoint = None
     if args.resume is not None and args.resume.parent.name == CHECKPOINTS:
         run_dir_of_checkpoint = args.resume.parent.parent
@@ -239,6 +277,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--out {args.out} exists and is not empty: pass --overwrite to write into it "
                 f"(or choose another run directory)")
     return args
+
+
+def check_hyper_parameters(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The optimizer's own flags: in range, and given only to an optimizer they apply to; sets
+    ``args.hyper`` (the optimizer's keyword arguments beyond lr and weight decay)."""
+    in_unit = {"--betas": args.betas, "--momentum": [args.momentum]}
+    positive = {"--rms": args.rms, "--reg-p": args.reg_p}
+    for flag, values in in_unit.items():
+        if not all(v is None or (math.isfinite(v) and 0 <= v < 1) for v in values):
+            p.error(f"{flag} must be in [0, 1), got {' '.join(map(str, values))}")
+    for flag, value in positive.items():
+        if value is not None and not (math.isfinite(value) and value > 0):
+            p.error(f"{flag} must be a finite number > 0, got {value}")
+    args.hyper = {}
+    for flag, (keyword, applies) in HYPER_PARAMETERS.items():
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        if args.optimizer not in applies:
+            p.error(f"--{flag.replace('_', '-')} applies to --optimizer {' or '.join(applies)}, not {args.optimizer}")
+        args.hyper[keyword] = value
+
+
+def find_init(p: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
+    """The checkpoint ``--init`` names (a checkpoint directory, or a run directory's newest complete one),
+    checked to hold this model."""
+    path = named_checkpoint(p, "--init", args.init)
+    meta = read_meta(p, "--init", path)
+    if meta.get("model") != asdict(args.model):
+        p.error(f"--init {path}: the checkpoint's model is {meta.get('model')}, this run's {asdict(args.model)}")
+    if not (path / MODEL_DIR / ".metadata").is_file():
+        p.error(f"--init {path}: incomplete checkpoint, no {MODEL_DIR}/.metadata")
+    return path
 
 
 def check_parallel(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -272,18 +343,8 @@ def find_checkpoint(p: argparse.ArgumentParser, args: argparse.Namespace) -> tup
             return None, None
         path = found[-1]
     else:
-        path = Path(args.resume)
-        if not (path / META).is_file():
-            found = complete_checkpoints(path)
-            if not found:
-                p.error(f"--resume {path}: no checkpoint there (expected a checkpoint directory with {META}, "
-                        f"or a run directory with a complete {CHECKPOINTS}/step-N)")
-            path = found[-1]
-    try:
-        meta = json.loads((path / META).read_text())
-        step, world, dp, tp = (int(meta[k]) for k in ("step", "world", "dp", "tp"))
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        p.error(f"--resume {path}: corrupt checkpoint, cannot read {META}: {e!r}")
+        path = named_checkpoint(p, "--resume", Path(args.resume))
+    meta = read_meta(p, "--resume", path)
     if meta.get("format") != CHECKPOINT_FORMAT:
         p.error(f"--resume {path}: a checkpoint in {meta.get('format', 'the per-rank rank{r}.pt format')} of an "
                 f"earlier train.py, not {CHECKPOINT_FORMAT}: it cannot be resumed")
@@ -292,6 +353,7 @@ def find_checkpoint(p: argparse.ArgumentParser, args: argparse.Namespace) -> tup
         if meta.get(key) != ours[key]:
             p.error(f"--resume {path}: the checkpoint has {key} {meta.get(key)}, this run {ours[key]}"
                     + (" (a checkpoint of another optimizer)" if key == "optimizer" else ""))
+    step = meta["step"]
     if step > args.steps or (step == args.steps and args.resume != "auto"):
         p.error(f"--resume {path} is at step {step}, already at or past --steps {args.steps}")
     for part in (MODEL_DIR, OPTIMIZER_DIR):
@@ -300,9 +362,30 @@ def find_checkpoint(p: argparse.ArgumentParser, args: argparse.Namespace) -> tup
     return path, meta
 
 
+def named_checkpoint(p: argparse.ArgumentParser, flag: str, path: Path) -> Path:
+    """``path`` if it is a checkpoint directory, else the run directory ``path``'s newest complete one."""
+    if (path / META).is_file():
+        return path
+    found = complete_checkpoints(path)
+    if not found:
+        p.error(f"{flag} {path}: no checkpoint there (expected a checkpoint directory with {META}, "
+                f"or a run directory with a complete {CHECKPOINTS}/step-N)")
+    return found[-1]
+
+
+def read_meta(p: argparse.ArgumentParser, flag: str, path: Path) -> dict:
+    """The checkpoint's ``meta.json``, its step and layout checked to be integers."""
+    try:
+        meta = json.loads((path / META).read_text())
+        meta.update({k: int(meta[k]) for k in ("step", "world", "dp", "tp")})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        p.error(f"{flag} {path}: corrupt checkpoint, cannot read {META}: {e!r}")
+    return meta
+
+
 def run_identity(args: argparse.Namespace) -> dict:
     return {"world": args.world, "dp": args.dp, "tp": args.tp, "optimizer": args.optimizer,
-            "model": asdict(args.model), "batch_size": args.batch_size, "seq_len": args.seq_len}
+            "model": asdict(args.model), "batch_size": args.batch_size, "seq_len": args.seq_len, "data": args.data}
 
 
 # ---- parallelism ------------------------------------------------------------------------------
@@ -368,6 +451,29 @@ def attempt_store(env: dict[str, int]) -> dist.Store | None:
     return dist.PrefixStore(f"/launch.train/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", client)
 
 
+# arguments a rank may hold on its own (its node's paths and threads; rank 0's --out is broadcast)
+NODE_LOCAL_ARGS = ("local_rank", "threads", "data_dir", "out", "resume", "meta", "init", "continuing", "overwrite",
+                   "log_every", "die_at_step", "die_rank")
+
+
+def check_same_run(args: argparse.Namespace) -> None:
+    """Exit every rank, naming the argument and the ranks, unless all ranks (every node's torchrun)
+    parsed the same run arguments; collective, before the mesh (another --dp or --tp would hang it)."""
+    ours = {k: repr(v) for k, v in vars(args).items() if k not in NODE_LOCAL_ARGS}
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, ours)
+    differ = []
+    for key in dict.fromkeys(k for theirs in every for k in theirs):
+        ranks: dict[str, list[int]] = {}
+        for rank, theirs in enumerate(every):
+            ranks.setdefault(theirs.get(key, "(none)"), []).append(rank)
+        if len(ranks) > 1:
+            differ.append(f"--{key.replace('_', '-')} is " + ", ".join(
+                f"{value} on ranks {r[:8]}{' …' if len(r) > 8 else ''}" for value, r in ranks.items()))
+    if differ:
+        die("the ranks (nodes) were started with different arguments: " + "; ".join(differ))
+
+
 class Parallel:
     """The process group and mesh (or none, in one process) and the collectives the loop needs."""
 
@@ -385,6 +491,7 @@ class Parallel:
             dist.init_process_group("nccl" if args.device == "cuda" else "gloo", store=attempt_store(env),
                                     rank=env["rank"], world_size=self.world,
                                     device_id=self.device if args.device == "cuda" else None)
+            check_same_run(args)
             self.mesh = init_device_mesh(args.device, (self.dp, self.tp), mesh_dim_names=("dp", "tp"))
             self.rank = dist.get_rank()
             self.dp_rank = self.mesh.get_local_rank("dp")
@@ -422,16 +529,19 @@ class Parallel:
 
 # ---- optimizer, schedule, evaluation ------------------------------------------------------
 def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float,
-                    mesh: DeviceMesh | None = None) -> torch.optim.Optimizer:
-    """REG/Muon/MuonEq on the model (hidden matrices; the rest to their internal AdamW), with
-    ``mesh=`` (native data parallelism) under torchrun; or plain AdamW (TP shards in a group of their own)."""
+                    mesh: DeviceMesh | None = None, betas: tuple[float, float] = (0.9, 0.95),
+                    **hyper) -> torch.optim.Optimizer:
+    """REG/Muon/MuonEq on the model (hidden matrices; the rest to their internal AdamW) with their
+    keyword arguments ``hyper``, and ``mesh=`` (native data parallelism) under torchrun; or plain AdamW
+    (TP shards in a group of their own)."""
     if name == "adamw":
         params = list(model.parameters())
         groups = [g for g in ([p for p in params if isinstance(p, DTensor)],
                               [p for p in params if not isinstance(p, DTensor)]) if g]
-        return torch.optim.AdamW([{"params": g} for g in groups], lr=lr, betas=(0.9, 0.95),
+        return torch.optim.AdamW([{"params": g} for g in groups], lr=lr, betas=betas,
                                  weight_decay=weight_decay, fused=True)
-    return MATRIX_OPTIMIZERS[name](model, lr=lr, weight_decay=weight_decay, mesh=mesh)
+    return MATRIX_OPTIMIZERS[name](model, lr=lr, weight_decay=weight_decay, mesh=mesh,
+                                   **{"adamw_betas": betas, **hyper})
 
 
 def routing_text(opt: torch.optim.Optimizer, model: nn.Module) -> str:
@@ -743,14 +853,16 @@ def read_model(path: str | Path) -> dict[str, Tensor]:
 # ---- the run ------------------------------------------------------------------------------
 def progress(step: int, steps: int, record: dict, val_loss: float, val_step: int, tokens: int, n: int,
              seconds: float) -> str:
-    """The progress line: loss, last validation, lr, tokens/s over the last ``n`` steps, ETA."""
-    return (f"step {step}/{steps} | loss {record['loss']:.4f} | val {val_loss:.4f} (@{val_step}) | "
+    """The progress line: a bar, loss, last validation, lr, tokens/s over the last ``n`` steps, ETA."""
+    done = round(BAR * step / steps)
+    return (f"[{'#' * done}{'.' * (BAR - done)}] {100 * step // steps:3d}% step {step}/{steps} | "
+            f"loss {record['loss']:.4f} | val {val_loss:.4f} (@{val_step}) | "
             f"lr {record['lr']:.2e} | {tokens / seconds:,.0f} tok/s | ETA {duration((steps - step) * seconds / n)}")
 
 
-def prepare_rank(args: argparse.Namespace, par: "Parallel", env: dict) -> dict:
-    """Threads per rank, rank 0's run directory and seed everywhere, the corpus built once (rank 0
-    first): the token files' paths."""
+def prepare_rank(args: argparse.Namespace, par: "Parallel", env: dict) -> dict[str, dict[str, Path]]:
+    """Threads per rank, rank 0's run directory and seed everywhere, the corpora of --data and
+    --eval-also built once (rank 0 first): ``{domain: {"train": path, "val": path}}``."""
     if args.threads:
         torch.set_num_threads(args.threads)
     elif args.world > 1:
@@ -758,12 +870,13 @@ def prepare_rank(args: argparse.Namespace, par: "Parallel", env: dict) -> dict:
         torch.set_num_threads(max(1, cores // env["local_world"]))
     args.out = Path(par.broadcast(str(args.out)))  # a default name's timestamp: rank 0's
     torch.manual_seed(args.seed)
+    domains = dict.fromkeys([args.data, *args.eval_also])
     if par.rank0:
-        paths = build_corpus(args.data_dir)
+        corpora = {d: build_corpus(args.data_dir, domain=d) for d in domains}
     par.barrier()
     if not par.rank0:
-        paths = build_corpus(args.data_dir)
-    return paths
+        corpora = {d: build_corpus(args.data_dir, domain=d) for d in domains}
+    return corpora
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -774,38 +887,55 @@ def main(argv: list[str] | None = None) -> dict:
         return run(args)
     par = Parallel(args)
     env = world_env()
-    paths = prepare_rank(args, par, env)
+    corpora = prepare_rank(args, par, env)
+    paths = corpora[args.data]
     per_rank = args.batch_size // args.dp
     train_data = ByteWindows(paths["train"], args.seq_len, per_rank, seed=args.seed, rank=par.dp_rank,
                              world_size=args.dp)
-    val_data = ByteWindows(paths["val"], args.seq_len, per_rank, rank=par.dp_rank, world_size=args.dp)
-    val_batches = [(x.to(par.device), y.to(par.device)) for x, y in val_data.eval_batches(args.eval_batches)]
-    model = GPT(args.model).to(par.device)
+    val_batches = {domain: [(x.to(par.device), y.to(par.device)) for x, y in
+                            ByteWindows(c["val"], args.seq_len, per_rank, rank=par.dp_rank, world_size=args.dp)
+                            .eval_batches(args.eval_batches)] for domain, c in corpora.items()}
+    model = GPT(args.model)
+    if args.init is not None:  # fine-tuning: the weights of another run, everything else afresh
+        error = None
+        try:
+            model.load_state_dict(read_model(args.init))
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 — any failure to read it is a bad checkpoint
+            error = f"--init {args.init}: cannot read its model: {_reason(e)}"
+        if error := par.first_error(error):
+            die(error)
+    model = model.to(par.device)
     num_params = model.num_params()
     if args.tp > 1:
         parallelize(model, par.mesh["tp"])
-    opt = build_optimizer(args.optimizer, model, args.lr, args.weight_decay, par.mesh)
+    opt = build_optimizer(args.optimizer, model, args.lr, args.weight_decay, par.mesh, tuple(args.betas),
+                          **args.hyper)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(args.warmup, args.steps))
     params = list(model.parameters())
     routing = routing_text(opt, model)
     first = 1
     log = {"args": {k: v for k, v in vars(args).items() if k not in ("model", "meta", "continuing")},
            "model": asdict(args.model),
-           "params": num_params, "corpus": {k: str(v) for k, v in paths.items()}, "routing": routing,
-           "train": [], "val": []}
+           "params": num_params, "corpus": {d: {k: str(v) for k, v in c.items()} for d, c in corpora.items()},
+           "routing": routing, "train": [], "val": [], "val_also": {d: [] for d in args.eval_also}}
     if args.resume is not None:
         done, saved = load_checkpoint(args.resume, args.meta, model, opt, sched, train_data, par)
         first = done + 1
         if par.rank0:
             log["train"] = [r for r in saved.get("train", []) if r["step"] <= done]
             log["val"] = [v for v in saved.get("val", []) if v["step"] <= done]
+            log["val_also"] = {d: [v for v in saved.get("val_also", {}).get(d, []) if v["step"] <= done]
+                               for d in args.eval_also}
             log["resumed"] = saved.get("resumed", []) + [{"step": done, "from": str(args.resume)}]
     say = print if par.rank0 else (lambda *a, **k: None)
     say(f"model: {num_params:,} parameters {asdict(args.model)}")
     say(f"world {args.world} = dp {args.dp} × tp {args.tp} on {par.device}; global batch {args.batch_size} "
         f"({per_rank} per dp rank) × {args.seq_len} bytes; threads {torch.get_num_threads()} per rank")
-    say(f"corpus {paths['train'].parent}: train {len(train_data):,} bytes, val {len(val_data):,} bytes "
-        f"(evaluated on {args.eval_batches}×{args.batch_size} windows)")
+    say(f"corpus {args.data} in {paths['train'].parent}: train {len(train_data):,} bytes, "
+        f"val {paths['val'].stat().st_size:,} bytes (evaluated on {args.eval_batches}×{args.batch_size} windows" +
+        "".join(f"; also on {d} val" for d in args.eval_also) + ")")
+    if args.init is not None:
+        say(f"model initialised from {args.init}")
     say(f"optimizer {args.optimizer} routing:\n{routing}", flush=True)
     if args.resume is not None:
         say(f"resumed from {args.resume} at step {first - 1}", flush=True)
@@ -827,10 +957,19 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     train_s = interval_s = 0.0
     printed = first - 1  # the step of the last progress line
+
+    def validate(step: int) -> float:
+        """Validation loss on --data (returned) and on each --eval-also domain, logged at ``step``."""
+        for domain in args.eval_also:
+            log["val_also"][domain].append({"step": step, "loss": evaluate(model, val_batches[domain], par)})
+        loss = evaluate(model, val_batches[args.data], par)
+        log["val"].append({"step": step, "loss": loss})
+        return loss
+
     if first == 1:
-        val_loss = evaluate(model, val_batches, par)
-        log["val"].append({"step": 0, "loss": val_loss})
-        say(f"step 0/{args.steps} | val {val_loss:.4f}", flush=True)
+        val_loss = validate(0)
+        say(f"step 0/{args.steps} | val {val_loss:.4f}" +
+            "".join(f" | {d} val {v[-1]['loss']:.4f}" for d, v in log["val_also"].items()), flush=True)
     else:  # the last validation loss before the checkpoint (rank 0 alone has the log; control flow is the same)
         val_loss = log["val"][-1]["loss"] if log["val"] else math.nan
     average_here = args.dp > 1 and (args.optimizer == "adamw" or args.clip > 0)
@@ -864,8 +1003,7 @@ def main(argv: list[str] | None = None) -> dict:
         interval_s += dt
         record["tokens_per_s"] = tokens_per_step / dt
         if step % args.eval_every == 0 or step == args.steps:
-            val_loss = evaluate(model, val_batches, par)
-            log["val"].append({"step": step, "loss": val_loss})
+            val_loss = validate(step)
             if par.rank0:
                 write_json(log_path, log)
         if args.save_every and (step % args.save_every == 0 or step == args.steps):

@@ -1,0 +1,285 @@
+"""The convergence and fine-tuning study: REG vs AdamW vs Muon vs MuonEq on real text, every run a
+``launch/train.py`` run (one process, one thread, the same model, data order and token budget).
+
+  1. Pretraining on the stdlib domain (Python sources): AdamW, Muon, MuonEq-R (row equilibration),
+     MuonEq-RC (row and column) and REG, each at every lr of the sweep (seed 0); then each at its
+     best lr (lowest final validation loss) with the other seeds. Reported: final validation loss,
+     mean ± spread (max − min) / 2 over the seeds at the best lr. The seed sets the initialisation
+     and the data order, the same for every optimizer.
+  2. Fine-tuning on the pydoc domain (English reference text): the seed-0 AdamW pretraining run at
+     its best lr is the base; AdamW, Muon, MuonEq-R and REG fine-tune its checkpoint at every lr of
+     the fine-tuning sweep, then at their best lr with the other seeds. Every matrix optimizer
+     scales its update to AdamW's RMS (``--rms``, 0.2), so one lr grid serves all. Reported: the
+     pydoc validation loss, and the stdlib validation loss after fine-tuning (forgetting: its rise
+     over the base's).
+
+Runs go to ``--runs`` (one directory each, reused when a rerun asks for the same command: the study
+resumes); results to ``--results``: ``convergence.json`` (every run's curves and finals, the tables)
+and the plots ``convergence_pretrain.png``, ``convergence_lr.png``, ``convergence_finetune.png``.
+
+Run:  .venv/bin/python benchmarks/convergence.py [--quick] [--workers 2]
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import multiprocessing
+import os
+import shlex
+import shutil
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# name: train.py arguments of the optimizer
+PRETRAIN = {"adamw": ["--optimizer", "adamw"], "muon": ["--optimizer", "muon"],
+            "muoneq-r": ["--optimizer", "muoneq", "--muoneq-mode", "row"],
+            "muoneq-rc": ["--optimizer", "muoneq", "--muoneq-mode", "rowcol"], "reg": ["--optimizer", "reg"]}
+FINETUNE = {name: PRETRAIN[name] for name in ("adamw", "muon", "muoneq-r", "reg")}
+BASE = "adamw"  # the optimizer the fine-tuning base is pretrained with
+
+# the study's scale: the full one (<= 60 min on 2 cores) and --quick (a smoke test, <= 3 min)
+SCALES = {
+    "full": {"model": ["--depth", "4", "--width", "128", "--heads", "4", "--seq-len", "128", "--batch-size", "16"],
+             "pretrain": ["--steps", "500", "--warmup", "25", "--eval-every", "50", "--eval-batches", "8"],
+             "finetune": ["--steps", "200", "--warmup", "10", "--eval-every", "25", "--eval-batches", "8"],
+             "pretrain_lrs": [1e-3, 3e-3, 1e-2], "finetune_lrs": [3e-4, 1e-3, 3e-3], "seeds": [0, 1]},
+    "quick": {"model": ["--depth", "1", "--width", "32", "--heads", "2", "--seq-len", "32", "--batch-size", "8"],
+              "pretrain": ["--steps", "30", "--warmup", "3", "--eval-every", "10", "--eval-batches", "2"],
+              "finetune": ["--steps", "12", "--warmup", "2", "--eval-every", "4", "--eval-batches", "2"],
+              "pretrain_lrs": [3e-3, 1e-2, 3e-2], "finetune_lrs": [1e-3, 3e-3, 1e-2], "seeds": [0, 1]},
+}
+COMMON = ["--threads", "1", "--weight-decay", "0.1", "--clip", "1.0", "--log-every", "1000000"]
+
+
+def train_run(run_dir: str, argv: list[str]) -> dict:
+    """One ``launch/train.py`` run in this worker (its output to ``run_dir``/stdout.txt); its log.
+
+    A run directory whose ``command.json`` (written last) holds the same arguments is reused."""
+    from launch.train import main
+    run_dir = Path(run_dir)
+    command = run_dir / "command.json"
+    if command.is_file() and json.loads(command.read_text()) == argv and (run_dir / "log.json").is_file():
+        return json.loads((run_dir / "log.json").read_text())
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    with open(run_dir / "stdout.txt", "w") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        log = main([*argv, "--out", str(run_dir), "--overwrite"])
+    command.write_text(json.dumps(argv))
+    return log
+
+
+class Study:
+    """Runs a stage's runs on a pool of one-thread workers and keeps every run's log."""
+
+    def __init__(self, scale: dict, runs: Path, workers: int, data_dir: Path) -> None:
+        self.scale, self.runs, self.data_dir = scale, runs, data_dir
+        self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        self.logs: dict[str, dict] = {}
+
+    def run(self, specs: dict[str, list[str]]) -> None:
+        """``specs``: run name → train.py arguments; every run of the stage at once."""
+        futures = {name: self.pool.submit(train_run, str(self.runs / name),
+                                          [*COMMON, "--data-dir", str(self.data_dir), *argv])
+                   for name, argv in specs.items()}
+        for name, future in futures.items():
+            self.logs[name] = log = future.result()
+            final = log["final"]
+            print(f"  {name:<36} val {final['val_loss']:.4f}  ({final['train_s']:.0f} s, "
+                  f"{final['tokens_per_s']:,.0f} tok/s)", flush=True)
+
+
+def name_of(stage: str, opt: str, lr: float, seed: int) -> str:
+    return f"{stage}-{opt}-lr{lr:g}-s{seed}"
+
+
+def best_lr(logs: dict, stage: str, opt: str, lrs: list[float], seed: int) -> float:
+    """The lr of the lowest final validation loss (a non-finite loss never wins)."""
+    def loss(lr: float) -> float:
+        value = logs[name_of(stage, opt, lr, seed)]["final"]["val_loss"]
+        return value if math.isfinite(value) else math.inf
+    return min(lrs, key=loss)
+
+
+def at_edge(lr: float, lrs: list[float]) -> bool:
+    """Whether the best lr is the sweep's lowest or highest: the optimum may lie outside it."""
+    return lr in (min(lrs), max(lrs))
+
+
+def mean_spread(values: list[float]) -> tuple[float, float]:
+    """Mean and half the range (max − min) / 2."""
+    return sum(values) / len(values), (max(values) - min(values)) / 2
+
+
+def pretrain(study: Study) -> dict:
+    """Stage 1: the lr sweep at the first seed, then the other seeds at each optimizer's best lr."""
+    s = study.scale
+    base = [*s["model"], *s["pretrain"], "--data", "stdlib"]
+    seed0, others = s["seeds"][0], s["seeds"][1:]
+
+    def spec(opt: str, lr: float, seed: int) -> list[str]:
+        steps = s["pretrain"][s["pretrain"].index("--steps") + 1]
+        save = ["--save-every", steps, "--keep", "1"] if opt == BASE else []  # the fine-tuning base
+        return [*base, *PRETRAIN[opt], "--lr", f"{lr:g}", "--seed", str(seed), *save]
+
+    print("pretraining: lr sweep", flush=True)
+    study.run({name_of("pre", o, lr, seed0): spec(o, lr, seed0) for o in PRETRAIN for lr in s["pretrain_lrs"]})
+    best = {o: best_lr(study.logs, "pre", o, s["pretrain_lrs"], seed0) for o in PRETRAIN}
+    print("pretraining: seeds at the best lr", flush=True)
+    study.run({name_of("pre", o, best[o], seed): spec(o, best[o], seed) for o in PRETRAIN for seed in others})
+    table = {}
+    for o in PRETRAIN:
+        finals = [study.logs[name_of("pre", o, best[o], seed)]["final"]["val_loss"] for seed in s["seeds"]]
+        mean, spread = mean_spread(finals)
+        table[o] = {"best_lr": best[o], "best_lr_at_grid_edge": at_edge(best[o], s["pretrain_lrs"]),
+                    "val_loss_mean": mean, "val_loss_spread": spread, "val_loss_per_seed": finals,
+                    "val_loss_per_lr": {f"{lr:g}": study.logs[name_of("pre", o, lr, seed0)]["final"]["val_loss"]
+                                        for lr in s["pretrain_lrs"]}}
+    return table
+
+
+def finetune(study: Study, pre_table: dict) -> dict:
+    """Stage 2: fine-tune the AdamW base on pydoc (lr sweep at the first seed, then the other seeds)."""
+    s = study.scale
+    seed0, others = s["seeds"][0], s["seeds"][1:]
+    base_run = study.runs / name_of("pre", BASE, pre_table[BASE]["best_lr"], seed0)
+    base = [*s["model"], *s["finetune"], "--data", "pydoc", "--eval-also", "stdlib", "--init", str(base_run)]
+
+    def spec(opt: str, lr: float, seed: int) -> list[str]:
+        return [*base, *FINETUNE[opt], "--lr", f"{lr:g}", "--seed", str(seed)]
+
+    print(f"fine-tuning {base_run.name} on pydoc: lr sweep", flush=True)
+    study.run({name_of("ft", o, lr, seed0): spec(o, lr, seed0) for o in FINETUNE for lr in s["finetune_lrs"]})
+    best = {o: best_lr(study.logs, "ft", o, s["finetune_lrs"], seed0) for o in FINETUNE}
+    print("fine-tuning: seeds at the best lr", flush=True)
+    study.run({name_of("ft", o, best[o], seed): spec(o, best[o], seed) for o in FINETUNE for seed in others})
+    first = study.logs[name_of("ft", BASE, best[BASE], seed0)]
+    base_pydoc, base_stdlib = first["val"][0]["loss"], first["val_also"]["stdlib"][0]["loss"]
+    table = {"base": {"run": base_run.name, "pydoc_val": base_pydoc, "stdlib_val": base_stdlib}}
+    for o in FINETUNE:
+        logs = [study.logs[name_of("ft", o, best[o], seed)] for seed in s["seeds"]]
+        pydoc = mean_spread([log["final"]["val_loss"] for log in logs])
+        stdlib = mean_spread([log["val_also"]["stdlib"][-1]["loss"] for log in logs])
+        table[o] = {"best_lr": best[o], "best_lr_at_grid_edge": at_edge(best[o], s["finetune_lrs"]),
+                    "pydoc_val_mean": pydoc[0], "pydoc_val_spread": pydoc[1],
+                    "stdlib_val_mean": stdlib[0], "stdlib_val_spread": stdlib[1],
+                    "forgetting_mean": stdlib[0] - base_stdlib,
+                    "pydoc_val_per_lr": {f"{lr:g}": study.logs[name_of("ft", o, lr, seed0)]["final"]["val_loss"]
+                                         for lr in s["finetune_lrs"]}}
+    return table
+
+
+def markdown(pre: dict, ft: dict) -> str:
+    """The two result tables."""
+    best_pre = min(pre, key=lambda o: pre[o]["val_loss_mean"])
+    lines = ["| pretraining (stdlib) | best lr | final val loss (mean ± spread) | vs AdamW |", "|---|---|---|---|"]
+    for o, r in pre.items():
+        edge = " (grid edge)" if r["best_lr_at_grid_edge"] else ""
+        mark = " **best**" if o == best_pre else ""
+        lines.append(f"| {o}{mark} | {r['best_lr']:g}{edge} | {r['val_loss_mean']:.4f} ± {r['val_loss_spread']:.4f} | "
+                     f"{r['val_loss_mean'] - pre['adamw']['val_loss_mean']:+.4f} |")
+    b = ft["base"]
+    lines += ["", f"| fine-tuning (pydoc), base {b['run']}: pydoc val {b['pydoc_val']:.4f}, stdlib val "
+              f"{b['stdlib_val']:.4f} | best lr | pydoc val loss | stdlib val loss after | forgetting |",
+              "|---|---|---|---|---|"]
+    for o, r in ft.items():
+        if o == "base":
+            continue
+        edge = " (grid edge)" if r["best_lr_at_grid_edge"] else ""
+        lines.append(f"| {o} | {r['best_lr']:g}{edge} | {r['pydoc_val_mean']:.4f} ± {r['pydoc_val_spread']:.4f} | "
+                     f"{r['stdlib_val_mean']:.4f} ± {r['stdlib_val_spread']:.4f} | {r['forgetting_mean']:+.4f} |")
+    return "\n".join(lines)
+
+
+def plot(study: Study, pre: dict, ft: dict, results: Path, prefix: str) -> list[Path]:
+    """Validation curves at the best lr (seed 0), the lr sweeps, the fine-tuning trade-off."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s, seed0 = study.scale, study.scale["seeds"][0]
+    paths = [results / f"{prefix}_{what}.png" for what in ("pretrain", "lr", "finetune")]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for o, r in pre.items():
+        log = study.logs[name_of("pre", o, r["best_lr"], seed0)]
+        ax.plot([v["step"] for v in log["val"]], [v["loss"] for v in log["val"]], marker=".",
+                label=f"{o} (lr {r['best_lr']:g})")
+    ax.set(xlabel="step", ylabel="validation loss (stdlib, nats/byte)", title="Pretraining, best lr, seed 0")
+    lows = [v["loss"] for o, r in pre.items() for v in study.logs[name_of("pre", o, r["best_lr"], seed0)]["val"][1:]]
+    ax.set_ylim(min(lows) - 0.05, min(lows) + 1.5)
+    ax.legend(), ax.grid(alpha=0.3)
+    fig.tight_layout(), fig.savefig(paths[0], dpi=110), plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, table, key, lrs, title in ((axes[0], pre, "val_loss_per_lr", s["pretrain_lrs"], "pretraining (stdlib val)"),
+                                       (axes[1], {o: r for o, r in ft.items() if o != "base"}, "pydoc_val_per_lr",
+                                        s["finetune_lrs"], "fine-tuning (pydoc val)")):
+        for o, r in table.items():
+            ax.plot(lrs, [r[key][f"{lr:g}"] for lr in lrs], marker="o", label=o)
+        ax.set(xscale="log", xlabel="peak lr", ylabel="final validation loss", title=title)
+        ax.legend(), ax.grid(alpha=0.3)
+    fig.tight_layout(), fig.savefig(paths[1], dpi=110), plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for o, r in ft.items():
+        if o == "base":
+            continue
+        log = study.logs[name_of("ft", o, r["best_lr"], seed0)]
+        axes[0].plot([v["step"] for v in log["val"]], [v["loss"] for v in log["val"]], marker=".", label=o)
+        axes[1].plot([v["step"] for v in log["val_also"]["stdlib"]], [v["loss"] for v in log["val_also"]["stdlib"]],
+                     marker=".", label=o)
+    axes[0].set(xlabel="fine-tuning step", ylabel="validation loss", title="pydoc (the fine-tuning domain)")
+    axes[1].set(xlabel="fine-tuning step", ylabel="validation loss", title="stdlib (forgetting)")
+    for ax in axes:
+        ax.legend(), ax.grid(alpha=0.3)
+    fig.suptitle(f"Fine-tuning the AdamW base, best lr each, seed {seed0}")
+    fig.tight_layout(), fig.savefig(paths[2], dpi=110), plt.close(fig)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="the smoke-test scale (<= 3 min)")
+    p.add_argument("--workers", type=int, default=2, help="runs at once (one thread each)")
+    p.add_argument("--runs", type=Path, default=None, help="run directories (default runs/convergence[-quick])")
+    p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--data-dir", type=Path, default=ROOT / "runs" / "cache", help="corpus cache")
+    args = p.parse_args(argv)
+    if args.workers < 1:
+        p.error(f"--workers must be >= 1, got {args.workers}")
+    scale_name = "quick" if args.quick else "full"
+    prefix = "convergence" + ("_quick" if args.quick else "")
+    runs = args.runs or ROOT / "runs" / prefix.replace("_", "-")
+    args.results.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    study = Study(SCALES[scale_name], runs, args.workers, args.data_dir)
+    try:
+        pre = pretrain(study)
+        ft = finetune(study, pre)
+    finally:
+        study.pool.shutdown(cancel_futures=True)
+    wall = time.perf_counter() - start
+    table = markdown(pre, ft)
+    print(f"\n{table}\n")
+    plots = plot(study, pre, ft, args.results, prefix)
+    result = {"command": shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(argv),
+              "scale": scale_name, "config": SCALES[scale_name], "common": COMMON, "workers": args.workers,
+              "cpus": os.cpu_count(), "wall_s": wall, "pretrain": pre, "finetune": ft, "table": table,
+              "plots": [str(path.relative_to(args.results)) for path in plots],
+              "runs": {name: {"args": log["args"], "final": log["final"], "val": log["val"],
+                              "val_also": log.get("val_also", {}),
+                              "train_loss": [r["loss"] for r in log["train"]]}
+                       for name, log in study.logs.items()}}
+    out = args.results / f"{prefix}.json"
+    out.write_text(json.dumps(result, indent=1, default=str))
+    print(f"wrote {out} and {', '.join(str(path) for path in plots)} ({wall / 60:.1f} min)")
+    return result
+
+
+if __name__ == "__main__":
+    main()
