@@ -8,14 +8,14 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PIP    := $(BIN)/python -m pip install --quiet
 
-.PHONY: setup train test bench
+.PHONY: setup train test bench study iproute2
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	# torch first and pinned: a bare requirement would pull a multi-GB CUDA build
 	$(PIP) torch==2.13.0
-	$(PIP) deepspeed==0.19.8 pytest==8.4.2
+	$(PIP) deepspeed==0.19.8 pytest==8.4.2 matplotlib==3.11.2
 	# megatron-core declares python>=3.12 but ships a cp311 wheel; its deps would build numpy from source
 	$(PIP) --no-deps --ignore-requires-python megatron-core==0.19.2
 	$(PIP) triton==3.9.0
@@ -27,8 +27,20 @@ NPROC  ?= 2
 train: $(STAMP)
 	$(BIN)/python -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) launch/train.py $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) iproute2
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# the two-node test (tests/test_multinode.py: network namespaces) needs root and iproute2's `ip`:
+# installed here when absent and root; otherwise that test is skipped with the reason
+iproute2:
+	@command -v ip >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && apt-get install -y -qq iproute2 >/dev/null || echo "make: could not install iproute2"; \
+	  else echo "make: no iproute2 and not root (or no apt-get): the two-node test will be skipped"; fi; }
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/step_time.py $(ARGS)
+
+# the convergence and fine-tuning study (benchmarks/convergence.py; ARGS=--quick for the smoke scale)
+study: $(STAMP)
+	$(BIN)/python benchmarks/convergence.py $(ARGS)
