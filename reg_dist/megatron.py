@@ -2,8 +2,8 @@
 
     import reg_dist.megatron as rm
     rm.register()                                   # adds our entries to megatron-core's registry
-    pretrain(..., extra_args_provider=rm.extra_args_provider)          # or, with your own provider:
-    pretrain(..., extra_args_provider=rm.with_args(my_provider))
+    args = rm.parse_and_validate_args(my_provider)  # Megatron's, with our flags (and yours), then
+    pretrain(pretrain_cfg_container_from_args(args), ...)  # see launch/pretrain_gpt.py
 
 ``register()`` puts ``reg`` (REG), ``reg_muon`` (reg_dist's Muon; Megatron's own ``muon`` stays) and
 ``muoneq`` (MuonEq) into ``megatron.core.optimizer.emerging_optimizers._EMERGING_OPTIMIZERS``, so that
@@ -14,6 +14,9 @@ embeddings, the output layer and every non-2-D parameter take Megatron's Adam. S
 
 ``extra_args_provider(parser)`` adds ``reg``, ``reg_muon``, ``muoneq`` to ``--optimizer``'s choices and
 the flags below; bad values and combinations stop the parse with an argparse error naming them.
+``--use-distributed-optimizer`` runs ours on Megatron's flat ``DistributedOptimizer`` (see
+``reg_dist.integrations.megatron_optimizer.build_distributed``); Megatron's ``validate_args`` would make
+it the layer-wise optimizer, which ``parse_and_validate_args`` undoes for ours.
 
 On Python 3.11 importing this module aliases ``typing.override`` to ``typing_extensions.override``
 (``megatron.training`` uses it), if ``typing`` lacks it.
@@ -24,7 +27,9 @@ import dataclasses
 import functools
 import typing
 
-from .integrations.megatron_optimizer import DTYPES, NAMES, Settings, check_settings, registry_entries, settings_from
+from .integrations.megatron_optimizer import (DTYPES, NAMES, Settings, build_distributed, check_settings,
+                                              rebuild_over_main_params, registry_entries, settings_from,
+                                              uses_distributed_optimizer)
 from .ops.equilibrate import MODES
 from .ops.newton_schulz import COEFFICIENTS
 from .optim.scaling import SCALES
@@ -34,13 +39,16 @@ if not hasattr(typing, "override"):  # Python < 3.12: megatron.training does `fr
 
     typing.override = typing_extensions.override
 
-__all__ = ["NAMES", "Settings", "register", "extra_args_provider", "with_args", "optimizer_config", "check_args"]
+__all__ = ["NAMES", "Settings", "register", "extra_args_provider", "with_args", "optimizer_config", "check_args",
+           "parse_and_validate_args", "keep_distributed_optimizer", "extend_megatron_arguments"]
 
 _DEFAULTS = Settings()
 
 
 def register() -> None:
-    """Add reg_dist's optimizers to megatron-core's emerging-optimizer registry (idempotent)."""
+    """Add reg_dist's optimizers to megatron-core's emerging-optimizer registry, and hook its emerging-optimizer
+    factory for them: under the distributed optimizer ``build_distributed`` builds them, under bf16 they are
+    rebuilt over Megatron's fp32 main copies (``rebuild_over_main_params``). Idempotent."""
     import megatron.core.optimizer as mcore_optimizer
     from megatron.core.optimizer.emerging_optimizers import _EMERGING_OPTIMIZERS
 
@@ -51,14 +59,21 @@ def register() -> None:
     original = mcore_optimizer._get_megatron_emerging_optimizer
     if not getattr(original, "_reg_dist", False):
         @functools.wraps(original)
-        def build(config, *args, **kwargs):
-            if config.optimizer not in NAMES or mcore_optimizer.HAVE_EMERGING_OPTIMIZERS:
-                return original(config, *args, **kwargs)
+        def build(config, model_chunks, config_overrides=None, pg_collection=None):
+            args = (config, model_chunks, config_overrides, pg_collection)
+            if config.optimizer in NAMES and not config.use_layer_wise_distributed_optimizer \
+                    and uses_distributed_optimizer(config, model_chunks):
+                return build_distributed(config.optimizer, *args)
+            if config.optimizer not in NAMES:
+                return original(*args)
+            have = mcore_optimizer.HAVE_EMERGING_OPTIMIZERS
             mcore_optimizer.HAVE_EMERGING_OPTIMIZERS = True
             try:
-                return original(config, *args, **kwargs)
+                optimizer = original(*args)
             finally:
-                mcore_optimizer.HAVE_EMERGING_OPTIMIZERS = False
+                mcore_optimizer.HAVE_EMERGING_OPTIMIZERS = have
+            rebuild_over_main_params(optimizer)
+            return optimizer
 
         build._reg_dist = True
         mcore_optimizer._get_megatron_emerging_optimizer = build
@@ -144,10 +159,6 @@ def check_args(args: argparse.Namespace) -> None:
     name = getattr(args, "optimizer", None)
     if name not in NAMES:
         return
-    if getattr(args, "use_distributed_optimizer", False) or getattr(args, "use_layer_wise_distributed_optimizer",
-                                                                      False):
-        raise ValueError(f"--optimizer {name} does not support --use-distributed-optimizer yet "
-                         f"(Megatron's DDP without it works)")
     if getattr(args, "use_torch_fsdp2", False) or getattr(args, "use_megatron_fsdp", False):
         raise ValueError(f"--optimizer {name} does not support FSDP")
     if getattr(args, "fp16", False):
@@ -171,9 +182,48 @@ def _validate_after_parse(parser: argparse.ArgumentParser) -> None:
             check_args(args)
         except ValueError as e:
             parser.error(str(e))
+        if args.optimizer in NAMES:  # what validate_args will rewrite (see parse_and_validate_args)
+            args.reg_use_distributed_optimizer = bool(getattr(args, "use_distributed_optimizer", False))
         return args, rest
 
     parser.parse_known_args = parse_known_args
+
+
+def keep_distributed_optimizer(args: argparse.Namespace) -> argparse.Namespace:
+    """Undo, for our optimizers, what Megatron's ``validate_args`` does to every optimizer but adam and
+    sgd: ``--use-distributed-optimizer`` becomes its layer-wise optimizer, which reg_dist does not
+    support; ours run on the flat distributed optimizer instead."""
+    if getattr(args, "reg_use_distributed_optimizer", False) and args.optimizer in NAMES:
+        args.use_distributed_optimizer, args.use_layer_wise_distributed_optimizer = True, False
+    return args
+
+
+def extend_megatron_arguments() -> None:
+    """Make every parser ``megatron.training.arguments`` builds in this process take our flags (idempotent).
+    ``pretrain`` parses ``sys.argv`` again without any ``extra_args_provider`` (``ft_integration.setup``,
+    ``inprocess_restart``), which would refuse ``--optimizer reg``."""
+    from megatron.training import arguments
+
+    original = arguments.add_megatron_arguments
+    if getattr(original, "_reg_dist", False):
+        return
+
+    @functools.wraps(original)
+    def add_megatron_arguments(parser):
+        return extra_args_provider(original(parser))
+
+    add_megatron_arguments._reg_dist = True
+    arguments.add_megatron_arguments = add_megatron_arguments
+
+
+def parse_and_validate_args(*providers, args_defaults: dict | None = None) -> argparse.Namespace:
+    """Megatron's ``parse_and_validate_args`` (parse, ``validate_args``, set the global arguments) with
+    our flags (in every Megatron parser from now on: ``extend_megatron_arguments``) and then each of
+    ``providers``, keeping the flat distributed optimizer for ours (``keep_distributed_optimizer``)."""
+    from megatron.training.arguments import parse_and_validate_args as megatron_parse
+
+    extend_megatron_arguments()
+    return keep_distributed_optimizer(megatron_parse(with_args(*providers), args_defaults=args_defaults or {}))
 
 
 def with_args(*providers):

@@ -1,12 +1,17 @@
 """Test-only: run megatron-core's DDP and optimizer wrappers on the CPU.
 
 They hard-code ``torch.cuda`` calls (``device="cuda"``, ``torch.cuda.current_device()``, streams,
-``synchronize``). ``install()`` points every such device at the CPU for the rest of the process and
-makes the stream / event / synchronize calls no-ops. Call it only inside a forked rank (``run_ranks``),
-never in the pytest parent.
+``synchronize``) and type names (the distributed optimizer accepts ``p.type() ==
+"torch.cuda.FloatTensor"`` only). ``install()`` points every such device at the CPU for the rest of the
+process, makes the stream / event / synchronize calls no-ops, reports CPU tensor types by their
+CUDA names, gives Megatron's model-parallel "CUDA" RNG tracker the CPU generator's state, and answers
+device-property queries as a Hopper (arch 9) device would, which ``validate_args`` asks under TP > 1.
+Call it only inside a forked rank (``run_ranks``), never in the pytest parent. ``install_for_pretrain()``
+also lets ``megatron.training.pretrain`` run (see its docstring).
 """
 
 import contextlib
+import types
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -54,6 +59,16 @@ class _Event(_Stream):
 
 
 _MODE = None
+_TYPE = torch.Tensor.type
+
+
+def _cuda_type(self, dtype=None, non_blocking=False, **kwargs):
+    if dtype is None:
+        name = _TYPE(self)
+        return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
+    if isinstance(dtype, str):
+        dtype = dtype.replace("torch.cuda.", "torch.", 1)
+    return _TYPE(self, dtype, non_blocking, **kwargs)
 
 
 def install() -> None:
@@ -72,5 +87,26 @@ def install() -> None:
     cuda.default_stream = lambda *a, **k: _Stream()
     cuda.stream = lambda *a, **k: contextlib.nullcontext()
     torch.Tensor.cuda = lambda self, *a, **k: self
+    torch.Tensor.type = _cuda_type
+    cuda.get_device_properties = lambda *a, **k: types.SimpleNamespace(major=9, minor=0, name="cpu", total_memory=0,
+                                                                       multi_processor_count=1)
+    cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
+    cuda.manual_seed = lambda seed: torch.manual_seed(seed)
+    from megatron.core.tensor_parallel import random as megatron_random
+
+    megatron_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    megatron_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
     _MODE = _CudaToCpu()
     _MODE.__enter__()
+
+
+def install_for_pretrain() -> None:
+    """``install()``, and what ``megatron.training.pretrain`` needs beyond it: ``torch.cuda.is_available()``
+    true (``initialize_megatron`` asserts it) with one device, and ``torch.compile`` off (Megatron's fused
+    kernels would compile for the device this shim only pretends to be)."""
+    import torch._dynamo
+
+    install()
+    torch.cuda.is_available = lambda: True
+    torch.cuda.device_count = lambda: 1
+    torch._dynamo.config.disable = True

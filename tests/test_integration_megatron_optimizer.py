@@ -1,7 +1,8 @@
 """``--optimizer reg|reg_muon|muoneq`` in Megatron: flags → ``validate_args`` → ``OptimizerConfig`` →
-``get_megatron_optimizer``, and TP 2 × DP 2 training with Megatron's DDP (gloo, forked ranks, the
-test-only CUDA → CPU shim in ``megatron_cpu``) equal to the single-process reg_dist optimizer on the
-full weights."""
+``get_megatron_optimizer``, and TP 2 × DP 2 training (gloo, forked ranks, the test-only CUDA → CPU shim
+in ``megatron_cpu``) equal to the single-process reg_dist optimizer on the full weights: with Megatron's
+DDP, with its distributed optimizer (flat shards that cut rows, empty shards), under bf16 (fp32 main
+parameters), and on PP 2 × DP 2 where the stages hold different parameters."""
 
 import sys
 import warnings
@@ -124,10 +125,10 @@ def test_our_names_join_megatrons_choices_and_compose_with_a_users_provider(monk
     (["--optimizer", "muoneq", "--muoneq-mode", "diag"], "argument --muoneq-mode: invalid choice: 'diag'"),
     (["--optimizer", "muoneq", "--muoneq-phase", "2"], "--optimizer muoneq: phase applies only to mode='rowcol'"),
     (["--optimizer", "reg", "--muoneq-phase", "2"], "--muoneq-phase applies only to --optimizer muoneq, not reg"),
-    (["--optimizer", "reg", "--use-distributed-optimizer"], "--optimizer reg does not support --use-distributed"),
+    (["--optimizer", "reg", "--use-torch-fsdp2"], "--optimizer reg does not support FSDP"),
     (["--optimizer", "reg_muon", "--reg-ns-dtype", "int8"], "argument --reg-ns-dtype: invalid choice: 'int8'"),
     (["--optimizer", "regg"], "argument --optimizer: invalid choice: 'regg'"),
-], ids=["iters", "p", "mode", "phase-mode", "phase-optimizer", "distopt", "ns-dtype", "name"])
+], ids=["iters", "p", "mode", "phase-mode", "phase-optimizer", "fsdp", "ns-dtype", "name"])
 def test_bad_flags_stop_the_parse_with_a_clear_message(argv, message, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         _parse(argv, monkeypatch=monkeypatch)
@@ -157,6 +158,22 @@ def test_get_megatron_optimizer_builds_ours_from_parsed_flags(name, split, monke
         assert names == ["linear_qkv.weight", "linear_proj.weight"]
         assert shape == (QKV_ROWS, HIDDEN) and fused == split
         assert others == ["AdamW"]  # the bias: Megatron's Adam (torch AdamW without Apex / TE)
+
+
+def test_megatrons_layer_wise_optimizer_is_refused_with_the_way_out():
+    """Megatron's validate_args makes --use-distributed-optimizer its layer-wise optimizer for every
+    optimizer but adam and sgd; ours refuse it and name reg_dist.megatron.parse_and_validate_args."""
+    config = rm.optimizer_config(optimizer="reg", use_layer_wise_distributed_optimizer=True)
+    rm.register()
+
+    def body(rank, world):
+        model = _ddp(tc := _setup(), Tiny(tc))
+        with pytest.raises(NotImplementedError, match="layer-wise distributed optimizer is not supported.*"
+                                                      "reg_dist.megatron.parse_and_validate_args"):
+            get_megatron_optimizer(config, [model])
+        return True
+
+    assert all(run_ranks(TP, body))
 
 
 # ---- TP 2 × DP 2 trajectory ----------------------------------------------------------------------
@@ -253,3 +270,282 @@ def test_tp2_dp2_megatron_ddp_trajectory_equals_the_single_process_optimizer(nam
     pieces = 2 + (len(QKV) - 1 if split else 0)  # logical matrices per step
     per_replica = [w for w, _ in work[:TP]]  # ranks 0, 1: one TP group (one DP replica)
     assert sum(per_replica) == STEPS * (pieces * TP if name == "reg" else pieces)
+
+
+# ---- TP 2 × DP 2 with Megatron's distributed optimizer ---------------------------------------------
+
+WIDE, FC = 12, 16  # qkv (16 × 12), proj (12 × 16), fc1 (16 × 12), fc2 (12 × 16): 96 elements each per TP rank
+BUCKET = 250  # grad-buffer buckets [fc2, fc1], [proj, bias, qkv] (64-element aligned starts), each halved over DP;
+# Megatron's DDP keeps a bucket size only with overlap_grad_reduce
+# each TP rank's (start, end) of its local shard on DP rank 0 and DP rank 1 (None: nothing)
+HELD = {"fc2.weight": ((0, 96), None), "fc1.weight": ((0, 64), (64, 96)), "proj.weight": (None, (0, 96)),
+        "qkv.bias": ((0, 8), None), "qkv.weight": ((0, 64), (64, 96))}
+
+
+class Deeper(MegatronModule):
+    """``linear_qkv`` (with a bias) → tanh → ``linear_proj`` → ``linear_fc1`` → tanh → ``linear_fc2``."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__(config)
+        init = nn.init.xavier_normal_
+        col = dict(config=config, init_method=init, gather_output=False)
+        row = dict(config=config, init_method=init, bias=False, input_is_parallel=True, skip_bias_add=False)
+        self.linear_qkv = ColumnParallelLinear(WIDE, QKV_ROWS, bias=True, **col)
+        self.linear_proj = RowParallelLinear(QKV_ROWS, WIDE, **row)
+        self.linear_fc1 = ColumnParallelLinear(WIDE, FC, bias=False, **col)
+        self.linear_fc2 = RowParallelLinear(FC, WIDE, **row)
+
+    def forward(self, x):
+        y, _ = self.linear_proj(torch.tanh(self.linear_qkv(x)[0]))
+        return self.linear_fc2(torch.tanh(self.linear_fc1(y)[0]))[0]
+
+
+def _deeper_reference(w: dict, x):
+    y = torch.tanh(x @ w["qkv.weight"].T + w["qkv.bias"]) @ w["proj.weight"].T
+    return torch.tanh(y @ w["fc1.weight"].T) @ w["fc2.weight"].T
+
+
+@pytest.mark.parametrize("name, split", [("reg", True), ("reg_muon", True), ("muoneq", True), ("reg_muon", False)],
+                         ids=["reg", "reg_muon", "muoneq", "reg_muon-qkv-whole"])
+def test_tp2_dp2_distributed_optimizer_trajectory_equals_the_single_process_optimizer(name, split):
+    """Megatron's DistributedOptimizer hands each DP rank flat ranges of the grad buffer (``HELD``): the
+    QKV weight and fc1 are cut mid-row between the two DP ranks (QKV inside its k block), fc2 and proj
+    lie wholly on one DP rank, with an empty shard on the other."""
+    config = rm.optimizer_config(optimizer=name, lr=0.02, weight_decay=0.1, clip_grad=0.0, reg_split_qkv=split,
+                                 use_distributed_optimizer=True, **SETTINGS[name])
+    rm.register()
+    gen = torch.Generator().manual_seed(2)
+    batches = [torch.randn(DP, BATCH, WIDE, generator=gen) for _ in range(STEPS)]
+    targets = [torch.randn(DP, BATCH, WIDE, generator=gen) for _ in range(STEPS)]
+
+    def body(rank, world):
+        tc = _setup()
+        model = DistributedDataParallel(config=tc, ddp_config=DistributedDataParallelConfig(
+            use_distributed_optimizer=True, overlap_grad_reduce=True, bucket_size=BUCKET), module=Deeper(tc))
+        optimizer = get_megatron_optimizer(config, [model])
+        (distopt,) = optimizer.chained_optimizers
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+        dp_rank = parallel_state.get_data_parallel_rank()
+        m = model.module
+        params = {"qkv.weight": m.linear_qkv.weight, "qkv.bias": m.linear_qkv.bias, "proj.weight": m.linear_proj.weight,
+                  "fc1.weight": m.linear_fc1.weight, "fc2.weight": m.linear_fc2.weight}
+        dims = {"qkv.weight": 0, "qkv.bias": 0, "proj.weight": 1, "fc1.weight": 0, "fc2.weight": 1}
+        held = {}
+        for n, p in params.items():
+            try:
+                r = distopt._get_model_param_range_map(p)["param"]
+                held[n] = (r.start, r.end)
+            except KeyError:
+                held[n] = None
+
+        def full(n):
+            p = params[n].detach().contiguous()
+            shards = [torch.empty_like(p) for _ in range(TP)]
+            dist.all_gather(shards, p, group=tp_group)
+            return torch.cat(shards, dim=dims[n])
+
+        ref_w = {n: full(n) for n in params}
+        ref = {**{k: nn.Parameter(v.clone()) for k, v in _split(ref_w["qkv.weight"], split).items()},
+               **{n: nn.Parameter(ref_w[n].clone()) for n in ("proj.weight", "fc1.weight", "fc2.weight")}}
+        ref_bias = nn.Parameter(ref_w["qkv.bias"].clone())
+        ref_opt = REFERENCE[name](list(ref.items()), **_reference_kwargs(name, config))
+        ref_adam = torch.optim.AdamW([ref_bias], lr=config.lr, weight_decay=config.weight_decay,
+                                     betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
+        for x, t in zip(batches, targets):
+            model.zero_grad_buffer()
+            optimizer.zero_grad()
+            ((model(x[dp_rank]) - t[dp_rank]) ** 2).mean().backward()
+            model.finish_grad_sync()
+            ok, _, _ = optimizer.step()
+            assert ok
+
+            w = {"qkv.weight": _join(ref, split), "qkv.bias": ref_bias, **{n: ref[n] for n in ref if "qkv" not in n}}
+            ref_loss = sum(((_deeper_reference(w, x[d]) - t[d]) ** 2).mean() for d in range(DP)) / DP
+            ref_opt.zero_grad()
+            ref_adam.zero_grad()
+            ref_loss.backward()
+            ref_opt.step()
+            ref_adam.step()
+        expected = {"qkv.weight": _join({k: v.detach() for k, v in ref.items()}, split), "qkv.bias": ref_bias.detach(),
+                    **{n: ref[n].detach() for n in ref if "qkv" not in n}}
+        for n in params:
+            torch.testing.assert_close(full(n), expected[n], rtol=1e-5, atol=1e-6, msg=lambda msg, n=n: f"{n}: {msg}")
+        return held, len(local_matrices(optimizer))
+
+    results = run_ranks(TP * DP, body)
+    for rank, (held, matrices) in enumerate(results):
+        assert held == {n: ranges[rank // TP] for n, ranges in HELD.items()}
+        assert matrices == 4  # every rank passes every matrix, empty where it holds none
+
+
+# ---- pipeline parallelism: the stages hold different parameters ------------------------------------
+
+class Pair(MegatronModule):
+    """Pipeline stage 1's own layers: ``linear_fc1`` → tanh → ``linear_fc2``."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__(config)
+        init = nn.init.xavier_normal_
+        self.linear_fc1 = ColumnParallelLinear(HIDDEN, FFN, config=config, init_method=init, bias=False,
+                                               gather_output=False)
+        self.linear_fc2 = RowParallelLinear(FFN, HIDDEN, config=config, init_method=init, bias=False,
+                                            input_is_parallel=True, skip_bias_add=False)
+
+    def forward(self, x):
+        return self.linear_fc2(torch.tanh(self.linear_fc1(x)[0]))[0]
+
+
+@pytest.mark.parametrize("name", ["reg", "reg_muon"])
+def test_pipeline_stages_with_different_parameters_each_step_like_the_single_process_optimizer(name):
+    """PP 2 × DP 2 (the distributed optimizer): stage 0 holds ``Tiny``, stage 1 ``Pair``. Each stage checks
+    its routes and agrees on non-finite gradients among its own ranks only: a NaN gradient on stage 1
+    in the last step skips that step there, while stage 0 takes it."""
+    import megatron_cpu
+
+    config = rm.optimizer_config(optimizer=name, lr=0.02, weight_decay=0.1, clip_grad=0.0,
+                                 use_distributed_optimizer=True, **SETTINGS[name])
+    rm.register()
+    gen = torch.Generator().manual_seed(3)
+    batches = [torch.randn(DP, BATCH, HIDDEN, generator=gen) for _ in range(STEPS)]
+    targets = [torch.randn(DP, BATCH, HIDDEN, generator=gen) for _ in range(STEPS)]
+
+    def body(rank, world):
+        warnings.simplefilter("ignore")
+        megatron_cpu.install()
+        parallel_state.initialize_model_parallel(pipeline_model_parallel_size=2)
+        stage, dp_rank = parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_data_parallel_rank()
+        torch.manual_seed(stage)
+        tc = TransformerConfig(num_layers=2, hidden_size=HIDDEN, num_attention_heads=HEADS, num_query_groups=GROUPS,
+                               kv_channels=KV, pipeline_model_parallel_size=2, pipeline_dtype=torch.float32,
+                               use_cpu_initialization=True)
+        module = Tiny(tc) if stage == 0 else Pair(tc)
+        model = DistributedDataParallel(config=tc, ddp_config=DistributedDataParallelConfig(
+            use_distributed_optimizer=True), module=module)
+        optimizer = get_megatron_optimizer(config, [model])
+        named = dict(module.named_parameters())
+        qkv = named["linear_qkv.weight"].detach().clone() if stage == 0 else None
+        ref = {k: nn.Parameter(v) for k, v in _split(qkv, True).items()} if stage == 0 else {}
+        ref.update({n: nn.Parameter(p.detach().clone()) for n, p in named.items()
+                    if p.ndim == 2 and n != "linear_qkv.weight"})
+        ref_opt = REFERENCE[name](list(ref.items()), **_reference_kwargs(name, config))
+        ref_bias = nn.Parameter(named["linear_qkv.bias"].detach().clone()) if stage == 0 else None
+        ref_adam = torch.optim.AdamW([ref_bias], lr=config.lr, weight_decay=config.weight_decay,
+                                     betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps) \
+            if stage == 0 else None
+
+        def reference(x):
+            if stage == 0:
+                w = {"qkv.weight": _join(ref, True), "qkv.bias": ref_bias, "proj.weight": ref["linear_proj.weight"]}
+                return _reference_forward(w, x)
+            return torch.tanh(x @ ref["linear_fc1.weight"].T) @ ref["linear_fc2.weight"].T
+
+        for step, (x, t) in enumerate(zip(batches, targets)):
+            model.zero_grad_buffer()
+            optimizer.zero_grad()
+            ((model(x[dp_rank]) - t[dp_rank]) ** 2).mean().backward()
+            model.finish_grad_sync()
+            nan = stage == 1 and step == STEPS - 1
+            if nan:
+                module.linear_fc2.weight.main_grad.fill_(float("nan"))
+            optimizer.step()
+            if nan:
+                continue
+            ref_loss = sum(((reference(x[d]) - t[d]) ** 2).mean() for d in range(DP)) / DP
+            ref_loss.backward()
+            for opt in (ref_opt, ref_adam):
+                if opt is not None:
+                    opt.step()
+                    opt.zero_grad()
+        expected = {n: ref[n] for n in named if n in ref}
+        if stage == 0:
+            expected.update({"linear_qkv.weight": _join(ref, True), "linear_qkv.bias": ref_bias})
+        for n, p in named.items():
+            torch.testing.assert_close(p.detach(), expected[n].detach(), rtol=1e-5, atol=1e-6,
+                                       msg=lambda msg, n=n: f"stage {stage} {n}: {msg}")
+        inner = optimizer.chained_optimizers[0].optimizer.inner
+        return stage, inner.skipped_steps, inner.comm_stats()["world"]["calls"]
+
+    # one agreement all-reduce per step, over the stage's DP group (its ranks' only group)
+    assert run_ranks(4, body) == [(0, 0, 1), (0, 0, 1), (1, 1, 1), (1, 1, 1)]
+
+
+# ---- bf16: Megatron's fp32 main parameters ------------------------------------------------------
+
+@pytest.mark.parametrize("name, distopt", [("reg", False), ("reg_muon", True), ("muoneq", True)],
+                         ids=["reg-float16-optimizer", "reg_muon-distopt", "muoneq-distopt"])
+def test_bf16_main_params_step_like_the_single_process_optimizer(name, distopt):
+    """``--bf16``: a bf16 model whose fp32 main parameters (Megatron's Float16OptimizerWithFloat16Params,
+    or the distributed optimizer's fp32 shards) our optimizer steps. The reference steps fp32 copies of
+    the full weights with the same gradients (the DP average of the bf16 model's, gathered over TP): the
+    main parameters must equal them."""
+    import megatron_cpu
+
+    config = rm.optimizer_config(optimizer=name, lr=0.02, weight_decay=0.1, clip_grad=0.0, bf16=True,
+                                 use_distributed_optimizer=distopt, **SETTINGS[name])
+    rm.register()
+    gen = torch.Generator().manual_seed(4)
+    batches = [torch.randn(DP, BATCH, HIDDEN, generator=gen) for _ in range(STEPS)]
+    targets = [torch.randn(DP, BATCH, HIDDEN, generator=gen) for _ in range(STEPS)]
+
+    def body(rank, world):
+        warnings.simplefilter("ignore")
+        megatron_cpu.install()
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=TP)
+        torch.manual_seed(0)
+        tc = TransformerConfig(num_layers=1, hidden_size=HIDDEN, num_attention_heads=HEADS, num_query_groups=GROUPS,
+                               kv_channels=KV, tensor_model_parallel_size=TP, use_cpu_initialization=True, bf16=True,
+                               params_dtype=torch.bfloat16)
+        model = DistributedDataParallel(config=tc, ddp_config=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=distopt), module=Tiny(tc))
+        optimizer = get_megatron_optimizer(config, [model])
+        tp_group, dp_group = parallel_state.get_tensor_model_parallel_group(), parallel_state.get_data_parallel_group()
+        tp_rank, dp_rank = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_data_parallel_rank()
+        m = model.module
+        params = {"qkv.weight": m.linear_qkv.weight, "qkv.bias": m.linear_qkv.bias, "proj.weight": m.linear_proj.weight}
+        dims = {"qkv.weight": 0, "qkv.bias": 0, "proj.weight": 1}
+
+        def full(t, n):
+            shards = [torch.empty_like(t) for _ in range(TP)]
+            dist.all_gather(shards, t.contiguous(), group=tp_group)
+            return torch.cat(shards, dim=dims[n])
+
+        master = {n: full(p.detach(), n).float() for n, p in params.items()}
+        ref = {**{k: nn.Parameter(v) for k, v in _split(master["qkv.weight"], True).items()},
+               "proj.weight": nn.Parameter(master["proj.weight"])}
+        ref_bias = nn.Parameter(master["qkv.bias"])
+        ref_opt = REFERENCE[name](list(ref.items()), **_reference_kwargs(name, config))
+        ref_adam = torch.optim.AdamW([ref_bias], lr=config.lr, weight_decay=config.weight_decay,
+                                     betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
+        for x, t in zip(batches, targets):
+            model.zero_grad_buffer()
+            optimizer.zero_grad()
+            ((model(x[dp_rank].bfloat16()).float() - t[dp_rank]) ** 2).mean().backward()
+            grads = {}
+            for n, p in params.items():  # this rank's fp32 gradient, before Megatron reduces it
+                g = p.main_grad.clone()
+                dist.all_reduce(g, group=dp_group)
+                grads[n] = full(g / DP, n)
+            model.finish_grad_sync()
+            ok, _, _ = optimizer.step()
+            assert ok
+            for k, g in _split(grads["qkv.weight"], True).items():
+                ref[k].grad = g
+            ref["proj.weight"].grad, ref_bias.grad = grads["proj.weight"], grads["qkv.bias"]
+            ref_opt.step()
+            ref_adam.step()
+        expected = {"qkv.weight": _join({k: v.detach() for k, v in ref.items()}, True), "qkv.bias": ref_bias.detach(),
+                    "proj.weight": ref["proj.weight"].detach()}
+        for n, p in params.items():
+            local = expected[n].chunk(TP, dim=dims[n])[tp_rank].reshape(-1)
+            if distopt:  # this rank's fp32 shard of the flat local weight, if any
+                try:
+                    r = optimizer.chained_optimizers[0]._get_model_param_range_map(p)["param"]
+                except KeyError:
+                    continue
+                local = local[r.start:r.end]
+            assert p.main_param.dtype == torch.float32
+            torch.testing.assert_close(p.main_param.reshape(-1), local, rtol=1e-5, atol=1e-6,
+                                       msg=lambda msg, n=n: f"{n}: {msg}")
+        return True
+
+    assert all(run_ranks(TP * DP, body))

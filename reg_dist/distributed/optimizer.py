@@ -14,7 +14,8 @@ matrices with layouts (``layout``):
 Gradients must already be reduced across data parallelism (FSDP2 does so; a TP-only model sees the
 same batch on every rank; ``mesh=`` does it here). A sharded matrix without a gradient steps with a
 zero one, as every rank holding it must take part. Plain tensors take the single-process step, and
-every rank agrees on skipping a step with a non-finite gradient anywhere.
+every rank that shares parameters (all, or one pipeline stage's) agrees on skipping a step with a
+non-finite gradient anywhere.
 """
 
 import logging
@@ -45,19 +46,40 @@ logger = logging.getLogger("reg_dist")
 TP_MODES = ("gather", "blockwise")
 
 
-def check_same_on_all_ranks(routes: list[Route]) -> None:
-    """Every rank must route the same parameters (names, logical shapes, algorithms) in the same
-    order, or the packed collectives would pair up different matrices (or hang)."""
-    mine = [(r.name, r.shape, r.algorithm) for r in routes]
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    for rank, theirs in enumerate(everyone):
-        if theirs != mine:
-            diff = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
-            ours = mine[diff] if diff < len(mine) else "nothing"
-            other = theirs[diff] if diff < len(theirs) else "nothing"
-            raise ValueError(f"ranks disagree on the parameters: entry {diff} is {ours} on rank "
-                             f"{dist.get_rank()} but {other} on rank {rank}")
+def agreement_group(routes: list[Route], peers: set[int]) -> dist.ProcessGroup | None:
+    """The ranks that hold this rank's parameters, as a group (None: the world), checked.
+
+    One ``all_gather_object`` of every rank's routes (names, logical shapes, algorithms) and of
+    ``peers``, the ranks it shares collectives with (its layouts' and mesh's groups). Ranks with the
+    same routes are one pipeline stage (without pipeline parallelism: every rank, the world); each
+    stage gets a group of its own (``new_group``: every rank makes all of them, in one order). A rank
+    whose peer routes other parameters fails on every rank alike: the packed collectives would pair
+    up different matrices (or hang)."""
+    mine = [(r.name, tuple(r.shape), r.algorithm) for r in routes]
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (mine, sorted(peers)))
+    for rank, (theirs, their_peers) in enumerate(everyone):
+        for peer in their_peers:
+            other = everyone[peer][0]
+            if other != theirs:
+                i = next((i for i, (a, b) in enumerate(zip(theirs, other)) if a != b), min(len(theirs), len(other)))
+                raise ValueError(f"ranks disagree on the parameters: entry {i} is "
+                                 f"{theirs[i] if i < len(theirs) else 'nothing'} on rank {rank} but "
+                                 f"{other[i] if i < len(other) else 'nothing'} on rank {peer}")
+    stages: dict[tuple, list[int]] = {}
+    for rank, (theirs, _) in enumerate(everyone):
+        stages.setdefault(tuple(theirs), []).append(rank)
+    if len(stages) == 1:
+        return None
+    groups = [dist.new_group(ranks) for ranks in stages.values()]
+    return groups[list(stages).index(tuple(mine))]
+
+
+def _mesh_groups(mesh: DeviceMesh | dict[str, dist.ProcessGroup] | None) -> list[dist.ProcessGroup]:
+    """The group of each dimension of a ``mesh=`` argument (none for anything else)."""
+    if isinstance(mesh, DeviceMesh):
+        return [mesh.get_group(name) for name in mesh.mesh_dim_names or ()]
+    return [g for g in mesh.values() if isinstance(g, dist.ProcessGroup)] if isinstance(mesh, dict) else []
 
 
 class Sharded:
@@ -72,9 +94,11 @@ class Sharded:
         self._layouts: dict[int, Layout] = {}
         self._comm: CommStats = {}
         self._native: NativeDP | None = None
+        self._agree: dist.ProcessGroup | None = None
         super().__init__(params, **kwargs)
         if self._layouts or mesh is not None:
-            check_same_on_all_ranks(self.routes)
+            groups = [g for lay in self._layouts.values() for _, g in lay.groups] + _mesh_groups(mesh)
+            self._agree = agreement_group(self.routes, {r for g in groups for r in dist.get_process_group_ranks(g)})
             laid = [(p, name) for g in self.param_groups for p, name in zip(g["params"], g["param_names"])
                     if id(p) in self._layouts]
             check_layouts_add_up([self._layouts[id(p)] for p, _ in laid], [name for _, name in laid])
@@ -107,7 +131,7 @@ class Sharded:
         """Collectives of the last step, per group name: ``{"dp": {"calls": …, "bytes": …, "sent": …}, …}``
         (``bytes``: the collectives' buffers; ``sent``: what this rank transmitted, ring estimate for
         reductions and gathers, exact for owner moves); ``"world"`` is the agreement on non-finite
-        gradients."""
+        gradients (over the world, or the ranks of this pipeline stage)."""
         return {name: dict(entry) for name, entry in self._comm.items()}
 
     @torch.no_grad()
@@ -132,12 +156,13 @@ class Sharded:
         return p.grad is not None or id(p) in self._layouts
 
     def _all_ranks_agree(self, ok: bool) -> bool:
-        """Every rank skips together: one all-reduce over the world once anything is sharded."""
+        """Every rank sharing parameters with this one skips together once anything is sharded: one
+        all-reduce over the world, or over this pipeline stage's ranks (``agreement_group``)."""
         if not (dist.is_initialized() and (self._layouts or self._native is not None)):
             return ok
         flag = torch.tensor([int(ok)], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        count(self._comm, "world", flag, "all_reduce")
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self._agree)
+        count(self._comm, "world", flag, "all_reduce", self._agree)
         return bool(flag.item())
 
     def add_param_group(self, param_group: dict) -> None:

@@ -12,31 +12,49 @@ emerging-optimizer path then
   (``reg_dist.integrations.megatron.attach_layouts``: ``tensor_model_parallel`` / ``partition_dim``,
   QKV split per query group unless ``reg_split_qkv`` is False) and reads the hyper-parameters;
 * builds the optimizer from its parameter groups and wraps it in ``FP32Optimizer`` (or
-  ``Float16OptimizerWithFloat16Params`` for bf16), whose ``prepare_grads`` points ``p.grad`` at the
-  DDP's ``p.main_grad`` (already averaged over data parallelism) before every step.
+  ``Float16OptimizerWithFloat16Params`` for bf16, which swaps in fp32 main copies: ``register()``'s
+  hook then rebuilds ours over them, ``rebuild_over_main_params``), whose ``prepare_grads`` points
+  ``p.grad`` at the DDP's ``p.main_grad`` (already averaged over data parallelism) before every step.
 
 Hyper-parameters: ``lr`` and ``weight_decay`` are Megatron's (its scheduler rewrites each group's ``lr``
 and ``weight_decay`` every iteration); the rest (``Settings``) are read from, in order, attributes of
 the same name set on the ``OptimizerConfig`` (``reg_dist.megatron.optimizer_config``), Megatron's
 global arguments (``--reg-p`` … parsed with ``reg_dist.megatron.extra_args_provider``), then the defaults.
 
-Megatron's distributed optimizer (flat buffers; for emerging optimizers, its layer-wise variant) is
-not supported yet: building with it raises. Muon/MuonEq always orthogonalise each TP-split matrix
-whole (``tp_mode="gather"``): reg_dist's ``tp_mode="blockwise"`` applies to DTensor parameters only,
-not to the ``reg_layout`` pieces used here.
+With Megatron's distributed optimizer (``OptimizerConfig.use_distributed_optimizer`` and a DDP built
+with ``use_distributed_optimizer=True``), ``build_distributed`` (which ``reg_dist.megatron.register()``
+routes our names to) wraps ``DistOptAdapter`` in Megatron's own ``DistributedOptimizer``. Each DP rank
+then holds the fp32 main shards of its range of every grad-buffer bucket: a flat element range
+``[s, e)`` of a parameter's local (TP) shard that may cut rows anywhere, or nothing. The adapter gives
+``inner`` (REG, Muon or MuonEq, with AdamW for Megatron's Adam groups) one piece per model parameter
+on every rank, with ``reg_layout = Layout(TP layout's m × n, rows, cols, flat=(s, e), fused=QKV blocks,
+groups=(("tp_dp", tensor × data parallel group),))`` (``("dp", …)`` for a replicated weight): REG
+reduces its row/column sums over that group, Muon/MuonEq move the pieces to one owner per matrix.
+Megatron's layer-wise optimizer (what its ``validate_args`` makes of ``--use-distributed-optimizer``
+for any optimizer but adam and sgd; ``reg_dist.megatron.parse_and_validate_args`` keeps the flat one)
+is refused, as are expert-parallel parameters, several distributed-optimizer instances and saving
+reg_dist's state through ``DistributedOptimizer`` checkpoints.
+
+Muon/MuonEq always orthogonalise each TP-split matrix whole (``tp_mode="gather"``): reg_dist's
+``tp_mode="blockwise"`` applies to DTensor parameters only, not to the ``reg_layout`` pieces used here.
 """
 
+import copy
 import dataclasses
 import sys
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
+from torch.optim import Optimizer
 
 from ..distributed import REG, Muon, MuonEq
+from ..distributed.dtensor import LAYOUT_ATTR
+from ..distributed.layout import Layout
 from ..optim.adamw import init_adamw_state
 from ..optim.routing import ADAMW
-from .megatron import attach_layouts
+from .megatron import attach_layouts, megatron_layout
 
 # Megatron --optimizer name → reg_dist optimizer. Our Muon is "reg_muon": Megatron's own "muon" stays.
 NAMES: dict[str, type] = {"reg": REG, "reg_muon": Muon, "muoneq": MuonEq}
@@ -142,21 +160,47 @@ class _Builder:
             params = list(group["params"])
             names = [param_names.get(id(p), f"unnamed{i}") for i, p in enumerate(params)]
             groups.append({**group, "params": params, "param_names": names})
-        return self.cls(groups, **kwargs)
+        optimizer = self.cls(groups, **kwargs)
+        optimizer.megatron_kwargs = kwargs  # for rebuild_over_main_params
+        return optimizer
 
     def __repr__(self) -> str:
         return f"reg_dist {self.cls.__name__} for megatron ({self.name!r})"
 
 
+def rebuild_over_main_params(optimizer) -> None:
+    """Under bf16 Megatron's ``Float16OptimizerWithFloat16Params`` swaps each bf16 parameter in our
+    optimizer's groups for its fp32 main copy after we built it: give each main copy its parameter's
+    layout and rebuild ours over them (collective, like the first build)."""
+    for wrapper in getattr(optimizer, "chained_optimizers", [optimizer]):
+        ours = getattr(wrapper, "optimizer", None)
+        if not isinstance(ours, tuple(NAMES.values())) or not hasattr(wrapper, "fp32_from_float16_groups"):
+            continue
+        for models, mains in zip(wrapper.float16_groups, wrapper.fp32_from_float16_groups):
+            for p, main in zip(models, mains):
+                if hasattr(p, LAYOUT_ATTR):
+                    setattr(main, LAYOUT_ATTR, getattr(p, LAYOUT_ATTR))
+        groups = [{k: v for k, v in g.items()} for g in ours.param_groups]
+        wrapper.optimizer = type(ours)(groups, **ours.megatron_kwargs)
+        wrapper.optimizer.megatron_kwargs = ours.megatron_kwargs
+
+
+def uses_distributed_optimizer(config, model_chunks) -> bool:
+    """Whether Megatron's (flat) distributed optimizer is asked for, by the config or the DDP."""
+    return bool(config.use_distributed_optimizer) or any(
+        getattr(getattr(c, "ddp_config", None), "use_distributed_optimizer", False) for c in model_chunks)
+
+
 def _config_to_kwargs(name: str):
     def config_to_kwargs(config, model_chunks, pg_collection=None) -> dict:
-        uses_dist_opt = any(getattr(getattr(c, "ddp_config", None), "use_distributed_optimizer", False)
-                            for c in model_chunks)
-        if config.use_layer_wise_distributed_optimizer or config.use_distributed_optimizer or uses_dist_opt:
+        if config.use_layer_wise_distributed_optimizer:
             raise NotImplementedError(
-                f"--optimizer {name}: Megatron's distributed optimizer (--use-distributed-optimizer, which "
-                f"Megatron turns into its layer-wise optimizer for emerging optimizers) is not supported by "
-                f"reg_dist yet; train with Megatron's DDP without it")
+                f"--optimizer {name}: Megatron's layer-wise distributed optimizer is not supported; its "
+                f"validate_args turns --use-distributed-optimizer into it for every optimizer but adam and sgd: "
+                f"parse with reg_dist.megatron.parse_and_validate_args, which keeps the flat distributed optimizer")
+        if uses_distributed_optimizer(config, model_chunks):
+            raise ValueError(f"--optimizer {name} with the distributed optimizer is built by the hook "
+                             f"reg_dist.megatron.register() installs: call it before get_megatron_optimizer")
         settings = settings_from(config)
         for chunk in model_chunks:
             attach_layouts(chunk, split_qkv=settings.reg_split_qkv)
@@ -165,6 +209,162 @@ def _config_to_kwargs(name: str):
         return {**kwargs, "param_names": names}
 
     return config_to_kwargs
+
+
+class DistOptAdapter(Optimizer):
+    """The torch optimizer Megatron's ``DistributedOptimizer`` wraps. Built on Megatron's param groups
+    (the model parameters, from which it computes each rank's ranges), which it then swaps for this
+    rank's fp32 main shards; ``bind(distopt)`` builds ``inner`` over one piece per model parameter
+    (the main shard, or an empty tensor where this rank holds none; see the module docstring).
+    ``step`` copies each group's ``lr`` and ``weight_decay`` (Megatron's scheduler sets them here)
+    into ``inner``'s group and steps it; the shards' ``.grad`` is what Megatron set (the reduce-scattered
+    DP average, clipped)."""
+
+    def __init__(self, name: str, param_groups: list[dict], kwargs: dict, adam: dict,
+                 param_names: dict[int, str], split_qkv: bool) -> None:
+        super().__init__(param_groups, {"lr": kwargs["lr"], "weight_decay": kwargs["weight_decay"]})
+        self.name, self.cls = name, NAMES[name]
+        self._kwargs, self._adam, self._names, self._split_qkv = kwargs, adam, param_names, split_qkv
+        self._models = [list(g["params"]) for g in self.param_groups]
+        self.inner: REG | Muon | MuonEq | None = None
+        self._grads: list[tuple[Tensor, Tensor]] = []  # (inner's piece, the main shard Megatron gives .grad)
+
+    def bind(self, distopt, tp_dp: dist.ProcessGroup) -> None:
+        """Build ``inner`` over this rank's main shards of ``distopt`` (collective over ``tp_dp``)."""
+        shards, self._grads = {}, []
+        for models, mains in ((distopt.model_float16_groups, distopt.shard_fp32_from_float16_groups),
+                              (distopt.model_fp32_groups, distopt.shard_fp32_groups)):
+            for model_group, main_group in zip(models, mains):
+                shards.update(zip(model_group, main_group))
+        groups = []
+        for group, models in zip(self.param_groups, self._models):
+            wanted = group.get("optimizer", self.name)  # Megatron's overrides mark the others "adam"
+            if wanted not in (self.name, "adam"):
+                raise ValueError(f"a Megatron parameter group asks for optimizer {wanted!r}; under the distributed "
+                                 f"optimizer --optimizer {self.name} steps its own and 'adam' groups only")
+            ours = wanted == self.name
+            algorithm = self.cls.algorithm if ours else ADAMW
+            pieces = []
+            for p in models:
+                name = self._names.get(id(p), f"unnamed{len(pieces)}")
+                if p in shards:  # a leaf alias of the main shard (a view of p where p is fp32)
+                    held = distopt._get_model_param_range_map(p)["param"]
+                    piece, flat = shards[p].detach(), (held.start, held.end)
+                    self._grads.append((piece, shards[p]))
+                else:
+                    piece, flat = torch.empty(0, dtype=torch.float32, device=p.device), (0, 0)
+                setattr(piece, LAYOUT_ATTR, self._layout(p, name, flat, ours, distopt.data_parallel_group, tp_dp))
+                pieces.append((name, piece))
+            extra = {} if ours else {"adamw_betas": self._adam["betas"], "adamw_eps": self._adam["eps"]}
+            groups.append({"params": pieces, "algorithm": algorithm, "lr": group["lr"],
+                           "weight_decay": group["weight_decay"], **extra})
+        self.inner = self.cls(groups, **{k: v for k, v in self._kwargs.items() if k not in ("lr", "weight_decay")})
+
+    def _layout(self, p: Tensor, name: str, flat: tuple[int, int], ours: bool, dp_group, tp_dp) -> Layout:
+        """``p``'s TP layout cut to ``flat`` of its local shard; an AdamW parameter's is its local shape as
+        ``shape[0] × the rest`` (``1 × n`` for 1-D), so that every rank routes the same shapes."""
+        if ours:  # attach_layouts' (with the layer's own TP group), else a replicated weight's
+            base = getattr(p, LAYOUT_ATTR, None) or megatron_layout(p, name, split_qkv=self._split_qkv)
+        else:
+            m, n = (p.shape[0], p[0].numel()) if p.ndim >= 2 else (1, p.numel())
+            base = Layout((m, n), (0, m), (0, n))
+        groups = (("tp_dp", tp_dp),) if base.groups else (("dp", dp_group),)
+        return Layout(base.shape, base.rows, base.cols, flat=flat, groups=groups, fused=base.fused)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self.inner is None:
+            raise RuntimeError("DistOptAdapter.step before bind(distopt): build it with reg_dist.megatron.register()")
+        for group, sub in zip(self.param_groups, self.inner.param_groups):
+            sub["lr"], sub["weight_decay"] = group["lr"], group["weight_decay"]
+        for piece, shard in self._grads:
+            piece.grad = shard.grad
+        try:
+            return self.inner.step(closure)
+        finally:
+            for piece, _ in self._grads:
+                piece.grad = None
+
+    def state_dict(self) -> dict:
+        if self.inner is not None:
+            raise NotImplementedError("saving reg_dist's optimizer state through Megatron's DistributedOptimizer "
+                                      "checkpoints is not supported yet")
+        return super().state_dict()  # DistributedOptimizer's round trip while it swaps in the shards
+
+
+def _init_adapter_state(opt, config=None) -> None:
+    if opt.inner is not None:
+        _init_state(opt.inner)
+
+
+def build_distributed(name: str, config, model_chunks, config_overrides=None, pg_collection=None):
+    """``get_megatron_optimizer`` for our ``name`` under Megatron's distributed optimizer: Megatron's
+    ``DistributedOptimizer`` over ``DistOptAdapter`` (dense parameters), in a ``ChainedOptimizer``."""
+    from megatron.core import parallel_state
+    from megatron.core.optimizer import (ChainedOptimizer, ConstantGradScaler, DistributedOptimizer,
+                                         _get_param_groups_and_buffers, get_standard_config_overrides)
+    from megatron.core.optimizer.emerging_optimizers import _EMERGING_OPTIMIZERS, _get_qkv_split_shapes
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    if config.fp16:
+        raise ValueError(f"--optimizer {name} does not support --fp16; use --bf16")
+    if not all(getattr(getattr(c, "ddp_config", None), "use_distributed_optimizer", False) for c in model_chunks):
+        raise ValueError(f"--optimizer {name} with use_distributed_optimizer: wrap every model chunk in Megatron's "
+                         f"DistributedDataParallel with DistributedDataParallelConfig(use_distributed_optimizer=True)")
+    ddp_config = model_chunks[0].ddp_config
+    if ddp_config.use_megatron_fsdp or ddp_config.num_distributed_optimizer_instances != 1:
+        raise NotImplementedError(f"--optimizer {name}: Megatron-FSDP and several distributed-optimizer instances "
+                                  f"are not supported")
+    if config.overlap_param_gather_with_optimizer_step or config.optimizer_cpu_offload:
+        raise NotImplementedError(f"--optimizer {name}: overlap_param_gather_with_optimizer_step and optimizer CPU "
+                                  f"offload are not supported with the distributed optimizer")
+    settings = settings_from(config)
+    for chunk in model_chunks:  # what Megatron's emerging-optimizer path tags: QKV blocks per query group
+        for param_name, p in chunk.named_parameters():
+            if "linear_qkv.weight" in param_name and p.ndim == 2:
+                split = _get_qkv_split_shapes(chunk.config)
+                if p.shape[0] % sum(split) == 0:
+                    p.is_qkv, p.qkv_split_shapes = True, split
+        attach_layouts(chunk, split_qkv=settings.reg_split_qkv)
+    overrides = dict(config_overrides if config_overrides is not None else get_standard_config_overrides(config))
+    overrides.update(copy.deepcopy(_EMERGING_OPTIMIZERS[name].default_param_overrides))
+    groups, buffers = _get_param_groups_and_buffers(model_chunks, model_chunk_offset=0, config=config,
+                                                    config_overrides=overrides, filter_fn=lambda g: True,
+                                                    buffer_name="buffers")
+    if any(g["is_expert_parallel"] for g in groups):
+        raise NotImplementedError(f"--optimizer {name}: expert-parallel parameters are not supported with the "
+                                  f"distributed optimizer yet")
+    pgs = ProcessGroupCollection.setup_process_groups_for_optimizer(pg_collection, model_chunks,
+                                                                    use_gloo_process_groups=pg_collection is None)
+    names = {id(p): _strip(n) for chunk in model_chunks for n, p in chunk.named_parameters()}
+    kwargs = optimizer_kwargs(name, settings, lr=config.lr, weight_decay=config.weight_decay)
+    adam = {"betas": (config.adam_beta1, config.adam_beta2), "eps": config.adam_eps}
+    adapter = DistOptAdapter(name, groups, kwargs, adam, names, settings.reg_split_qkv)
+    scaler = ConstantGradScaler(config.loss_scale) if config.loss_scale else None
+    distopt = DistributedOptimizer(adapter, config, scaler, _init_adapter_state, model_chunks=model_chunks,
+                                   per_model_buffers=buffers, data_parallel_group=pgs["intra_dp_cp_group"],
+                                   data_parallel_group_gloo=pgs["intra_dp_cp_group_gloo"],
+                                   data_parallel_group_idx=dist.get_rank(pgs["mp_group"]),
+                                   distributed_optimizer_instance_id=0)
+    distopt.grad_stats_parallel_group = pgs["intra_dist_opt_group"]
+    tp = pg_collection.tp if pg_collection is not None else parallel_state.get_tensor_model_parallel_group()
+    distopt.tp_group = distopt.expert_tp_group = tp
+    adapter.bind(distopt, _tp_dp_group(tp, pgs["intra_dp_cp_group"], pg_collection))
+    return ChainedOptimizer([distopt])
+
+
+def _tp_dp_group(tp: dist.ProcessGroup, dp: dist.ProcessGroup, pg_collection=None) -> dist.ProcessGroup:
+    """Megatron's tensor × data (× context) parallel group, checked to be exactly ``tp`` × ``dp``."""
+    from megatron.core import parallel_state
+
+    group = getattr(pg_collection, "tp_dp_cp", None) if pg_collection is not None else \
+        parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
+    ranks = set(dist.get_process_group_ranks(group))
+    if len(ranks) != dist.get_world_size(tp) * dist.get_world_size(dp) or not (
+            set(dist.get_process_group_ranks(tp)) | set(dist.get_process_group_ranks(dp))) <= ranks:
+        raise ValueError("Megatron's tensor-and-data-parallel group is not the TP group × the distributed "
+                         "optimizer's data-parallel group")
+    return group
 
 
 def registry_entries() -> dict:
@@ -182,6 +382,7 @@ def local_matrices(optimizer) -> list[Tensor]:
     out = []
     for o in inner:
         torch_opt = getattr(o, "optimizer", o)
+        torch_opt = getattr(torch_opt, "inner", torch_opt)  # DistOptAdapter
         if isinstance(torch_opt, tuple(NAMES.values())):
             out += [p for g in torch_opt.param_groups if g["algorithm"] != ADAMW for p in g["params"]]
     return out

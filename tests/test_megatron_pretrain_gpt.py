@@ -1,0 +1,178 @@
+"""``launch/pretrain_gpt.py`` on a CPU machine: its argument parsing (Megatron's, with reg_dist's flags)
+reaches ``validate_args`` and the ``PretrainConfigContainer`` that ``pretrain`` takes without touching
+CUDA; its byte-level data serves Megatron-shaped samples; its GPTModel and forward step train with our
+optimizer; and ``main()`` runs Megatron's whole ``pretrain`` under the test-only shim that pretends to be
+CUDA (``megatron_cpu.install_for_pretrain``). The README's ``## Megatron`` section gives the GPU command."""
+
+import os
+import sys
+import warnings
+
+import pytest
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    pytest.importorskip("megatron.core")
+    import reg_dist.megatron  # noqa: F401  (the typing.override alias, before megatron.training)
+    import megatron.training  # noqa: F401
+
+from multiproc import run_ranks
+
+BASE = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
+        "--max-position-embeddings", "16", "--micro-batch-size", "2", "--train-iters", "5", "--lr", "0.02"]
+
+
+def _in_a_fresh_process(argv, fn):
+    """``fn(args, cfg, module)`` after ``pretrain_gpt.parse_args()`` with ``argv``, in a forked process
+    (Megatron's global arguments stay out of the pytest process)."""
+
+    def body(rank, world):
+        import torch
+
+        warnings.simplefilter("ignore")
+        sys.argv = ["pretrain_gpt.py", *BASE, *argv]
+        from launch import pretrain_gpt
+
+        args, cfg = pretrain_gpt.parse_args()
+        out = fn(args, cfg, pretrain_gpt)
+        assert not torch.cuda.is_initialized()
+        return out
+
+    return run_ranks(1, body, init_group=False)[0]
+
+
+def test_pretrain_gpt_parses_our_flags_into_megatrons_config_container():
+    def read(args, cfg, module):
+        from reg_dist.integrations.megatron_optimizer import settings_from
+
+        settings = settings_from(cfg.optimizer)  # what the registry entry reads: Megatron's global arguments
+        return (args.optimizer, args.use_distributed_optimizer, args.use_layer_wise_distributed_optimizer,
+                cfg.optimizer.optimizer, cfg.optimizer.use_distributed_optimizer, cfg.ddp.use_distributed_optimizer,
+                cfg.optimizer.bf16, cfg.optimizer.lr, settings.reg_p, settings.reg_iters, args.padded_vocab_size >= 256)
+
+    got = _in_a_fresh_process(["--optimizer", "reg", "--reg-p", "3", "--reg-iters", "2", "--use-distributed-optimizer",
+                               "--bf16"], read)
+    # Megatron's validate_args alone would have made it its layer-wise optimizer
+    assert got == ("reg", True, False, "reg", True, True, True, 0.02, 3.0, 2, True)
+
+
+def test_pretrain_gpt_byte_data_gives_megatron_samples():
+    def sample(args, cfg, module):
+        train, valid, test = module.datasets_provider([6, 2, 0])
+        s = train[5]
+        return len(train), len(valid), test, {k: (tuple(v.shape), str(v.dtype)) for k, v in s.items()}, \
+            bool((s["tokens"][1:] == s["labels"][:-1]).all()), bool((train[5]["tokens"] == s["tokens"]).all())
+
+    n_train, n_valid, test, shapes, shifted, same = _in_a_fresh_process(["--optimizer", "reg_muon"], sample)
+    assert (n_train, n_valid, test, shifted, same) == (6, 2, None, True, True)
+    assert shapes == {"tokens": ((16,), "torch.int64"), "labels": ((16,), "torch.int64"),
+                      "loss_mask": ((16,), "torch.float32"), "position_ids": ((16,), "torch.int64")}
+
+
+def test_pretrain_gpt_rejects_bad_reg_flags_with_argparses_message(capfd):
+    with pytest.raises(AssertionError, match="SystemExit: 2"):
+        _in_a_fresh_process(["--optimizer", "muoneq", "--muoneq-phase", "2"], lambda *a: None)
+    assert "--optimizer muoneq: phase applies only to mode='rowcol'" in capfd.readouterr().err
+
+
+CPU = ["--transformer-impl", "local", "--use-cpu-initialization", "--no-persist-layer-norm",
+       "--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion", "--no-bias-gelu-fusion",
+       "--no-bias-dropout-fusion", "--no-rope-fusion"]  # megatron-core's own layers, no fused CUDA kernels
+
+
+@pytest.mark.parametrize("name", ["reg", "muoneq"])
+def test_pretrain_gpt_model_data_and_forward_step_train_with_ours_on_tp2(name):
+    """What ``pretrain`` would run, on CPU (the CUDA → CPU shim): ``pretrain_gpt``'s GPTModel on TP 2, its
+    byte data and forward step, Megatron's DDP, distributed optimizer and ``get_megatron_optimizer`` with
+    our flags. Hidden matrices (``linear_qkv`` as q, k, v) take ours, the rest Adam; repeating one batch,
+    the loss falls."""
+
+    def body(rank, world):
+        import megatron_cpu
+        import torch
+        from megatron.core import parallel_state, tensor_parallel
+        from megatron.core.distributed import DistributedDataParallel
+        from megatron.core.optimizer import get_megatron_optimizer
+
+        warnings.simplefilter("ignore")
+        megatron_cpu.install()
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), CUDA_DEVICE_MAX_CONNECTIONS="1")  # for validate_args
+        sys.argv = ["pretrain_gpt.py", *BASE, "--optimizer", name, "--tensor-model-parallel-size", "2",
+                    "--use-distributed-optimizer", "--reg-ns-dtype", "fp32", *CPU]
+        from launch import pretrain_gpt
+
+        args, cfg = pretrain_gpt.parse_args()
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
+        tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
+        model = pretrain_gpt.model_provider()
+        ddp = DistributedDataParallel(config=model.config, ddp_config=cfg.ddp, module=model)
+        optimizer = get_megatron_optimizer(cfg.optimizer, [ddp])
+        train, _, _ = pretrain_gpt.datasets_provider([2, 1, 0])
+        batch = next(iter(torch.utils.data.DataLoader(train, batch_size=args.micro_batch_size)))
+        losses = []
+        for _ in range(4):
+            ddp.zero_grad_buffer()
+            optimizer.zero_grad()
+            output, loss_func = pretrain_gpt.forward_step(iter([batch]), ddp)
+            loss, tokens, _ = loss_func(output)
+            (loss / tokens).backward()
+            ddp.finish_grad_sync()
+            assert optimizer.step()[0]
+            losses.append(float(loss / tokens))
+        inner = optimizer.chained_optimizers[0].optimizer.inner
+        routes = {r.name: (r.algorithm, r.shape) for r in inner.routes}
+        qkv = inner._layouts[id(next(p for g in inner.param_groups for p, n in zip(g["params"], g["param_names"])
+                                     if n == "decoder.layers.0.self_attention.linear_qkv.weight"))]
+        return losses, routes, len(qkv.block_shapes)
+
+    (losses, routes, qkv_blocks), other = run_ranks(2, body)
+    assert other[1] == routes and qkv_blocks == 3
+    assert losses[-1] < losses[0]
+    algorithm = {"reg": "reg", "muoneq": "muoneq"}[name]
+    assert routes["decoder.layers.0.self_attention.linear_qkv.weight"] == (algorithm, (96, 32))  # logical, not TP
+    assert routes["decoder.layers.1.mlp.linear_fc2.weight"] == (algorithm, (32, 128))
+    assert routes["embedding.word_embeddings.weight"][0] == "adamw"
+    assert routes["decoder.final_layernorm.weight"] == ("adamw", (1, 32))
+
+
+@pytest.mark.parametrize("name, extra", [
+    ("reg", ["--tensor-model-parallel-size", "2", "--use-distributed-optimizer", "--bf16"]),
+    ("reg_muon", ["--pipeline-model-parallel-size", "2"]),
+], ids=["reg-tp2-dp2-distopt-bf16", "reg_muon-pp2-dp2-ddp-fp32"])
+def test_pretrain_gpt_main_runs_megatrons_pretrain_with_ours(name, extra):
+    """``launch/pretrain_gpt.py``'s ``main()`` on 4 ranks: Megatron's ``pretrain`` (initialisation, training
+    loop with its LR schedule, gradient clipping and pipeline schedule, validation), on CPU through the
+    test-only shim that pretends to be CUDA. Every rank steps reg_dist's optimizer once per iteration
+    and the loss falls (on the last pipeline stage, which computes it)."""
+    iters = 6
+
+    def body(rank, world):
+        import megatron_cpu
+        import torch
+
+        from reg_dist.integrations.megatron_optimizer import NAMES, DistOptAdapter
+
+        warnings.simplefilter("ignore")
+        megatron_cpu.install_for_pretrain()
+        os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
+        sys.argv = ["pretrain_gpt.py", *BASE[:-4], "--train-iters", str(iters), "--lr", "0.01", "--min-lr", "0.001",
+                    "--lr-decay-style", "cosine", "--clip-grad", "1.0", "--global-batch-size", "4",
+                    "--eval-iters", "1", "--eval-interval", "3", "--log-interval", "3", "--distributed-backend", "gloo",
+                    "--optimizer", name, *extra, *CPU]
+        from launch import pretrain_gpt
+
+        steps, losses = [], []
+        ours = DistOptAdapter if "--use-distributed-optimizer" in extra else NAMES[name]
+        step, loss_func = ours.step, pretrain_gpt.loss_func
+        ours.step = lambda self, *a: steps.append(1) or step(self, *a)
+        pretrain_gpt.loss_func = lambda mask, out: (lambda r: losses.append(float(r[0] / r[1])) or r)(
+            loss_func(mask, out)) if torch.is_grad_enabled() else loss_func(mask, out)
+        pretrain_gpt.main()
+        return len(steps), losses
+
+    results = run_ranks(4, body, init_group=False)
+    assert all(steps == iters for steps, _ in results)
+    with_loss = [losses for _, losses in results if losses]
+    assert len(with_loss) == (2 if "--pipeline-model-parallel-size" in extra else 4)
+    for losses in with_loss:
+        assert len(losses) == iters and sum(losses[-2:]) < sum(losses[:2])
