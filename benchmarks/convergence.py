@@ -2,13 +2,14 @@
 ``launch/train.py`` run (one process, one thread, the same model, data order and token budget).
 
   1. Pretraining on the stdlib domain (Python sources): AdamW, Muon, MuonEq-R (row equilibration),
-     MuonEq-RC (row and column) and REG, each at every lr of the sweep (seed 0); then each at its
-     best lr (lowest final validation loss) with the other seeds. Reported: final validation loss,
+     MuonEq-RC (row and column) and REG, each at every lr of the sweep (seed 0), and at one lr more
+     beyond the grid where its best is at an end; then each at its best lr (lowest final
+     validation loss) with the other seeds. Reported: final validation loss,
      mean ± spread (max − min) / 2 over the seeds at the best lr. The seed sets the initialisation
      and the data order, the same for every optimizer.
   2. Fine-tuning on the pydoc domain (English reference text): the seed-0 AdamW pretraining run at
      its best lr is the base; AdamW, Muon, MuonEq-R and REG fine-tune its checkpoint at every lr of
-     the fine-tuning sweep, then at their best lr with the other seeds. Every matrix optimizer
+     the fine-tuning sweep (extended likewise), then at their best lr with the other seeds. Every matrix optimizer
      scales its update to AdamW's RMS (``--rms``, 0.2), so one lr grid serves all. Reported: the
      pydoc validation loss, and the stdlib validation loss after fine-tuning (forgetting: its rise
      over the base's).
@@ -65,7 +66,7 @@ def train_run(run_dir: str, argv: list[str]) -> dict:
     run_dir = Path(run_dir)
     command = run_dir / "command.json"
     if command.is_file() and json.loads(command.read_text()) == argv and (run_dir / "log.json").is_file():
-        return json.loads((run_dir / "log.json").read_text())
+        return {**json.loads((run_dir / "log.json").read_text()), "reused": True}
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     with open(run_dir / "stdout.txt", "w") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
@@ -116,11 +117,38 @@ def mean_spread(values: list[float]) -> tuple[float, float]:
     return sum(values) / len(values), (max(values) - min(values)) / 2
 
 
+def sweep(study: Study, stage: str, opts: dict, lrs: list[float], spec) -> tuple[dict, dict]:
+    """Every optimizer at every lr of ``lrs`` (the first seed); where its best is an end of the grid, at
+    one lr more beyond it (the grid's own ratio); then the other seeds at its best lr. Returns
+    ``({opt: lrs it ran}, {opt: best lr})``; ``spec(opt, lr, seed)`` gives a run's arguments."""
+    seed0, others = study.scale["seeds"][0], study.scale["seeds"][1:]
+    study.run({name_of(stage, o, lr, seed0): spec(o, lr, seed0) for o in opts for lr in lrs})
+    ratio = lrs[1] / lrs[0]
+    beyond = {}
+    for o in opts:
+        best = best_lr(study.logs, stage, o, lrs, seed0)
+        if at_edge(best, lrs):
+            beyond[o] = float(f"{best * ratio if best == max(lrs) else best / ratio:.3g}")
+    if beyond:
+        print(f"{stage}: one lr beyond the grid where the best is at its end: {beyond}", flush=True)
+        study.run({name_of(stage, o, lr, seed0): spec(o, lr, seed0) for o, lr in beyond.items()})
+    ran = {o: sorted([*lrs, *([beyond[o]] if o in beyond else [])]) for o in opts}
+    best = {o: best_lr(study.logs, stage, o, ran[o], seed0) for o in opts}
+    print(f"{stage}: the other seeds at the best lr", flush=True)
+    study.run({name_of(stage, o, best[o], seed): spec(o, best[o], seed) for o in opts for seed in others})
+    return ran, best
+
+
+def per_lr(study: Study, stage: str, opt: str, lrs: list[float]) -> dict[str, float]:
+    """``{lr: final validation loss}`` of the first seed's runs."""
+    seed0 = study.scale["seeds"][0]
+    return {f"{lr:g}": study.logs[name_of(stage, opt, lr, seed0)]["final"]["val_loss"] for lr in lrs}
+
+
 def pretrain(study: Study) -> dict:
-    """Stage 1: the lr sweep at the first seed, then the other seeds at each optimizer's best lr."""
+    """Stage 1: every optimizer's lr sweep on stdlib, then the other seeds at its best lr."""
     s = study.scale
     base = [*s["model"], *s["pretrain"], "--data", "stdlib"]
-    seed0, others = s["seeds"][0], s["seeds"][1:]
 
     def spec(opt: str, lr: float, seed: int) -> list[str]:
         steps = s["pretrain"][s["pretrain"].index("--steps") + 1]
@@ -128,25 +156,21 @@ def pretrain(study: Study) -> dict:
         return [*base, *PRETRAIN[opt], "--lr", f"{lr:g}", "--seed", str(seed), *save]
 
     print("pretraining: lr sweep", flush=True)
-    study.run({name_of("pre", o, lr, seed0): spec(o, lr, seed0) for o in PRETRAIN for lr in s["pretrain_lrs"]})
-    best = {o: best_lr(study.logs, "pre", o, s["pretrain_lrs"], seed0) for o in PRETRAIN}
-    print("pretraining: seeds at the best lr", flush=True)
-    study.run({name_of("pre", o, best[o], seed): spec(o, best[o], seed) for o in PRETRAIN for seed in others})
+    ran, best = sweep(study, "pre", PRETRAIN, s["pretrain_lrs"], spec)
     table = {}
     for o in PRETRAIN:
         finals = [study.logs[name_of("pre", o, best[o], seed)]["final"]["val_loss"] for seed in s["seeds"]]
         mean, spread = mean_spread(finals)
-        table[o] = {"best_lr": best[o], "best_lr_at_grid_edge": at_edge(best[o], s["pretrain_lrs"]),
+        table[o] = {"best_lr": best[o], "best_lr_at_grid_edge": at_edge(best[o], ran[o]),
                     "val_loss_mean": mean, "val_loss_spread": spread, "val_loss_per_seed": finals,
-                    "val_loss_per_lr": {f"{lr:g}": study.logs[name_of("pre", o, lr, seed0)]["final"]["val_loss"]
-                                        for lr in s["pretrain_lrs"]}}
+                    "val_loss_per_lr": per_lr(study, "pre", o, ran[o])}
     return table
 
 
 def finetune(study: Study, pre_table: dict) -> dict:
-    """Stage 2: fine-tune the AdamW base on pydoc (lr sweep at the first seed, then the other seeds)."""
+    """Stage 2: fine-tune the AdamW base on pydoc: every optimizer's lr sweep, then the other seeds."""
     s = study.scale
-    seed0, others = s["seeds"][0], s["seeds"][1:]
+    seed0 = s["seeds"][0]
     base_run = study.runs / name_of("pre", BASE, pre_table[BASE]["best_lr"], seed0)
     base = [*s["model"], *s["finetune"], "--data", "pydoc", "--eval-also", "stdlib", "--init", str(base_run)]
 
@@ -154,10 +178,7 @@ def finetune(study: Study, pre_table: dict) -> dict:
         return [*base, *FINETUNE[opt], "--lr", f"{lr:g}", "--seed", str(seed)]
 
     print(f"fine-tuning {base_run.name} on pydoc: lr sweep", flush=True)
-    study.run({name_of("ft", o, lr, seed0): spec(o, lr, seed0) for o in FINETUNE for lr in s["finetune_lrs"]})
-    best = {o: best_lr(study.logs, "ft", o, s["finetune_lrs"], seed0) for o in FINETUNE}
-    print("fine-tuning: seeds at the best lr", flush=True)
-    study.run({name_of("ft", o, best[o], seed): spec(o, best[o], seed) for o in FINETUNE for seed in others})
+    ran, best = sweep(study, "ft", FINETUNE, s["finetune_lrs"], spec)
     first = study.logs[name_of("ft", BASE, best[BASE], seed0)]
     base_pydoc, base_stdlib = first["val"][0]["loss"], first["val_also"]["stdlib"][0]["loss"]
     table = {"base": {"run": base_run.name, "pydoc_val": base_pydoc, "stdlib_val": base_stdlib}}
@@ -165,12 +186,11 @@ def finetune(study: Study, pre_table: dict) -> dict:
         logs = [study.logs[name_of("ft", o, best[o], seed)] for seed in s["seeds"]]
         pydoc = mean_spread([log["final"]["val_loss"] for log in logs])
         stdlib = mean_spread([log["val_also"]["stdlib"][-1]["loss"] for log in logs])
-        table[o] = {"best_lr": best[o], "best_lr_at_grid_edge": at_edge(best[o], s["finetune_lrs"]),
+        table[o] = {"best_lr": best[o], "best_lr_at_grid_edge": at_edge(best[o], ran[o]),
                     "pydoc_val_mean": pydoc[0], "pydoc_val_spread": pydoc[1],
                     "stdlib_val_mean": stdlib[0], "stdlib_val_spread": stdlib[1],
                     "forgetting_mean": stdlib[0] - base_stdlib,
-                    "pydoc_val_per_lr": {f"{lr:g}": study.logs[name_of("ft", o, lr, seed0)]["final"]["val_loss"]
-                                         for lr in s["finetune_lrs"]}}
+                    "pydoc_val_per_lr": per_lr(study, "ft", o, ran[o])}
     return table
 
 
@@ -202,7 +222,7 @@ def plot(study: Study, pre: dict, ft: dict, results: Path, prefix: str) -> list[
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    s, seed0 = study.scale, study.scale["seeds"][0]
+    seed0 = study.scale["seeds"][0]
     paths = [results / f"{prefix}_{what}.png" for what in ("pretrain", "lr", "finetune")]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for o, r in pre.items():
@@ -216,12 +236,15 @@ def plot(study: Study, pre: dict, ft: dict, results: Path, prefix: str) -> list[
     fig.tight_layout(), fig.savefig(paths[0], dpi=110), plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, table, key, lrs, title in ((axes[0], pre, "val_loss_per_lr", s["pretrain_lrs"], "pretraining (stdlib val)"),
-                                       (axes[1], {o: r for o, r in ft.items() if o != "base"}, "pydoc_val_per_lr",
-                                        s["finetune_lrs"], "fine-tuning (pydoc val)")):
+    for ax, table, key, title in ((axes[0], pre, "val_loss_per_lr", "pretraining (stdlib val)"),
+                                  (axes[1], {o: r for o, r in ft.items() if o != "base"}, "pydoc_val_per_lr",
+                                   "fine-tuning (pydoc val)")):
+        lrs = sorted({float(lr) for r in table.values() for lr in r[key]})
         for o, r in table.items():
-            ax.plot(lrs, [r[key][f"{lr:g}"] for lr in lrs], marker="o", label=o)
+            ax.plot(*zip(*sorted((float(lr), loss) for lr, loss in r[key].items())), marker="o", label=o)
         ax.set(xscale="log", xlabel="peak lr", ylabel="final validation loss", title=title)
+        ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs])
+        ax.minorticks_off()
         ax.legend(), ax.grid(alpha=0.3)
     fig.tight_layout(), fig.savefig(paths[1], dpi=110), plt.close(fig)
 
@@ -269,7 +292,10 @@ def main(argv: list[str] | None = None) -> dict:
     plots = plot(study, pre, ft, args.results, prefix)
     result = {"command": shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(argv),
               "scale": scale_name, "config": SCALES[scale_name], "common": COMMON, "workers": args.workers,
-              "cpus": os.cpu_count(), "wall_s": wall, "pretrain": pre, "finetune": ft, "table": table,
+              "cpus": os.cpu_count(), "wall_s": wall,
+              "runs_reused": sum(log.get("reused", False) for log in study.logs.values()),
+              "runs_train_s": sum(log["final"]["train_s"] for log in study.logs.values()),
+              "pretrain": pre, "finetune": ft, "table": table,
               "plots": [str(path.relative_to(args.results)) for path in plots],
               "runs": {name: {"args": log["args"], "final": log["final"], "val": log["val"],
                               "val_also": log.get("val_also", {}),

@@ -48,16 +48,23 @@ def _parse(argv, provider=None, monkeypatch=None):
     return args
 
 
+def _column(config: TransformerConfig, n_in: int, n_out: int, bias: bool = False) -> ColumnParallelLinear:
+    return ColumnParallelLinear(n_in, n_out, config=config, init_method=nn.init.xavier_normal_, bias=bias,
+                                gather_output=False)
+
+
+def _row(config: TransformerConfig, n_in: int, n_out: int) -> RowParallelLinear:
+    return RowParallelLinear(n_in, n_out, config=config, init_method=nn.init.xavier_normal_, bias=False,
+                             input_is_parallel=True, skip_bias_add=False)
+
+
 class Tiny(MegatronModule):
     """``linear_qkv`` (column-parallel, with a bias) → tanh → ``linear_proj`` (row-parallel)."""
 
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__(config)
-        init = nn.init.xavier_normal_
-        self.linear_qkv = ColumnParallelLinear(HIDDEN, QKV_ROWS, config=config, init_method=init, bias=True,
-                                               gather_output=False)
-        self.linear_proj = RowParallelLinear(QKV_ROWS, HIDDEN, config=config, init_method=init, bias=False,
-                                             input_is_parallel=True, skip_bias_add=False)
+        self.linear_qkv = _column(config, HIDDEN, QKV_ROWS, bias=True)
+        self.linear_proj = _row(config, QKV_ROWS, HIDDEN)
 
     def forward(self, x):
         h, _ = self.linear_qkv(x)
@@ -69,16 +76,32 @@ def _reference_forward(w: dict, x):
     return torch.tanh(x @ w["qkv.weight"].T + w["qkv.bias"]) @ w["proj.weight"].T
 
 
-def _setup(tp=TP):
-    """Megatron's parallel state, the CUDA → CPU shim and a CPU-initialising TransformerConfig."""
+def _setup(tp=TP, pp=1, **extra):
+    """Megatron's parallel state (TP ``tp`` × PP ``pp`` × DP the rest), the CUDA → CPU shim and a
+    CPU-initialising TransformerConfig (``extra`` on top); the seed is the pipeline stage."""
     import megatron_cpu
 
     warnings.simplefilter("ignore")
     megatron_cpu.install()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
-    torch.manual_seed(0)
-    return TransformerConfig(num_layers=1, hidden_size=HIDDEN, num_attention_heads=HEADS, num_query_groups=GROUPS,
-                             kv_channels=KV, tensor_model_parallel_size=tp, use_cpu_initialization=True)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    torch.manual_seed(parallel_state.get_pipeline_model_parallel_rank())
+    return TransformerConfig(num_layers=pp, hidden_size=HIDDEN, num_attention_heads=HEADS, num_query_groups=GROUPS,
+                             kv_channels=KV, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                             use_cpu_initialization=True, **extra)
+
+
+def _gather_tp(p: torch.Tensor, dim: int) -> torch.Tensor:
+    """The full tensor of a TP-sharded parameter, its shards concatenated along ``dim``."""
+    shards = [torch.empty_like(p) for _ in range(TP)]
+    dist.all_gather(shards, p.detach().contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+    return torch.cat(shards, dim=dim)
+
+
+def _data(seed: int, width: int = HIDDEN) -> tuple[list, list]:
+    """``STEPS`` inputs, then ``STEPS`` targets, each ``(DP, BATCH, width)``."""
+    gen = torch.Generator().manual_seed(seed)
+    return ([torch.randn(DP, BATCH, width, generator=gen) for _ in range(STEPS)],
+            [torch.randn(DP, BATCH, width, generator=gen) for _ in range(STEPS)])
 
 
 def _ddp(config, model):
@@ -215,25 +238,19 @@ def test_tp2_dp2_megatron_ddp_trajectory_equals_the_single_process_optimizer(nam
     config = rm.optimizer_config(optimizer=name, lr=0.02, weight_decay=0.1, clip_grad=0.0, reg_split_qkv=split,
                                  **SETTINGS[name])
     rm.register()
-    gen = torch.Generator().manual_seed(1)
-    batches = [torch.randn(DP, BATCH, HIDDEN, generator=gen) for _ in range(STEPS)]
-    targets = [torch.randn(DP, BATCH, HIDDEN, generator=gen) for _ in range(STEPS)]
+    batches, targets = _data(1)
 
     def body(rank, world):
         tc = _setup()
         model = _ddp(tc, Tiny(tc))
         optimizer = get_megatron_optimizer(config, [model])
-        tp_group = parallel_state.get_tensor_model_parallel_group()
         dp_rank = parallel_state.get_data_parallel_rank()
         params = {"qkv.weight": model.module.linear_qkv.weight, "qkv.bias": model.module.linear_qkv.bias,
                   "proj.weight": model.module.linear_proj.weight}
         dims = {"qkv.weight": 0, "qkv.bias": 0, "proj.weight": 1}
 
         def full(n):
-            p = params[n].detach().contiguous()
-            shards = [torch.empty_like(p) for _ in range(TP)]
-            dist.all_gather(shards, p, group=tp_group)
-            return torch.cat(shards, dim=dims[n])
+            return _gather_tp(params[n], dims[n])
 
         # the single-process reference, on every rank: the full weights, the DP-averaged gradient
         ref_w = {n: full(n) for n in params}
@@ -287,13 +304,10 @@ class Deeper(MegatronModule):
 
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__(config)
-        init = nn.init.xavier_normal_
-        col = dict(config=config, init_method=init, gather_output=False)
-        row = dict(config=config, init_method=init, bias=False, input_is_parallel=True, skip_bias_add=False)
-        self.linear_qkv = ColumnParallelLinear(WIDE, QKV_ROWS, bias=True, **col)
-        self.linear_proj = RowParallelLinear(QKV_ROWS, WIDE, **row)
-        self.linear_fc1 = ColumnParallelLinear(WIDE, FC, bias=False, **col)
-        self.linear_fc2 = RowParallelLinear(FC, WIDE, **row)
+        self.linear_qkv = _column(config, WIDE, QKV_ROWS, bias=True)
+        self.linear_proj = _row(config, QKV_ROWS, WIDE)
+        self.linear_fc1 = _column(config, WIDE, FC)
+        self.linear_fc2 = _row(config, FC, WIDE)
 
     def forward(self, x):
         y, _ = self.linear_proj(torch.tanh(self.linear_qkv(x)[0]))
@@ -314,9 +328,7 @@ def test_tp2_dp2_distributed_optimizer_trajectory_equals_the_single_process_opti
     config = rm.optimizer_config(optimizer=name, lr=0.02, weight_decay=0.1, clip_grad=0.0, reg_split_qkv=split,
                                  use_distributed_optimizer=True, **SETTINGS[name])
     rm.register()
-    gen = torch.Generator().manual_seed(2)
-    batches = [torch.randn(DP, BATCH, WIDE, generator=gen) for _ in range(STEPS)]
-    targets = [torch.randn(DP, BATCH, WIDE, generator=gen) for _ in range(STEPS)]
+    batches, targets = _data(2, WIDE)
 
     def body(rank, world):
         tc = _setup()
@@ -324,7 +336,6 @@ def test_tp2_dp2_distributed_optimizer_trajectory_equals_the_single_process_opti
             use_distributed_optimizer=True, overlap_grad_reduce=True, bucket_size=BUCKET), module=Deeper(tc))
         optimizer = get_megatron_optimizer(config, [model])
         (distopt,) = optimizer.chained_optimizers
-        tp_group = parallel_state.get_tensor_model_parallel_group()
         dp_rank = parallel_state.get_data_parallel_rank()
         m = model.module
         params = {"qkv.weight": m.linear_qkv.weight, "qkv.bias": m.linear_qkv.bias, "proj.weight": m.linear_proj.weight,
@@ -339,10 +350,7 @@ def test_tp2_dp2_distributed_optimizer_trajectory_equals_the_single_process_opti
                 held[n] = None
 
         def full(n):
-            p = params[n].detach().contiguous()
-            shards = [torch.empty_like(p) for _ in range(TP)]
-            dist.all_gather(shards, p, group=tp_group)
-            return torch.cat(shards, dim=dims[n])
+            return _gather_tp(params[n], dims[n])
 
         ref_w = {n: full(n) for n in params}
         ref = {**{k: nn.Parameter(v.clone()) for k, v in _split(ref_w["qkv.weight"], split).items()},
@@ -385,11 +393,8 @@ class Pair(MegatronModule):
 
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__(config)
-        init = nn.init.xavier_normal_
-        self.linear_fc1 = ColumnParallelLinear(HIDDEN, FFN, config=config, init_method=init, bias=False,
-                                               gather_output=False)
-        self.linear_fc2 = RowParallelLinear(FFN, HIDDEN, config=config, init_method=init, bias=False,
-                                            input_is_parallel=True, skip_bias_add=False)
+        self.linear_fc1 = _column(config, HIDDEN, FFN)
+        self.linear_fc2 = _row(config, FFN, HIDDEN)
 
     def forward(self, x):
         return self.linear_fc2(torch.tanh(self.linear_fc1(x)[0]))[0]
@@ -400,24 +405,14 @@ def test_pipeline_stages_with_different_parameters_each_step_like_the_single_pro
     """PP 2 × DP 2 (the distributed optimizer): stage 0 holds ``Tiny``, stage 1 ``Pair``. Each stage checks
     its routes and agrees on non-finite gradients among its own ranks only: a NaN gradient on stage 1
     in the last step skips that step there, while stage 0 takes it."""
-    import megatron_cpu
-
     config = rm.optimizer_config(optimizer=name, lr=0.02, weight_decay=0.1, clip_grad=0.0,
                                  use_distributed_optimizer=True, **SETTINGS[name])
     rm.register()
-    gen = torch.Generator().manual_seed(3)
-    batches = [torch.randn(DP, BATCH, HIDDEN, generator=gen) for _ in range(STEPS)]
-    targets = [torch.randn(DP, BATCH, HIDDEN, generator=gen) for _ in range(STEPS)]
+    batches, targets = _data(3)
 
     def body(rank, world):
-        warnings.simplefilter("ignore")
-        megatron_cpu.install()
-        parallel_state.initialize_model_parallel(pipeline_model_parallel_size=2)
+        tc = _setup(tp=1, pp=2, pipeline_dtype=torch.float32)
         stage, dp_rank = parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_data_parallel_rank()
-        torch.manual_seed(stage)
-        tc = TransformerConfig(num_layers=2, hidden_size=HIDDEN, num_attention_heads=HEADS, num_query_groups=GROUPS,
-                               kv_channels=KV, pipeline_model_parallel_size=2, pipeline_dtype=torch.float32,
-                               use_cpu_initialization=True)
         module = Tiny(tc) if stage == 0 else Pair(tc)
         model = DistributedDataParallel(config=tc, ddp_config=DistributedDataParallelConfig(
             use_distributed_optimizer=True), module=module)
@@ -478,36 +473,24 @@ def test_bf16_main_params_step_like_the_single_process_optimizer(name, distopt):
     or the distributed optimizer's fp32 shards) our optimizer steps. The reference steps fp32 copies of
     the full weights with the same gradients (the DP average of the bf16 model's, gathered over TP): the
     main parameters must equal them."""
-    import megatron_cpu
-
     config = rm.optimizer_config(optimizer=name, lr=0.02, weight_decay=0.1, clip_grad=0.0, bf16=True,
                                  use_distributed_optimizer=distopt, **SETTINGS[name])
     rm.register()
-    gen = torch.Generator().manual_seed(4)
-    batches = [torch.randn(DP, BATCH, HIDDEN, generator=gen) for _ in range(STEPS)]
-    targets = [torch.randn(DP, BATCH, HIDDEN, generator=gen) for _ in range(STEPS)]
+    batches, targets = _data(4)
 
     def body(rank, world):
-        warnings.simplefilter("ignore")
-        megatron_cpu.install()
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=TP)
-        torch.manual_seed(0)
-        tc = TransformerConfig(num_layers=1, hidden_size=HIDDEN, num_attention_heads=HEADS, num_query_groups=GROUPS,
-                               kv_channels=KV, tensor_model_parallel_size=TP, use_cpu_initialization=True, bf16=True,
-                               params_dtype=torch.bfloat16)
+        tc = _setup(bf16=True, params_dtype=torch.bfloat16)
         model = DistributedDataParallel(config=tc, ddp_config=DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, use_distributed_optimizer=distopt), module=Tiny(tc))
         optimizer = get_megatron_optimizer(config, [model])
-        tp_group, dp_group = parallel_state.get_tensor_model_parallel_group(), parallel_state.get_data_parallel_group()
+        dp_group = parallel_state.get_data_parallel_group()
         tp_rank, dp_rank = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_data_parallel_rank()
         m = model.module
         params = {"qkv.weight": m.linear_qkv.weight, "qkv.bias": m.linear_qkv.bias, "proj.weight": m.linear_proj.weight}
         dims = {"qkv.weight": 0, "qkv.bias": 0, "proj.weight": 1}
 
         def full(t, n):
-            shards = [torch.empty_like(t) for _ in range(TP)]
-            dist.all_gather(shards, t.contiguous(), group=tp_group)
-            return torch.cat(shards, dim=dims[n])
+            return _gather_tp(t, dims[n])
 
         master = {n: full(p.detach(), n).float() for n, p in params.items()}
         ref = {**{k: nn.Parameter(v) for k, v in _split(master["qkv.weight"], True).items()},
