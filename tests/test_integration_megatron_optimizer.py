@@ -214,6 +214,24 @@ def _reference_kwargs(name, config):
     return kwargs
 
 
+def _reference_adam(bias: nn.Parameter, config) -> torch.optim.AdamW:
+    """The reference for Megatron's Adam on the bias: torch's AdamW with the config's hyper-parameters."""
+    return torch.optim.AdamW([bias], lr=config.lr, weight_decay=config.weight_decay,
+                             betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
+
+
+def _reference(name, config, full: dict, split: bool) -> tuple[dict, nn.Parameter, torch.optim.Optimizer,
+                                                                 torch.optim.AdamW]:
+    """The single-process reference over the full weights ``full`` (``qkv.weight``, ``qkv.bias`` and the
+    other matrices): copies of the matrices (QKV split as ``split`` says) under reg_dist's optimizer
+    ``name``, of the bias under AdamW; ``(matrices, bias, optimizer, adamw)``."""
+    ref = {**{k: nn.Parameter(v.clone()) for k, v in _split(full["qkv.weight"], split).items()},
+           **{n: nn.Parameter(v.clone()) for n, v in full.items() if "qkv" not in n}}
+    bias = nn.Parameter(full["qkv.bias"].clone())
+    optimizer = REFERENCE[name](list(ref.items()), **_reference_kwargs(name, config))
+    return ref, bias, optimizer, _reference_adam(bias, config)
+
+
 def _split(full: torch.Tensor, split: bool) -> dict:
     """The single-process matrices of the fused qkv weight: q, k, v (their rows of every group) or whole."""
     if not split:
@@ -254,12 +272,7 @@ def test_tp2_dp2_megatron_ddp_trajectory_equals_the_single_process_optimizer(nam
 
         # the single-process reference, on every rank: the full weights, the DP-averaged gradient
         ref_w = {n: full(n) for n in params}
-        ref = {**{k: nn.Parameter(v.clone()) for k, v in _split(ref_w["qkv.weight"], split).items()},
-               "proj.weight": nn.Parameter(ref_w["proj.weight"].clone())}
-        ref_bias = nn.Parameter(ref_w["qkv.bias"].clone())
-        ref_opt = REFERENCE[name](list(ref.items()), **_reference_kwargs(name, config))
-        ref_adam = torch.optim.AdamW([ref_bias], lr=config.lr, weight_decay=config.weight_decay,
-                                     betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
+        ref, ref_bias, ref_opt, ref_adam = _reference(name, config, ref_w, split)
         for x, t in zip(batches, targets):
             model.zero_grad_buffer()
             optimizer.zero_grad()
@@ -353,12 +366,7 @@ def test_tp2_dp2_distributed_optimizer_trajectory_equals_the_single_process_opti
             return _gather_tp(params[n], dims[n])
 
         ref_w = {n: full(n) for n in params}
-        ref = {**{k: nn.Parameter(v.clone()) for k, v in _split(ref_w["qkv.weight"], split).items()},
-               **{n: nn.Parameter(ref_w[n].clone()) for n in ("proj.weight", "fc1.weight", "fc2.weight")}}
-        ref_bias = nn.Parameter(ref_w["qkv.bias"].clone())
-        ref_opt = REFERENCE[name](list(ref.items()), **_reference_kwargs(name, config))
-        ref_adam = torch.optim.AdamW([ref_bias], lr=config.lr, weight_decay=config.weight_decay,
-                                     betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
+        ref, ref_bias, ref_opt, ref_adam = _reference(name, config, ref_w, split)
         for x, t in zip(batches, targets):
             model.zero_grad_buffer()
             optimizer.zero_grad()
@@ -424,9 +432,7 @@ def test_pipeline_stages_with_different_parameters_each_step_like_the_single_pro
                     if p.ndim == 2 and n != "linear_qkv.weight"})
         ref_opt = REFERENCE[name](list(ref.items()), **_reference_kwargs(name, config))
         ref_bias = nn.Parameter(named["linear_qkv.bias"].detach().clone()) if stage == 0 else None
-        ref_adam = torch.optim.AdamW([ref_bias], lr=config.lr, weight_decay=config.weight_decay,
-                                     betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps) \
-            if stage == 0 else None
+        ref_adam = _reference_adam(ref_bias, config) if stage == 0 else None
 
         def reference(x):
             if stage == 0:
@@ -493,12 +499,7 @@ def test_bf16_main_params_step_like_the_single_process_optimizer(name, distopt):
             return _gather_tp(t, dims[n])
 
         master = {n: full(p.detach(), n).float() for n, p in params.items()}
-        ref = {**{k: nn.Parameter(v) for k, v in _split(master["qkv.weight"], True).items()},
-               "proj.weight": nn.Parameter(master["proj.weight"])}
-        ref_bias = nn.Parameter(master["qkv.bias"])
-        ref_opt = REFERENCE[name](list(ref.items()), **_reference_kwargs(name, config))
-        ref_adam = torch.optim.AdamW([ref_bias], lr=config.lr, weight_decay=config.weight_decay,
-                                     betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
+        ref, ref_bias, ref_opt, ref_adam = _reference(name, config, master, True)
         for x, t in zip(batches, targets):
             model.zero_grad_buffer()
             optimizer.zero_grad()
