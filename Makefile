@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
 #   make train   build .venv (once), then run the main training job (torchrun, 2 ranks; NPROC=, ARGS=)
-#   make test    build .venv (once), then run the test suite
+#   make test    build .venv (once), then run the test suite (progress per file, the 20 slowest tests)
 # The environment is the pinned stack of shared/ENVIRONMENT.md; re-running is safe.
 PYTHON ?= python3.11
 VENV   := .venv
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	# torch first and pinned: a bare requirement would pull a multi-GB CUDA build
 	$(PIP) torch==2.13.0
-	$(PIP) deepspeed==0.19.8 pytest==8.4.2 matplotlib==3.11.2
+	$(PIP) deepspeed==0.19.8 pytest==8.4.2 matplotlib==3.11.2 transformers==5.24.0 accelerate==1.15.0
 	# megatron-core declares python>=3.12 but ships a cp311 wheel; its deps would build numpy from source
 	$(PIP) --no-deps --ignore-requires-python megatron-core==0.19.2
 	$(PIP) triton==3.9.0
@@ -27,8 +27,9 @@ NPROC  ?= 2
 train: $(STAMP)
 	$(BIN)/python -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) launch/train.py $(ARGS)
 
+# one line per test file with the share of the suite done so far ([ 42%]), then the 20 slowest tests
 test: $(STAMP) iproute2
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -o console_output_style=progress --durations=20 $(ARGS)
 
 # the two-node test (tests/test_multinode.py: network namespaces) needs root and iproute2's `ip`:
 # installed here when absent and root; otherwise that test is skipped with the reason

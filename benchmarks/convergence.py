@@ -152,7 +152,8 @@ def pretrain(study: Study) -> dict:
 
     def spec(opt: str, lr: float, seed: int) -> list[str]:
         steps = s["pretrain"][s["pretrain"].index("--steps") + 1]
-        save = ["--save-every", steps, "--keep", "1"] if opt == BASE else []  # the fine-tuning base
+        # the fine-tuning base keeps its last checkpoint; the other runs write none
+        save = ["--save-every", steps, "--keep", "1"] if opt == BASE else ["--no-save"]
         return [*base, *PRETRAIN[opt], "--lr", f"{lr:g}", "--seed", str(seed), *save]
 
     print("pretraining: lr sweep", flush=True)
@@ -175,7 +176,7 @@ def finetune(study: Study, pre_table: dict) -> dict:
     base = [*s["model"], *s["finetune"], "--data", "pydoc", "--eval-also", "stdlib", "--init", str(base_run)]
 
     def spec(opt: str, lr: float, seed: int) -> list[str]:
-        return [*base, *FINETUNE[opt], "--lr", f"{lr:g}", "--seed", str(seed)]
+        return [*base, *FINETUNE[opt], "--lr", f"{lr:g}", "--seed", str(seed), "--no-save"]
 
     print(f"fine-tuning {base_run.name} on pydoc: lr sweep", flush=True)
     ran, best = sweep(study, "ft", FINETUNE, s["finetune_lrs"], spec)

@@ -31,7 +31,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from launch.data import ByteWindows
+from launch.job import duration, evaluate, lr_factor, progress, write_json
 from launch.model import GPT
+from launch.ranks import Parallel, die, prepare_rank, world_env
 
 CONFIG_OPTIMIZER_NAMES = {"reg": "reg", "reg_dist.reg": "reg", "muoneq": "muoneq", "reg_dist.muoneq": "muoneq",
                           "reg_dist.muon": "muon"}
@@ -69,8 +71,9 @@ def config_batch(config: dict, world: int) -> tuple[int, int, int]:
     return micro, gas, micro * gas * world
 
 
-def check_args(p, args) -> None:
-    """train.py's argument checks for --deepspeed (``p.error`` on any failure): loads the config into
+def check_args(p, args, decided: tuple[str, ...]) -> None:
+    """train.py's argument checks for --deepspeed (``p.error`` on any failure; ``decided``: the
+    optimizer's flags, as argument names, that the config decides instead): loads the config into
     ``args.ds_config``; sets ``args.micro_batch``, ``args.grad_accum``, ``args.batch_size`` (global),
     ``args.optimizer`` (the config's), ``args.resume = "none"``."""
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -86,8 +89,6 @@ def check_args(p, args) -> None:
         p.error(f"--dp {args.dp} with --deepspeed: dp is the world size {world}")
     if args.save_every:
         p.error("--save-every with --deepspeed: checkpoints are not supported in DeepSpeed mode yet")
-    decided = ("optimizer", "lr", "weight_decay", "clip", "betas", "momentum", "rms", "reg_p", "reg_iters", "ns_steps",
-               "muoneq_mode")
     overridden = [f"--{name.replace('_', '-')}" for name in decided if getattr(args, name) != p.get_default(name)]
     if overridden:
         p.error(f"{', '.join(overridden)} with --deepspeed: the config's optimizer block and "
@@ -116,20 +117,18 @@ def _free_port() -> int:
 
 def run(args) -> dict:
     """The training job of ``launch.train.main`` on a DeepSpeed engine; returns the log (rank 0) or {}."""
-    from launch import train as T
-
     if os.environ.get("LAUNCH_DS_NO_SHM") == "1":
         import deepspeed.comm.torch  # noqa: F401  (deepspeed.comm's attribute `torch` is torch itself)
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     import reg_dist.deepspeed as rds
 
-    par = T.Parallel(args)  # the gloo/nccl group and dp mesh under a launcher (none in one process)
+    par = Parallel(args)  # the gloo/nccl group and dp mesh under a launcher (none in one process)
     if not dist.is_initialized():  # one process: DeepSpeed still wants a process group and LOCAL_RANK
         for var in ("RANK", "LOCAL_RANK"):
             os.environ.setdefault(var, "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    paths = T.prepare_rank(args, par, T.world_env())[args.data]
+    paths = prepare_rank(args, par, world_env())[args.data]
     micro, gas = args.micro_batch, args.grad_accum
     train_data = ByteWindows(paths["train"], args.seq_len, micro, seed=args.seed, rank=par.dp_rank,
                              world_size=args.dp)
@@ -138,7 +137,7 @@ def run(args) -> dict:
     num_params = model.num_params()
     scheduler = None
     if "scheduler" not in args.ds_config:
-        factor = T.lr_factor(args.warmup, args.steps)
+        factor = lr_factor(args.warmup, args.steps)
         scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor)  # noqa: E731
     engine, _, _, _ = rds.initialize(model=model, model_parameters=model.parameters(), config=args.ds_config,
                                      lr_scheduler=scheduler)
@@ -162,7 +161,7 @@ def run(args) -> dict:
     start = time.perf_counter()
     train_s = interval_s = 0.0
     printed = 0
-    val_loss = T.evaluate(engine, val_batches, par)
+    val_loss = evaluate(engine, val_batches, par)
     log["val"].append({"step": 0, "loss": val_loss})
     say(f"step 0/{args.steps} | val {val_loss:.4f}", flush=True)
     for step in range(1, args.steps + 1):
@@ -180,21 +179,21 @@ def run(args) -> dict:
         log["train"].append(record)
         if not math.isfinite(record["loss"]):
             if par.rank0:
-                T.write_json(log_path, log)
-            T.die(f"non-finite training loss {record['loss']} at step {step}; log in {log_path}")
+                write_json(log_path, log)
+            die(f"non-finite training loss {record['loss']} at step {step}; log in {log_path}")
         dt = time.perf_counter() - t0
         train_s += dt
         interval_s += dt
         record["tokens_per_s"] = tokens_per_step / dt
         if step % args.eval_every == 0 or step == args.steps:
-            val_loss = T.evaluate(engine, val_batches, par)
+            val_loss = evaluate(engine, val_batches, par)
             log["val"].append({"step": step, "loss": val_loss})
             if par.rank0:
-                T.write_json(log_path, log)
+                write_json(log_path, log)
         if step % args.log_every == 0 or step == args.steps:
             n = step - printed
-            say(T.progress(step, args.steps, record, val_loss, log["val"][-1]["step"], n * tokens_per_step, n,
-                           interval_s), flush=True)
+            say(progress(step, args.steps, record, val_loss, log["val"][-1]["step"], n * tokens_per_step, n,
+                         interval_s), flush=True)
             interval_s, printed = 0.0, step
 
     losses = [r["loss"] for r in log["train"]]
@@ -207,11 +206,11 @@ def run(args) -> dict:
                     "skipped_steps": engine.skipped_steps, "world": args.world, "dp": args.dp, "tp": 1,
                     "zero_stage": stage}
     if par.rank0:
-        T.write_json(log_path, log)
+        write_json(log_path, log)
         f = log["final"]
         print(f"done: train loss {f['train_loss_first']:.4f} -> {f['train_loss_last']:.4f} "
               f"(last-10 mean {f['train_loss_last10_mean']:.4f}), val {log['val'][0]['loss']:.4f} -> {val_loss:.4f}, "
-              f"{T.duration(f['wall_s'])} wall, {f['tokens_per_s']:,.0f} tok/s; log {log_path}", flush=True)
+              f"{duration(f['wall_s'])} wall, {f['tokens_per_s']:,.0f} tok/s; log {log_path}", flush=True)
     sys.stdout.flush()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -24,9 +24,15 @@ optimizers other than adam and sgd to its layer-wise one). Megatron's initialisa
 CPU under a test-only shim that pretends to be CUDA.
 """
 
+import argparse
+import sys
 from functools import partial
+from pathlib import Path
 
-import reg_dist.megatron as rm  # first: the typing.override alias megatron.training needs on Python 3.11
+if __package__ in (None, ""):  # run as a script: make the repository root importable (``launch.*``)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import reg_dist.megatron as rm  # noqa: E402  first: the typing.override alias megatron.training needs on Python 3.11
 
 import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
@@ -39,6 +45,7 @@ from megatron.training import get_args, pretrain
 from megatron.training.argument_utils import core_transformer_config_from_args, pretrain_cfg_container_from_args
 
 from launch.data import build_corpus
+from launch.exits import run_and_exit
 
 DEFAULTS = {"tokenizer_type": "NullTokenizer", "vocab_size": 256}  # byte-level; Megatron fills unset args only
 
@@ -120,11 +127,24 @@ def forward_step(data_iterator, model: GPTModel):
     return output, partial(loss_func, batch["loss_mask"])
 
 
+def escape_broken_help(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Double every '%' of a help string that argparse cannot format (megatron-core 0.19.2's
+    ``--moe-paged-stash-buffer-size-factor-cuda`` says "10%)": ``--help`` would raise ``ValueError:
+    unsupported format character``); help strings that format (``%(default)s``) are left as they are."""
+    for action in parser._actions:
+        if isinstance(action.help, str) and "%" in action.help:
+            try:
+                action.help % {**vars(action), "prog": parser.prog}
+            except (ValueError, TypeError, KeyError):
+                action.help = action.help.replace("%", "%%")
+    return parser
+
+
 def parse_args():
     """Megatron's arguments with reg_dist's (``reg_dist.megatron``), validated and set as Megatron's global
     arguments, and the ``PretrainConfigContainer`` ``pretrain`` takes."""
     rm.register()
-    args = rm.parse_and_validate_args(args_defaults=DEFAULTS)
+    args = rm.parse_and_validate_args(escape_broken_help, args_defaults=DEFAULTS)
     return args, pretrain_cfg_container_from_args(args)
 
 
@@ -147,4 +167,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_and_exit(main)  # os._exit after the job: no interpreter finalization (see launch/exits.py)

@@ -12,6 +12,10 @@ load: a checkpoint from (dp, tp) = (4, 1) loads at (2, 2), under FSDP2, or in on
 Step counts are saved per parameter, the hyper-parameters and ``skipped_steps`` as objects.
 Whole-matrix ownership is an in-memory arrangement, never the format.
 
+A parameter with no state yet (saved before its first step, or one that never got a gradient) has
+no tensors in the checkpoint, only its name in the hyper-parameters' ``param_names``; loading leaves
+it without state. So a checkpoint always loads back into the optimizer that wrote it.
+
 Loading reads into fresh tensors and swaps them in only when every key was found with its shape:
 a checkpoint of another optimizer, with missing or extra parameters or other shapes raises a
 ``ValueError`` naming the difference and leaves the optimizer as it was.
@@ -176,21 +180,38 @@ def save(opt: MatrixOptimizer, path: str | Path) -> None:
     dcp.save(optimizer_state_dict(opt), checkpoint_id=str(path), planner=SavePlanner())
 
 
+def _read(target: dict, path: str | Path) -> dict:
+    """``dcp.load`` of ``target`` (collective); the checkpoint's meta object."""
+    planner = LoadPlanner()
+    try:
+        dcp.load(target, checkpoint_id=str(path), planner=planner)
+    except CheckpointException as e:
+        raise ValueError(f"checkpoint {path} is unreadable (truncated or corrupt): {str(e).splitlines()[-1]}") from e
+    return planner.meta or {}
+
+
 def load(opt: MatrixOptimizer, path: str | Path) -> None:
-    """Fill ``opt``'s state from the checkpoint at ``path``, whatever layout wrote it."""
+    """Fill ``opt``'s state from the checkpoint at ``path``, whatever layout wrote it (parameters
+    without state there are left without state here)."""
     try:
         saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     except (OSError, EOFError, RuntimeError, ValueError) as e:
         raise ValueError(f"no readable checkpoint at {path}: {e}") from e
+    meta = _read({META: io.BytesIO()}, path) if META in saved else {}
     names = {name for g in opt.param_groups for name in g["param_names"]}
-    saved_names = {key.rsplit("/", 1)[0] for key in saved if key != META and "/" in key}
+    stated = {key.rsplit("/", 1)[0] for key in saved if key != META and "/" in key}  # names with state there
+    saved_names = stated | {name for g in meta.get("groups", []) for name in g.get("param_names", [])}
     if saved_names - names or names - saved_names:
         raise ValueError(f"checkpoint {path} has other parameters: missing here {sorted(saved_names - names)[:8]}, "
                          f"missing there {sorted(names - saved_names)[:8]}")
     fresh: dict[int, dict] = {}
-    target: dict = {META: io.BytesIO()}
+    stateless: list[Tensor] = []
+    target: dict = {}
     for group in opt.param_groups:
         for p, name in zip(group["params"], group["param_names"]):
+            if name not in stated:
+                stateless.append(p)
+                continue
             shape = logical_shape(tuple(p.shape))
             for key in _keys(group):
                 if f"{name}/{key}" not in saved:
@@ -217,12 +238,8 @@ def load(opt: MatrixOptimizer, path: str | Path) -> None:
                                                  shape=p.shape, stride=p.stride())
                               if isinstance(p, DTensor) and part is None else value)
             fresh[id(p)] = state
-    planner = LoadPlanner()
-    try:
-        dcp.load(target, checkpoint_id=str(path), planner=planner)
-    except CheckpointException as e:
-        raise ValueError(f"checkpoint {path} is unreadable (truncated or corrupt): {str(e).splitlines()[-1]}") from e
-    meta = planner.meta or {}
+    if target:
+        _read(target, path)
     if meta.get("optimizer") != type(opt).__name__:
         raise ValueError(f"checkpoint {path} is of {meta.get('optimizer')}, not {type(opt).__name__}")
     if [g["param_names"] for g in meta["groups"]] != [g["param_names"] for g in opt.param_groups]:
@@ -234,3 +251,5 @@ def load(opt: MatrixOptimizer, path: str | Path) -> None:
         for p in group["params"]:
             if id(p) in fresh:
                 opt.state[p] = fresh[id(p)]
+    for p in stateless:
+        opt.state.pop(p, None)

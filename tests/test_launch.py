@@ -360,12 +360,15 @@ def test_newest_complete_checkpoint_is_picked_by_itself_and_the_last_k_are_kept(
 
 
 def test_rank_killed_mid_step_is_restarted_by_torchrun_and_ends_where_the_uninterrupted_run_ends(corpus, tmp_path):
-    """torchrun --max-restarts=1: rank 1 kills itself (SIGKILL) in step 5, after the checkpoint of step 4; the
-    restarted job resumes from it by itself and ends bit for bit where an uninterrupted run ends."""
+    """torchrun --max-restarts=1: rank 0 kills itself (SIGKILL) in step 5, after the checkpoint of step 4; the
+    restarted job resumes from it by itself and ends bit for bit where an uninterrupted run ends. (Rank 0: its
+    peer, whose next collective fails, leaves at once through launch.exits; the agent, seeing both dead in one
+    poll, names the failure of the lowest local rank.)"""
     common = [*TINY, *CLIPPED, "--save-every", "2", "--data-dir", str(corpus["train"].parent)]
-    run = _torchrun(2, [*common, "--die-at-step", "5", "--out", str(tmp_path / "run")], "--max-restarts=1")
+    run = _torchrun(2, [*common, "--die-at-step", "5", "--die-rank", "0", "--out", str(tmp_path / "run")],
+                    "--max-restarts=1")
     assert run.returncode == 0, run.stderr[-4000:]
-    assert "exitcode: -9" in run.stderr  # the agent saw rank 1 killed, and restarted the job
+    assert "exitcode: -9" in run.stderr  # the agent saw rank 0 killed, and restarted the job
     assert run.stdout.count("step 0/6") == 1 and run.stdout.count("done: train loss") == 1
     log = json.loads((tmp_path / "run" / "log.json").read_text())
     assert log["resumed"] == [{"step": 4, "from": str(tmp_path / "run" / "checkpoints" / "step-000004")}]

@@ -14,14 +14,15 @@ from collections import defaultdict
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from ..ops.stats import acc_dtype
 from .adamw import adamw_step, init_adamw_state
 from .momentum import momentum_into_
-from .routing import ADAMW, ParamInfo, Route, format_table, module_param_info, route
+from .hyper import warn_near_misses
+from .routing import ADAMW, ParamInfo, Route, as_param, format_table, parse_params, route
 from .scaling import check_scale, scale_factors
 from .tensors import local_tensor
 
@@ -112,7 +113,9 @@ class MatrixOptimizer(Optimizer):
         self._view: dict[int, tuple[int, int, int]] = {}
         check_common(defaults)
         self.check_group(defaults)
-        super().__init__(self._parse_params(params), defaults)
+        groups, infos = parse_params(params)
+        self._info.update(infos)
+        super().__init__(groups, defaults)
         logger.info("%s routing:\n%s", type(self).__name__, self.routing_table())
 
     # ---- subclass interface -------------------------------------------------------------
@@ -129,27 +132,9 @@ class MatrixOptimizer(Optimizer):
         raise NotImplementedError
 
     # ---- parameters and routing ---------------------------------------------------------
-    def _parse_params(self, params: Any) -> list[dict]:
-        if isinstance(params, Tensor):
-            raise TypeError("params must be an iterable of tensors, (name, tensor) pairs, dicts, or an nn.Module")
-        if isinstance(params, nn.Module):
-            return [self._module_group(params)]
-        items = list(params)
-        if not items:
-            raise ValueError("optimizer got an empty parameter list")
-        if all(isinstance(g, dict) for g in items):
-            return [{**g, "params": self._module_group(g["params"])["params"]} if isinstance(g["params"], nn.Module)
-                    else g for g in items]
-        return [{"params": items}]
-
-    def _module_group(self, module: nn.Module) -> dict:
-        pairs = module_param_info(module)
-        for t, info in pairs:
-            self._info[id(t)] = info
-        return {"params": [(info.names[0], t) for t, info in pairs]}
-
     def add_param_group(self, param_group: dict) -> None:
         """Route the group's tensors and add them as one matrix group and/or one AdamW group."""
+        warn_near_misses(param_group, {*self.defaults, "params", "param_names", "algorithm"})
         group = dict(param_group)
         raw = group.pop("params")
         raw = [raw] if isinstance(raw, Tensor) else list(raw)
@@ -269,7 +254,7 @@ class MatrixOptimizer(Optimizer):
         """Momentum, transform, scale and update of ``ps``, whose matrices stack into one ``(B, m, n)``."""
         counts = [self._view[id(p)][0] for p in ps]
         x = torch.empty((sum(counts), *shape), dtype=dtype, device=ps[0].device)
-        slots = [s.view(p.shape) for s, p in zip(x.split(counts), ps)]
+        slots = [as_param(s, p, self._info.get(id(p))) for s, p in zip(x.split(counts), ps)]
         momentum_into_(
             [p.grad for p in ps],
             [self.state[p]["momentum_buffer"] for p in ps],
@@ -285,7 +270,7 @@ class MatrixOptimizer(Optimizer):
             torch._foreach_mul_(ps, 1.0 - lr * wd)
         for p, u_p, s_p in zip(ps, u.split(counts), s.split(counts)):
             factor = s_p.view(-1, *([1] * (p.ndim - 1))) if u_p.shape[0] > 1 else s_p.view(())
-            p.addcmul_(u_p.view(p.shape), factor, value=-lr)
+            p.addcmul_(as_param(u_p, p, self._info.get(id(p))), factor, value=-lr)
             self.state[p]["step"] += 1
 
     # ---- state --------------------------------------------------------------------------

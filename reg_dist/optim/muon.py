@@ -7,6 +7,7 @@ from torch import Tensor
 
 from ..ops.newton_schulz import check_newton_schulz_args, orthogonalize
 from .base import MatrixOptimizer
+from .hyper import strict
 
 
 class Muon(MatrixOptimizer):
@@ -18,6 +19,7 @@ class Muon(MatrixOptimizer):
 
     algorithm = "muon"
 
+    @strict
     def __init__(
         self,
         params: Any,

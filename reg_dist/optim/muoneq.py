@@ -7,6 +7,7 @@ from torch import Tensor
 
 from ..ops.equilibrate import check_equilibrate_args, equilibrate_
 from .base import MatrixOptimizer
+from .hyper import strict
 from .muon import Muon
 
 
@@ -19,6 +20,7 @@ class MuonEq(Muon):
 
     algorithm = "muoneq"
 
+    @strict
     def __init__(
         self,
         params: Any,

@@ -6,6 +6,7 @@ from torch import Tensor
 
 from ..ops.racs import check_racs_args, racs_
 from .base import MatrixOptimizer
+from .hyper import strict
 
 
 class REG(MatrixOptimizer):
@@ -17,6 +18,7 @@ class REG(MatrixOptimizer):
 
     algorithm = "reg"
 
+    @strict
     def __init__(
         self,
         params: Any,
