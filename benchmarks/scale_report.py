@@ -37,7 +37,7 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from reg_dist.distributed.ownership import plan_owners  # noqa: E402
+from reg_dist.comm.ownership import plan_owners  # noqa: E402
 from reg_dist.scale import (  # noqa: E402
     ALL, MATRIX, NAMES, Parallel, Settings, cluster, essential_ai, from_module, ns_flops, predict, preset, traffic,
 )

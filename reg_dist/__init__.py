@@ -1,7 +1,8 @@
-"""reg_dist: REG (row-and-column scaling), Muon and MuonEq for sharded large-model training."""
+"""reg_dist: REG (row-and-column scaling), Muon, MuonEq and NorMuon for sharded large-model training."""
 
 from . import ops
-from .distributed import REG, Muon, MuonEq, mark_fused
+from .layout import mark_fused
+from .optim import REG, Muon, MuonEq, NorMuon
 
-__all__ = ["REG", "Muon", "MuonEq", "mark_fused", "ops"]
+__all__ = ["REG", "Muon", "MuonEq", "NorMuon", "mark_fused", "ops"]
 __version__ = "0.1.0"

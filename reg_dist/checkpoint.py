@@ -32,8 +32,8 @@ from torch.distributed.checkpoint.utils import find_state_dict_object
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from .distributed.layout import Layout
-from .optim.base import MatrixOptimizer
+from .layout import Layout
+from .optim.engine import MatrixOptimizer
 from .optim.routing import ADAMW
 
 MATRIX_KEYS = ("momentum_buffer",)

@@ -7,7 +7,8 @@ import torch
 
 from multiproc import run_ranks
 from reg_dist import Muon, MuonEq, optim
-from reg_dist.distributed import Layout, OwnerPlan
+from reg_dist.comm.owner import OwnerPlan
+from reg_dist.layout import Layout
 from reg_dist.ops.newton_schulz import orthogonalize
 from sharded import STEPS, Net, assert_same, data, full_state, run_native, fsdp, fsdp_x_tp, loss_of, reference, run_sharded, tp
 

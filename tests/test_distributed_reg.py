@@ -139,7 +139,7 @@ def test_layouts_that_do_not_add_up_fail_at_construction_on_every_rank():
     def body(rank, world):
         import torch.distributed as dist
 
-        from reg_dist.distributed import Layout
+        from reg_dist.layout import Layout
 
         w = torch.nn.Parameter(torch.zeros(1, 4))
         w.reg_layout = Layout((4, 4), (rank, rank + 1), (0, 4), groups=(("dp", dist.group.WORLD),))  # rows 2-3: no one

@@ -26,7 +26,7 @@ with warnings.catch_warnings():  # Apex / TE not installed, absl: import once, h
 
 from multiproc import run_ranks
 from reg_dist import optim
-from reg_dist.distributed import fused_rows
+from reg_dist.layout import fused_rows
 from reg_dist.integrations.megatron_optimizer import NAMES, local_matrices
 
 TP, DP = 2, 2

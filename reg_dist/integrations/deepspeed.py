@@ -48,7 +48,6 @@ the same stage and world size. At stage 0 a ≥ 3-D convolution kernel is viewed
 """
 
 import copy
-import inspect
 import logging
 import math
 from dataclasses import dataclass, field
@@ -61,21 +60,18 @@ from deepspeed.constants import TORCH_DISTRIBUTED_DEFAULT_PORT
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..distributed import REG, Muon, MuonEq
-from ..distributed.dtensor import LAYOUT_ATTR, plain_layout
-from ..distributed.layout import Layout
-from ..optim import muon, muoneq, reg
+from ..layout import LAYOUT_ATTR, Layout, whole_layout
+from ..optim import registry
+from ..optim.engine import MatrixOptimizer
 from ..optim.routing import ADAMW, ParamInfo, module_param_info, route
 
 logger = logging.getLogger("reg_dist")
 
-# JSON type (case-insensitive, as DeepSpeed reads types) → (reg_dist optimizer, its single-process base)
-OPTIMIZERS = {
-    "reg": (REG, reg.REG),
-    "reg_dist.reg": (REG, reg.REG),
-    "muoneq": (MuonEq, muoneq.MuonEq),
-    "reg_dist.muoneq": (MuonEq, muoneq.MuonEq),
-    "reg_dist.muon": (Muon, muon.Muon),
+# JSON type (case-insensitive, as DeepSpeed reads types) → the registry's entry: its DeepSpeed name, and
+# "reg_dist.<name>" for every algorithm
+OPTIMIZERS: dict[str, registry.Entry] = {
+    **{e.deepspeed.lower(): e for e in registry.ALGORITHMS.values()},
+    **{f"reg_dist.{e.name}": e for e in registry.ALGORITHMS.values()},
 }
 CONSTRUCTOR_ONLY = ("nonfinite", "move_dtype")  # optimizer arguments that are not per-group hyper-parameters
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
@@ -92,11 +88,8 @@ def reg_dist_type(config: dict | None) -> str | None:
 
 def valid_params(kind: str) -> tuple[str, ...]:
     """The keys a config's ``"params"`` may hold for optimizer type ``kind``."""
-    _, base = OPTIMIZERS[kind]
-    names = [n for n in inspect.signature(base.__init__).parameters if n not in ("self", "params")]
-    if OPTIMIZERS[kind][0] is not REG:
-        names.append("move_dtype")
-    return tuple(names)
+    name = OPTIMIZERS[kind].name
+    return (*registry.schema(name), *(("move_dtype",) if registry.is_spectral(name) else ()))
 
 
 def _dtype(key: str, value: Any) -> torch.dtype:
@@ -125,9 +118,7 @@ def parse_params(kind: str, params: dict | None) -> dict:
 
 def group_defaults(kind: str) -> dict:
     """The per-group hyper-parameters of ``kind`` with their defaults."""
-    _, base = OPTIMIZERS[kind]
-    return {n: p.default for n, p in inspect.signature(base.__init__).parameters.items()
-            if n not in ("self", "params") and n not in CONSTRUCTOR_ONLY}
+    return {n: h.default for n, h in registry.schema(OPTIMIZERS[kind].name).items() if n not in CONSTRUCTOR_ONLY}
 
 
 @dataclass
@@ -199,7 +190,7 @@ def _flat_layout(piece: _Piece, view: tuple[int, int, int] | None) -> Layout:
     expert stack or a ``mark_fused`` weight), over its dp group. A parameter AdamW steps gets one
     too (a 2-D shape with its row-major order), so that every rank routes the same shapes."""
     if view is not None:
-        whole = plain_layout(piece.param, view)
+        whole = whole_layout(piece.param, view)
     else:
         shape = piece.shape
         m, n = (shape[0], math.prod(shape[1:])) if len(shape) >= 2 else (1, math.prod(shape))
@@ -215,12 +206,12 @@ class RegDistAdapter(Optimizer):
 
     def __init__(self, params: Any, kind: str, kwargs: dict) -> None:
         self.kind = kind
-        self.cls = OPTIMIZERS[kind][0]
+        self.cls = OPTIMIZERS[kind].cls
         hyper = group_defaults(kind)
         self._hyper = tuple(hyper)
         self._ctor = {k: v for k, v in kwargs.items() if k in CONSTRUCTOR_ONLY}
         super().__init__(params, {**hyper, **{k: v for k, v in kwargs.items() if k not in CONSTRUCTOR_ONLY}})
-        self.inner: REG | Muon | MuonEq | None = None
+        self.inner: MatrixOptimizer | None = None
         self.stage: int | None = None
         self._groups: list[dict] = []  # DeepSpeed's param groups, in order
         self._units: list[_Unit] = []

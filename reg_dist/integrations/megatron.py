@@ -12,7 +12,7 @@ with ``groups=(("tp", tp_group),)``: REG reduces its row/column statistics over 
 Muon/MuonEq assemble each matrix on one TP rank. The TP group is the one the layer used: its
 ``tp_group``, else megatron's (expert) tensor-parallel group from ``parallel_state``. A QKV weight
 Megatron marked ``is_qkv`` with ``qkv_split_shapes`` ``(q, k, v)`` per query group is the fused
-matrices ``fused_rows((q, k, v), m // (q + k + v))`` (see ``reg_dist.distributed.layout``).
+matrices ``fused_rows((q, k, v), m // (q + k + v))`` (see ``reg_dist.layout``).
 
 ``attach_layouts(model)`` stores these as ``p.reg_layout``, which ``reg_dist.REG``, ``Muon`` and
 ``MuonEq`` then use. Strided partitions (``partition_stride != 1``) and GTP weight rematerialisation
@@ -22,8 +22,7 @@ are not supported.
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..distributed.dtensor import LAYOUT_ATTR
-from ..distributed.layout import Layout, fused_rows
+from ..layout import LAYOUT_ATTR, Layout, fused_rows
 
 
 def _default_tp_group(param: Tensor) -> dist.ProcessGroup:

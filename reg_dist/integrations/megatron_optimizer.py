@@ -49,9 +49,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..distributed import REG, Muon, MuonEq
-from ..distributed.dtensor import LAYOUT_ATTR
-from ..distributed.layout import Layout
+from ..layout import LAYOUT_ATTR, Layout
+from ..optim import REG, Muon, MuonEq
 from ..optim.adamw import init_adamw_state
 from ..optim.routing import ADAMW
 from .megatron import attach_layouts, megatron_layout

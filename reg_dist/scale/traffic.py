@@ -1,6 +1,6 @@
 """What reg_dist's collectives carry in one optimizer step, rank by rank, predicted from the shapes
 and the layout alone: the ``opt.comm_stats()`` of every rank, the owner plans (from the real
-planner, ``reg_dist.distributed.ownership``), each rank's Newton–Schulz work and optimizer state.
+planner, ``reg_dist.comm.ownership``), each rank's Newton–Schulz work and optimizer state.
 
 It follows the code path by path (no process group is made):
 
@@ -34,10 +34,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..distributed.native import BUCKET_BYTES, water_fill
-from ..distributed.owner import newton_schulz_cost
-from ..distributed.ownership import imbalance, plan_owners
-from ..distributed.stats import WIRE
+from ..comm.collectives import WIRE
+from ..comm.native import BUCKET_BYTES, water_fill
+from ..comm.owner import newton_schulz_cost
+from ..comm.ownership import imbalance, plan_owners
 from ..ops.stats import check_count
 from ..optim.scaling import check_scale
 from .parallel import Parallel

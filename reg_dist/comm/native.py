@@ -24,9 +24,9 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from ..ops.stats import check_count
-from ..optim.tensors import local_tensor
+from ..layout import local_tensor
+from .collectives import CommStats, count
 from .ownership import imbalance, plan_owners
-from .stats import CommStats, count
 
 BUCKET_BYTES = 64 * 2**20  # of each owner's stream per bucket
 
