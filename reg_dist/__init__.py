@@ -3,6 +3,7 @@
 from . import ops
 from .layout import mark_fused
 from .optim import REG, Muon, MuonEq, NorMuon
+from . import checkpoint  # noqa: E402  (after optim, which it reads)
 
-__all__ = ["REG", "Muon", "MuonEq", "NorMuon", "mark_fused", "ops"]
+__all__ = ["REG", "Muon", "MuonEq", "NorMuon", "checkpoint", "mark_fused", "ops"]
 __version__ = "0.1.0"

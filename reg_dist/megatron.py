@@ -27,7 +27,7 @@ import dataclasses
 import functools
 import typing
 
-from .integrations.megatron_optimizer import (DTYPES, NAMES, Settings, build_distributed, check_settings,
+from .integrations.megatron_optimizer import (DTYPES, NAMES, Settings, build_distributed, check_settings, hyper_flags,
                                               rebuild_over_main_params, registry_entries, settings_from,
                                               uses_distributed_optimizer)
 from .ops.equilibrate import MODES
@@ -104,6 +104,7 @@ def _positive_float(text: str) -> float:
     return value
 
 
+_FLAG_TYPES = {float: float, int: int}
 _positive_int.__name__ = "positive int"
 _non_negative_int.__name__ = "non-negative int"
 _positive_float.__name__ = "positive float"
@@ -118,14 +119,15 @@ def _optimizer_action(parser: argparse.ArgumentParser):
 
 
 def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Megatron ``extra_args_provider``: ``--optimizer reg|reg_muon|muoneq`` and their flags."""
+    """Megatron ``extra_args_provider``: ``--optimizer`` with every registry algorithm's Megatron name and
+    their hyper-parameters' flags."""
     action = _optimizer_action(parser)
     if action.choices is not None:
         action.choices = list(action.choices) + [n for n in NAMES if n not in action.choices]
     if any("--reg-p" in a.option_strings for a in parser._actions):
         return parser  # already added
     d = _DEFAULTS
-    g = parser.add_argument_group(title="reg_dist optimizers (--optimizer reg, reg_muon, muoneq)")
+    g = parser.add_argument_group(title=f"reg_dist optimizers (--optimizer {', '.join(NAMES)})")
     g.add_argument("--reg-momentum", type=float, default=d.reg_momentum, help="Momentum of the matrix update.")
     g.add_argument("--reg-no-nesterov", dest="reg_nesterov", action="store_false",
                    help="Plain instead of Nesterov momentum.")
@@ -143,13 +145,18 @@ def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--reg-ns-dtype", choices=tuple(DTYPES), default=d.reg_ns_dtype,
                    help="reg_muon/muoneq: Newton-Schulz matmul dtype.")
     g.add_argument("--reg-move-dtype", choices=tuple(DTYPES), default=d.reg_move_dtype,
-                   help="reg_muon/muoneq: dtype of the pieces moved to each matrix's owner.")
+                   help="reg_muon/muoneq: dtype of the pieces moved to each matrix's owner "
+                        "(default: the Newton-Schulz dtype).")
     g.add_argument("--muoneq-mode", choices=MODES, default=d.muoneq_mode, help="muoneq: equilibration mode.")
     g.add_argument("--muoneq-phase", type=_non_negative_int, default=d.muoneq_phase,
                    help="muoneq with --muoneq-mode rowcol: steps of rowcol before switching to row.")
     g.add_argument("--muoneq-exponent", type=float, default=d.muoneq_exponent, help="muoneq: equilibration exponent.")
     g.add_argument("--no-reg-split-qkv", dest="reg_split_qkv", action="store_false",
                    help="Step the fused linear_qkv weight as one matrix instead of q, k, v per query group.")
+    for dest, (hyper, takers) in hyper_flags().items():  # the registry's other hyper-parameters
+        if dest not in {a.dest for a in parser._actions}:
+            g.add_argument("--" + dest.replace("_", "-"), dest=dest, type=_FLAG_TYPES.get(hyper.type, str),
+                           default=None, help=f"{', '.join(takers)}: {hyper.name} (default {hyper.default}).")
     _validate_after_parse(parser)
     return parser
 
@@ -164,8 +171,9 @@ def check_args(args: argparse.Namespace) -> None:
     if getattr(args, "fp16", False):
         raise ValueError(f"--optimizer {name} does not support --fp16 (Megatron's emerging optimizers do not); "
                          f"use --bf16")
-    if getattr(args, "muoneq_phase", None) is not None and name != "muoneq":
-        raise ValueError(f"--muoneq-phase applies only to --optimizer muoneq, not {name}")
+    for dest, (_, takers) in hyper_flags().items():
+        if name not in takers and getattr(args, dest, None) != getattr(_DEFAULTS, dest):
+            raise ValueError(f"--{dest.replace('_', '-')} applies only to --optimizer {', '.join(takers)}, not {name}")
     try:
         check_settings(name, settings_from(args=args))
     except ValueError as e:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from multiproc import run_ranks
-from reg_dist import Muon, MuonEq, optim
+from reg_dist import Muon, MuonEq, NorMuon, optim
 from reg_dist.comm.owner import OwnerPlan
 from reg_dist.layout import Layout
 from reg_dist.ops.newton_schulz import orthogonalize
@@ -16,6 +16,7 @@ EXACT = {"lr": 0.02, "ns_dtype": torch.float32}
 ALGORITHMS = {
     "muon": (Muon, optim.Muon, {}),
     "muoneq_rowcol_phase": (MuonEq, optim.MuonEq, {"mode": "rowcol", "phase": 2}),
+    "normuon": (NorMuon, optim.NorMuon, {"beta2": 0.9}),
 }
 MATRICES = 4 + 3 + 1 + 3  # up, down, squeeze, expand; q, k, v; proj; three experts
 

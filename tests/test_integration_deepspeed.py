@@ -42,6 +42,8 @@ ALGORITHMS = {  # JSON type, JSON params, single-process reference, its kwargs
              {"lr": 0.02, "ns_dtype": torch.float32}),
     "muoneq": ("MuonEq", {"lr": 0.02, "ns_dtype": "float32", "move_dtype": "float32", "mode": "rowcol", "phase": 2},
                optim.MuonEq, {"lr": 0.02, "ns_dtype": torch.float32, "mode": "rowcol", "phase": 2}),
+    "normuon": ("NorMuon", {"lr": 0.02, "ns_dtype": "float32", "beta2": 0.9}, optim.NorMuon,  # moves default to fp32
+                {"lr": 0.02, "ns_dtype": torch.float32, "beta2": 0.9}),
 }
 
 
@@ -122,6 +124,15 @@ def test_reg_equals_single_process(stage, gas):
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 @pytest.mark.parametrize("algorithm", ["muon", "muoneq"])
 def test_muon_and_muoneq_equal_single_process(algorithm, stage, gas):
+    _owner_path_equals_single_process(algorithm, stage, gas)
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_normuon_equals_single_process(stage):
+    _owner_path_equals_single_process("normuon", stage, 1)
+
+
+def _owner_path_equals_single_process(algorithm, stage, gas):
     out = _train(_config(algorithm, stage, gas), _reference(algorithm), gas)
     work = [t for t, _, _ in out]
     if stage == 0:  # DDP-style: every rank orthogonalises every matrix

@@ -201,9 +201,11 @@ def test_megatrons_layer_wise_optimizer_is_refused_with_the_way_out():
 
 # ---- TP 2 × DP 2 trajectory ----------------------------------------------------------------------
 
-REFERENCE = {"reg": optim.REG, "reg_muon": optim.Muon, "muoneq": optim.MuonEq}
+REFERENCE = {"reg": optim.REG, "reg_muon": optim.Muon, "muoneq": optim.MuonEq, "normuon": optim.NorMuon}
+# MuonEq and NorMuon name no move dtype: it defaults to the Newton–Schulz dtype, so fp32 moves are exact
 SETTINGS = {"reg": {}, "reg_muon": {"reg_ns_dtype": "fp32", "reg_move_dtype": "fp32"},
-            "muoneq": {"reg_ns_dtype": "fp32", "reg_move_dtype": "fp32", "muoneq_mode": "rowcol", "muoneq_phase": 2}}
+            "muoneq": {"reg_ns_dtype": "fp32", "muoneq_mode": "rowcol", "muoneq_phase": 2},
+            "normuon": {"reg_ns_dtype": "fp32", "reg_beta2": 0.9}}
 
 
 def _reference_kwargs(name, config):
@@ -332,8 +334,9 @@ def _deeper_reference(w: dict, x):
     return torch.tanh(y @ w["fc1.weight"].T) @ w["fc2.weight"].T
 
 
-@pytest.mark.parametrize("name, split", [("reg", True), ("reg_muon", True), ("muoneq", True), ("reg_muon", False)],
-                         ids=["reg", "reg_muon", "muoneq", "reg_muon-qkv-whole"])
+@pytest.mark.parametrize("name, split", [("reg", True), ("reg_muon", True), ("muoneq", True), ("normuon", True),
+                                         ("reg_muon", False)],
+                         ids=["reg", "reg_muon", "muoneq", "normuon", "reg_muon-qkv-whole"])
 def test_tp2_dp2_distributed_optimizer_trajectory_equals_the_single_process_optimizer(name, split):
     """Megatron's DistributedOptimizer hands each DP rank flat ranges of the grad buffer (``HELD``): the
     QKV weight and fc1 are cut mid-row between the two DP ranks (QKV inside its k block), fc2 and proj

@@ -3,7 +3,10 @@
 import pytest
 import torch
 
+from conftest import TinyGPT, fixed_grads
+from reg_dist import Muon
 from reg_dist.ops import newton_schulz
+from reg_dist.ops.newton_schulz import NS_DTYPES, orthogonalize
 from reference import newton_schulz_ref
 
 
@@ -72,3 +75,50 @@ def test_newton_schulz_keeps_singular_vectors_and_lands_values_in_band(coefficie
 def test_newton_schulz_of_zero_and_empty_matrices():
     assert (newton_schulz(torch.zeros(4, 6)) == 0).all()
     assert newton_schulz(torch.zeros(0, 5, 3)).shape == (0, 5, 3)
+
+
+@pytest.mark.parametrize("coefficients", ["jordan", "polar_express"])
+@pytest.mark.parametrize("shape", [(12, 5), (4, 10), (3, 6, 4)], ids=str)
+def test_fp32_input_with_fp64_newton_schulz_matches_reference(shape, coefficients):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    flat = x.reshape(-1, *shape[-2:])
+    out = orthogonalize(flat, 5, coefficients, torch.float64)  # the optimizers' entry: returns ns_dtype
+    assert out.dtype == torch.float64 and out.shape == flat.shape
+    for b in range(len(flat)):  # the cast to fp64 is exact, so this is the fp64 computation
+        torch.testing.assert_close(out[b], newton_schulz_ref(flat[b], 5, coefficients), rtol=1e-10, atol=1e-10)
+    public = newton_schulz(x, coefficients=coefficients, dtype=torch.float64)
+    assert public.dtype == torch.float32  # the input's dtype
+    torch.testing.assert_close(public, out.reshape(shape).float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("ns_dtype", NS_DTYPES)
+def test_every_newton_schulz_dtype_works_on_every_input_dtype(x_dtype, ns_dtype):
+    x = torch.randn(2, 6, 10, generator=torch.Generator().manual_seed(6)).to(x_dtype)
+    out = orthogonalize(x, 5, "jordan", ns_dtype)
+    assert out.dtype == ns_dtype and out.shape == x.shape and torch.isfinite(out).all()
+    ref = torch.stack([newton_schulz_ref(m.double()) for m in x])
+    tol = 1e-6 if torch.finfo(ns_dtype).bits == 64 and torch.finfo(x_dtype).bits >= 32 else 0.05
+    assert (out.double() - ref).norm() <= tol * ref.norm()
+
+
+def test_muon_with_fp64_newton_schulz_steps_fp32_parameters():
+    torch.manual_seed(0)
+    model = TinyGPT()
+    opt = Muon(model, lr=0.02, ns_dtype=torch.float64)
+    ref_model = TinyGPT()
+    ref_model.load_state_dict(model.state_dict())
+    ref_opt = Muon(ref_model, lr=0.02, ns_dtype=torch.float32)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for seed in range(2):
+        for m in (model, ref_model):
+            params = list(m.parameters())
+            for p, g in zip(params, fixed_grads(params, seed)):
+                p.grad = g
+        opt.step()
+        ref_opt.step()
+    for (name, p), ref in zip(model.named_parameters(), ref_model.parameters()):
+        assert p.dtype == torch.float32 and torch.isfinite(p).all(), name
+        assert all(v.dtype == torch.float32 for v in opt.state[p].values()), name
+        assert not torch.equal(p, before[name]), name
+        torch.testing.assert_close(p, ref, rtol=1e-5, atol=1e-5)  # as the fp32 Newton–Schulz, to its rounding

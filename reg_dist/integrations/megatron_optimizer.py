@@ -42,6 +42,7 @@ Muon/MuonEq always orthogonalise each TP-split matrix whole (``tp_mode="gather"`
 import copy
 import dataclasses
 import sys
+import typing
 from typing import Any
 
 import torch
@@ -50,36 +51,56 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ..layout import LAYOUT_ATTR, Layout
-from ..optim import REG, Muon, MuonEq
+from ..optim import registry
+from ..optim.engine import MatrixOptimizer
 from ..optim.adamw import init_adamw_state
 from ..optim.routing import ADAMW
 from .megatron import attach_layouts, megatron_layout
 
 # Megatron --optimizer name → reg_dist optimizer. Our Muon is "reg_muon": Megatron's own "muon" stays.
-NAMES: dict[str, type] = {"reg": REG, "reg_muon": Muon, "muoneq": MuonEq}
+NAMES: dict[str, type[MatrixOptimizer]] = {e.megatron: e.cls for e in registry.ALGORITHMS.values()}
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 
+# Each algorithm hyper-parameter's Megatron flag (argparse dest); one the table does not name gets
+# ``reg_<name>``. The step's common ones (lr, weight_decay) are Megatron's own; AdamW's are Megatron's Adam's.
+FLAGS = {"momentum": "reg_momentum", "nesterov": "reg_nesterov", "rms": "reg_rms", "scale": "reg_scale",
+         "p": "reg_p", "iters": "reg_iters", "eps": "reg_eps", "ns_steps": "reg_ns_steps",
+         "coefficients": "reg_ns_coefficients", "ns_dtype": "reg_ns_dtype", "mode": "muoneq_mode",
+         "phase": "muoneq_phase", "exponent": "muoneq_exponent"}
+MEGATRON_OWN = ("lr", "weight_decay", "adamw_betas", "adamw_eps", "nonfinite")
 
-@dataclasses.dataclass
-class Settings:
-    """reg_dist's hyper-parameters beyond Megatron's ``lr`` / ``weight_decay`` (field = argparse dest)."""
 
-    reg_momentum: float = 0.95
-    reg_nesterov: bool = True
-    reg_rms: float = 0.2
-    reg_scale: str | None = None  # None: the algorithm's default ("rms" for REG, "match_rms_adamw" for Muon)
-    reg_p: float = 2.0
-    reg_iters: int = 1
-    reg_eps: float = 1e-8
-    reg_ns_steps: int = 5
-    reg_ns_coefficients: str = "jordan"
-    reg_ns_dtype: str = "bf16"
-    reg_move_dtype: str = "bf16"
-    muoneq_mode: str = "row"
-    muoneq_phase: int | None = None
-    muoneq_exponent: float = -0.5
-    reg_split_qkv: bool = True
+def flag_dest(hyper: str) -> str:
+    """The argparse dest of an algorithm hyper-parameter's Megatron flag."""
+    return FLAGS.get(hyper, f"reg_{hyper}")
+
+
+def hyper_flags() -> dict[str, tuple[registry.Hyper, list[str]]]:
+    """Every algorithm hyper-parameter with a Megatron flag: dest → (hyper-parameter, the Megatron
+    names of the optimizers that take it), from the registry."""
+    out: dict[str, tuple[registry.Hyper, list[str]]] = {}
+    for entry in registry.ALGORITHMS.values():
+        for name, hyper in registry.schema(entry.name).items():
+            if name not in MEGATRON_OWN:
+                out.setdefault(flag_dest(name), (hyper, []))[1].append(entry.megatron)
+    return out
+
+
+_FIXED = [("reg_momentum", float, 0.95), ("reg_nesterov", bool, True), ("reg_rms", float, 0.2),
+          ("reg_scale", str | None, None), ("reg_p", float, 2.0), ("reg_iters", int, 1), ("reg_eps", float, 1e-8),
+          ("reg_ns_steps", int, 5), ("reg_ns_coefficients", str, "jordan"), ("reg_ns_dtype", str, "bf16"),
+          ("muoneq_mode", str, "row"), ("muoneq_phase", int | None, None), ("muoneq_exponent", float, -0.5)]
+# reg_dist's hyper-parameters beyond Megatron's ``lr`` / ``weight_decay`` (field = argparse dest): the
+# fixed ones above (None: the algorithm's default), one ``reg_<name>`` per other registry hyper-parameter
+# (None: each algorithm's default), and how the matrices are laid out.
+Settings = dataclasses.make_dataclass("Settings", [
+    *[(dest, kind, dataclasses.field(default=default)) for dest, kind, default in _FIXED],
+    *[(dest, typing.Any, dataclasses.field(default=None)) for dest in hyper_flags()
+      if dest not in {d for d, _, _ in _FIXED}],
+    ("reg_move_dtype", str | None, dataclasses.field(default=None)),  # None: the Newton–Schulz dtype
+    ("reg_split_qkv", bool, dataclasses.field(default=True)),
+])
 
 
 def _megatron_global_args():
@@ -88,7 +109,7 @@ def _megatron_global_args():
     return getattr(global_vars, "_GLOBAL_ARGS", None) if global_vars is not None else None
 
 
-def settings_from(config: Any = None, args: Any = None) -> Settings:
+def settings_from(config: Any = None, args: Any = None):
     """``Settings`` from attributes of ``config``, else of ``args`` (default: Megatron's global
     arguments), else the defaults."""
     args = _megatron_global_args() if args is None else args
@@ -101,24 +122,21 @@ def settings_from(config: Any = None, args: Any = None) -> Settings:
     return Settings(**values)
 
 
-def optimizer_kwargs(name: str, settings: Settings, lr: float, weight_decay: float) -> dict:
-    """The constructor keyword arguments of ``NAMES[name]`` (raises KeyError on an unknown name)."""
+def optimizer_kwargs(name: str, settings, lr: float, weight_decay: float) -> dict:
+    """The constructor keyword arguments of ``NAMES[name]`` (raises KeyError on an unknown name): every
+    hyper-parameter of its registry schema whose flag is set (None leaves the algorithm's default)."""
     cls = NAMES[name]
-    kwargs: dict[str, Any] = dict(lr=lr, weight_decay=weight_decay, momentum=settings.reg_momentum,
-                                  nesterov=settings.reg_nesterov, rms=settings.reg_rms)
-    if settings.reg_scale is not None:
-        kwargs["scale"] = settings.reg_scale
-    if cls is REG:
-        kwargs.update(p=settings.reg_p, iters=settings.reg_iters, eps=settings.reg_eps)
-        return kwargs
+    kwargs: dict[str, Any] = dict(lr=lr, weight_decay=weight_decay)
+    for hyper in registry.schema(cls.algorithm):
+        value = getattr(settings, flag_dest(hyper), None) if hyper not in MEGATRON_OWN else None
+        if value is not None:
+            kwargs[hyper] = DTYPES[value] if hyper == "ns_dtype" and value in DTYPES else value
+    if registry.is_spectral(cls.algorithm) and settings.reg_move_dtype is not None:
+        kwargs["move_dtype"] = DTYPES[settings.reg_move_dtype]
     for dtype_flag in ("reg_ns_dtype", "reg_move_dtype"):
-        if getattr(settings, dtype_flag) not in DTYPES:
-            raise ValueError(f"{dtype_flag} must be one of {tuple(DTYPES)}, got {getattr(settings, dtype_flag)!r}")
-    kwargs.update(ns_steps=settings.reg_ns_steps, coefficients=settings.reg_ns_coefficients,
-                  ns_dtype=DTYPES[settings.reg_ns_dtype],
-                  move_dtype=DTYPES[settings.reg_move_dtype])
-    if cls is MuonEq:
-        kwargs.update(mode=settings.muoneq_mode, phase=settings.muoneq_phase, exponent=settings.muoneq_exponent)
+        value = getattr(settings, dtype_flag)
+        if value is not None and value not in DTYPES:
+            raise ValueError(f"{dtype_flag} must be one of {tuple(DTYPES)}, got {value!r}")
     return kwargs
 
 
@@ -225,7 +243,7 @@ class DistOptAdapter(Optimizer):
         self.name, self.cls = name, NAMES[name]
         self._kwargs, self._adam, self._names, self._split_qkv = kwargs, adam, param_names, split_qkv
         self._models = [list(g["params"]) for g in self.param_groups]
-        self.inner: REG | Muon | MuonEq | None = None
+        self.inner: MatrixOptimizer | None = None
         self._grads: list[tuple[Tensor, Tensor]] = []  # (inner's piece, the main shard Megatron gives .grad)
 
     def bind(self, distopt, tp_dp: dist.ProcessGroup) -> None:

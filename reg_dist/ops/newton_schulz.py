@@ -6,7 +6,9 @@
     transpose back
 
 x is ``(..., m, n)``; all trailing matrices go through one batched matmul per product.
-The Frobenius norm of the cast X is accumulated in fp32 (fp64 for fp64 input).
+Any input dtype works with any Newton–Schulz dtype (bf16, fp16, fp32, fp64). The Frobenius norm of
+the cast X is accumulated in fp32, or fp64 when the input or the Newton–Schulz dtype is fp64.
+``orthogonalize`` returns the Newton–Schulz dtype (its callers cast); ``newton_schulz`` the input's.
 """
 
 import torch
@@ -44,7 +46,8 @@ def schedule(steps: int, coefficients: str) -> list[tuple[float, float, float]]:
 
 
 def orthogonalize(x: Tensor, steps: int, coefficients: str, dtype: torch.dtype) -> Tensor:
-    """Newton–Schulz of ``x`` ``(B, m, n)``, returned in ``dtype`` with the layout of a contiguous x.
+    """Newton–Schulz of ``x`` ``(B, m, n)``, returned in ``dtype`` (whatever ``x``'s dtype: callers
+    cast back) with the layout of a contiguous x.
 
     For a tall x the last iteration is written transposed, ``Xᵀ ← a·Xᵀ + Xᵀ·B`` (B is symmetric),
     so the result comes out ``(B, m, n)`` contiguous rather than as a transposed view. On the CPU the
@@ -58,7 +61,8 @@ def orthogonalize(x: Tensor, steps: int, coefficients: str, dtype: torch.dtype) 
         return out
     tall = x.shape[-2] > x.shape[-1]
     X = (x.mT if tall else x).to(dtype, copy=True)
-    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=acc_dtype(x.dtype))
+    acc = torch.promote_types(acc_dtype(x.dtype), acc_dtype(dtype))  # never below X's own dtype
+    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=acc)
     X = X.div_(norm.mul_(1.0 + SAFETY[coefficients]).add_(1e-7))
     plan = schedule(steps, coefficients)
     for k, (a, b, c) in enumerate(plan):

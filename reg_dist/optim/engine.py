@@ -114,6 +114,7 @@ class MatrixOptimizer(Optimizer):
 
     algorithm: str
     state_keys: tuple[str, ...] = ("momentum_buffer",)  # matrix state shaped like the parameter
+    row_state_keys: tuple[str, ...] = ()  # matrix state of one value per logical row, whole on every holder
 
     def __init__(self, params: Any, defaults: dict, nonfinite: str = "skip",
                  mesh: DeviceMesh | dict[str, dist.ProcessGroup] | None = None, tp_mode: str = "gather",
@@ -169,9 +170,6 @@ class MatrixOptimizer(Optimizer):
     def stages(self, group: dict) -> list[Statistic | Spectral]:
         """The transform of the momentum ``N``, as stages run in order (see ``stages``)."""
         raise NotImplementedError
-
-    def init_matrix_state(self, p: Tensor, layout: Layout, state: dict) -> None:
-        """Algorithm state beyond the momentum (none by default)."""
 
     # ---- parameters and routing ---------------------------------------------------------
     def _parse_params(self, params: Any) -> list[dict]:
@@ -393,12 +391,14 @@ class MatrixOptimizer(Optimizer):
 
     def matrix_state(self, p: Tensor) -> dict:
         """The state of matrix parameter ``p``, made on first use: a step count, the momentum buffer
-        and whatever the algorithm keeps (``init_matrix_state``)."""
+        and the algorithm's per-row state (``row_state_keys``: zeros, fp32 or wider)."""
         state = self.state[p]
         if not state:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            self.init_matrix_state(p, self._layouts[id(p)], state)
+            rows = self._layouts[id(p)].shape[0]
+            for key in self.row_state_keys:
+                state[key] = torch.zeros(rows, dtype=acc_dtype(p.dtype), device=local_tensor(p).device)
         return state
 
     def _momentum(self, params: list[Tensor], group: dict) -> list[Tensor]:

@@ -71,9 +71,6 @@ class NorMuon(MatrixOptimizer):
         if group["eps"] == 0:
             raise ValueError("eps must be > 0, got 0")
 
-    def init_matrix_state(self, p: Tensor, layout: Layout, state: dict) -> None:
-        state["row_second_moment"] = torch.zeros(layout.shape[0], dtype=torch.float32, device=p.device)
-
     def stages(self, group: dict) -> list[Spectral | Statistic]:
         beta2, eps = group["beta2"], group["eps"]
 
