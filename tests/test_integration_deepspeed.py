@@ -351,3 +351,21 @@ def test_checkpoint_round_trip_resumes_the_same_trajectory(tmp_path, stage):
             assert_matches(model, expected)
 
     run_ranks(WORLD, body, init_group=False)
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_a_conv1d_kernel_is_one_out_by_in_k_matrix_at_every_stage(stage):
+    """A 3-D ``nn.Conv1d`` kernel (out, in, k) is the conv kernel ``1×(out×in·k)`` under every stage,
+    as in one process (stage 0 used to see it as an expert stack)."""
+
+    def body(rank, world):
+        _no_shm_build()
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv1d(4, 6, 3), torch.nn.Flatten(), torch.nn.Linear(6 * 6, 5))
+        config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": stage},
+                  "optimizer": {"type": "REG", "params": {"lr": 0.02}}, "gradient_clipping": 0.0}
+        engine, _, _, _ = rds.initialize(model=model, config=config)
+        (row,) = [r for r in engine.basic_optimizer.inner.routes if r.name == "0.weight"]
+        return row.algorithm, row.matrix
+
+    assert run_ranks(WORLD, body, init_group=False) == [("reg", (1, 6, 12))] * WORLD

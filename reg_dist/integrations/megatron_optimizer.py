@@ -55,6 +55,7 @@ from ..optim import registry
 from ..optim.engine import MatrixOptimizer
 from ..optim.adamw import init_adamw_state
 from ..optim.routing import ADAMW
+from .flat_partition import element_layout, laid, piece_layout, step_pieces
 from .megatron import attach_layouts, megatron_layout
 
 # Megatron --optimizer name → reg_dist optimizer. Our Muon is "reg_muon": Megatron's own "muon" stays.
@@ -270,23 +271,21 @@ class DistOptAdapter(Optimizer):
                     self._grads.append((piece, shards[p]))
                 else:
                     piece, flat = torch.empty(0, dtype=torch.float32, device=p.device), (0, 0)
-                setattr(piece, LAYOUT_ATTR, self._layout(p, name, flat, ours, distopt.data_parallel_group, tp_dp))
-                pieces.append((name, piece))
+                pieces.append((name, laid(piece, self._layout(p, name, flat, ours, distopt.data_parallel_group,
+                                                              tp_dp))))
             extra = {} if ours else {"adamw_betas": self._adam["betas"], "adamw_eps": self._adam["eps"]}
             groups.append({"params": pieces, "algorithm": algorithm, "lr": group["lr"],
                            "weight_decay": group["weight_decay"], **extra})
         self.inner = self.cls(groups, **{k: v for k, v in self._kwargs.items() if k not in ("lr", "weight_decay")})
 
     def _layout(self, p: Tensor, name: str, flat: tuple[int, int], ours: bool, dp_group, tp_dp) -> Layout:
-        """``p``'s TP layout cut to ``flat`` of its local shard; an AdamW parameter's is its local shape as
-        ``shape[0] × the rest`` (``1 × n`` for 1-D), so that every rank routes the same shapes."""
+        """``p``'s TP layout cut to ``flat`` of its local shard (an AdamW parameter: its element layout),
+        over the tensor × data group where TP splits it, else the data-parallel group."""
         if ours:  # attach_layouts' (with the layer's own TP group), else a replicated weight's
             base = getattr(p, LAYOUT_ATTR, None) or megatron_layout(p, name, split_qkv=self._split_qkv)
         else:
-            m, n = (p.shape[0], p[0].numel()) if p.ndim >= 2 else (1, p.numel())
-            base = Layout((m, n), (0, m), (0, n))
-        groups = (("tp_dp", tp_dp),) if base.groups else (("dp", dp_group),)
-        return Layout(base.shape, base.rows, base.cols, flat=flat, groups=groups, fused=base.fused)
+            base = element_layout(tuple(p.shape))
+        return piece_layout(base, flat, (("tp_dp", tp_dp),) if base.groups else (("dp", dp_group),))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -294,13 +293,12 @@ class DistOptAdapter(Optimizer):
             raise RuntimeError("DistOptAdapter.step before bind(distopt): build it with reg_dist.megatron.register()")
         for group, sub in zip(self.param_groups, self.inner.param_groups):
             sub["lr"], sub["weight_decay"] = group["lr"], group["weight_decay"]
-        for piece, shard in self._grads:
-            piece.grad = shard.grad
-        try:
-            return self.inner.step(closure)
-        finally:
-            for piece, _ in self._grads:
-                piece.grad = None
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        step_pieces(self.inner, [(piece, shard.grad) for piece, shard in self._grads])
+        return loss
 
     def state_dict(self) -> dict:
         if self.inner is not None:

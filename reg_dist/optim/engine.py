@@ -193,13 +193,17 @@ class MatrixOptimizer(Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         """Route the group's tensors and add them as one matrix group and/or one AdamW group (a group
-        added after construction plans its owner moves now: every rank must add it)."""
+        added after construction plans its owner moves now: every rank must add it). Besides torch's
+        keys a group may carry ``param_names`` and ``param_infos`` (``routing.ParamInfo``), one per tensor."""
         first_new = len(self.param_groups)
         group = dict(param_group)
         raw = group.pop("params")
         raw = [raw] if isinstance(raw, Tensor) else list(raw)
         names = group.pop("param_names", None)
+        infos = group.pop("param_infos", None)  # an integration's ParamInfo of each tensor (module types)
         tensors = [r[1] if isinstance(r, tuple) else r for r in raw]
+        if infos is not None:
+            self._info.update({id(t): info for t, info in zip(tensors, infos)})
         if names is None:
             first = sum(len(g["params"]) for g in self.param_groups)
             names = [r[0] if isinstance(r, tuple) else f"param{first + i}" for i, r in enumerate(raw)]
