@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	# torch first and pinned: a bare requirement would pull a multi-GB CUDA build
 	$(PIP) torch==2.13.0
-	$(PIP) deepspeed==0.19.8 pytest==8.4.2 matplotlib==3.11.2
+	$(PIP) deepspeed==0.19.8 pytest==8.4.2 matplotlib==3.11.2 transformers==5.24.0 accelerate==1.15.0
 	# megatron-core declares python>=3.12 but ships a cp311 wheel; its deps would build numpy from source
 	$(PIP) --no-deps --ignore-requires-python megatron-core==0.19.2
 	$(PIP) triton==3.9.0

@@ -77,3 +77,45 @@ def test_sparse_gradient_is_an_error_naming_the_parameter():
 def test_operators_reject_bad_arguments(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+@pytest.mark.parametrize(
+    "cls,kwargs,message",
+    [
+        (REG, {"weight_decy": 0.1}, r"REG got an unknown keyword argument 'weight_decy'; did you mean 'weight_decay'\?"),
+        (Muon, {"ns_step": 3}, r"'ns_step'; did you mean 'ns_steps'\?"),
+        (MuonEq, {"weight_decy": 0.1}, r"'weight_decy'; did you mean 'weight_decay'\?"),
+        (REG, {"ns_steps": 3}, r"'ns_steps'; no valid name is close \(the closest is 'eps'\)"),
+    ],
+    ids=["REG-weight_decy", "Muon-ns_step", "MuonEq-weight_decy", "REG-ns_steps"],
+)
+def test_misspelled_keyword_names_the_closest_and_lists_the_valid_ones(cls, kwargs, message):
+    with pytest.raises(ValueError, match=message) as error:
+        cls([torch.zeros(3, 3, requires_grad=True)], **kwargs)
+    assert "Valid names: params, lr, momentum, nesterov, weight_decay" in str(error.value)
+    assert "mesh, tp_mode" in str(error.value)  # the engine's layout keywords too
+
+
+def test_misspelled_layout_keyword_names_the_closest():
+    model = torch.nn.Linear(4, 4)
+    with pytest.raises(ValueError, match=r"tp_mode, move_dtype") as error:
+        Muon(model, tp_mod="gather")
+    assert "did you mean 'tp_mode'?" in str(error.value)
+    Muon(model, tp_mode="gather", move_dtype=torch.float32, bucket_bytes=2**20)  # valid there
+
+
+@pytest.mark.parametrize("key,meant", [("lrr", "lr"), ("weight_decy", "weight_decay"), ("nestrov", "nesterov"),
+                                       ("momnetum", "momentum")])
+def test_param_group_key_one_edit_from_a_hyperparameter_warns(key, meant):
+    with pytest.warns(UserWarning, match=rf"param group key '{key}' is not a hyper-parameter; did you mean '{meant}'\?"):
+        opt = Muon([{"params": [("w", torch.zeros(3, 3, requires_grad=True))], key: 5.0, "algorithm": "muon"}])
+    assert opt.param_groups[0][key] == 5.0  # torch's convention: extra keys are kept
+
+
+def test_param_group_extra_keys_far_from_any_name_do_not_warn():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        REG([{"params": [("w", torch.zeros(3, 3, requires_grad=True))], "algorithm": "reg", "name": "blocks",
+              "lr_mult": 0.5, "initial_lr": 0.1}])

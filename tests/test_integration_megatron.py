@@ -20,7 +20,7 @@ with warnings.catch_warnings():  # "Transformer Engine and Apex are not installe
 from multiproc import run_ranks
 from reg_dist import REG, Muon, MuonEq, optim
 from reg_dist.layout import fused_rows
-from reg_dist.integrations.megatron import attach_layouts, megatron_layout
+from reg_dist.integrations.megatron.layouts import attach_layouts, megatron_layout
 
 TP = 2
 HIDDEN, FFN = 10, 24  # col: 24 × 10 split by rows; row: 10 × 24 split by columns

@@ -27,7 +27,7 @@ with warnings.catch_warnings():  # Apex / TE not installed, absl: import once, h
 from multiproc import run_ranks
 from reg_dist import optim
 from reg_dist.layout import fused_rows
-from reg_dist.integrations.megatron_optimizer import NAMES, local_matrices
+from reg_dist.integrations.megatron.optimizer import NAMES, local_matrices
 
 TP, DP = 2, 2
 HIDDEN, FFN = 8, 12
@@ -209,7 +209,7 @@ SETTINGS = {"reg": {}, "reg_muon": {"reg_ns_dtype": "fp32", "reg_move_dtype": "f
 
 
 def _reference_kwargs(name, config):
-    from reg_dist.integrations.megatron_optimizer import optimizer_kwargs, settings_from
+    from reg_dist.integrations.megatron.optimizer import optimizer_kwargs, settings_from
 
     kwargs = optimizer_kwargs(name, settings_from(config), config.lr, config.weight_decay)
     kwargs.pop("move_dtype", None)

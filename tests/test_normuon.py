@@ -55,7 +55,7 @@ def test_native_dp2_x_tp2_equals_single_process():
 
 def test_registry_reaches_it_under_every_name():
     from reg_dist.integrations.deepspeed import OPTIMIZERS
-    from reg_dist.integrations.megatron_optimizer import NAMES
+    from reg_dist.integrations.megatron.optimizer import NAMES
     from reg_dist.optim.registry import get
 
     assert get("normuon").cls is NorMuon

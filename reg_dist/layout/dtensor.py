@@ -22,10 +22,21 @@ def _logical(p: Tensor, shape: tuple[int, ...]):
     return (shape[0], shape[1]), getattr(p, FUSED_ATTR, None)
 
 
-def dtensor_layout(t: DTensor, name: str, blockwise: tuple[str, ...] = ()) -> Layout:
+def dtensor_layout(t: DTensor, name: str, blockwise: tuple[str, ...] = (), transposed: bool = False) -> Layout:
     """The elements of the DTensor ``t`` this rank holds; its groups are the mesh dimensions that
     shard it. With ``blockwise`` mesh dims (``("tp",)``), the block those dims give this rank is
-    the logical matrix instead (blockwise Newton–Schulz): its layout is relative to that block."""
+    the logical matrix instead (each TP block its own matrix): its layout is relative to that block.
+    ``transposed``: a 2-D weight stored in × out (Conv1D) whose matrix is its transpose, as is the
+    local block the layout then describes."""
+    layout = _stored_layout(t, name, blockwise)
+    if not transposed:
+        return layout
+    if t.ndim != 2 or layout.fused is not None:
+        raise ValueError(f"transposed parameter {name}: only a plain 2-D weight can be stored transposed")
+    return Layout(layout.shape[::-1], layout.cols, layout.rows, groups=layout.groups)
+
+
+def _stored_layout(t: DTensor, name: str, blockwise: tuple[str, ...]) -> Layout:
     if t.ndim not in (2, 3):
         raise ValueError(f"sharded parameter {name} of shape {list(t.shape)}: only 2-D matrices and 3-D "
                          f"expert stacks are supported on DTensors; give it an algorithm='adamw' group")

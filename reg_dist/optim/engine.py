@@ -38,7 +38,8 @@ from ..layout import (FUSED_ATTR, LAYOUT_ATTR, Layout, dim_names, dtensor_layout
 from ..ops.stats import acc_dtype
 from .adamw import adamw_step, init_adamw_state
 from .momentum import momentum_into_
-from .routing import ADAMW, ParamInfo, Route, format_table, module_param_info, route
+from .hyper import warn_near_misses
+from .routing import ADAMW, ParamInfo, Route, as_matrix, as_param, format_table, parse_params, route
 from .scaling import check_scale, rms_factor, scale_factors, shape_factor
 from .stages import Spectral, Statistic
 
@@ -141,7 +142,9 @@ class MatrixOptimizer(Optimizer):
         self._constructed = False
         check_common(defaults)
         self.check_group(defaults)
-        super().__init__(self._parse_params(params), defaults)
+        groups, infos = parse_params(params)
+        self._info.update(infos)
+        super().__init__(groups, defaults)
         if self._collective or mesh is not None:
             groups = [g for i in self._collective for _, g in self._layouts[i].groups] + _mesh_groups(mesh)
             mine = [(r.name, tuple(r.shape), r.algorithm) for r in self.routes]
@@ -172,29 +175,11 @@ class MatrixOptimizer(Optimizer):
         raise NotImplementedError
 
     # ---- parameters and routing ---------------------------------------------------------
-    def _parse_params(self, params: Any) -> list[dict]:
-        if isinstance(params, Tensor):
-            raise TypeError("params must be an iterable of tensors, (name, tensor) pairs, dicts, or an nn.Module")
-        if isinstance(params, torch.nn.Module):
-            return [self._module_group(params)]
-        items = list(params)
-        if not items:
-            raise ValueError("optimizer got an empty parameter list")
-        if all(isinstance(g, dict) for g in items):
-            return [{**g, "params": self._module_group(g["params"])["params"]}
-                    if isinstance(g["params"], torch.nn.Module) else g for g in items]
-        return [{"params": items}]
-
-    def _module_group(self, module: torch.nn.Module) -> dict:
-        pairs = module_param_info(module)
-        for t, info in pairs:
-            self._info[id(t)] = info
-        return {"params": [(info.names[0], t) for t, info in pairs]}
-
     def add_param_group(self, param_group: dict) -> None:
         """Route the group's tensors and add them as one matrix group and/or one AdamW group (a group
         added after construction plans its owner moves now: every rank must add it). Besides torch's
         keys a group may carry ``param_names`` and ``param_infos`` (``routing.ParamInfo``), one per tensor."""
+        warn_near_misses(param_group, {*self.defaults, "params", "param_names", "param_infos", "algorithm"})
         first_new = len(self.param_groups)
         group = dict(param_group)
         raw = group.pop("params")
@@ -244,7 +229,7 @@ class MatrixOptimizer(Optimizer):
                                  "reg_layout parameter is always a whole matrix")
             self._collective.add(id(p))
         elif isinstance(p, DTensor):
-            layout = dtensor_layout(p, name, self.blockwise_dims)
+            layout = dtensor_layout(p, name, self.blockwise_dims, self._info.get(id(p), ParamInfo(())).transposed)
             self._collective.add(id(p))
         else:
             layout = whole_layout(p, view)
@@ -412,7 +397,12 @@ class MatrixOptimizer(Optimizer):
         grads = [local_tensor(p.grad) if p.grad is not None else torch.zeros_like(x) for p, x in zip(params, locals_)]
         bufs = [local_tensor(self.matrix_state(p)["momentum_buffer"]) for p in params]
         momentum_into_(grads, bufs, n, group["momentum"], group["nesterov"])
-        return n
+        # a weight stored transposed (Conv1D): its matrix, contiguous, as its layout describes it
+        return [as_matrix(x, self._info[id(p)]).contiguous() if self._transposed(p) else x for x, p in zip(n, params)]
+
+    def _transposed(self, p: Tensor) -> bool:
+        info = self._info.get(id(p))
+        return info is not None and info.transposed
 
     def _matrix_step(self, params: list[Tensor], group: dict) -> None:
         if not params:
@@ -454,7 +444,7 @@ class MatrixOptimizer(Optimizer):
             x = local_tensor(p)
             if wd != 0 and lr != 0:
                 x.mul_(1.0 - lr * wd)
-            x.add_(u.view(x.shape), alpha=-lr)
+            x.add_(as_param(u, x, self._info[id(p)]) if self._transposed(p) else u.view(x.shape), alpha=-lr)
             state["step"] += 1
 
     def _move_dtype(self, group: dict) -> torch.dtype:

@@ -14,6 +14,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from ...comm.native import BUCKET_BYTES
 from ...ops.newton_schulz import check_newton_schulz_args, orthogonalize
 from ..engine import MatrixOptimizer
+from ..hyper import strict
 from ..stages import Spectral
 
 
@@ -28,6 +29,7 @@ class Muon(MatrixOptimizer):
 
     algorithm = "muon"
 
+    @strict
     def __init__(
         self,
         params: Any,

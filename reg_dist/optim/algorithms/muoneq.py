@@ -21,6 +21,7 @@ from ...layout import Layout
 from ...ops.equilibrate import check_equilibrate_args
 from ...ops.newton_schulz import check_newton_schulz_args
 from ..engine import MatrixOptimizer
+from ..hyper import strict
 from ..stages import Spectral, Statistic
 from .muon import newton_schulz_stage
 
@@ -36,6 +37,7 @@ class MuonEq(MatrixOptimizer):
 
     algorithm = "muoneq"
 
+    @strict
     def __init__(
         self,
         params: Any,

@@ -23,6 +23,7 @@ from ...comm.statistics import row_col_stats, scale_local_
 from ...layout import Layout
 from ...ops.newton_schulz import check_newton_schulz_args
 from ..engine import MatrixOptimizer, check_number
+from ..hyper import strict
 from ..stages import Spectral, Statistic
 from .muon import newton_schulz_stage
 
@@ -33,6 +34,7 @@ class NorMuon(MatrixOptimizer):
     algorithm = "normuon"
     row_state_keys = ("row_second_moment",)
 
+    @strict
     def __init__(
         self,
         params: Any,

@@ -13,6 +13,7 @@ from ...comm.native import BUCKET_BYTES
 from ...comm.statistics import sharded_racs_
 from ...ops.racs import check_racs_args
 from ..engine import MatrixOptimizer
+from ..hyper import strict
 from ..stages import Statistic
 
 
@@ -21,6 +22,7 @@ class REG(MatrixOptimizer):
 
     algorithm = "reg"
 
+    @strict
     def __init__(
         self,
         params: Any,

@@ -9,7 +9,7 @@ emerging-optimizer path then
   output layer and every non-2-D parameter to its own Adam (AdamW when Apex/TE are absent), through the
   entry's ``default_param_overrides``;
 * calls ``config_to_kwargs(config, model_chunks, pg_collection)``, which here attaches the TP layouts
-  (``reg_dist.integrations.megatron.attach_layouts``: ``tensor_model_parallel`` / ``partition_dim``,
+  (``reg_dist.integrations.megatron.layouts.attach_layouts``: ``tensor_model_parallel`` / ``partition_dim``,
   QKV split per query group unless ``reg_split_qkv`` is False) and reads the hyper-parameters;
 * builds the optimizer from its parameter groups and wraps it in ``FP32Optimizer`` (or
   ``Float16OptimizerWithFloat16Params`` for bf16, which swaps in fp32 main copies: ``register()``'s
@@ -50,13 +50,13 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..layout import LAYOUT_ATTR, Layout
-from ..optim import registry
-from ..optim.engine import MatrixOptimizer
-from ..optim.adamw import init_adamw_state
-from ..optim.routing import ADAMW
-from .flat_partition import element_layout, laid, piece_layout, step_pieces
-from .megatron import attach_layouts, megatron_layout
+from ...layout import LAYOUT_ATTR, Layout
+from ...optim import registry
+from ...optim.engine import MatrixOptimizer
+from ...optim.adamw import init_adamw_state
+from ...optim.routing import ADAMW
+from ..flat_partition import element_layout, laid, piece_layout, step_pieces
+from .layouts import attach_layouts, megatron_layout
 
 # Megatron --optimizer name → reg_dist optimizer. Our Muon is "reg_muon": Megatron's own "muon" stays.
 NAMES: dict[str, type[MatrixOptimizer]] = {e.megatron: e.cls for e in registry.ALGORITHMS.values()}

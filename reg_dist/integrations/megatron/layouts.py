@@ -22,7 +22,7 @@ are not supported.
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..layout import LAYOUT_ATTR, Layout, fused_rows
+from ...layout import LAYOUT_ATTR, Layout, fused_rows
 
 
 def _default_tp_group(param: Tensor) -> dist.ProcessGroup:
