@@ -171,8 +171,8 @@ def check_args(args: argparse.Namespace) -> None:
     if getattr(args, "fp16", False):
         raise ValueError(f"--optimizer {name} does not support --fp16 (Megatron's emerging optimizers do not); "
                          f"use --bf16")
-    for dest, (_, takers) in hyper_flags().items():
-        if name not in takers and getattr(args, dest, None) != getattr(_DEFAULTS, dest):
+    for dest, (_, takers) in hyper_flags().items():  # a flag unset by default, set for an optimizer without it
+        if name not in takers and getattr(_DEFAULTS, dest) is None and getattr(args, dest, None) is not None:
             raise ValueError(f"--{dest.replace('_', '-')} applies only to --optimizer {', '.join(takers)}, not {name}")
     try:
         check_settings(name, settings_from(args=args))
