@@ -47,7 +47,7 @@ QUICK = [8, 256, 4096, 16384]
 SWEEP = (("llama-7b", "llama-7b", 1, 3), ("llama-70b", "llama-70b", 8, 3), ("llama-405b", "llama-405b", 8, 3),
          ("llama-7b native", "llama-7b", 1, 1))  # (label, preset, tp, zero stage)
 TABLE_GPUS = (8, 64, 512, 4096, 16384)
-COLORS = {"adamw": "#555555", "reg": "#1f77b4", "muon": "#d62728", "muoneq": "#ff7f0e"}
+COLORS = {"adamw": "#555555", "reg": "#1f77b4", "muon": "#d62728", "muoneq": "#ff7f0e", "normuon": "#2ca02c"}
 
 
 # ---- 1. calibration against the measured comm.json --------------------------------------------------

@@ -261,6 +261,11 @@ class MatrixOptimizer(Optimizer):
         count, m, n = self._view[id(p)]
         return count * newton_schulz_cost(m, n)
 
+    @property
+    def native_imbalance(self) -> float | None:
+        """Under ``mesh=``: the data-parallel owner planner's imbalance on its costs (None otherwise)."""
+        return self._native.imbalance if self._native is not None else None
+
     def plans(self) -> list[OwnerPlan]:
         """The owner plans of the spectral stages over process groups (one per group of ranks)."""
         return [plan for entries in self._plans.values() for plan, _ in entries]

@@ -65,11 +65,16 @@ def schema(name: str) -> dict[str, Hyper]:
             if p.name not in ("self", "params", *ENGINE_KEYWORDS) and p.kind is not p.VAR_KEYWORD}
 
 
+def stages(name: str, **hyper: Any) -> list[Statistic | Spectral]:
+    """The stages of algorithm ``name`` with its defaults, ``hyper`` overriding those it has."""
+    known = schema(name)
+    group = {**{k: h.default for k, h in known.items()}, **{k: v for k, v in hyper.items() if k in known}}
+    return get(name).cls.stages(None, group)
+
+
 def is_spectral(name: str) -> bool:
     """Whether algorithm ``name`` orthogonalises whole matrices (owner moves) with its defaults."""
-    entry = get(name)
-    defaults = {k: h.default for k, h in schema(name).items()}
-    return any(isinstance(s, Spectral) for s in entry.cls.stages(None, defaults))
+    return any(isinstance(s, Spectral) for s in stages(name))
 
 
-__all__ = ["ALGORITHMS", "Entry", "Hyper", "Spectral", "Statistic", "get", "is_spectral", "schema"]
+__all__ = ["ALGORITHMS", "Entry", "Hyper", "Spectral", "Statistic", "get", "is_spectral", "schema", "stages"]

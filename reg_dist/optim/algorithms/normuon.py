@@ -82,4 +82,4 @@ class NorMuon(MatrixOptimizer):
                 v.lerp_(r.div_(lay.shape[1]).to(v.dtype), 1.0 - beta2)
                 scale_local_(x, lay, v.sqrt().add_(eps).reciprocal_().to(x.dtype), None)
 
-        return [newton_schulz_stage(group), Statistic(normalise_rows)]
+        return [newton_schulz_stage(group), Statistic(normalise_rows, cols=False)]

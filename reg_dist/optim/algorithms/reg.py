@@ -54,7 +54,8 @@ class REG(MatrixOptimizer):
 
     def stages(self, group: dict) -> list[Statistic]:
         p, iters, eps = group["p"], group["iters"], group["eps"]
-        return [Statistic(lambda xs, layouts, states, stats: sharded_racs_(xs, layouts, p, iters, eps, stats))]
+        return [Statistic(lambda xs, layouts, states, stats: sharded_racs_(xs, layouts, p, iters, eps, stats),
+                          passes=iters)]
 
 
 
