@@ -129,6 +129,18 @@ def test_flags_parse_validate_and_reach_the_optimizer_config(monkeypatch):
     assert (defaults.reg_p, defaults.reg_iters, defaults.reg_split_qkv, defaults.reg_nesterov) == (2.0, 1, True, True)
 
 
+def test_registry_flags_tp_mode_and_normuon_reach_the_optimizer(monkeypatch):
+    from reg_dist.integrations.megatron.optimizer import optimizer_kwargs, settings_from
+
+    args = _parse(["--optimizer", "normuon", "--reg-beta2", "0.9", "--reg-tp-mode", "blockwise"], monkeypatch=monkeypatch)
+    config = rm.optimizer_config(args)
+    assert (config.reg_beta2, config.reg_tp_mode, config.reg_move_dtype) == (0.9, "blockwise", None)
+    kwargs = optimizer_kwargs("normuon", settings_from(config), config.lr, config.weight_decay)
+    assert kwargs["beta2"] == 0.9 and "move_dtype" not in kwargs  # moves then travel in the Newton–Schulz dtype
+    with pytest.raises(SystemExit):
+        _parse(["--optimizer", "reg", "--reg-beta2", "0.9"], monkeypatch=monkeypatch)  # not one of REG's
+
+
 def test_our_names_join_megatrons_choices_and_compose_with_a_users_provider(monkeypatch):
     def user(parser):
         parser.add_argument("--my-flag", type=int, default=0)

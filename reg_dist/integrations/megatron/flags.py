@@ -151,6 +151,9 @@ def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--muoneq-phase", type=_non_negative_int, default=d.muoneq_phase,
                    help="muoneq with --muoneq-mode rowcol: steps of rowcol before switching to row.")
     g.add_argument("--muoneq-exponent", type=float, default=d.muoneq_exponent, help="muoneq: equilibration exponent.")
+    g.add_argument("--reg-tp-mode", choices=("gather", "blockwise"), default=d.reg_tp_mode,
+                   help="gather: each tensor-parallel matrix whole, exactly (default); blockwise: each TP block "
+                        "its own matrix, no TP traffic (the update then depends on the TP degree).")
     g.add_argument("--no-reg-split-qkv", dest="reg_split_qkv", action="store_false",
                    help="Step the fused linear_qkv weight as one matrix instead of q, k, v per query group.")
     for dest, (hyper, takers) in hyper_flags().items():  # the registry's other hyper-parameters

@@ -40,6 +40,7 @@ Muon/MuonEq always orthogonalise each TP-split matrix whole (``tp_mode="gather"`
 """
 
 import copy
+import logging
 import dataclasses
 import sys
 import typing
@@ -59,6 +60,8 @@ from ..flat_partition import element_layout, laid, piece_layout, step_pieces
 from .layouts import attach_layouts, megatron_layout
 
 # Megatron --optimizer name → reg_dist optimizer. Our Muon is "reg_muon": Megatron's own "muon" stays.
+logger = logging.getLogger("reg_dist")
+
 NAMES: dict[str, type[MatrixOptimizer]] = {e.megatron: e.cls for e in registry.ALGORITHMS.values()}
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
@@ -101,6 +104,7 @@ Settings = dataclasses.make_dataclass("Settings", [
       if dest not in {d for d, _, _ in _FIXED}],
     ("reg_move_dtype", str | None, dataclasses.field(default=None)),  # None: the Newton–Schulz dtype
     ("reg_split_qkv", bool, dataclasses.field(default=True)),
+    ("reg_tp_mode", str, dataclasses.field(default="gather")),  # "blockwise": each TP block its own matrix
 ])
 
 
@@ -139,6 +143,16 @@ def optimizer_kwargs(name: str, settings, lr: float, weight_decay: float) -> dic
         if value is not None and value not in DTYPES:
             raise ValueError(f"{dtype_flag} must be one of {tuple(DTYPES)}, got {value!r}")
     return kwargs
+
+
+def blockwise(settings) -> bool:
+    """Whether ``--reg-tp-mode blockwise`` makes each TP block its own matrix (logged: the update then
+    depends on the TP degree)."""
+    if settings.reg_tp_mode == "blockwise":
+        logger.warning("reg_dist --reg-tp-mode blockwise: each tensor-parallel block is its own matrix, so the "
+                       "update changes with the TP degree")
+        return True
+    return False
 
 
 def check_settings(name: str, settings: Settings) -> None:
@@ -220,8 +234,9 @@ def _config_to_kwargs(name: str):
             raise ValueError(f"--optimizer {name} with the distributed optimizer is built by the hook "
                              f"reg_dist.megatron.register() installs: call it before get_megatron_optimizer")
         settings = settings_from(config)
+        by_block = blockwise(settings)
         for chunk in model_chunks:
-            attach_layouts(chunk, split_qkv=settings.reg_split_qkv)
+            attach_layouts(chunk, split_qkv=settings.reg_split_qkv, blockwise=by_block)
         names = {id(p): _strip(n) for chunk in model_chunks for n, p in chunk.named_parameters()}
         kwargs = optimizer_kwargs(name, settings, lr=config.lr, weight_decay=config.weight_decay)
         return {**kwargs, "param_names": names}
@@ -334,13 +349,14 @@ def build_distributed(name: str, config, model_chunks, config_overrides=None, pg
         raise NotImplementedError(f"--optimizer {name}: overlap_param_gather_with_optimizer_step and optimizer CPU "
                                   f"offload are not supported with the distributed optimizer")
     settings = settings_from(config)
+    by_block = blockwise(settings)
     for chunk in model_chunks:  # what Megatron's emerging-optimizer path tags: QKV blocks per query group
         for param_name, p in chunk.named_parameters():
             if "linear_qkv.weight" in param_name and p.ndim == 2:
                 split = _get_qkv_split_shapes(chunk.config)
                 if p.shape[0] % sum(split) == 0:
                     p.is_qkv, p.qkv_split_shapes = True, split
-        attach_layouts(chunk, split_qkv=settings.reg_split_qkv)
+        attach_layouts(chunk, split_qkv=settings.reg_split_qkv, blockwise=by_block)
     overrides = dict(config_overrides if config_overrides is not None else get_standard_config_overrides(config))
     overrides.update(copy.deepcopy(_EMERGING_OPTIMIZERS[name].default_param_overrides))
     groups, buffers = _get_param_groups_and_buffers(model_chunks, model_chunk_offset=0, config=config,
