@@ -38,7 +38,7 @@ from ..layout import (FUSED_ATTR, LAYOUT_ATTR, Layout, dim_names, dtensor_layout
 from ..ops.stats import acc_dtype
 from .adamw import adamw_step, init_adamw_state
 from .momentum import momentum_into_
-from .hyper import warn_near_misses
+from .hyper import Hyper, constructor, warn_near_misses
 from .routing import ADAMW, ParamInfo, Route, as_matrix, as_param, format_table, parse_params, route
 from .scaling import check_scale, rms_factor, scale_factors, shape_factor
 from .stages import Spectral, Statistic
@@ -103,8 +103,29 @@ def _mesh_groups(mesh: DeviceMesh | dict[str, dist.ProcessGroup] | None) -> list
     return [g for g in mesh.values() if isinstance(g, dist.ProcessGroup)] if isinstance(mesh, dict) else []
 
 
+def _common(scale: str) -> tuple[Hyper, ...]:
+    """The hyper-parameters every algorithm's constructor starts with (ALGORITHMS.md §4)."""
+    return (Hyper("lr", 1e-3, float), Hyper("momentum", 0.95, float), Hyper("nesterov", True, bool),
+            Hyper("weight_decay", 0.1, float), Hyper("scale", scale, str), Hyper("rms", 0.2, float))
+
+
+TAIL = (Hyper("adamw_betas", (0.9, 0.95), tuple[float, float]), Hyper("adamw_eps", 1e-8, float),
+        Hyper("nonfinite", "skip", str))
+
+
+def _layout_keywords(moves: bool) -> tuple[Hyper, ...]:
+    """The keyword-only arguments that say how the matrices are laid out, not what is computed."""
+    return (Hyper("mesh", None, DeviceMesh | dict[str, dist.ProcessGroup] | None), Hyper("tp_mode", "gather", str),
+            *((Hyper("move_dtype", None, torch.dtype | None),) if moves else ()),
+            Hyper("bucket_bytes", BUCKET_BYTES, int))
+
+
 class MatrixOptimizer(Optimizer):
-    """The engine; an algorithm subclass sets ``algorithm`` (its name), ``check_group`` and ``stages``.
+    """The engine. An algorithm subclass gives its name (``algorithm``), its own hyper-parameters
+    (``hyper``, in constructor order, between the common ones and AdamW's), its default ``scale``,
+    whether it moves whole matrices (``moves``), ``check_group`` and ``stages``; its constructor
+    ``Cls(params, lr, momentum, nesterov, weight_decay, scale, rms, *hyper, adamw_betas, adamw_eps,
+    nonfinite, *, mesh, tp_mode, [move_dtype,] bucket_bytes)`` is made from those (``hyper.constructor``).
 
     ``mesh``: reg_dist's own data parallelism for a model without a DDP/FSDP wrapper (``comm.native``).
     ``tp_mode``: "gather" (default) keeps every tensor-parallel matrix whole, exactly; "blockwise"
@@ -114,8 +135,21 @@ class MatrixOptimizer(Optimizer):
     """
 
     algorithm: str
+    hyper: tuple[Hyper, ...] = ()
+    default_scale = "match_rms_adamw"
+    moves = False
     state_keys: tuple[str, ...] = ("momentum_buffer",)  # matrix state shaped like the parameter
     row_state_keys: tuple[str, ...] = ()  # matrix state of one value per logical row, whole on every holder
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.__init__ = constructor(cls, _common(cls.default_scale), TAIL, _layout_keywords(cls.moves),
+                                   MatrixOptimizer._build)
+
+    def _build(self, params: Any, values: dict) -> None:
+        layout = {k: values.pop(k) for k in ("mesh", "tp_mode", "move_dtype", "bucket_bytes") if k in values}
+        nonfinite = values.pop("nonfinite")
+        MatrixOptimizer.__init__(self, params, values, nonfinite, **layout)
 
     def __init__(self, params: Any, defaults: dict, nonfinite: str = "skip",
                  mesh: DeviceMesh | dict[str, dist.ProcessGroup] | None = None, tp_mode: str = "gather",

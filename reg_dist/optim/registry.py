@@ -14,6 +14,7 @@ from .algorithms.muoneq import MuonEq
 from .algorithms.normuon import NorMuon
 from .algorithms.reg import REG
 from .engine import MatrixOptimizer
+from .hyper import Hyper
 from .stages import Spectral, Statistic
 
 ENGINE_KEYWORDS = ("mesh", "tp_mode", "move_dtype", "bucket_bytes")  # how it is laid out, not what it computes
@@ -31,15 +32,6 @@ class Entry:
     @property
     def name(self) -> str:
         return self.cls.algorithm
-
-
-@dataclass(frozen=True)
-class Hyper:
-    """One hyper-parameter of an algorithm's constructor."""
-
-    name: str
-    default: Any
-    type: Any
 
 
 ALGORITHMS: dict[str, Entry] = {e.name: e for e in (

@@ -10,64 +10,29 @@ The paper's Algorithm 1 with this library's momentum (sum form, Nesterov by defa
 holds a piece of the matrix, so the normalisation is exact on every layout.
 """
 
-from typing import Any
-
-import torch
-import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.device_mesh import DeviceMesh
 
 from ...comm.collectives import CommStats
-from ...comm.native import BUCKET_BYTES
 from ...comm.statistics import row_col_stats, scale_local_
 from ...layout import Layout
-from ...ops.newton_schulz import check_newton_schulz_args
 from ..engine import MatrixOptimizer, check_number
-from ..hyper import strict
+from ..hyper import Hyper
 from ..stages import Spectral, Statistic
-from .muon import newton_schulz_stage
+from .muon import NEWTON_SCHULZ, newton_schulz_stage
 
 
 class NorMuon(MatrixOptimizer):
-    """NorMuon on hidden matrices, AdamW on the rest (see ``routing``), on every layout (see ``engine``)."""
+    """NorMuon on hidden matrices, AdamW on the rest (see ``routing``), on every layout (see ``engine``):
+    Muon's Newton–Schulz, then each row divided by the root of its second moment (``beta2``, ``eps``)."""
 
     algorithm = "normuon"
+    hyper = (Hyper("beta2", 0.95, float), Hyper("eps", 1e-8, float), *NEWTON_SCHULZ)
+    default_scale = "rms"
+    moves = True
     row_state_keys = ("row_second_moment",)
 
-    @strict
-    def __init__(
-        self,
-        params: Any,
-        lr: float = 1e-3,
-        momentum: float = 0.95,
-        nesterov: bool = True,
-        weight_decay: float = 0.1,
-        scale: str = "rms",
-        rms: float = 0.2,
-        beta2: float = 0.95,
-        eps: float = 1e-8,
-        ns_steps: int = 5,
-        coefficients: str = "jordan",
-        ns_dtype: torch.dtype = torch.bfloat16,
-        adamw_betas: tuple[float, float] = (0.9, 0.95),
-        adamw_eps: float = 1e-8,
-        nonfinite: str = "skip",
-        *,
-        mesh: DeviceMesh | dict[str, dist.ProcessGroup] | None = None,
-        tp_mode: str = "gather",
-        move_dtype: torch.dtype | None = None,
-        bucket_bytes: int = BUCKET_BYTES,
-    ) -> None:
-        defaults = dict(
-            lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, scale=scale, rms=rms,
-            beta2=beta2, eps=eps, ns_steps=ns_steps, coefficients=coefficients, ns_dtype=ns_dtype,
-            adamw_betas=adamw_betas, adamw_eps=adamw_eps,
-        )
-        super().__init__(params, defaults, nonfinite, mesh=mesh, tp_mode=tp_mode, move_dtype=move_dtype,
-                         bucket_bytes=bucket_bytes)
-
     def check_group(self, group: dict) -> None:
-        check_newton_schulz_args(group["ns_steps"], group["coefficients"], group["ns_dtype"])
+        newton_schulz_stage(group)
         check_number("beta2", group["beta2"], 0.0, 1.0, high_open=True)
         check_number("eps", group["eps"], 0.0)
         if group["eps"] == 0:
