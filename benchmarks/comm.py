@@ -26,7 +26,7 @@ Reported, per rank per step:
     total          DP sync + optimizer, on rank 0 and the most on any rank, and its ratio to ZeRO-1
                    (target ≤ 1.25×)
 
-and the owner planner's imbalance on Newton–Schulz cost m·n·min(m, n) (native: ``opt._native``;
+and the owner planner's imbalance on Newton–Schulz cost m·n·min(m, n) (native: ``opt.native_imbalance``;
 FSDP2: the owner plans; target ≤ 10 %), plus REG's per-group table under TP=2 × FSDP2=2.
 
 Run:  .venv/bin/python benchmarks/comm.py [--layers L] [--iters K]    Results: benchmarks/results/comm.json
@@ -121,7 +121,7 @@ def planner(opt) -> dict:
     if isinstance(opt, REG):
         return {"imbalance": None, "plans": []}
     plans = [{"group": p.group_name, "matrices": len(p.matrices), "imbalance": p.imbalance} for p in opt.plans()]
-    imbalances = [p["imbalance"] for p in plans] + ([opt._native.imbalance] if opt._native is not None else [])
+    imbalances = [p["imbalance"] for p in plans] + ([opt.native_imbalance] if opt.native_imbalance is not None else [])
     return {"imbalance": max(imbalances), "plans": plans}
 
 

@@ -37,7 +37,7 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from reg_dist.distributed.ownership import plan_owners  # noqa: E402
+from reg_dist.comm.ownership import plan_owners  # noqa: E402
 from reg_dist.scale import (  # noqa: E402
     ALL, MATRIX, NAMES, Parallel, Settings, cluster, essential_ai, from_module, ns_flops, predict, preset, traffic,
 )
@@ -47,7 +47,7 @@ QUICK = [8, 256, 4096, 16384]
 SWEEP = (("llama-7b", "llama-7b", 1, 3), ("llama-70b", "llama-70b", 8, 3), ("llama-405b", "llama-405b", 8, 3),
          ("llama-7b native", "llama-7b", 1, 1))  # (label, preset, tp, zero stage)
 TABLE_GPUS = (8, 64, 512, 4096, 16384)
-COLORS = {"adamw": "#555555", "reg": "#1f77b4", "muon": "#d62728", "muoneq": "#ff7f0e"}
+COLORS = {"adamw": "#555555", "reg": "#1f77b4", "muon": "#d62728", "muoneq": "#ff7f0e", "normuon": "#2ca02c"}
 
 
 # ---- 1. calibration against the measured comm.json --------------------------------------------------

@@ -1,8 +1,9 @@
-"""reg_dist: REG (row-and-column scaling), Muon and MuonEq for sharded large-model training."""
+"""reg_dist: REG (row-and-column scaling), Muon, MuonEq and NorMuon for sharded large-model training."""
 
 from . import ops
-from .distributed import REG, Muon, MuonEq, mark_fused
-from . import checkpoint  # after .distributed: it imports .distributed.layout and .optim, never the package
+from .layout import mark_fused
+from .optim import REG, Muon, MuonEq, NorMuon
+from . import checkpoint  # noqa: E402  (after optim, which it reads)
 
-__all__ = ["REG", "Muon", "MuonEq", "checkpoint", "mark_fused", "ops"]
+__all__ = ["REG", "Muon", "MuonEq", "NorMuon", "checkpoint", "mark_fused", "ops"]
 __version__ = "0.1.0"

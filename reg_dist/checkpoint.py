@@ -36,8 +36,9 @@ from torch.distributed.checkpoint.utils import find_state_dict_object
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from .distributed.layout import Layout
-from .optim.base import MatrixOptimizer
+from .layout import Layout, storage_shape
+from .ops.stats import acc_dtype
+from .optim.engine import MatrixOptimizer
 from .optim.routing import ADAMW
 
 MATRIX_KEYS = ("momentum_buffer",)
@@ -45,21 +46,12 @@ ADAMW_KEYS = ("exp_avg", "exp_avg_sq")
 META = "reg_dist_meta"
 
 
-def logical_shape(shape: tuple[int, ...]) -> tuple[int, int]:
-    """The 2-D form every state tensor of a parameter of ``shape`` is saved in."""
-    if len(shape) <= 1:
-        return (1, math.prod(shape))
-    if len(shape) == 3:
-        return (shape[0] * shape[1], shape[2])
-    return (shape[0], math.prod(shape[1:]))
-
-
 def holding(p: Tensor, part: slice | None = None) -> Layout:
     """The elements of ``p``'s logical 2-D tensor this rank's copy of ``p`` holds (``part``: only
     that slice of its local flattening, as the native mode's flat AdamW shards)."""
     local = p.to_local() if isinstance(p, DTensor) else p
     shape = tuple(p.shape)
-    m, n = logical_shape(shape)
+    m, n = storage_shape(shape)
     if not isinstance(p, DTensor):
         rows, cols = (0, m), (0, n)
     else:
@@ -139,16 +131,18 @@ class LoadPlanner(DefaultLoadPlanner):
             super().load_bytes(read_item, value)
 
 
-def _held(opt: MatrixOptimizer, p: Tensor) -> tuple[bool, slice | None]:
-    """Whether this rank keeps state for ``p``, and which slice of it (native mode's flat shards)."""
-    native = getattr(opt, "_native", None)
-    if native is None:
-        return True, None
-    return native.owns(p), native.slice_of(p)
+def _keys(opt: MatrixOptimizer, group: dict) -> tuple[str, ...]:
+    return ADAMW_KEYS if group["algorithm"] == ADAMW else (*opt.state_keys, *opt.row_state_keys)
 
 
-def _keys(group: dict) -> tuple[str, ...]:
-    return ADAMW_KEYS if group["algorithm"] == ADAMW else MATRIX_KEYS
+def _form(opt: MatrixOptimizer, p: Tensor, key: str, part: slice | None) -> tuple[tuple[int, int], Layout]:
+    """The stored 2-D shape of state ``key`` of ``p`` and the rectangle of it this rank holds: a
+    parameter-shaped tensor as ``holding``; a per-row one (``row_state_keys``, kept whole by every rank
+    holding a piece of the matrix) as the ``(rows, 1)`` column of its logical matrix."""
+    if key in opt.row_state_keys:
+        rows = opt.layout(p).shape[0]
+        return (rows, 1), Layout((rows, 1), (0, rows), (0, 1))
+    return storage_shape(tuple(p.shape)), holding(p, part)
 
 
 def optimizer_state_dict(opt: MatrixOptimizer) -> dict:
@@ -160,18 +154,14 @@ def optimizer_state_dict(opt: MatrixOptimizer) -> dict:
     for group in opt.param_groups:
         for p, name in zip(group["params"], group["param_names"]):
             state = opt.state.get(p)
-            held, part = _held(opt, p)
-            shape = logical_shape(tuple(p.shape))
-            if state and held:
-                layout = holding(p, part)
-                sd[f"{name}/step"] = Pieces((1, 1), state["step"].float(), STEP)
-                for key in _keys(group):
-                    value = state[key]
-                    local = value.to_local() if isinstance(value, DTensor) else value
-                    sd[f"{name}/{key}"] = Pieces(shape, local.contiguous(), layout)
-            else:
-                sd[f"{name}/step"] = Pieces((1, 1))
-                sd.update({f"{name}/{key}": Pieces(shape) for key in _keys(group)})
+            held, part = opt.holding(p)
+            stepped = bool(state) and held
+            sd[f"{name}/step"] = Pieces((1, 1), state["step"].float(), STEP) if stepped else Pieces((1, 1))
+            for key in _keys(opt, group):
+                shape, layout = _form(opt, p, key, part)
+                value = state[key] if stepped else None
+                local = value.to_local() if isinstance(value, DTensor) else value
+                sd[f"{name}/{key}"] = Pieces(shape, local.contiguous(), layout) if stepped else Pieces(shape)
     return sd
 
 
@@ -212,8 +202,9 @@ def load(opt: MatrixOptimizer, path: str | Path) -> None:
             if name not in stated:
                 stateless.append(p)
                 continue
-            shape = logical_shape(tuple(p.shape))
-            for key in _keys(group):
+            held, part = opt.holding(p)
+            for key in _keys(opt, group):
+                shape, layout = _form(opt, p, key, part)
                 if f"{name}/{key}" not in saved:
                     raise ValueError(f"checkpoint {path} has no {key!r} for parameter {name}: "
                                      f"saved by another optimizer or algorithm?")
@@ -221,22 +212,25 @@ def load(opt: MatrixOptimizer, path: str | Path) -> None:
                 if size != shape:
                     raise ValueError(f"checkpoint {path}: {name}/{key} is {list(size)}, the parameter here "
                                      f"is {list(shape)} in its logical form")
-            held, part = _held(opt, p)
             if not held:
                 target[f"{name}/step"] = Pieces((1, 1))
-                target.update({f"{name}/{key}": Pieces(shape) for key in _keys(group)})
+                target.update({f"{name}/{key}": Pieces(_form(opt, p, key, part)[0]) for key in _keys(opt, group)})
                 continue
-            layout = holding(p, part)
             local = p.to_local() if isinstance(p, DTensor) else p
             state = {"step": torch.zeros((), dtype=torch.float32)}
             target[f"{name}/step"] = Pieces((1, 1), state["step"], STEP)
-            for key in _keys(group):
-                x = torch.zeros(layout.numel, dtype=local.dtype, device=local.device)
+            for key in _keys(opt, group):
+                shape, layout = _form(opt, p, key, part)
+                dtype = acc_dtype(local.dtype) if key in opt.row_state_keys else local.dtype
+                x = torch.zeros(layout.numel, dtype=dtype, device=local.device)
                 target[f"{name}/{key}"] = Pieces(shape, x, layout)
-                value = x if part is not None else x.view(local.shape)
-                state[key] = (DTensor.from_local(value, p.device_mesh, p.placements, run_check=False,
-                                                 shape=p.shape, stride=p.stride())
-                              if isinstance(p, DTensor) and part is None else value)
+                if key in opt.row_state_keys or part is not None:
+                    state[key] = x
+                elif isinstance(p, DTensor):
+                    state[key] = DTensor.from_local(x.view(local.shape), p.device_mesh, p.placements, run_check=False,
+                                                    shape=p.shape, stride=p.stride())
+                else:
+                    state[key] = x.view(local.shape)
             fresh[id(p)] = state
     if target:
         _read(target, path)

@@ -96,3 +96,19 @@ def adamw_steps_ref(w0, grads, lr, betas, eps, weight_decay):
         vhat = v / (1 - b2**t)
         W = W - lr * mhat / (vhat.sqrt() + eps)
     return W
+
+
+def normuon_transform_ref(steps: int = 5, beta2: float = 0.95, eps: float = 1e-8):
+    """NorMuon's transform of one matrix (arXiv 2510.05491, Algorithm 1) as a ``transform(N, t)`` for
+    ``matrix_steps_ref``, keeping its per-row second moment across calls:
+    O = NS(N); v = β₂·v + (1 − β₂)·mean_j O_ij²; O_ij / (√v_i + ε)."""
+    state = {}
+
+    def transform(N: torch.Tensor, t: int) -> torch.Tensor:
+        O = newton_schulz_ref(N, steps)
+        v = state.get("v", torch.zeros(O.shape[0], dtype=O.dtype))
+        v = beta2 * v + (1 - beta2) * (O * O).mean(dim=1)
+        state["v"] = v
+        return O / (v.sqrt() + eps).unsqueeze(1)
+
+    return transform

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from multiproc import run_ranks
-from reg_dist import Muon, MuonEq, optim
-from reg_dist.distributed import Layout, OwnerPlan
+from reg_dist import Muon, MuonEq, NorMuon, optim
+from reg_dist.comm.owner import OwnerPlan
+from reg_dist.layout import Layout
 from reg_dist.ops.newton_schulz import orthogonalize
 from sharded import STEPS, Net, assert_same, data, full_state, run_native, fsdp, fsdp_x_tp, loss_of, reference, run_sharded, tp
 
@@ -15,6 +16,7 @@ EXACT = {"lr": 0.02, "ns_dtype": torch.float32}
 ALGORITHMS = {
     "muon": (Muon, optim.Muon, {}),
     "muoneq_rowcol_phase": (MuonEq, optim.MuonEq, {"mode": "rowcol", "phase": 2}),
+    "normuon": (NorMuon, optim.NorMuon, {"beta2": 0.9}),
 }
 MATRICES = 4 + 3 + 1 + 3  # up, down, squeeze, expand; q, k, v; proj; three experts
 
@@ -138,3 +140,24 @@ def test_blockwise_mode_refuses_layouts_it_cannot_split_instead_of_ignoring_them
             Muon([("w", w)], tp_mode="blockwise")
 
     run_ranks(2, body)
+
+
+def test_moves_default_to_the_newton_schulz_dtype_so_fp32_needs_no_other_argument():
+    """``ns_dtype=float32`` alone (no ``move_dtype``): FSDP2 equals one process to fp32 rounding."""
+    expected = reference(optim.Muon, EXACT, fused=True)
+    run_sharded(4, fsdp, Muon, dict(EXACT), expected, fused=True)
+
+
+def test_a_plain_fully_shard_reports_its_group_as_dp():
+    def body(rank, world):
+        from torch.distributed.fsdp import fully_shard
+
+        torch.manual_seed(0)
+        model = Net()
+        fully_shard(model)  # its own unnamed 1-D mesh
+        opt = Muon(model, **EXACT)
+        loss_of(model, next(iter(data()))[rank::world]).backward()
+        opt.step()
+        return sorted(opt.comm_stats())
+
+    assert run_ranks(2, body) == [["dp", "world"]] * 2

@@ -8,7 +8,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from multiproc import run_ranks
 from reg_dist import REG
-from reg_dist.distributed.ownership import imbalance, plan_owners
+from reg_dist.comm.ownership import imbalance, plan_owners
 from sharded import Net, assert_matches, data, loss_of, reference, run_native
 
 
@@ -118,7 +118,7 @@ def test_ownership_plan_is_longest_first_and_balanced():
 
 
 def test_flat_tensors_level_the_owners_streams():
-    from reg_dist.distributed.native import water_fill
+    from reg_dist.comm.native import water_fill
 
     assert water_fill([10, 0, 5], 7) == [0, 6, 1]  # ranks 1 and 2 rise to 6; rank 0 is above it
     assert water_fill([3, 3], 5) == [3, 2]  # the odd element to the first of the lowest

@@ -7,6 +7,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from multiproc import run_ranks, torchrun
+from reference import racs_ref, scale_ref
 from reg_dist import REG
 from sharded import STEPS, Net, assert_same, data, full_state, fsdp, fsdp_x_tp, loss_of, reference, run_sharded, tp
 
@@ -139,12 +140,33 @@ def test_layouts_that_do_not_add_up_fail_at_construction_on_every_rank():
     def body(rank, world):
         import torch.distributed as dist
 
-        from reg_dist.distributed import Layout
+        from reg_dist.layout import Layout
 
         w = torch.nn.Parameter(torch.zeros(1, 4))
         w.reg_layout = Layout((4, 4), (rank, rank + 1), (0, 4), groups=(("dp", dist.group.WORLD),))  # rows 2-3: no one
         with pytest.raises(ValueError, match=r"layouts of parameter w do not add up: the ranks of dp hold 8 "
                                              r"elements of its 4×4"):
             REG([("w", w)])
+
+    run_ranks(2, body)
+
+
+def test_blockwise_mode_scales_each_tensor_parallel_block_as_its_own_matrix():
+    """``tp_mode="blockwise"`` is a property of the layout, for every algorithm: REG's statistics then
+    stay inside each TP block (no TP collective), and the block's RMS scale is its own."""
+    lr = 0.02
+
+    def body(rank, world):
+        torch.manual_seed(0)
+        model = Net()
+        tp(model, rank, world)
+        opt = REG(model, tp_mode="blockwise", weight_decay=0.0, momentum=0.0, nesterov=False, lr=lr)
+        before = model.up.weight.to_local().clone()
+        loss_of(model, data()[0]).backward()
+        grad = model.up.weight.grad.to_local().clone()
+        opt.step()
+        expected = before.double() - lr * scale_ref(racs_ref(grad.double()), "rms", 0.2)
+        torch.testing.assert_close(model.up.weight.to_local(), expected.float(), rtol=1e-5, atol=1e-6)
+        assert "tp" not in opt.comm_stats()  # no statistics over tp
 
     run_ranks(2, body)

@@ -9,8 +9,9 @@ import torch.distributed as dist
 from multiproc import run_ranks
 import dataclasses
 
-from reg_dist.distributed import Layout, fused_rows, sharded_equilibrate_, sharded_frobenius_norms, sharded_racs_
-from reg_dist.distributed import stats as dstats
+from reg_dist.comm import statistics as dstats
+from reg_dist.comm.statistics import sharded_equilibrate_, sharded_frobenius_norms, sharded_racs_
+from reg_dist.layout import Layout, fused_rows
 from reg_dist.ops import equilibrate, racs
 
 SHAPES = [(7, 5), (6, 9)]

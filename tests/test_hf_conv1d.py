@@ -68,3 +68,36 @@ def test_gpt2_routing_table_shows_its_conv1d_layers_transposed():
     assert routes["transformer.wte.weight = lm_head.weight"] == ("adamw", None, "embedding (tied)")
     assert routes["transformer.h.0.attn.c_attn.weight"] == ("muoneq", (1, 48, 16), "matrix (Conv1D, transposed)")
     assert routes["transformer.h.0.mlp.c_proj.weight"] == ("muoneq", (1, 16, 64), "matrix (Conv1D, transposed)")
+
+
+@pytest.mark.parametrize("cls,kwargs", [(MuonEq, dict(mode="row")), (REG, {})], ids=["MuonEq-row", "REG"])
+def test_fsdp2_sharded_conv1d_equals_one_process(cls, kwargs):
+    """A Conv1D weight under FSDP2 (rows of its in × out storage split over 2 ranks) is the same
+    out × in matrix as in one process: its layout is the transposed block."""
+    from multiproc import run_ranks
+
+    kwargs = {"lr": 0.05, "ns_dtype": torch.float32, **kwargs} if cls is not REG else {"lr": 0.05}
+    g = torch.Generator().manual_seed(1)
+    grads = [[torch.randn(p.shape, generator=g) for p in _pair()[0].parameters()] for _ in range(3)]
+    conv, _ = _pair()
+    opt = cls(conv, **kwargs)
+    for step in grads:
+        for p, grad in zip(conv.parameters(), step):
+            p.grad = grad.clone()
+        opt.step()
+    expected = conv[0].weight.detach().clone()
+
+    def body(rank, world):
+        from torch.distributed.fsdp import fully_shard
+
+        model, _ = _pair()
+        fully_shard(model)
+        opt = cls(model, **kwargs)
+        for step in grads:
+            for p, grad in zip(model.parameters(), step):
+                p.grad = torch.distributed.tensor.distribute_tensor(grad, p.device_mesh, p.placements)
+            opt.step()
+        return model[0].weight.full_tensor().detach().numpy().copy()  # tensors do not survive the rank exit
+
+    for got in run_ranks(2, body):
+        torch.testing.assert_close(torch.from_numpy(got), expected, rtol=1e-5, atol=1e-6)

@@ -42,6 +42,8 @@ ALGORITHMS = {  # JSON type, JSON params, single-process reference, its kwargs
              {"lr": 0.02, "ns_dtype": torch.float32}),
     "muoneq": ("MuonEq", {"lr": 0.02, "ns_dtype": "float32", "move_dtype": "float32", "mode": "rowcol", "phase": 2},
                optim.MuonEq, {"lr": 0.02, "ns_dtype": torch.float32, "mode": "rowcol", "phase": 2}),
+    "normuon": ("NorMuon", {"lr": 0.02, "ns_dtype": "float32", "beta2": 0.9}, optim.NorMuon,  # moves default to fp32
+                {"lr": 0.02, "ns_dtype": torch.float32, "beta2": 0.9}),
 }
 
 
@@ -122,6 +124,15 @@ def test_reg_equals_single_process(stage, gas):
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 @pytest.mark.parametrize("algorithm", ["muon", "muoneq"])
 def test_muon_and_muoneq_equal_single_process(algorithm, stage, gas):
+    _owner_path_equals_single_process(algorithm, stage, gas)
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_normuon_equals_single_process(stage):
+    _owner_path_equals_single_process("normuon", stage, 1)
+
+
+def _owner_path_equals_single_process(algorithm, stage, gas):
     out = _train(_config(algorithm, stage, gas), _reference(algorithm), gas)
     work = [t for t, _, _ in out]
     if stage == 0:  # DDP-style: every rank orthogonalises every matrix
@@ -340,3 +351,21 @@ def test_checkpoint_round_trip_resumes_the_same_trajectory(tmp_path, stage):
             assert_matches(model, expected)
 
     run_ranks(WORLD, body, init_group=False)
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_a_conv1d_kernel_is_one_out_by_in_k_matrix_at_every_stage(stage):
+    """A 3-D ``nn.Conv1d`` kernel (out, in, k) is the conv kernel ``1×(out×in·k)`` under every stage,
+    as in one process (stage 0 used to see it as an expert stack)."""
+
+    def body(rank, world):
+        _no_shm_build()
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv1d(4, 6, 3), torch.nn.Flatten(), torch.nn.Linear(6 * 6, 5))
+        config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": stage},
+                  "optimizer": {"type": "REG", "params": {"lr": 0.02}}, "gradient_clipping": 0.0}
+        engine, _, _, _ = rds.initialize(model=model, config=config)
+        (row,) = [r for r in engine.basic_optimizer.inner.routes if r.name == "0.weight"]
+        return row.algorithm, row.matrix
+
+    assert run_ranks(WORLD, body, init_group=False) == [("reg", (1, 6, 12))] * WORLD

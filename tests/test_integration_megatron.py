@@ -19,8 +19,8 @@ with warnings.catch_warnings():  # "Transformer Engine and Apex are not installe
 
 from multiproc import run_ranks
 from reg_dist import REG, Muon, MuonEq, optim
-from reg_dist.distributed import fused_rows
-from reg_dist.integrations.megatron import attach_layouts, megatron_layout
+from reg_dist.layout import fused_rows
+from reg_dist.integrations.megatron.layouts import attach_layouts, megatron_layout
 
 TP = 2
 HIDDEN, FFN = 10, 24  # col: 24 × 10 split by rows; row: 10 × 24 split by columns
@@ -200,3 +200,30 @@ def test_replicated_and_malformed_parameters():
     odd.tensor_model_parallel, odd.partition_dim, odd.partition_stride = True, 2, 1
     with pytest.raises(ValueError, match="odd is tensor-parallel with partition_dim=2"):
         megatron_layout(odd, "odd")
+
+
+@pytest.mark.parametrize("algorithm", ["reg", "muon"])
+def test_blockwise_tp_mode_steps_each_tensor_parallel_block_as_its_own_matrix(algorithm):
+    """``--reg-tp-mode blockwise`` (``attach_layouts(blockwise=True)``): every algorithm steps each rank's
+    TP block as a matrix of its own, with no TP traffic, like one process on the blocks."""
+    cls, single, kwargs = ALGORITHMS[algorithm]
+
+    def body(rank, world):
+        model = _layers(_init())
+        attach_layouts(model, blockwise=True)
+        gen = torch.Generator().manual_seed(rank)
+        blocks = {n: layer.weight for n, layer in model.items()}
+        assert all(not p.reg_layout.groups and p.reg_layout.shape == tuple(p.shape) for p in blocks.values())
+        ref = {n: nn.Parameter(p.detach().clone()) for n, p in blocks.items()}
+        opt, ref_opt = cls(model, **kwargs), single(list(ref.items()), **kwargs)
+        for _ in range(STEPS):
+            for n, p in blocks.items():
+                p.grad = torch.randn(p.shape, generator=gen)
+                ref[n].grad = p.grad.clone()
+            opt.step()
+            ref_opt.step()
+        for n, p in blocks.items():
+            torch.testing.assert_close(p.detach(), ref[n].detach(), rtol=1e-6, atol=1e-7)
+        return "tp" in opt.comm_stats()
+
+    assert run_ranks(TP, body) == [False] * TP

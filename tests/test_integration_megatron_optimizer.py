@@ -26,8 +26,8 @@ with warnings.catch_warnings():  # Apex / TE not installed, absl: import once, h
 
 from multiproc import run_ranks
 from reg_dist import optim
-from reg_dist.distributed import fused_rows
-from reg_dist.integrations.megatron_optimizer import NAMES, local_matrices
+from reg_dist.layout import fused_rows
+from reg_dist.integrations.megatron.optimizer import NAMES, local_matrices
 
 TP, DP = 2, 2
 HIDDEN, FFN = 8, 12
@@ -129,6 +129,18 @@ def test_flags_parse_validate_and_reach_the_optimizer_config(monkeypatch):
     assert (defaults.reg_p, defaults.reg_iters, defaults.reg_split_qkv, defaults.reg_nesterov) == (2.0, 1, True, True)
 
 
+def test_registry_flags_tp_mode_and_normuon_reach_the_optimizer(monkeypatch):
+    from reg_dist.integrations.megatron.optimizer import optimizer_kwargs, settings_from
+
+    args = _parse(["--optimizer", "normuon", "--reg-beta2", "0.9", "--reg-tp-mode", "blockwise"], monkeypatch=monkeypatch)
+    config = rm.optimizer_config(args)
+    assert (config.reg_beta2, config.reg_tp_mode, config.reg_move_dtype) == (0.9, "blockwise", None)
+    kwargs = optimizer_kwargs("normuon", settings_from(config), config.lr, config.weight_decay)
+    assert kwargs["beta2"] == 0.9 and "move_dtype" not in kwargs  # moves then travel in the Newton–Schulz dtype
+    with pytest.raises(SystemExit):
+        _parse(["--optimizer", "reg", "--reg-beta2", "0.9"], monkeypatch=monkeypatch)  # not one of REG's
+
+
 def test_our_names_join_megatrons_choices_and_compose_with_a_users_provider(monkeypatch):
     def user(parser):
         parser.add_argument("--my-flag", type=int, default=0)
@@ -201,13 +213,15 @@ def test_megatrons_layer_wise_optimizer_is_refused_with_the_way_out():
 
 # ---- TP 2 × DP 2 trajectory ----------------------------------------------------------------------
 
-REFERENCE = {"reg": optim.REG, "reg_muon": optim.Muon, "muoneq": optim.MuonEq}
+REFERENCE = {"reg": optim.REG, "reg_muon": optim.Muon, "muoneq": optim.MuonEq, "normuon": optim.NorMuon}
+# MuonEq and NorMuon name no move dtype: it defaults to the Newton–Schulz dtype, so fp32 moves are exact
 SETTINGS = {"reg": {}, "reg_muon": {"reg_ns_dtype": "fp32", "reg_move_dtype": "fp32"},
-            "muoneq": {"reg_ns_dtype": "fp32", "reg_move_dtype": "fp32", "muoneq_mode": "rowcol", "muoneq_phase": 2}}
+            "muoneq": {"reg_ns_dtype": "fp32", "muoneq_mode": "rowcol", "muoneq_phase": 2},
+            "normuon": {"reg_ns_dtype": "fp32", "reg_beta2": 0.9}}
 
 
 def _reference_kwargs(name, config):
-    from reg_dist.integrations.megatron_optimizer import optimizer_kwargs, settings_from
+    from reg_dist.integrations.megatron.optimizer import optimizer_kwargs, settings_from
 
     kwargs = optimizer_kwargs(name, settings_from(config), config.lr, config.weight_decay)
     kwargs.pop("move_dtype", None)
@@ -332,8 +346,9 @@ def _deeper_reference(w: dict, x):
     return torch.tanh(y @ w["fc1.weight"].T) @ w["fc2.weight"].T
 
 
-@pytest.mark.parametrize("name, split", [("reg", True), ("reg_muon", True), ("muoneq", True), ("reg_muon", False)],
-                         ids=["reg", "reg_muon", "muoneq", "reg_muon-qkv-whole"])
+@pytest.mark.parametrize("name, split", [("reg", True), ("reg_muon", True), ("muoneq", True), ("normuon", True),
+                                         ("reg_muon", False)],
+                         ids=["reg", "reg_muon", "muoneq", "normuon", "reg_muon-qkv-whole"])
 def test_tp2_dp2_distributed_optimizer_trajectory_equals_the_single_process_optimizer(name, split):
     """Megatron's DistributedOptimizer hands each DP rank flat ranges of the grad buffer (``HELD``): the
     QKV weight and fc1 are cut mid-row between the two DP ranks (QKV inside its k block), fc2 and proj

@@ -104,7 +104,7 @@ def _assert_same_model(got: dict, want: dict, rtol: float = 0.0, atol: float = 0
         if rtol == atol == 0.0:
             assert torch.equal(got[name], want[name]), name
         else:
-            torch.testing.assert_close(got[name], want[name], rtol=rtol, atol=atol, msg=name)
+            torch.testing.assert_close(got[name], want[name], rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
 def _single(corpus, out, *extra) -> dict:
@@ -315,7 +315,9 @@ def test_resumed_two_rank_run_ends_where_the_uninterrupted_run_ends(optimizer, l
 # tolerance of the final parameters resumed at dp = 1 and at tp = 2 against the uninterrupted dp = 2 run: the
 # data order is the same, the sums over dp and tp are not (fp32 rounding); Muon at tp > 1 moves its matrices to
 # their owners in bf16 (and orthogonalizes in bf16 at any layout): its trajectory is the layout's own
-CROSS_LAYOUT = {"reg": ((1e-5, 1e-8), (1e-5, 1e-8)), "muon": ((1e-5, 1e-8), (1e-5, 2e-4)),
+# Muon's bf16 Newton–Schulz turns the fp32-rounding differences of the dp-averaged gradients (~1e-8) into an
+# occasional flipped bf16 rounding of one update element (lr·scale·2^-8 ≈ 4e-6 here), at dp 1 as at tp 2
+CROSS_LAYOUT = {"reg": ((1e-5, 1e-8), (1e-5, 1e-8)), "muon": ((1e-5, 2e-4), (1e-5, 2e-4)),
                 "adamw": ((1e-5, 1e-8), (1e-5, 1e-8))}
 
 

@@ -43,7 +43,7 @@ def _in_a_fresh_process(argv, fn):
 
 def test_pretrain_gpt_parses_our_flags_into_megatrons_config_container():
     def read(args, cfg, module):
-        from reg_dist.integrations.megatron_optimizer import settings_from
+        from reg_dist.integrations.megatron.optimizer import settings_from
 
         settings = settings_from(cfg.optimizer)  # what the registry entry reads: Megatron's global arguments
         return (args.optimizer, args.use_distributed_optimizer, args.use_layer_wise_distributed_optimizer,
@@ -150,7 +150,7 @@ def test_pretrain_gpt_main_runs_megatrons_pretrain_with_ours(name, extra):
         import megatron_cpu
         import torch
 
-        from reg_dist.integrations.megatron_optimizer import NAMES, DistOptAdapter
+        from reg_dist.integrations.megatron.optimizer import NAMES, DistOptAdapter
 
         warnings.simplefilter("ignore")
         megatron_cpu.install_for_pretrain()

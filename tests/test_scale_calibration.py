@@ -17,13 +17,14 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from multiproc import run_ranks
-from reg_dist import REG, Muon, MuonEq, mark_fused
+from reg_dist import mark_fused
+from reg_dist.optim.registry import ALGORITHMS
 from reg_dist.scale import Cluster, Model, Param, Parallel, Settings, cluster, predict, preset, traffic
 from reg_dist.scale.shapes import from_module
 from sharded import QKV, Net, data, fsdp, fsdp_x_tp, loss_of, native, tp
 
 ROOT = Path(__file__).resolve().parent.parent
-OPTIMIZERS = {"reg": REG, "muon": Muon, "muoneq": MuonEq}
+OPTIMIZERS = {name: entry.cls for name, entry in ALGORITHMS.items()}  # every algorithm of the registry
 TP_PLAN = {"up": "colwise", "down": "rowwise", "qkv": "colwise", "proj": "rowwise"}  # sharded._tp_plan (fused)
 
 

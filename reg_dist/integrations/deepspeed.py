@@ -43,12 +43,11 @@ Precision: fp32 at every stage; bf16 at stages 1 (bf16 gradient accumulation), 2
 master partitions. Not yet: fp16, bf16 at stage 0 or with fp32 gradient accumulation at stage 1
 (DeepSpeed's BF16_Optimizer), CPU/NVMe offload, MoE groups, DeepSpeed's elastic and universal
 checkpoints. ``engine.save_checkpoint`` / ``load_checkpoint`` save and restore reg_dist's state at
-the same stage and world size. At stage 0 a ≥ 3-D convolution kernel is viewed as an expert stack
-(the model's module types are not passed on there); at stages 1-3 as ``out × in·k``.
+the same stage and world size. Every stage views a parameter by the one rule of ``layout.shape``,
+with the model's module types (a conv kernel ``out × in·k``, an expert stack as its experts).
 """
 
 import copy
-import inspect
 import logging
 import math
 from dataclasses import dataclass, field
@@ -61,21 +60,19 @@ from deepspeed.constants import TORCH_DISTRIBUTED_DEFAULT_PORT
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..distributed import REG, Muon, MuonEq
-from ..distributed.dtensor import LAYOUT_ATTR, plain_layout
-from ..distributed.layout import Layout
-from ..optim import muon, muoneq, reg
+from ..layout import Layout, whole_layout
+from ..optim import registry
+from ..optim.engine import MatrixOptimizer
 from ..optim.routing import ADAMW, ParamInfo, module_param_info, route
+from .flat_partition import element_layout, laid, piece_layout, step_pieces
 
 logger = logging.getLogger("reg_dist")
 
-# JSON type (case-insensitive, as DeepSpeed reads types) → (reg_dist optimizer, its single-process base)
-OPTIMIZERS = {
-    "reg": (REG, reg.REG),
-    "reg_dist.reg": (REG, reg.REG),
-    "muoneq": (MuonEq, muoneq.MuonEq),
-    "reg_dist.muoneq": (MuonEq, muoneq.MuonEq),
-    "reg_dist.muon": (Muon, muon.Muon),
+# JSON type (case-insensitive, as DeepSpeed reads types) → the registry's entry: its DeepSpeed name, and
+# "reg_dist.<name>" for every algorithm
+OPTIMIZERS: dict[str, registry.Entry] = {
+    **{e.deepspeed.lower(): e for e in registry.ALGORITHMS.values()},
+    **{f"reg_dist.{e.name}": e for e in registry.ALGORITHMS.values()},
 }
 CONSTRUCTOR_ONLY = ("nonfinite", "move_dtype")  # optimizer arguments that are not per-group hyper-parameters
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
@@ -92,11 +89,8 @@ def reg_dist_type(config: dict | None) -> str | None:
 
 def valid_params(kind: str) -> tuple[str, ...]:
     """The keys a config's ``"params"`` may hold for optimizer type ``kind``."""
-    _, base = OPTIMIZERS[kind]
-    names = [n for n in inspect.signature(base.__init__).parameters if n not in ("self", "params")]
-    if OPTIMIZERS[kind][0] is not REG:
-        names.append("move_dtype")
-    return tuple(names)
+    name = OPTIMIZERS[kind].name
+    return (*registry.schema(name), *(("move_dtype",) if registry.is_spectral(name) else ()))
 
 
 def _dtype(key: str, value: Any) -> torch.dtype:
@@ -125,9 +119,7 @@ def parse_params(kind: str, params: dict | None) -> dict:
 
 def group_defaults(kind: str) -> dict:
     """The per-group hyper-parameters of ``kind`` with their defaults."""
-    _, base = OPTIMIZERS[kind]
-    return {n: p.default for n, p in inspect.signature(base.__init__).parameters.items()
-            if n not in ("self", "params") and n not in CONSTRUCTOR_ONLY}
+    return {n: h.default for n, h in registry.schema(OPTIMIZERS[kind].name).items() if n not in CONSTRUCTOR_ONLY}
 
 
 @dataclass
@@ -196,16 +188,9 @@ def _zero3_pieces(zero: Any, s: int) -> list[_Piece]:
 
 def _flat_layout(piece: _Piece, view: tuple[int, int, int] | None) -> Layout:
     """The flat Layout of ``piece`` in its parameter's logical m × n matrix (fused blocks for an
-    expert stack or a ``mark_fused`` weight), over its dp group. A parameter AdamW steps gets one
-    too (a 2-D shape with its row-major order), so that every rank routes the same shapes."""
-    if view is not None:
-        whole = plain_layout(piece.param, view)
-    else:
-        shape = piece.shape
-        m, n = (shape[0], math.prod(shape[1:])) if len(shape) >= 2 else (1, math.prod(shape))
-        whole = Layout((m, n), (0, m), (0, n))
-    return Layout(whole.shape, whole.rows, whole.cols, flat=piece.flat, groups=(("dp", piece.group),),
-                  fused=whole.fused)
+    expert stack or a ``mark_fused`` weight), over its dp group."""
+    whole = whole_layout(piece.param, view) if view is not None else element_layout(piece.shape)
+    return piece_layout(whole, piece.flat, (("dp", piece.group),))
 
 
 class RegDistAdapter(Optimizer):
@@ -215,12 +200,12 @@ class RegDistAdapter(Optimizer):
 
     def __init__(self, params: Any, kind: str, kwargs: dict) -> None:
         self.kind = kind
-        self.cls = OPTIMIZERS[kind][0]
+        self.cls = OPTIMIZERS[kind].cls
         hyper = group_defaults(kind)
         self._hyper = tuple(hyper)
         self._ctor = {k: v for k, v in kwargs.items() if k in CONSTRUCTOR_ONLY}
         super().__init__(params, {**hyper, **{k: v for k, v in kwargs.items() if k not in CONSTRUCTOR_ONLY}})
-        self.inner: REG | Muon | MuonEq | None = None
+        self.inner: MatrixOptimizer | None = None
         self.stage: int | None = None
         self._groups: list[dict] = []  # DeepSpeed's param groups, in order
         self._units: list[_Unit] = []
@@ -274,22 +259,22 @@ class RegDistAdapter(Optimizer):
                 raise ValueError(f"a parameter group asks for algorithm={requested!r}; {self.cls.__name__} takes "
                                  f"{self.cls.algorithm!r} or {ADAMW!r}")
             unit = _Unit(g, partition)
-            subs: dict[str, tuple[list, list]] = {self.cls.algorithm: ([], []), ADAMW: ([], [])}
+            subs: dict[str, tuple[list, list, list]] = {self.cls.algorithm: ([], [], []), ADAMW: ([], [], [])}
             for j, piece in enumerate(pieces):
                 info = infos.get(id(piece.param), ParamInfo((names.get(id(piece.param), f"group{g}.param{j}"),)))
                 real = piece.param if piece.view is None else torch.empty(piece.shape, device="meta")
                 r = route(real, info, requested, self.cls.algorithm)
                 target = piece.param
                 if piece.view is not None:
-                    target = piece.view
-                    setattr(target, LAYOUT_ATTR, _flat_layout(piece, r.matrix))
+                    target = laid(piece.view, _flat_layout(piece, r.matrix))
                     unit.pieces.append((target, piece.at))
-                ts, ns = subs[r.algorithm]
+                ts, ns, infos_ = subs[r.algorithm]
                 ts.append(target)
                 ns.append(info.names[0])
+                infos_.append(info)
             hyper = {key: group[key] for key in self._hyper if key in group}
-            unit.inner = [{"params": list(zip(ns, ts)), "algorithm": alg, **hyper}
-                          for alg, (ts, ns) in subs.items() if ts]
+            unit.inner = [{"params": list(zip(ns, ts)), "param_infos": infos_, "algorithm": alg, **hyper}
+                          for alg, (ts, ns, infos_) in subs.items() if ts]
             inner_groups.extend(unit.inner)
             self._units.append(unit)
             if partition is not None:
@@ -318,24 +303,15 @@ class RegDistAdapter(Optimizer):
             chosen = list(self._units)
         else:
             chosen = [self._units[self._unit_of[id(p)]] for g in self.param_groups for p in g["params"]]
-        subs = []
+        subs, grads = [], []
         for unit in chosen:
             group = self._groups[unit.group]
             for sub in unit.inner:
                 sub.update({key: group[key] for key in self._hyper if key in group})  # lr schedules and the like
                 subs.append(sub)
             grad = unit.partition.grad if unit.partition is not None else None
-            for view, at in unit.pieces:
-                view.grad = grad.narrow(0, at, view.numel()) if grad is not None else None
-        every = self.inner.param_groups
-        self.inner.param_groups = subs
-        try:
-            self.inner.step()
-        finally:
-            self.inner.param_groups = every
-            for unit in chosen:
-                for view, _ in unit.pieces:
-                    view.grad = None
+            grads += [(view, grad.narrow(0, at, view.numel()) if grad is not None else None) for view, at in unit.pieces]
+        step_pieces(self.inner, grads, subs)
         return loss
 
     # ---- state --------------------------------------------------------------------------------

@@ -1,9 +1,12 @@
-"""The optimizers: one shared step (``base``) over the ``ops`` transforms, AdamW for the rest."""
+"""The optimizers: one step engine (``engine``) over the stages of each algorithm (``algorithms/``),
+the registry that names them, AdamW for the rest, routing and scaling."""
 
-from .base import MatrixOptimizer
-from .muon import Muon
-from .muoneq import MuonEq
-from .reg import REG
+from .algorithms.muon import Muon
+from .algorithms.muoneq import MuonEq
+from .algorithms.normuon import NorMuon
+from .algorithms.reg import REG
+from .engine import MatrixOptimizer
+from .registry import ALGORITHMS
 from .routing import Route
 
-__all__ = ["REG", "MatrixOptimizer", "Muon", "MuonEq", "Route"]
+__all__ = ["ALGORITHMS", "REG", "MatrixOptimizer", "Muon", "MuonEq", "NorMuon", "Route"]

@@ -6,7 +6,7 @@ from torch import Tensor
 from torch.optim.adamw import adamw
 from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
-from .tensors import local_tensor
+from ..layout import local_tensor
 
 
 def init_adamw_state(p: Tensor, state: dict) -> None:

@@ -1,14 +1,14 @@
-"""Misspelled hyper-parameter names: an unknown constructor keyword is an error naming the closest
-valid one (``strict``); a param-group key one edit away from a hyper-parameter is a warning (torch
-allows extra keys in a group)."""
+"""Hyper-parameters: each algorithm's constructor, made from its list of them (``constructor``), and
+misspelled names: an unknown constructor keyword is an error naming the closest valid one; a
+param-group key one edit away from a hyper-parameter is a warning (torch allows extra keys in a group)."""
 
 import difflib
-import functools
 import inspect
 import os
 import sys
 import warnings
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,32 +30,43 @@ class UnknownKeywordError(ValueError, TypeError):
     """An unknown constructor keyword: a ``ValueError``, and the ``TypeError`` Python raises for one."""
 
 
-def keywords(cls: type, init: Callable) -> list[str]:
-    """The keywords the constructors of ``cls`` take, from the base whose ``__init__`` is ``init`` down."""
-    mro = cls.__mro__
-    owner = next(i for i, c in enumerate(mro) if vars(c).get("__init__") is init)
-    names: dict[str, None] = {}
-    for c in reversed(mro[: owner + 1]):
-        if "__init__" in vars(c):
-            for name, p in inspect.signature(vars(c)["__init__"]).parameters.items():
-                if name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
-                    names[name] = None
-    return list(names)
+@dataclass(frozen=True)
+class Hyper:
+    """One constructor hyper-parameter: its name, default and type."""
+
+    name: str
+    default: Any
+    type: Any
 
 
-def strict(init: Callable) -> Callable:
-    """Decorator of an optimizer's ``__init__``: an unknown keyword raises ``unknown_keyword`` (listing
-    what the constructors of the object's class take, subclasses' included); the signature is kept."""
-    own = inspect.signature(init).parameters
+def constructor(cls: type, common: tuple[Hyper, ...], tail: tuple[Hyper, ...], keyword_only: tuple[Hyper, ...],
+                build: Callable) -> Callable:
+    """An ``__init__`` for ``cls`` with the signature ``(self, params, *common, *cls.hyper, *tail, *,
+    *keyword_only)`` (what ``inspect.signature`` shows, with defaults and types) that calls
+    ``build(self, params, values)`` with every other argument by name. An unknown keyword raises
+    ``unknown_keyword``."""
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    parameters = [inspect.Parameter("self", kind), inspect.Parameter("params", kind, annotation=Any)]
+    parameters += [inspect.Parameter(h.name, kind, default=h.default, annotation=h.type)
+                   for h in (*common, *cls.hyper, *tail)]
+    parameters += [inspect.Parameter(h.name, inspect.Parameter.KEYWORD_ONLY, default=h.default, annotation=h.type)
+                   for h in keyword_only]
+    signature = inspect.Signature(parameters)
 
-    @functools.wraps(init)
-    def checked(self: Any, *args: Any, **kwargs: Any) -> None:
-        unknown = [k for k in kwargs if k not in own]
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        unknown = [k for k in kwargs if k not in signature.parameters]
         if unknown:
-            raise unknown_keyword(type(self).__name__, unknown[0], keywords(type(self), checked))
-        init(self, *args, **kwargs)
+            raise unknown_keyword(cls.__name__, unknown[0], list(signature.parameters)[1:])
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        values = dict(bound.arguments)
+        del values["self"]
+        build(self, values.pop("params"), values)
 
-    return checked
+    __init__.__signature__ = signature
+    __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+    __init__.__doc__ = f"{cls.__name__}{str(signature).replace('(self, ', '(', 1)}"
+    return __init__
 
 
 def unknown_keyword(cls_name: str, key: str, valid: Iterable[str]) -> ValueError:

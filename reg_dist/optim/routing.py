@@ -28,8 +28,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
 
+from ..layout import FUSED_ATTR, LAYOUT_ATTR
+from ..layout import matrix_view as shape_view
 from .hyper import user_stacklevel
 
 logger = logging.getLogger("reg_dist")
@@ -37,7 +38,6 @@ logger = logging.getLogger("reg_dist")
 ADAMW = "adamw"
 HEAD_MODULES = frozenset({"lm_head", "output", "output_layer", "head", "classifier", "score"})
 EMBED_COMPONENTS = frozenset({"wte", "wpe"})
-LAYOUT_ATTRS = ("reg_layout", "reg_fused_rows")  # reg_dist.distributed.dtensor.LAYOUT_ATTR, FUSED_ATTR
 LAST_LAYER_HINT = "last layer: if it is the output head, use algorithm='adamw'"
 
 
@@ -79,9 +79,8 @@ def is_hf_conv1d(module: nn.Module) -> bool:
 def module_param_info(module: nn.Module, transposed: bool = False) -> list[tuple[Tensor, ParamInfo]]:
     """Trainable parameters of ``module`` (tied ones once), each with all its names and owner types.
 
-    With ``transposed``, the weight of a ``Conv1D`` held whole (a plain tensor without a layout) is
-    marked transposed: only for a step that honours it (``parse_params``; not yet the DeepSpeed
-    flat layouts or the sharded step, which see it as stored)."""
+    With ``transposed``, the weight of a ``Conv1D`` (plain or a DTensor, not an integration's flat
+    piece: DeepSpeed steps those as stored) is marked transposed."""
     found: dict[int, tuple[Tensor, list[str], dict[str, bool]]] = {}
     last = None
     for mod_name, mod in module.named_modules(remove_duplicate=False):
@@ -95,7 +94,7 @@ def module_param_info(module: nn.Module, transposed: bool = False) -> list[tuple
                 names.append(full)
             flags["embedding"] |= isinstance(mod, (nn.Embedding, nn.EmbeddingBag))
             flags["conv"] |= isinstance(mod, nn.modules.conv._ConvNd)
-            whole = p.ndim == 2 and not isinstance(p, DTensor) and not any(hasattr(p, a) for a in LAYOUT_ATTRS)
+            whole = p.ndim == 2 and not hasattr(p, LAYOUT_ATTR) and not hasattr(p, FUSED_ATTR)  # plain or DTensor
             flags["transposed"] |= transposed and conv1d and p_name == "weight" and whole
             if p_name == "weight" and (conv1d or isinstance(mod, nn.Linear)):
                 last = id(p)
@@ -162,12 +161,10 @@ def _is_head_name(name: str) -> bool:
 
 
 def matrix_view(p: Tensor, info: ParamInfo) -> tuple[int, int, int]:
-    """``(count, m, n)``: how a matrix algorithm sees ``p``."""
-    if p.ndim == 2:
-        return (1, p.shape[1], p.shape[0]) if info.transposed else (1, p.shape[0], p.shape[1])
-    if p.ndim == 3 and not info.conv:
-        return (p.shape[0], p.shape[1], p.shape[2])
-    return (1, p.shape[0], math.prod(p.shape[1:]))
+    """``(count, m, n)``: how a matrix algorithm sees ``p`` (``layout.matrix_view``; a transposed weight
+    as its transpose)."""
+    shape = tuple(p.shape)
+    return shape_view(shape[::-1] if info.transposed else shape, info.conv)
 
 
 def as_matrix(t: Tensor, info: ParamInfo | None) -> Tensor:
@@ -188,7 +185,7 @@ def as_param(x: Tensor, p: Tensor, info: ParamInfo | None) -> Tensor:
 def route(p: Tensor, info: ParamInfo, requested: str | None, matrix_algorithm: str) -> Route:
     """The route of ``p``: ``requested`` is the algorithm its group names (None: the default rule)."""
     name = " = ".join(info.names)
-    layout = getattr(p, "reg_layout", None)  # reg_dist.distributed.dtensor.LAYOUT_ATTR: a piece of a logical m × n
+    layout = getattr(p, LAYOUT_ATTR, None)  # reg_dist.distributed.dtensor.LAYOUT_ATTR: a piece of a logical m × n
     shape = tuple(layout.shape) if layout is not None else tuple(p.shape)  # matrix, whatever its local shape
     if requested == ADAMW:
         return Route(name, shape, ADAMW, "group says adamw")

@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..optim import registry
 from .cluster import Cluster
 from .parallel import Parallel
 from .shapes import MATRIX, Model
@@ -42,7 +43,7 @@ from .timing import call_time, ring_collective, span
 from .traffic import OPTIMIZERS, Settings, Traffic, holdings, ns_flops, traffic
 
 ALL = ("adamw", *OPTIMIZERS)
-NAMES = {"adamw": "AdamW (ZeRO-1)", "reg": "REG", "muon": "Muon", "muoneq": "MuonEq"}
+NAMES = {"adamw": "AdamW (ZeRO-1)", **{name: e.cls.__name__ for name, e in registry.ALGORITHMS.items()}}
 
 
 @dataclass
@@ -100,7 +101,7 @@ def batch_tokens(model: Model, par: Parallel, tokens: int | None = None) -> int:
 
 def predict(model: Model, par: Parallel, cluster: Cluster, optimizer: str, *, settings: Settings = Settings(),
             mfu: float = 0.4, ns_efficiency: float = 0.5, tokens: int | None = None) -> Prediction:
-    """What ``optimizer`` ("adamw", "reg", "muon", "muoneq") costs per step (see the module docstring);
+    """What ``optimizer`` ("adamw" or a registry name) costs per step (see the module docstring);
     with pp > 1, on the pipeline stage where it costs the most."""
     if optimizer not in ALL:
         raise ValueError(f"optimizer must be one of {ALL}, got {optimizer!r}")
@@ -192,18 +193,20 @@ def _predict_stage(full: Model, model: Model, par: Parallel, cluster: Cluster, o
 
     # element-wise memory traffic, per rank
     mat, laid, owned, adam = tr.matrix_elements, tr.laid_elements, tr.owned_elements, tr.adamw_elements
-    racs = (3 * settings.iters + (3 if settings.scale == "rms" else 0)) * pb * mat if optimizer == "reg" else 0 * mat
+    stages = registry.stages(optimizer, iters=settings.iters, scale=settings.scale)
+    spectral = registry.is_spectral(optimizer)
+    passes = sum(s.passes for s in stages if isinstance(s, registry.Statistic))  # each: read for sums, scale
+    passes += 1 if settings.scale == "rms" and not isinstance(stages[-1], registry.Spectral) else 0  # the norms
+    racs = 3 * passes * pb * mat if not spectral else 0 * mat
     per = mat * (4 + 5) * pb + adam * 7 * pb + racs
-    if optimizer != "reg":
-        per = per + laid * (pb + 3 * mb) + owned * (2 * pb + 4 * mb)
-    if optimizer == "muoneq":
-        per = per + laid * 3 * pb
+    if spectral:
+        per = per + laid * (pb + 3 * mb) + owned * (2 * pb + 4 * mb) + laid * 3 * passes * pb
     t_mem = per.to(torch.float64) / cluster.hbm_bytes_per_s
     t_ns = tr.ns_flops / (cluster.bf16_flops * ns_eff)
     t_comm = t_comm + excess_s
     t_opt = t_mem + t_ns + t_comm
     busiest = int(torch.argmax(t_opt))
-    scratch = mat * pb + (laid * 2 * mb + owned * (mb + 2 * pb) if optimizer != "reg" else 0) + bucket_scratch
+    scratch = mat * pb + (laid * 2 * mb + owned * (mb + 2 * pb) if spectral else 0) + bucket_scratch
     resident = params_here * 2 * pb + tr.state_bytes + scratch
     hbm = int(resident.max())
 
@@ -211,8 +214,8 @@ def _predict_stage(full: Model, model: Model, par: Parallel, cluster: Cluster, o
     matrices = model.matrices
     working = int((tr.ns_flops > 0).sum())
     mean_ns = total_ns / R
-    ns_imb = float(tr.ns_flops.max()) / mean_ns - 1 if optimizer != "reg" and mean_ns else None
-    if optimizer != "reg":
+    ns_imb = float(tr.ns_flops.max()) / mean_ns - 1 if spectral and mean_ns else None
+    if spectral:
         biggest = max(ns_flops(m, n, settings.ns_steps) for p in model.params if p.algorithm == MATRIX
                       for m, n in p.blocks)
         if matrices < R and float(tr.ns_flops.max()) >= biggest:
@@ -229,7 +232,7 @@ def _predict_stage(full: Model, model: Model, par: Parallel, cluster: Cluster, o
                          f"per all-to-all at {a * 1e6:.0f} µs each. Mitigation: two-level moves (gather inside the "
                          f"node over NVLink, one message per node pair), or owner groups of a few hundred ranks "
                          f"(HSDP-style shard groups)")
-    if optimizer in ("reg", "muoneq"):
+    if passes:
         stats = sum(int(c.bytes.max()) for c in tr.calls if c.kind == "all_reduce" and c.group != "world")
         shard_bytes = int(laid.max()) * pb
         if shard_bytes and stats > shard_bytes:
@@ -253,7 +256,7 @@ def _predict_stage(full: Model, model: Model, par: Parallel, cluster: Cluster, o
         optimizer, full.name, par.describe(), par.world, B, tr.comm_stats(0),
         {c.group: int(c.sent.max()) for c in tr.calls}, opt_max, dp_sync, zero1, ratio,
         int(tr.state_bytes.max()), float(tr.ns_flops.max()), total_ns, ns_imb, tr.imbalance, matrices, working,
-        peers, int(racs.max()) if optimizer == "reg" else 0, int(per.max()), t_fb, float(t_mem[busiest]),
+        peers, int(racs.max()) if not spectral else 0, int(per.max()), t_fb, float(t_mem[busiest]),
         float(t_ns[busiest]), float(t_comm[busiest]), dp_sync_s, float(t_opt[busiest]), float(t_opt[busiest]) / t_fb,
         ideal, hbm, hbm <= cluster.hbm_bytes, notes)
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..distributed.dtensor import FUSED_ATTR
-from ..distributed.layout import Segment, block_shapes, check_segments, fused_rows
+from ..layout import FUSED_ATTR, block_shapes, check_segments, fused_rows
+from ..layout.rects import Segment
 from ..ops.stats import check_count
 from ..optim.routing import module_param_info, route
 
@@ -36,7 +36,7 @@ class Param:
     expert stack ``(E, m, n)``. ``tp``: the dimension tensor parallelism splits (``COLWISE`` = 0,
     ``ROWWISE`` = 1) or None (a copy on every TP rank); a 3-D stack may only be split along its
     experts (0). ``fused``: segments ``(start, end, k)`` of the rows of a 2-D matrix, matrix k being
-    its segments' rows (``reg_dist.distributed.fused_rows``). ``layer``: the transformer block the
+    its segments' rows (``reg_dist.layout.fused_rows``). ``layer``: the transformer block the
     parameter belongs to (None: outside the blocks), for pipeline stages.
     """
 

@@ -1,6 +1,6 @@
 """What reg_dist's collectives carry in one optimizer step, rank by rank, predicted from the shapes
 and the layout alone: the ``opt.comm_stats()`` of every rank, the owner plans (from the real
-planner, ``reg_dist.distributed.ownership``), each rank's Newton–Schulz work and optimizer state.
+planner, ``reg_dist.comm.ownership``), each rank's Newton–Schulz work and optimizer state.
 
 It follows the code path by path (no process group is made):
 
@@ -34,16 +34,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..distributed.native import BUCKET_BYTES, water_fill
-from ..distributed.owner import newton_schulz_cost
-from ..distributed.ownership import imbalance, plan_owners
-from ..distributed.stats import WIRE
+from ..comm.collectives import WIRE
+from ..comm.native import BUCKET_BYTES, plan_streams, segments
+from ..comm.owner import newton_schulz_cost
+from ..comm.ownership import imbalance, plan_owners
 from ..ops.stats import check_count
+from ..optim import registry
 from ..optim.scaling import check_scale
 from .parallel import Parallel
 from .shapes import MATRIX, Model, Param
 
-OPTIMIZERS = ("reg", "muon", "muoneq")
+OPTIMIZERS = tuple(registry.ALGORITHMS)
 INT = torch.int64
 
 
@@ -52,7 +53,7 @@ class Settings:
     """The optimizer options that change traffic and work (reg_dist's defaults)."""
 
     iters: int = 1  # REG's RACS iterations
-    scale: str = "rms"  # REG's scale: "rms" needs one more all-reduce (the Frobenius norms)
+    scale: str = "rms"  # after a statistic stage (REG, NorMuon): "rms" needs one more all-reduce (the norms)
     move_bytes: int = 2  # owner moves in bf16
     param_bytes: int = 4  # parameter (and gradient, momentum, AdamW moment) dtype: fp32
     bucket_bytes: int = BUCKET_BYTES  # native mode
@@ -305,24 +306,19 @@ class NativePlanModel:
 
 def native_plan(model: Model, hold: list[Holding], par: Parallel, costs: list[int | None],
                 settings: Settings) -> NativePlanModel:
+    """``NativeDP``'s own planning (``comm.native.plan_streams``) on the tensors in the runtime's order,
+    once per tp rank (TP-local sizes may differ)."""
     order = group_order(model)
-    whole = [i for i in order if costs[i] is not None]
-    owner_list = plan_owners([costs[i] for i in whole], par.dp)
-    owners = dict(zip(whole, owner_list))
-    imb = imbalance([costs[i] for i in whole], owner_list, par.dp)
-    flat = [i for i in order if costs[i] is None]
-    give, segments = {}, {}
+    give, segs = {}, {}
     window = max(1, settings.bucket_bytes // settings.param_bytes)
     for t in range(par.tp):
-        size = [int(h.numel[t]) for h in hold]  # rank (d=0, t) holds the TP-local tensor
-        stream = [0] * par.dp
-        for i, o in owners.items():
-            stream[o] += size[i]
-        give[t] = water_fill(stream, sum(size[i] for i in flat))
-        stream = [s + g for s, g in zip(stream, give[t])]
-        longest = max(stream)
-        segments[t] = [min(w0 + window, longest) - w0 for w0 in range(0, longest, window)]
-    return NativePlanModel(owners, imb, give, segments)
+        size = [int(hold[i].numel[t]) for i in order]  # rank (d=0, t) holds the TP-local tensor
+        at, imb, give[t] = plan_streams(size, [costs[i] for i in order], par.dp)
+        stream = list(give[t])
+        for j, o in at.items():
+            stream[o] += size[j]
+        segs[t] = segments(max(stream), window)
+    return NativePlanModel({order[j]: o for j, o in at.items()}, imb, give, segs)
 
 
 @dataclass
@@ -368,14 +364,15 @@ class Traffic:
     def imbalance(self) -> float | None:
         """The planners' imbalance on Newton–Schulz cost (worst owner plan; native: also the dp owners)."""
         values = [p.imbalance for p in self.plans if len(p.ranks) > 1]
-        if self.native is not None and self.optimizer != "reg":
+        if self.native is not None and registry.is_spectral(self.optimizer):
             values.append(self.native.imbalance)
         return max(values) if values else None
 
 
 def traffic(model: Model, par: Parallel, optimizer: str, settings: Settings = Settings()) -> Traffic:
-    """reg_dist's ``optimizer`` ("reg", "muon", "muoneq") on ``model`` laid out as ``par`` (one pipeline
-    stage: pass ``model.stage(pp, i)`` for pp > 1)."""
+    """reg_dist's ``optimizer`` (a registry name: "reg", "muon", "muoneq", "normuon") on ``model`` laid out
+    as ``par`` (one pipeline stage: pass ``model.stage(pp, i)`` for pp > 1). The algorithm's stages
+    (``registry.stages``) say what travels: statistic stages packed reductions, a spectral one owner moves."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     if par.pp == 1:
@@ -394,8 +391,17 @@ def traffic(model: Model, par: Parallel, optimizer: str, settings: Settings = Se
     # who steps each matrix (native: its dp owner's ranks), and the native mode's own collectives
     native = None
     steps = {h.index: everyone for h in hold}
+    stages = registry.stages(optimizer, iters=settings.iters, scale=settings.scale)
+    spectral = any(isinstance(s, registry.Spectral) for s in stages)
+    first = next((k for k, s in enumerate(stages) if isinstance(s, registry.Spectral)), len(stages))
+    before, after = stages[:first], stages[first + 1:]  # statistic stages before and after the owner moves
+    norms = settings.scale == "rms" and not isinstance(stages[-1], registry.Spectral)
+
+    def floats(stage: registry.Statistic):
+        return (lambda h: h.stat_floats) if stage.cols else (lambda h: h.param.logical[0])
+
     if par.zero == 1:
-        if optimizer == "reg":
+        if not spectral:
             costs = [h.param.numel if h.param.algorithm == MATRIX else None for h in hold]
         else:
             costs = [h.param.view[0] * newton_schulz_cost(*h.param.view[1:]) if h.param.algorithm == MATRIX
@@ -421,10 +427,11 @@ def traffic(model: Model, par: Parallel, optimizer: str, settings: Settings = Se
     plans: list[OwnerPlanModel] = []
     flops = torch.zeros(R, dtype=torch.float64)
     owned = torch.zeros(R, dtype=INT)
-    if optimizer == "reg":
-        for _ in range(settings.iters):
-            stats(laid, lambda h: h.stat_floats, everyone)
-        if settings.scale == "rms":
+    if not spectral:
+        for stage in before:
+            for _ in range(stage.passes):
+                stats(laid, floats(stage), everyone)
+        if norms:
             stats(laid, lambda h: len(h.param.blocks), everyone)
     else:
         def sender(h: Holding, dims: tuple[str, ...]) -> Tensor:
@@ -461,8 +468,9 @@ def traffic(model: Model, par: Parallel, optimizer: str, settings: Settings = Se
             owned[ranks] += plan.owned
             part = torch.zeros(R, dtype=torch.bool)
             part[ranks] = True
-            if optimizer == "muoneq":
-                stats([h for h, _ in entries], lambda h: h.stat_floats, part)
+            for stage in before:
+                for _ in range(stage.passes):
+                    stats([h for h, _ in entries], floats(stage), part)
             if plan.moves and len(ranks) > 1:
                 v = plan.vectors
 
@@ -477,6 +485,12 @@ def traffic(model: Model, par: Parallel, optimizer: str, settings: Settings = Se
                     extra = {"send_far": far_s, "send_near": sent - far_s, "recv_far": far_r,
                              "recv_near": spread(v["recv" + a] * mb) - far_r, "peers": spread(v["peers" + a])}
                     calls.add(name, "all_to_all", len(ranks), part, spread(v["send" + a] * mb), sent=sent, a2a=extra)
+            members = [h for h, _ in entries]
+            for stage in after:
+                for _ in range(stage.passes):
+                    stats(members, floats(stage), part)
+            if after and norms:
+                stats(members, lambda h: len(h.param.blocks), part)
         for h in local:  # single-process: every rank stepping it transforms its whole copy
             flops += steps[h.index] * float(sum(ns_flops(m, n, settings.ns_steps) for m, n in h.param.blocks))
             owned += steps[h.index] * h.param.numel

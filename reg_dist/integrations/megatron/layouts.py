@@ -12,7 +12,7 @@ with ``groups=(("tp", tp_group),)``: REG reduces its row/column statistics over 
 Muon/MuonEq assemble each matrix on one TP rank. The TP group is the one the layer used: its
 ``tp_group``, else megatron's (expert) tensor-parallel group from ``parallel_state``. A QKV weight
 Megatron marked ``is_qkv`` with ``qkv_split_shapes`` ``(q, k, v)`` per query group is the fused
-matrices ``fused_rows((q, k, v), m // (q + k + v))`` (see ``reg_dist.distributed.layout``).
+matrices ``fused_rows((q, k, v), m // (q + k + v))`` (see ``reg_dist.layout``).
 
 ``attach_layouts(model)`` stores these as ``p.reg_layout``, which ``reg_dist.REG``, ``Muon`` and
 ``MuonEq`` then use. Strided partitions (``partition_stride != 1``) and GTP weight rematerialisation
@@ -22,8 +22,7 @@ are not supported.
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..distributed.dtensor import LAYOUT_ATTR
-from ..distributed.layout import Layout, fused_rows
+from ...layout import LAYOUT_ATTR, Layout, fused_rows
 
 
 def _default_tp_group(param: Tensor) -> dist.ProcessGroup:
@@ -50,14 +49,16 @@ def _qkv_fused(param: Tensor, name: str, m: int, local_rows: int, split_qkv: boo
 
 
 def megatron_layout(param: Tensor, name: str, group: dist.ProcessGroup | None = None,
-                    split_qkv: bool = True) -> Layout:
+                    split_qkv: bool = True, blockwise: bool = False) -> Layout:
     """The Layout of this rank's local shard ``param`` of a Megatron weight in its logical matrix,
     read from Megatron's TP attributes; ``group`` is the TP group that split it (default: Megatron's).
-    ``split_qkv=False`` keeps an ``is_qkv`` weight one matrix instead of its q, k and v blocks."""
+    ``split_qkv=False`` keeps an ``is_qkv`` weight one matrix instead of its q, k and v blocks;
+    ``blockwise=True`` makes the local TP block the matrix (``--reg-tp-mode blockwise``: no TP traffic,
+    the update then depends on the TP degree)."""
     if param.ndim != 2:
         raise ValueError(f"Megatron parameter {name} of shape {list(param.shape)}: only 2-D weights have a layout")
     a, b = param.shape
-    if not getattr(param, "tensor_model_parallel", False):
+    if not getattr(param, "tensor_model_parallel", False) or blockwise:
         return Layout((a, b), (0, a), (0, b), fused=_qkv_fused(param, name, a, a, split_qkv))
     dim, stride = getattr(param, "partition_dim", -1), getattr(param, "partition_stride", 1)
     if stride != 1:
@@ -86,11 +87,12 @@ def megatron_layout(param: Tensor, name: str, group: dist.ProcessGroup | None = 
     return Layout((m, n), rows, cols, groups=groups, fused=fused)
 
 
-def attach_layouts(module: nn.Module, split_qkv: bool = True) -> int:
+def attach_layouts(module: nn.Module, split_qkv: bool = True, blockwise: bool = False) -> int:
     """Set ``p.reg_layout`` on every tensor-parallel parameter of 2 or more dims of a Megatron
     ``module`` (with the ``tp_group`` of the layer owning it, where it names one); return how many.
     Where the layer records its logical ``output_size`` × ``input_size``, the weight's layout must
-    have that shape. ``split_qkv=False``: ``is_qkv`` weights stay one matrix each."""
+    have that shape (its TP block, with ``blockwise``). ``split_qkv=False``: ``is_qkv`` weights stay
+    one matrix each."""
     attached, seen = 0, set()
     for mod_name, mod in module.named_modules():
         for p_name, p in mod.named_parameters(recurse=False):
@@ -100,9 +102,9 @@ def attach_layouts(module: nn.Module, split_qkv: bool = True) -> int:
             name = f"{mod_name}.{p_name}" if mod_name else p_name
             tp_group = getattr(mod, "tp_group", None)
             layout = megatron_layout(p, name, tp_group if isinstance(tp_group, dist.ProcessGroup) else None,
-                                     split_qkv)
+                                     split_qkv, blockwise)
             sizes = (getattr(mod, "output_size", None), getattr(mod, "input_size", None))
-            if p_name == "weight" and all(isinstance(s, int) for s in sizes) and layout.shape != sizes:
+            if p_name == "weight" and all(isinstance(s, int) for s in sizes) and not blockwise and layout.shape != sizes:
                 raise ValueError(f"Megatron parameter {name}: local shard {list(p.shape)} over its TP group "
                                  f"makes a {list(layout.shape)} matrix, but its layer is {list(sizes)}")
             setattr(p, LAYOUT_ATTR, layout)

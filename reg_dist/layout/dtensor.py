@@ -11,29 +11,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from .layout import Layout, fused_rows
-
-FUSED_ATTR = "reg_fused_rows"
-LAYOUT_ATTR = "reg_layout"  # a Layout an integration (Megatron, DeepSpeed) attached to a plain local tensor
-
-
-def mark_fused(p: Tensor, sizes: tuple[int, ...], repeat: int = 1) -> Tensor:
-    """Declare that the rows of the 2-D parameter ``p`` are ``repeat`` × the blocks ``sizes``, each a
-    separate matrix (see ``layout.fused_rows``): a fused QKV ``(q, k, v)``, gate/up ``(f, f)``."""
-    segments = fused_rows(tuple(sizes), repeat)
-    if p.ndim != 2 or segments[-1][1] != p.shape[0]:
-        raise ValueError(f"fused rows {tuple(sizes)} × {repeat} = {segments[-1][1]} rows do not match the "
-                         f"parameter of shape {list(p.shape)}")
-    setattr(p, FUSED_ATTR, segments)
-    return p
-
-
-def plain_layout(p: Tensor, view: tuple[int, int, int]) -> Layout:
-    """A whole tensor this process holds, seen as ``view`` = (count, m, n) matrices (``routing``):
-    ``(count·m) × n`` with a fused matrix per count, or the blocks ``mark_fused`` named."""
-    count, m, n = view
-    fused = fused_rows((m,) * count) if count > 1 else getattr(p, FUSED_ATTR, None)
-    return Layout((count * m, n), (0, count * m), (0, n), fused=fused)
+from .rects import Layout, fused_rows
+from .shape import FUSED_ATTR
 
 
 def _logical(p: Tensor, shape: tuple[int, ...]):
@@ -43,10 +22,21 @@ def _logical(p: Tensor, shape: tuple[int, ...]):
     return (shape[0], shape[1]), getattr(p, FUSED_ATTR, None)
 
 
-def dtensor_layout(t: DTensor, name: str, blockwise: tuple[str, ...] = ()) -> Layout:
+def dtensor_layout(t: DTensor, name: str, blockwise: tuple[str, ...] = (), transposed: bool = False) -> Layout:
     """The elements of the DTensor ``t`` this rank holds; its groups are the mesh dimensions that
     shard it. With ``blockwise`` mesh dims (``("tp",)``), the block those dims give this rank is
-    the logical matrix instead (blockwise Newton–Schulz): its layout is relative to that block."""
+    the logical matrix instead (each TP block its own matrix): its layout is relative to that block.
+    ``transposed``: a 2-D weight stored in × out (Conv1D) whose matrix is its transpose, as is the
+    local block the layout then describes."""
+    layout = _stored_layout(t, name, blockwise)
+    if not transposed:
+        return layout
+    if t.ndim != 2 or layout.fused is not None:
+        raise ValueError(f"transposed parameter {name}: only a plain 2-D weight can be stored transposed")
+    return Layout(layout.shape[::-1], layout.cols, layout.rows, groups=layout.groups)
+
+
+def _stored_layout(t: DTensor, name: str, blockwise: tuple[str, ...]) -> Layout:
     if t.ndim not in (2, 3):
         raise ValueError(f"sharded parameter {name} of shape {list(t.shape)}: only 2-D matrices and 3-D "
                          f"expert stacks are supported on DTensors; give it an algorithm='adamw' group")
@@ -77,8 +67,17 @@ def dtensor_layout(t: DTensor, name: str, blockwise: tuple[str, ...] = ()) -> La
     return Layout(logical, rows, cols, groups=tuple(groups), fused=fused)
 
 
+def local_tensor(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (a view sharing its storage); any other tensor as it is."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def dim_names(mesh: DeviceMesh) -> tuple[str, ...]:
-    return mesh.mesh_dim_names or tuple(f"mesh{i}" for i in range(mesh.ndim))
+    """The mesh's dimension names; an unnamed 1-D mesh (a plain ``fully_shard(module)``) is ``("dp",)``,
+    an unnamed n-D one ``("mesh0", …)``."""
+    if mesh.mesh_dim_names:
+        return tuple(mesh.mesh_dim_names)
+    return ("dp",) if mesh.ndim == 1 else tuple(f"mesh{i}" for i in range(mesh.ndim))
 
 
 def mesh_group(mesh: DeviceMesh, dims: tuple[str, ...]) -> dist.ProcessGroup | None:

@@ -9,7 +9,7 @@ emerging-optimizer path then
   output layer and every non-2-D parameter to its own Adam (AdamW when Apex/TE are absent), through the
   entry's ``default_param_overrides``;
 * calls ``config_to_kwargs(config, model_chunks, pg_collection)``, which here attaches the TP layouts
-  (``reg_dist.integrations.megatron.attach_layouts``: ``tensor_model_parallel`` / ``partition_dim``,
+  (``reg_dist.integrations.megatron.layouts.attach_layouts``: ``tensor_model_parallel`` / ``partition_dim``,
   QKV split per query group unless ``reg_split_qkv`` is False) and reads the hyper-parameters;
 * builds the optimizer from its parameter groups and wraps it in ``FP32Optimizer`` (or
   ``Float16OptimizerWithFloat16Params`` for bf16, which swaps in fp32 main copies: ``register()``'s
@@ -40,8 +40,10 @@ Muon/MuonEq always orthogonalise each TP-split matrix whole (``tp_mode="gather"`
 """
 
 import copy
+import logging
 import dataclasses
 import sys
+import typing
 from typing import Any
 
 import torch
@@ -49,38 +51,61 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..distributed import REG, Muon, MuonEq
-from ..distributed.dtensor import LAYOUT_ATTR
-from ..distributed.layout import Layout
-from ..optim.adamw import init_adamw_state
-from ..optim.routing import ADAMW
-from .megatron import attach_layouts, megatron_layout
+from ...layout import LAYOUT_ATTR, Layout
+from ...optim import registry
+from ...optim.engine import MatrixOptimizer
+from ...optim.adamw import init_adamw_state
+from ...optim.routing import ADAMW
+from ..flat_partition import element_layout, laid, piece_layout, step_pieces
+from .layouts import attach_layouts, megatron_layout
 
 # Megatron --optimizer name → reg_dist optimizer. Our Muon is "reg_muon": Megatron's own "muon" stays.
-NAMES: dict[str, type] = {"reg": REG, "reg_muon": Muon, "muoneq": MuonEq}
+logger = logging.getLogger("reg_dist")
+
+NAMES: dict[str, type[MatrixOptimizer]] = {e.megatron: e.cls for e in registry.ALGORITHMS.values()}
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 
+# Each algorithm hyper-parameter's Megatron flag (argparse dest); one the table does not name gets
+# ``reg_<name>``. The step's common ones (lr, weight_decay) are Megatron's own; AdamW's are Megatron's Adam's.
+FLAGS = {"momentum": "reg_momentum", "nesterov": "reg_nesterov", "rms": "reg_rms", "scale": "reg_scale",
+         "p": "reg_p", "iters": "reg_iters", "eps": "reg_eps", "ns_steps": "reg_ns_steps",
+         "coefficients": "reg_ns_coefficients", "ns_dtype": "reg_ns_dtype", "mode": "muoneq_mode",
+         "phase": "muoneq_phase", "exponent": "muoneq_exponent"}
+MEGATRON_OWN = ("lr", "weight_decay", "adamw_betas", "adamw_eps", "nonfinite")
 
-@dataclasses.dataclass
-class Settings:
-    """reg_dist's hyper-parameters beyond Megatron's ``lr`` / ``weight_decay`` (field = argparse dest)."""
 
-    reg_momentum: float = 0.95
-    reg_nesterov: bool = True
-    reg_rms: float = 0.2
-    reg_scale: str | None = None  # None: the algorithm's default ("rms" for REG, "match_rms_adamw" for Muon)
-    reg_p: float = 2.0
-    reg_iters: int = 1
-    reg_eps: float = 1e-8
-    reg_ns_steps: int = 5
-    reg_ns_coefficients: str = "jordan"
-    reg_ns_dtype: str = "bf16"
-    reg_move_dtype: str = "bf16"
-    muoneq_mode: str = "row"
-    muoneq_phase: int | None = None
-    muoneq_exponent: float = -0.5
-    reg_split_qkv: bool = True
+def flag_dest(hyper: str) -> str:
+    """The argparse dest of an algorithm hyper-parameter's Megatron flag."""
+    return FLAGS.get(hyper, f"reg_{hyper}")
+
+
+def hyper_flags() -> dict[str, tuple[registry.Hyper, list[str]]]:
+    """Every algorithm hyper-parameter with a Megatron flag: dest → (hyper-parameter, the Megatron
+    names of the optimizers that take it), from the registry."""
+    out: dict[str, tuple[registry.Hyper, list[str]]] = {}
+    for entry in registry.ALGORITHMS.values():
+        for name, hyper in registry.schema(entry.name).items():
+            if name not in MEGATRON_OWN:
+                out.setdefault(flag_dest(name), (hyper, []))[1].append(entry.megatron)
+    return out
+
+
+_FIXED = [("reg_momentum", float, 0.95), ("reg_nesterov", bool, True), ("reg_rms", float, 0.2),
+          ("reg_scale", str | None, None), ("reg_p", float, 2.0), ("reg_iters", int, 1), ("reg_eps", float, 1e-8),
+          ("reg_ns_steps", int, 5), ("reg_ns_coefficients", str, "jordan"), ("reg_ns_dtype", str, "bf16"),
+          ("muoneq_mode", str, "row"), ("muoneq_phase", int | None, None), ("muoneq_exponent", float, -0.5)]
+# reg_dist's hyper-parameters beyond Megatron's ``lr`` / ``weight_decay`` (field = argparse dest): the
+# fixed ones above (None: the algorithm's default), one ``reg_<name>`` per other registry hyper-parameter
+# (None: each algorithm's default), and how the matrices are laid out.
+Settings = dataclasses.make_dataclass("Settings", [
+    *[(dest, kind, dataclasses.field(default=default)) for dest, kind, default in _FIXED],
+    *[(dest, typing.Any, dataclasses.field(default=None)) for dest in hyper_flags()
+      if dest not in {d for d, _, _ in _FIXED}],
+    ("reg_move_dtype", str | None, dataclasses.field(default=None)),  # None: the Newton–Schulz dtype
+    ("reg_split_qkv", bool, dataclasses.field(default=True)),
+    ("reg_tp_mode", str, dataclasses.field(default="gather")),  # "blockwise": each TP block its own matrix
+])
 
 
 def _megatron_global_args():
@@ -89,7 +114,7 @@ def _megatron_global_args():
     return getattr(global_vars, "_GLOBAL_ARGS", None) if global_vars is not None else None
 
 
-def settings_from(config: Any = None, args: Any = None) -> Settings:
+def settings_from(config: Any = None, args: Any = None):
     """``Settings`` from attributes of ``config``, else of ``args`` (default: Megatron's global
     arguments), else the defaults."""
     args = _megatron_global_args() if args is None else args
@@ -102,25 +127,32 @@ def settings_from(config: Any = None, args: Any = None) -> Settings:
     return Settings(**values)
 
 
-def optimizer_kwargs(name: str, settings: Settings, lr: float, weight_decay: float) -> dict:
-    """The constructor keyword arguments of ``NAMES[name]`` (raises KeyError on an unknown name)."""
+def optimizer_kwargs(name: str, settings, lr: float, weight_decay: float) -> dict:
+    """The constructor keyword arguments of ``NAMES[name]`` (raises KeyError on an unknown name): every
+    hyper-parameter of its registry schema whose flag is set (None leaves the algorithm's default)."""
     cls = NAMES[name]
-    kwargs: dict[str, Any] = dict(lr=lr, weight_decay=weight_decay, momentum=settings.reg_momentum,
-                                  nesterov=settings.reg_nesterov, rms=settings.reg_rms)
-    if settings.reg_scale is not None:
-        kwargs["scale"] = settings.reg_scale
-    if cls is REG:
-        kwargs.update(p=settings.reg_p, iters=settings.reg_iters, eps=settings.reg_eps)
-        return kwargs
+    kwargs: dict[str, Any] = dict(lr=lr, weight_decay=weight_decay)
+    for hyper in registry.schema(cls.algorithm):
+        value = getattr(settings, flag_dest(hyper), None) if hyper not in MEGATRON_OWN else None
+        if value is not None:
+            kwargs[hyper] = DTYPES[value] if hyper == "ns_dtype" and value in DTYPES else value
+    if registry.is_spectral(cls.algorithm) and settings.reg_move_dtype is not None:
+        kwargs["move_dtype"] = DTYPES[settings.reg_move_dtype]
     for dtype_flag in ("reg_ns_dtype", "reg_move_dtype"):
-        if getattr(settings, dtype_flag) not in DTYPES:
-            raise ValueError(f"{dtype_flag} must be one of {tuple(DTYPES)}, got {getattr(settings, dtype_flag)!r}")
-    kwargs.update(ns_steps=settings.reg_ns_steps, coefficients=settings.reg_ns_coefficients,
-                  ns_dtype=DTYPES[settings.reg_ns_dtype],
-                  move_dtype=DTYPES[settings.reg_move_dtype])
-    if cls is MuonEq:
-        kwargs.update(mode=settings.muoneq_mode, phase=settings.muoneq_phase, exponent=settings.muoneq_exponent)
+        value = getattr(settings, dtype_flag)
+        if value is not None and value not in DTYPES:
+            raise ValueError(f"{dtype_flag} must be one of {tuple(DTYPES)}, got {value!r}")
     return kwargs
+
+
+def blockwise(settings) -> bool:
+    """Whether ``--reg-tp-mode blockwise`` makes each TP block its own matrix (logged: the update then
+    depends on the TP degree)."""
+    if settings.reg_tp_mode == "blockwise":
+        logger.warning("reg_dist --reg-tp-mode blockwise: each tensor-parallel block is its own matrix, so the "
+                       "update changes with the TP degree")
+        return True
+    return False
 
 
 def check_settings(name: str, settings: Settings) -> None:
@@ -202,8 +234,9 @@ def _config_to_kwargs(name: str):
             raise ValueError(f"--optimizer {name} with the distributed optimizer is built by the hook "
                              f"reg_dist.megatron.register() installs: call it before get_megatron_optimizer")
         settings = settings_from(config)
+        by_block = blockwise(settings)
         for chunk in model_chunks:
-            attach_layouts(chunk, split_qkv=settings.reg_split_qkv)
+            attach_layouts(chunk, split_qkv=settings.reg_split_qkv, blockwise=by_block)
         names = {id(p): _strip(n) for chunk in model_chunks for n, p in chunk.named_parameters()}
         kwargs = optimizer_kwargs(name, settings, lr=config.lr, weight_decay=config.weight_decay)
         return {**kwargs, "param_names": names}
@@ -226,7 +259,7 @@ class DistOptAdapter(Optimizer):
         self.name, self.cls = name, NAMES[name]
         self._kwargs, self._adam, self._names, self._split_qkv = kwargs, adam, param_names, split_qkv
         self._models = [list(g["params"]) for g in self.param_groups]
-        self.inner: REG | Muon | MuonEq | None = None
+        self.inner: MatrixOptimizer | None = None
         self._grads: list[tuple[Tensor, Tensor]] = []  # (inner's piece, the main shard Megatron gives .grad)
 
     def bind(self, distopt, tp_dp: dist.ProcessGroup) -> None:
@@ -253,23 +286,21 @@ class DistOptAdapter(Optimizer):
                     self._grads.append((piece, shards[p]))
                 else:
                     piece, flat = torch.empty(0, dtype=torch.float32, device=p.device), (0, 0)
-                setattr(piece, LAYOUT_ATTR, self._layout(p, name, flat, ours, distopt.data_parallel_group, tp_dp))
-                pieces.append((name, piece))
+                pieces.append((name, laid(piece, self._layout(p, name, flat, ours, distopt.data_parallel_group,
+                                                              tp_dp))))
             extra = {} if ours else {"adamw_betas": self._adam["betas"], "adamw_eps": self._adam["eps"]}
             groups.append({"params": pieces, "algorithm": algorithm, "lr": group["lr"],
                            "weight_decay": group["weight_decay"], **extra})
         self.inner = self.cls(groups, **{k: v for k, v in self._kwargs.items() if k not in ("lr", "weight_decay")})
 
     def _layout(self, p: Tensor, name: str, flat: tuple[int, int], ours: bool, dp_group, tp_dp) -> Layout:
-        """``p``'s TP layout cut to ``flat`` of its local shard; an AdamW parameter's is its local shape as
-        ``shape[0] × the rest`` (``1 × n`` for 1-D), so that every rank routes the same shapes."""
+        """``p``'s TP layout cut to ``flat`` of its local shard (an AdamW parameter: its element layout),
+        over the tensor × data group where TP splits it, else the data-parallel group."""
         if ours:  # attach_layouts' (with the layer's own TP group), else a replicated weight's
             base = getattr(p, LAYOUT_ATTR, None) or megatron_layout(p, name, split_qkv=self._split_qkv)
         else:
-            m, n = (p.shape[0], p[0].numel()) if p.ndim >= 2 else (1, p.numel())
-            base = Layout((m, n), (0, m), (0, n))
-        groups = (("tp_dp", tp_dp),) if base.groups else (("dp", dp_group),)
-        return Layout(base.shape, base.rows, base.cols, flat=flat, groups=groups, fused=base.fused)
+            base = element_layout(tuple(p.shape))
+        return piece_layout(base, flat, (("tp_dp", tp_dp),) if base.groups else (("dp", dp_group),))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -277,13 +308,12 @@ class DistOptAdapter(Optimizer):
             raise RuntimeError("DistOptAdapter.step before bind(distopt): build it with reg_dist.megatron.register()")
         for group, sub in zip(self.param_groups, self.inner.param_groups):
             sub["lr"], sub["weight_decay"] = group["lr"], group["weight_decay"]
-        for piece, shard in self._grads:
-            piece.grad = shard.grad
-        try:
-            return self.inner.step(closure)
-        finally:
-            for piece, _ in self._grads:
-                piece.grad = None
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        step_pieces(self.inner, [(piece, shard.grad) for piece, shard in self._grads])
+        return loss
 
     def state_dict(self) -> dict:
         if self.inner is not None:
@@ -319,13 +349,14 @@ def build_distributed(name: str, config, model_chunks, config_overrides=None, pg
         raise NotImplementedError(f"--optimizer {name}: overlap_param_gather_with_optimizer_step and optimizer CPU "
                                   f"offload are not supported with the distributed optimizer")
     settings = settings_from(config)
+    by_block = blockwise(settings)
     for chunk in model_chunks:  # what Megatron's emerging-optimizer path tags: QKV blocks per query group
         for param_name, p in chunk.named_parameters():
             if "linear_qkv.weight" in param_name and p.ndim == 2:
                 split = _get_qkv_split_shapes(chunk.config)
                 if p.shape[0] % sum(split) == 0:
                     p.is_qkv, p.qkv_split_shapes = True, split
-        attach_layouts(chunk, split_qkv=settings.reg_split_qkv)
+        attach_layouts(chunk, split_qkv=settings.reg_split_qkv, blockwise=by_block)
     overrides = dict(config_overrides if config_overrides is not None else get_standard_config_overrides(config))
     overrides.update(copy.deepcopy(_EMERGING_OPTIMIZERS[name].default_param_overrides))
     groups, buffers = _get_param_groups_and_buffers(model_chunks, model_chunk_offset=0, config=config,

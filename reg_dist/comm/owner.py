@@ -23,9 +23,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .layout import Layout, Rect
+from ..layout import Layout, Rect
+from .collectives import CommStats, count
 from .ownership import imbalance, plan_owners
-from .stats import CommStats, count
 
 
 def newton_schulz_cost(m: int, n: int) -> int:
@@ -173,3 +173,65 @@ class OwnerPlan:
                     out[i][r.start : r.start + r.h * r.w] = back[at : at + r.h * r.w]
                     at += r.h * r.w
         return {i: out[i].view(locals_[i].shape) for i in out}
+
+
+# A local stack of same-shape matrices holds at most this many bytes (always at least one parameter). It
+# bounds the step's scratch memory whatever the model size, and on the CPU keeps each scratch buffer
+# under glibc's largest mmap threshold, so it is reused instead of page-faulted in every step.
+STACK_BYTES = 32 * 2**20
+
+
+class LocalPlan:
+    """The owner plan of matrices this process holds whole (trivial layouts, no group): no moves.
+
+    Same-shape matrices are stacked, in order, into ``(B, m, n)`` batches of at most ``STACK_BYTES``
+    (the matrices of one parameter are never cut) and ``fn`` runs once per batch.
+    """
+
+    group, group_name, size, rank, imbalance, moves_data = None, "local", 1, 0, 0.0, False
+
+    def __init__(self, layouts: list[Layout]) -> None:
+        self.layouts = layouts
+        self.matrices = [(i, k, shape) for i, lay in enumerate(layouts) for k, shape in enumerate(lay.block_shapes)]
+        self.owners = [0] * len(self.matrices)
+
+    @property
+    def owned(self) -> int:
+        return len(self.matrices)
+
+    def run(self, locals_: dict[int, Tensor], fn: Callable[[Tensor], Tensor], move_dtype: torch.dtype,
+            work_dtype: torch.dtype, stats: CommStats | None = None) -> dict[int, Tensor]:
+        """``fn`` on every matrix, written back into ``locals_`` (``move_dtype`` plays no part: nothing moves)."""
+        by_shape: dict[tuple[int, int], list[list[list[Tensor]]]] = defaultdict(list)  # shape → params → matrices
+        for i, x in locals_.items():
+            lay = self.layouts[i]
+            rows = x.view(lay.shape)
+            views: dict[int, list[Tensor]] = defaultdict(list)  # a matrix as its row segments
+            for start, end, k in lay.segments:
+                views[k].append(rows[start:end])
+            for shape in set(lay.block_shapes):
+                by_shape[shape].append([views[k] for k, s in enumerate(lay.block_shapes) if s == shape])
+        itemsize = torch.empty((), dtype=work_dtype).element_size()
+        for (m, n), params in by_shape.items():
+            for run in stacks(params, [len(mats) * m * n * itemsize for mats in params], STACK_BYTES):
+                mats = [segments for mats in run for segments in mats]
+                out = fn(torch.stack([torch.cat(s) if len(s) > 1 else s[0] for s in mats]).to(work_dtype))
+                for segments, result in zip(mats, out):
+                    row = 0
+                    for view in segments:
+                        view.copy_(result[row : row + view.shape[0]])
+                        row += view.shape[0]
+        return locals_
+
+
+def stacks(items: list, sizes: list[int], budget: int) -> list[list]:
+    """``items`` cut, in order, into runs whose ``sizes`` add up to at most ``budget`` (or one item)."""
+    runs: list[list] = []
+    total = budget + 1
+    for item, size in zip(items, sizes):
+        if total + size > budget:
+            runs.append([])
+            total = 0
+        runs[-1].append(item)
+        total += size
+    return runs

@@ -20,90 +20,42 @@ from torch import Tensor
 
 from ..ops.equilibrate import check_equilibrate_args
 from ..ops.racs import check_racs_args
+from ..layout import Layout
 from ..ops.stats import abs_powers, acc_dtype, pow_sums_to_norms_
-from .layout import Layout
+from .collectives import CommStats, reduce_packed
 
 
-def partial_row_col(local: Tensor, layout: Layout, p: float) -> Tensor:
+def partial_row_col(local: Tensor, layout: Layout, p: float, cols: bool = True) -> Tensor:
     """``cat(r, c)`` ``(m + K·n,)`` of this rank's elements: sums of |x|^p (max for p = inf) into each
-    logical row of the parameter and each column of each of its K fused matrices."""
+    logical row of the parameter and each column of each of its K fused matrices (``r`` alone,
+    ``(m,)``, without ``cols``)."""
     (m, n), blocks = layout.shape, len(layout.block_shapes)
-    out = torch.zeros(m + blocks * n, dtype=acc_dtype(local.dtype), device=local.device)
-    rows, cols = out[:m], out[m:].view(blocks, n)
+    out = torch.zeros(m + (blocks * n if cols else 0), dtype=acc_dtype(local.dtype), device=local.device)
+    rows, columns = out[:m], out[m:].view(blocks if cols else 0, n)
     for view, r in layout.pieces(local):
         q = abs_powers(view, p)
-        row, col = rows[r.row : r.row + r.h], cols[r.block, r.col : r.col + r.w]
+        row = rows[r.row : r.row + r.h]
         if p == math.inf:
             torch.maximum(row, q.amax(-1), out=row)
-            torch.maximum(col, q.amax(-2), out=col)
         else:
             row += q.sum(-1)
-            col += q.sum(-2)
+        if cols:
+            col = columns[r.block, r.col : r.col + r.w]
+            if p == math.inf:
+                torch.maximum(col, q.amax(-2), out=col)
+            else:
+                col += q.sum(-2)
     return out
 
 
-CommStats = dict[str, dict[str, int]]  # group name -> {"calls": …, "bytes": …, "sent": …}
-
-# Bytes one rank puts on the wire per byte of the collective's full buffer, ring algorithms, R ranks
-WIRE = {
-    "all_reduce": lambda r: 2 * (r - 1) / r,
-    "reduce_scatter": lambda r: (r - 1) / r,  # of the full (input) buffer
-    "all_gather": lambda r: (r - 1) / r,  # of the full (output) buffer
-}
-
-
-def count(stats: CommStats | None, name: str, buf: Tensor, kind: str, group: dist.ProcessGroup | None = None,
-          sent: int | None = None) -> None:
-    """Add one collective over group ``name`` to ``stats`` (None: not counting): ``bytes`` is its full
-    buffer, ``sent`` what this rank transmits (ring estimate, or ``sent`` where known exactly)."""
-    if stats is None:
-        return
-    nbytes = buf.numel() * buf.element_size()
-    if sent is None:
-        sent = round(WIRE[kind](dist.get_world_size(group)) * nbytes)
-    entry = stats.setdefault(name, {"calls": 0, "bytes": 0, "sent": 0})
-    entry["calls"] += 1
-    entry["bytes"] += nbytes
-    entry["sent"] += sent
-
-
-def reduce_packed(vectors: list[Tensor], layouts: list[Layout], op: dist.ReduceOp,
-                  stats: CommStats | None = None) -> None:
-    """In place: every ``vectors[k]`` reduced over each group of ``layouts[k]``, one collective per
-    group name, counted into ``stats``."""
-    groups = [dict(lay.groups) for lay in layouts]
-    for name in sorted({g for gs in groups for g in gs}):
-        members = [(v, gs[name]) for v, gs in zip(vectors, groups) if name in gs]
-        group = members[0][1]
-        if any(g is not group for _, g in members):
-            raise ValueError(f"layouts on this rank name different process groups {name!r}")
-        buf = torch.cat([v for v, _ in members])
-        dist.all_reduce(buf, op=op, group=group)
-        for v, chunk in zip((v for v, _ in members), buf.split([v.numel() for v, _ in members])):
-            v.copy_(chunk)
-        count(stats, name, buf, "all_reduce", group)
-
-
-def check_layouts_add_up(layouts: list[Layout], names: list[str]) -> None:
-    """Raise ValueError unless the ranks splitting each parameter hold m·n elements in all: the
-    element counts summed over each layout's groups, one packed all-reduce per group name."""
-    held = [torch.tensor([float(lay.numel)], dtype=torch.float64) for lay in layouts]
-    reduce_packed(held, layouts, dist.ReduceOp.SUM)
-    for total, lay, name in zip(held, layouts, names):
-        m, n = lay.shape
-        if int(total.item()) != m * n:
-            groups = ", ".join(g for g, _ in lay.groups) or "no group"
-            raise ValueError(f"the layouts of parameter {name} do not add up: the ranks of {groups} hold "
-                             f"{int(total.item())} elements of its {m}×{n}")
-
-
-def row_col_stats(locals_: list[Tensor], layouts: list[Layout], p: float,
-                  stats: CommStats | None = None) -> list[tuple[Tensor, Tensor]]:
+def row_col_stats(locals_: list[Tensor], layouts: list[Layout], p: float, stats: CommStats | None = None,
+                  cols: bool = True) -> list[tuple[Tensor, Tensor | None]]:
     """Full ``r (m,)`` and ``c (K, n)`` of every parameter (sums of |x|^p, or maxima for p = inf),
-    reduced across ranks."""
-    vectors = [partial_row_col(x, lay, p) for x, lay in zip(locals_, layouts)]
+    reduced across ranks: one packed reduction per group name (``c`` None without ``cols``)."""
+    vectors = [partial_row_col(x, lay, p, cols) for x, lay in zip(locals_, layouts)]
     reduce_packed(vectors, layouts, dist.ReduceOp.MAX if p == math.inf else dist.ReduceOp.SUM, stats)
-    return [(v[: lay.shape[0]], v[lay.shape[0] :].view(-1, lay.shape[1])) for v, lay in zip(vectors, layouts)]
+    return [(v[: lay.shape[0]], v[lay.shape[0] :].view(-1, lay.shape[1]) if cols else None)
+            for v, lay in zip(vectors, layouts)]
 
 
 def scale_local_(local: Tensor, layout: Layout, row: Tensor | None, col: Tensor | None) -> None:

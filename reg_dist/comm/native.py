@@ -24,9 +24,9 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from ..ops.stats import check_count
-from ..optim.tensors import local_tensor
+from ..layout import local_tensor
+from .collectives import CommStats, count
 from .ownership import imbalance, plan_owners
-from .stats import CommStats, count
 
 BUCKET_BYTES = 64 * 2**20  # of each owner's stream per bucket
 
@@ -44,6 +44,25 @@ def water_fill(loads: list[int], total: int) -> list[int]:
     for r in order[: total - sum(give)]:  # the remainder, one element each
         give[r] += 1
     return give
+
+
+def plan_streams(sizes: list[int], costs: list[int | None], ranks: int) -> tuple[dict[int, int], float, list[int]]:
+    """The native mode's plan of tensors ``0 … len(sizes)−1`` (``sizes`` elements each) over ``ranks``:
+    the owner of every tensor with a cost (``plan_owners``, in order), the planner's imbalance, and
+    how many elements of the flat (cost None) tensors each rank takes, to level the streams."""
+    whole = [i for i, c in enumerate(costs) if c is not None]
+    owner_list = plan_owners([costs[i] for i in whole], ranks)
+    owners = dict(zip(whole, owner_list))
+    stream = [0] * ranks
+    for i, o in owners.items():
+        stream[o] += sizes[i]
+    give = water_fill(stream, sum(s for s, c in zip(sizes, costs) if c is None))
+    return owners, imbalance([costs[i] for i in whole], owner_list, ranks), give
+
+
+def segments(longest: int, window: int) -> list[int]:
+    """The length of every bucket's segment of streams up to ``longest`` elements, in windows of ``window``."""
+    return [min(w0 + window, longest) - w0 for w0 in range(0, longest, window)]
 
 
 class NativeDP:
@@ -73,9 +92,7 @@ class NativeDP:
                                  "without mesh=, it then steps the shards as they are")
         self.dtype, self.device = params[0].dtype, local_tensor(params[0]).device
         sizes = [local_tensor(p).numel() for p in params]
-        whole = [i for i, c in enumerate(costs) if c is not None]
-        owners = dict(zip(whole, plan_owners([costs[i] for i in whole], self.size)))
-        self.imbalance = imbalance([costs[i] for i in whole], list(owners.values()), self.size)
+        owners, self.imbalance, give = plan_streams(sizes, costs, self.size)
         self._owned = {id(params[i]) for i, o in owners.items() if o == self.rank}
         stream = [0] * self.size
         placed = []  # (tensor, owner, offset in the owner's stream, first element in the tensor, count)
@@ -84,7 +101,6 @@ class NativeDP:
             stream[owner] += sizes[i]
         # the rest (element-wise AdamW) flat, in order, cut to level the owners' streams
         flat = [i for i, c in enumerate(costs) if c is None]
-        give = water_fill(stream, sum(sizes[i] for i in flat))
         self._slice: dict[int, slice] = {}  # this rank's part of each flat-sharded tensor
         r = 0
         for i in flat:

@@ -1,0 +1,39 @@
+"""Muon: momentum, then Newton–Schulz orthogonalisation, then the Moonlight scale.
+
+    U = newton_schulz(N; ns_steps, coefficients, ns_dtype)   one spectral stage: each matrix whole on
+                                                             its owner, same shapes batched
+    U = ρ·√max(m, n)·U                                       scale="match_rms_adamw" (default)
+"""
+
+import torch
+
+from ...ops.newton_schulz import check_newton_schulz_args, orthogonalize
+from ..engine import MatrixOptimizer
+from ..hyper import Hyper
+from ..stages import Spectral
+
+NEWTON_SCHULZ = (Hyper("ns_steps", 5, int), Hyper("coefficients", "jordan", str),
+                 Hyper("ns_dtype", torch.bfloat16, torch.dtype))  # Muon's, MuonEq's and NorMuon's
+
+
+def newton_schulz_stage(group: dict) -> Spectral:
+    """The Newton–Schulz stage of ``group``'s settings (Muon, MuonEq, NorMuon)."""
+    check_newton_schulz_args(group["ns_steps"], group["coefficients"], group["ns_dtype"])
+    steps, coefficients, dtype = group["ns_steps"], group["coefficients"], group["ns_dtype"]
+    return Spectral(lambda x: orthogonalize(x, steps, coefficients, dtype))
+
+
+class Muon(MatrixOptimizer):
+    """Muon on hidden matrices, AdamW on the rest (see ``routing``), on every layout (see ``engine``):
+    ``ns_steps`` Newton–Schulz iterations with the ``coefficients`` ("jordan", "polar_express") in
+    ``ns_dtype``; same-shape matrices go through one batched call."""
+
+    algorithm = "muon"
+    hyper = NEWTON_SCHULZ
+    moves = True
+
+    def check_group(self, group: dict) -> None:
+        newton_schulz_stage(group)
+
+    def stages(self, group: dict) -> list[Spectral]:
+        return [newton_schulz_stage(group)]

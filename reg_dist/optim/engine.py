@@ -1,0 +1,523 @@
+"""The one step engine: every matrix algorithm, on every layout, in one process or ten thousand.
+
+Every matrix parameter W carries a ``Layout`` (``reg_dist.layout``): the elements of its logical
+matrix this rank holds and the process groups that split it. A plain tensor has the trivial layout
+(all of it here, no groups), where every collective below is a no-op. One step:
+
+    finite check      every rank sharing the step agrees (or this process alone)
+    N                 M = μ·M + G;  N = G + μ·M (nesterov) | M          on the local elements
+    stages            the algorithm's, in order (``Statistic`` / ``Spectral``, see ``stages``)
+    U = s·U           "rms": ρ·√(mn)/||U||_F, the norms one packed reduction; the shape conventions a
+                      constant. After a final spectral stage the owner scales the whole matrix instead.
+    W                 W·(1 − lr·wd) − lr·U                                 on the local elements
+
+An algorithm (``algorithms/``) is a subclass that gives its name, constructor, hyper-parameter checks
+and ``stages(group)``; everything else is here. Parameters that are not hidden matrices go to AdamW
+(``adamw``), routed by ``routing``. Under ``mesh=`` (reg_dist's own data parallelism, ``comm.native``)
+gradients are first averaged onto one owner per tensor and the updated tensors gathered back.
+"""
+
+import logging
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
+from torch.optim import Optimizer
+
+from ..comm.agree import agreement_group, all_agree
+from ..comm.collectives import CommStats, check_layouts_add_up
+from ..comm.native import BUCKET_BYTES, NativeDP
+from ..comm.owner import LocalPlan, OwnerPlan, newton_schulz_cost
+from ..comm.statistics import sharded_frobenius_norms
+from ..layout import (FUSED_ATTR, LAYOUT_ATTR, Layout, dim_names, dtensor_layout, local_tensor, mesh_group,
+                      whole_layout)
+from ..ops.stats import acc_dtype
+from .adamw import adamw_step, init_adamw_state
+from .momentum import momentum_into_
+from .hyper import Hyper, constructor, warn_near_misses
+from .routing import ADAMW, ParamInfo, Route, as_matrix, as_param, format_table, parse_params, route
+from .scaling import check_scale, rms_factor, scale_factors, shape_factor
+from .stages import Spectral, Statistic
+
+logger = logging.getLogger("reg_dist")
+
+NONFINITE = ("skip", "raise")
+TP_MODES = ("gather", "blockwise")
+MOVE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
+def check_number(name: str, value: Any, low: float, high: float = math.inf, high_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and value >= low and (value < high if high_open else value <= high)
+    if not ok:
+        bound = f"in [{low}, {high})" if high_open else f">= {low}"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+
+
+def check_common(group: dict) -> None:
+    """The hyper-parameters every group carries, whatever its algorithm."""
+    check_number("lr", group["lr"], 0.0)
+    check_number("weight_decay", group["weight_decay"], 0.0)
+    check_number("momentum", group["momentum"], 0.0, 1.0, high_open=True)
+    if not isinstance(group["nesterov"], bool):
+        raise ValueError(f"nesterov must be True or False, got {group['nesterov']!r}")
+    check_scale(group["scale"])
+    check_number("rms", group["rms"], 0.0)
+    if group["rms"] == 0:
+        raise ValueError("rms must be > 0, got 0")
+    betas = group["adamw_betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"adamw_betas must be a pair (beta1, beta2), got {betas!r}")
+    for i, b in enumerate(betas):
+        check_number(f"adamw_betas[{i}]", b, 0.0, 1.0, high_open=True)
+    check_number("adamw_eps", group["adamw_eps"], 0.0)
+    if group["adamw_eps"] == 0:
+        raise ValueError("adamw_eps must be > 0, got 0")
+
+
+def finite_flags(tensors: list[Tensor]) -> Tensor:
+    """Bool ``(len(tensors),)`` on the CPU: False where a tensor holds a NaN or an Inf.
+
+    One fused ``max |x|`` over the list on accelerators; on the CPU, where that fused reduction is
+    an order of magnitude slower, ``aminmax`` per tensor (which propagates NaN as well).
+    """
+    if not tensors:
+        return torch.ones(0, dtype=torch.bool)
+    if tensors[0].device.type == "cpu":
+        extremes = [torch.stack(torch.aminmax(t)) if t.numel() else t.new_zeros(2) for t in tensors]
+    else:
+        extremes = torch._foreach_norm(tensors, math.inf)
+    device = tensors[0].device
+    flags = torch.stack([e.to(device, torch.float32) for e in extremes]).isfinite()
+    return flags.view(len(tensors), -1).all(dim=1).cpu()
+
+
+def _mesh_groups(mesh: DeviceMesh | dict[str, dist.ProcessGroup] | None) -> list[dist.ProcessGroup]:
+    """The group of each dimension of a ``mesh=`` argument (none for anything else)."""
+    if isinstance(mesh, DeviceMesh):
+        return [mesh.get_group(name) for name in mesh.mesh_dim_names or ()]
+    return [g for g in mesh.values() if isinstance(g, dist.ProcessGroup)] if isinstance(mesh, dict) else []
+
+
+def _common(scale: str) -> tuple[Hyper, ...]:
+    """The hyper-parameters every algorithm's constructor starts with (ALGORITHMS.md §4)."""
+    return (Hyper("lr", 1e-3, float), Hyper("momentum", 0.95, float), Hyper("nesterov", True, bool),
+            Hyper("weight_decay", 0.1, float), Hyper("scale", scale, str), Hyper("rms", 0.2, float))
+
+
+TAIL = (Hyper("adamw_betas", (0.9, 0.95), tuple[float, float]), Hyper("adamw_eps", 1e-8, float),
+        Hyper("nonfinite", "skip", str))
+
+
+def _layout_keywords(moves: bool) -> tuple[Hyper, ...]:
+    """The keyword-only arguments that say how the matrices are laid out, not what is computed."""
+    return (Hyper("mesh", None, DeviceMesh | dict[str, dist.ProcessGroup] | None), Hyper("tp_mode", "gather", str),
+            *((Hyper("move_dtype", None, torch.dtype | None),) if moves else ()),
+            Hyper("bucket_bytes", BUCKET_BYTES, int))
+
+
+class MatrixOptimizer(Optimizer):
+    """The engine. An algorithm subclass gives its name (``algorithm``), its own hyper-parameters
+    (``hyper``, in constructor order, between the common ones and AdamW's), its default ``scale``,
+    whether it moves whole matrices (``moves``), ``check_group`` and ``stages``; its constructor
+    ``Cls(params, lr, momentum, nesterov, weight_decay, scale, rms, *hyper, adamw_betas, adamw_eps,
+    nonfinite, *, mesh, tp_mode, [move_dtype,] bucket_bytes)`` is made from those (``hyper.constructor``).
+
+    ``mesh``: reg_dist's own data parallelism for a model without a DDP/FSDP wrapper (``comm.native``).
+    ``tp_mode``: "gather" (default) keeps every tensor-parallel matrix whole, exactly; "blockwise"
+    makes each TP block of a DTensor its own matrix (no TP traffic; the update then depends on the TP
+    degree). ``move_dtype``: what the owner moves of spectral stages carry (default: the group's
+    ``ns_dtype``, so fp32 Newton–Schulz moves fp32 and every layout equals one process).
+    """
+
+    algorithm: str
+    hyper: tuple[Hyper, ...] = ()
+    default_scale = "match_rms_adamw"
+    moves = False
+    state_keys: tuple[str, ...] = ("momentum_buffer",)  # matrix state shaped like the parameter
+    row_state_keys: tuple[str, ...] = ()  # matrix state of one value per logical row, whole on every holder
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.__init__ = constructor(cls, _common(cls.default_scale), TAIL, _layout_keywords(cls.moves),
+                                   MatrixOptimizer._build)
+
+    def _build(self, params: Any, values: dict) -> None:
+        layout = {k: values.pop(k) for k in ("mesh", "tp_mode", "move_dtype", "bucket_bytes") if k in values}
+        nonfinite = values.pop("nonfinite")
+        MatrixOptimizer.__init__(self, params, values, nonfinite, **layout)
+
+    def __init__(self, params: Any, defaults: dict, nonfinite: str = "skip",
+                 mesh: DeviceMesh | dict[str, dist.ProcessGroup] | None = None, tp_mode: str = "gather",
+                 move_dtype: torch.dtype | None = None, bucket_bytes: int = BUCKET_BYTES) -> None:
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
+        if tp_mode not in TP_MODES:
+            raise ValueError(f"tp_mode must be one of {TP_MODES}, got {tp_mode!r}")
+        if move_dtype is not None and move_dtype not in MOVE_DTYPES:
+            raise ValueError(f"move_dtype must be a floating dtype, got {move_dtype!r}")
+        self.nonfinite, self.tp_mode, self.move_dtype = nonfinite, tp_mode, move_dtype
+        self.blockwise_dims = ("tp",) if tp_mode == "blockwise" else ()
+        self.skipped_steps = 0
+        self.transformed = 0  # matrices (or matrix pieces) this process has transformed, over all steps
+        self.routes: list[Route] = []
+        self._info: dict[int, ParamInfo] = {}
+        self._view: dict[int, tuple[int, int, int]] = {}  # every matrix parameter's (count, m, n)
+        self._layouts: dict[int, Layout] = {}  # every matrix parameter's
+        self._collective: set[int] = set()  # matrix parameters every rank holding them steps together
+        self._plans: dict[int, list[tuple[OwnerPlan, list[Tensor]]]] = {}  # id(group) → its owner plans
+        self._comm: CommStats = {}
+        self._native: NativeDP | None = None
+        self._agree: dist.ProcessGroup | None = None
+        self._constructed = False
+        check_common(defaults)
+        self.check_group(defaults)
+        groups, infos = parse_params(params)
+        self._info.update(infos)
+        super().__init__(groups, defaults)
+        if self._collective or mesh is not None:
+            groups = [g for i in self._collective for _, g in self._layouts[i].groups] + _mesh_groups(mesh)
+            mine = [(r.name, tuple(r.shape), r.algorithm) for r in self.routes]
+            self._agree = agreement_group(mine, {r for g in groups for r in dist.get_process_group_ranks(g)})
+            laid = [(p, name) for g in self.param_groups for p, name in zip(g["params"], g["param_names"])
+                    if id(p) in self._collective]
+            check_layouts_add_up([self._layouts[id(p)] for p, _ in laid], [name for _, name in laid])
+        if mesh is not None:
+            params = [p for g in self.param_groups for p in g["params"]]
+            self._native = NativeDP(mesh, params, [self._cost(p) for p in params], bucket_bytes)
+            logger.info("%s native data parallelism over %d ranks in %d bucket(s): ownership imbalance %.1f %%",
+                        type(self).__name__, self._native.size, len(self._native.buckets), 100 * self._native.imbalance)
+        if tp_mode == "blockwise":
+            logger.warning("%s tp_mode='blockwise': each tensor-parallel block is its own matrix, so the update "
+                           "changes with the TP degree", type(self).__name__)
+        for group in self.param_groups:
+            self._plan_group(group)
+        self._constructed = True
+        logger.info("%s routing:\n%s", type(self).__name__, self.routing_table())
+
+    # ---- the algorithm's part -----------------------------------------------------------
+    def check_group(self, group: dict) -> None:
+        """Raise ValueError on an invalid algorithm-specific hyper-parameter of ``group``."""
+        raise NotImplementedError
+
+    def stages(self, group: dict) -> list[Statistic | Spectral]:
+        """The transform of the momentum ``N``, as stages run in order (see ``stages``)."""
+        raise NotImplementedError
+
+    # ---- parameters and routing ---------------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        """Route the group's tensors and add them as one matrix group and/or one AdamW group (a group
+        added after construction plans its owner moves now: every rank must add it). Besides torch's
+        keys a group may carry ``param_names`` and ``param_infos`` (``routing.ParamInfo``), one per tensor."""
+        warn_near_misses(param_group, {*self.defaults, "params", "param_names", "param_infos", "algorithm"})
+        first_new = len(self.param_groups)
+        group = dict(param_group)
+        raw = group.pop("params")
+        raw = [raw] if isinstance(raw, Tensor) else list(raw)
+        names = group.pop("param_names", None)
+        infos = group.pop("param_infos", None)  # an integration's ParamInfo of each tensor (module types)
+        tensors = [r[1] if isinstance(r, tuple) else r for r in raw]
+        if infos is not None:
+            self._info.update({id(t): info for t, info in zip(tensors, infos)})
+        if names is None:
+            first = sum(len(g["params"]) for g in self.param_groups)
+            names = [r[0] if isinstance(r, tuple) else f"param{first + i}" for i, r in enumerate(raw)]
+        requested = group.pop("algorithm", None)
+        if requested not in (None, self.algorithm, ADAMW):
+            raise ValueError(
+                f"algorithm must be one of {(self.algorithm, ADAMW)} for {type(self).__name__}, got {requested!r}"
+            )
+        split: dict[str, tuple[list, list]] = {}
+        routes = []
+        for t, name in zip(tensors, names):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"optimizer can only optimize tensors, but parameter {name} is {type(t).__name__}")
+            r = route(t, self._info.get(id(t), ParamInfo((name,))), requested, self.algorithm)
+            if r.matrix is not None:
+                self._view[id(t)] = r.matrix
+                self._lay_out(t, name, r.matrix)
+            routes.append(r)
+            ts, ns = split.setdefault(r.algorithm, ([], []))
+            ts.append(t)
+            ns.append(name)
+        for algorithm, (ts, ns) in split.items():
+            sub = {**self.defaults, **group, "params": ts, "param_names": ns, "algorithm": algorithm}
+            check_common(sub)
+            self.check_group(sub)
+            super().add_param_group(sub)
+        self.routes.extend(routes)
+        if self._constructed:
+            for g in self.param_groups[first_new:]:
+                self._plan_group(g)
+
+    def _lay_out(self, p: Tensor, name: str, view: tuple[int, int, int]) -> None:
+        """``p``'s layout: an integration's (``reg_layout``), a DTensor's placements, or the trivial one."""
+        if hasattr(p, LAYOUT_ATTR):
+            layout = getattr(p, LAYOUT_ATTR)
+            if self.blockwise_dims and any(g in self.blockwise_dims for g, _ in layout.groups):
+                raise ValueError("tp_mode='blockwise' splits DTensor parameters only; an integration's "
+                                 "reg_layout parameter is always a whole matrix")
+            self._collective.add(id(p))
+        elif isinstance(p, DTensor):
+            layout = dtensor_layout(p, name, self.blockwise_dims, self._info.get(id(p), ParamInfo(())).transposed)
+            self._collective.add(id(p))
+        else:
+            layout = whole_layout(p, view)
+        self._layouts[id(p)] = layout
+
+    def routing_table(self) -> str:
+        """Name, shape, algorithm and matrix view of every parameter, as logged at construction."""
+        return format_table(self.routes)
+
+    def layout(self, p: Tensor) -> Layout | None:
+        """The layout of matrix parameter ``p`` (None for an AdamW one)."""
+        return self._layouts.get(id(p))
+
+    def holding(self, p: Tensor) -> tuple[bool, slice | None]:
+        """Whether this rank keeps state for ``p``, and which slice of its local flattening (under
+        ``mesh=``, an AdamW tensor's flat shard; None: all of it)."""
+        if self._native is None:
+            return True, None
+        return self._native.owns(p), self._native.slice_of(p)
+
+    # ---- owner plans (spectral stages) --------------------------------------------------
+    def _cost(self, p: Tensor) -> int | None:
+        """What owning ``p`` whole costs its data-parallel owner per step under ``mesh=`` (None for the
+        element-wise AdamW tensors, which the native mode shards flat instead)."""
+        if id(p) not in self._view:
+            return None
+        if not any(isinstance(s, Spectral) for s in self.stages(self.defaults)):
+            return p.numel()
+        count, m, n = self._view[id(p)]
+        return count * newton_schulz_cost(m, n)
+
+    @property
+    def native_imbalance(self) -> float | None:
+        """Under ``mesh=``: the data-parallel owner planner's imbalance on its costs (None otherwise)."""
+        return self._native.imbalance if self._native is not None else None
+
+    def plans(self) -> list[OwnerPlan]:
+        """The owner plans of the spectral stages over process groups (one per group of ranks)."""
+        return [plan for entries in self._plans.values() for plan, _ in entries]
+
+    def _plan_group(self, group: dict) -> None:
+        """One ``OwnerPlan`` per communicator for the group's collective matrices stepped here (the rest,
+        whole on this process, get a ``LocalPlan`` at each step)."""
+        if group["algorithm"] != self.algorithm or not any(isinstance(s, Spectral) for s in self.stages(group)):
+            return
+        by_ranks: dict[Any, tuple[dist.ProcessGroup | None, str, list[tuple[Tensor, str]]]] = {}
+        for p, name in zip(group["params"], group["param_names"]):
+            if self._native is not None and self._native.tp_group is not None and id(p) not in self._collective:
+                self._collective.add(id(p))  # a copy on every TP rank: move it once
+            if id(p) in self._collective and (self._native is None or self._native.owns(p)):
+                pg, pg_name = self._communicator(p)
+                ranks = tuple(dist.get_process_group_ranks(pg)) if pg is not None else None
+                by_ranks.setdefault((ranks, pg_name), (pg, pg_name, []))[2].append((p, name))
+        entries = []
+        for pg, name, pairs in by_ranks.values():
+            ps, names = [p for p, _ in pairs], [n for _, n in pairs]
+            plan = OwnerPlan([self._layouts[id(p)] for p in ps], names, pg, name)
+            logger.info("%s owner plan over %r: %d matrices, %d here, imbalance %.1f %%", type(self).__name__,
+                        name, len(plan.matrices), plan.owned, 100 * plan.imbalance)
+            entries.append((plan, ps))
+        self._plans[id(group)] = entries
+
+    def _communicator(self, p: Tensor) -> tuple[dist.ProcessGroup | None, str]:
+        """The group whose ranks hold the pieces of ``p``: its whole root mesh, less blockwise dims
+        (copies on the mesh dims that do not shard ``p`` are then one piece, moved once); under
+        ``mesh=``, the parameter's own (TP) mesh, as each dp owner steps its own tensors."""
+        if hasattr(p, LAYOUT_ATTR):  # an integration's layout: the ranks of its one group hold the pieces
+            groups = getattr(p, LAYOUT_ATTR).groups
+            if len(groups) > 1:
+                raise ValueError(f"a reg_layout split over several groups {[n for n, _ in groups]} needs a DTensor "
+                                 f"or one group over all of them")
+            return (groups[0][1], groups[0][0]) if groups else (None, "local")
+        if not isinstance(p, DTensor):
+            return self._native.tp_group, "tp"  # native mode, a copy on every TP rank
+        mesh = p.device_mesh if self._native is not None else p.device_mesh._get_root_mesh()
+        dims = tuple(d for d in dim_names(mesh) if d not in self.blockwise_dims)
+        return mesh_group(mesh, dims), "×".join(dims) or "local"
+
+    # ---- the step -----------------------------------------------------------------------
+    def comm_stats(self) -> CommStats:
+        """Collectives of the last step, per group name: ``{"dp": {"calls": …, "bytes": …, "sent": …}, …}``
+        (``bytes``: the collectives' buffers; ``sent``: what this rank transmitted, ring estimate for
+        reductions and gathers, exact for owner moves); ``"world"`` is the agreement on non-finite
+        gradients (over the world, or the ranks of this pipeline stage)."""
+        return {name: dict(entry) for name, entry in self._comm.items()}
+
+    def _steps_here(self, p: Tensor) -> bool:
+        """Whether this process steps ``p`` now: it holds a gradient, or its matrix is split and every
+        holder must take part (a missing gradient then counts as zero); under ``mesh=``, only its own."""
+        if self._native is not None and not self._native.owns(p):
+            return False
+        return p.grad is not None or id(p) in self._collective
+
+    def _grads_finite(self) -> bool:
+        grads, names = [], []
+        for group in self.param_groups:
+            for p, name in zip(group["params"], group["param_names"]):
+                if not self._steps_here(p) or p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (parameter {name})")
+                grads.append(p.grad)
+                names.append(name)
+        finite = finite_flags([local_tensor(g) for g in grads])
+        ok = bool(finite.all())
+        if dist.is_initialized() and (self._collective or self._native is not None):
+            ok = all_agree(ok, self._agree, self._comm)
+        if ok:
+            return True
+        bad = [names[i] for i in (~finite).nonzero().flatten().tolist()]
+        where = f"in {len(bad)} parameter(s): {', '.join(bad[:8])}" if bad else "on another rank"
+        message = f"non-finite gradient {where}"
+        if self.nonfinite == "raise":
+            raise FloatingPointError(message)
+        self.skipped_steps += 1
+        logger.warning("%s; step skipped, state unchanged (%d skipped so far)", message, self.skipped_steps)
+        return False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One step for every group; a non-finite gradient anywhere skips it (or raises). With ``mesh=``,
+        gradients are first averaged onto their owners over ``dp`` (reduce-scatter), and the owners'
+        updated tensors all-gathered back afterwards."""
+        self._comm = {}
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self._native is not None:
+            self._native.average_grads_to_owners(self._comm)
+        if self._grads_finite():
+            for group in self.param_groups:
+                params = [p for p in group["params"] if self._steps_here(p)]
+                if group["algorithm"] == ADAMW:
+                    self._adamw_step(params, group)
+                else:
+                    self._matrix_step(params, group)
+        if self._native is not None:
+            self._native.gather_params_from_owners(self._comm)
+        return loss
+
+    def _adamw_step(self, params: list[Tensor], group: dict) -> None:
+        """AdamW on what this rank steps: under ``mesh=``, its flat slice of each AdamW tensor."""
+        views, grads = [], []
+        for p in params:
+            part = self._native.slice_of(p) if self._native is not None else None
+            x, g = local_tensor(p), local_tensor(p.grad)
+            views.append(x.view(-1)[part] if part is not None else x)
+            grads.append(g.view(-1)[part] if part is not None else g)
+            if not self.state[p]:
+                init_adamw_state(views[-1], self.state[p])
+        adamw_step(views, grads, [self.state[p] for p in params], group)
+
+    def matrix_state(self, p: Tensor) -> dict:
+        """The state of matrix parameter ``p``, made on first use: a step count, the momentum buffer
+        and the algorithm's per-row state (``row_state_keys``: zeros, fp32 or wider)."""
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            rows = self._layouts[id(p)].shape[0]
+            for key in self.row_state_keys:
+                state[key] = torch.zeros(rows, dtype=acc_dtype(p.dtype), device=local_tensor(p).device)
+        return state
+
+    def _momentum(self, params: list[Tensor], group: dict) -> list[Tensor]:
+        """``N`` of every parameter's local elements (fp32 or wider, contiguous); no gradient counts as 0."""
+        locals_ = [local_tensor(p) for p in params]
+        n = [torch.empty_like(x, dtype=acc_dtype(x.dtype), memory_format=torch.contiguous_format) for x in locals_]
+        grads = [local_tensor(p.grad) if p.grad is not None else torch.zeros_like(x) for p, x in zip(params, locals_)]
+        bufs = [local_tensor(self.matrix_state(p)["momentum_buffer"]) for p in params]
+        momentum_into_(grads, bufs, n, group["momentum"], group["nesterov"])
+        # a weight stored transposed (Conv1D): its matrix, contiguous, as its layout describes it
+        return [as_matrix(x, self._info[id(p)]).contiguous() if self._transposed(p) else x for x, p in zip(n, params)]
+
+    def _transposed(self, p: Tensor) -> bool:
+        info = self._info.get(id(p))
+        return info is not None and info.transposed
+
+    def _matrix_step(self, params: list[Tensor], group: dict) -> None:
+        if not params:
+            return
+        stepping = {id(p) for p in params}
+        planned = [(plan, ps) for plan, ps in self._plans.get(id(group), [])]
+        in_plans = {id(p) for _, ps in planned for p in ps}
+        missing = [n for n, p in zip(group["param_names"], group["params"]) if id(p) in in_plans and id(p) not in stepping]
+        if missing:
+            raise RuntimeError(f"sharded parameters {missing[:8]} are not stepped on a rank that holds them")
+        layouts = [self._layouts[id(p)] for p in params]
+        n = self._momentum(params, group)
+        states = [self.state[p] for p in params]
+        stages = self.stages(group)
+        for k, stage in enumerate(stages):
+            if isinstance(stage, Statistic):
+                stage.run(n, layouts, states, self._comm)
+                continue
+            last = k == len(stages) - 1
+            fn = (lambda x, fn=stage.fn: self._scaled(fn(x), group)) if last else stage.fn
+            index = {id(p): i for i, p in enumerate(params)}
+            local = [i for i, p in enumerate(params) if id(p) not in in_plans]
+            runs = [(plan, [index[id(p)] for p in ps]) for plan, ps in planned]
+            runs.append((LocalPlan([layouts[i] for i in local]), local))
+            for plan, idx in runs:
+                if not idx and plan.group is None:
+                    continue
+                out = plan.run({j: n[i] for j, i in enumerate(idx)}, fn, self._move_dtype(group),
+                               n[0].dtype, self._comm)
+                for j, i in enumerate(idx):
+                    n[i] = out[j] if last else out[j].to(n[i].dtype)  # later stages work in fp32 (or wider)
+                self.transformed += plan.owned
+        if not any(isinstance(s, Spectral) for s in stages):  # each rank counts the matrices it holds pieces of
+            self.transformed += sum(len(lay.block_shapes) for lay in layouts)
+        if not isinstance(stages[-1], Spectral):
+            self._scale_(n, layouts, group)
+        lr, wd = group["lr"], group["weight_decay"]
+        for p, u, state in zip(params, n, states):
+            x = local_tensor(p)
+            if wd != 0 and lr != 0:
+                x.mul_(1.0 - lr * wd)
+            x.add_(as_param(u, x, self._info[id(p)]) if self._transposed(p) else u.view(x.shape), alpha=-lr)
+            state["step"] += 1
+
+    def _move_dtype(self, group: dict) -> torch.dtype:
+        return self.move_dtype or group.get("ns_dtype", torch.float32)
+
+    def _scaled(self, u: Tensor, group: dict) -> Tensor:
+        """Whole matrices ``(B, m, n)`` times their scale factors (on the owner)."""
+        return u * scale_factors(u, group["scale"], group["rms"]).view(-1, 1, 1).to(u.device)
+
+    def _scale_(self, n: list[Tensor], layouts: list[Layout], group: dict) -> None:
+        """Every local piece times its matrix's scale factor (``"rms"``: one packed norm reduction)."""
+        rms = group["rms"]
+        if group["scale"] == "rms":
+            norms = sharded_frobenius_norms(n, layouts, self._comm)
+            factors = [torch.stack([rms_factor(v, rms, m, k) for v, (m, k) in zip(norm, lay.block_shapes)])
+                       for norm, lay in zip(norms, layouts)]
+        else:
+            factors = [torch.tensor([shape_factor(group["scale"], rms, m, k) for m, k in lay.block_shapes],
+                                    dtype=u.dtype) for u, lay in zip(n, layouts)]
+        for u, lay, s in zip(n, layouts, factors):
+            if len(s) == 1:
+                u.mul_(s.to(u.device))
+            else:
+                for view, r in lay.pieces(u):
+                    view.mul_(s[r.block].to(u.device))
+
+    # ---- state --------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd["skipped_steps"] = self.skipped_steps
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        skipped = state_dict.pop("skipped_steps", 0)
+        super().load_state_dict(state_dict)
+        self.skipped_steps = skipped

@@ -1,0 +1,33 @@
+"""The two kinds of stage an algorithm's transform is made of.
+
+``Statistic(run, passes, cols)``: needs the matrix only through sums along rows and columns (RACS,
+equilibration, row normalisation). ``run(xs, layouts, states, stats)`` transforms every parameter's
+local elements ``xs[i]`` in place, reducing its partial sums over the groups of ``layouts[i]``
+(``comm.statistics``): exact under any sharding, O(m + n) traffic, no gather. ``states[i]`` is the
+parameter's state. ``passes`` (packed reductions per step) and ``cols`` (whether column sums travel
+beside the row sums) describe that traffic to the scale model.
+
+``Spectral(fn)``: needs whole matrices (Newton–Schulz). ``fn`` maps a stack ``(B, m, n)`` to one of the
+same shape; the engine runs it on each matrix's owner (``comm.owner``), which is this process when it
+holds the matrix whole.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from ..comm.collectives import CommStats
+from ..layout import Layout
+
+
+@dataclass(frozen=True)
+class Statistic:
+    run: Callable[[list[Tensor], list[Layout], list[dict], CommStats], None]
+    passes: int = 1
+    cols: bool = True
+
+
+@dataclass(frozen=True)
+class Spectral:
+    fn: Callable[[Tensor], Tensor]
