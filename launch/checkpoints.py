@@ -145,9 +145,9 @@ def _reorder_state(opt, params: dict[str, Tensor], rows: dict[str, Tensor], inve
         for key, value in list(state.items()):
             if not isinstance(value, Tensor) or value.ndim == 0:
                 continue
-            if value.shape != p.shape:
-                raise ValueError(f"optimizer state {key!r} of {name} has shape {list(value.shape)}, not the "
-                                 f"parameter's {list(p.shape)}: its rows cannot be reordered")
+            if value.shape != p.shape and tuple(value.shape) != (p.shape[0],):  # per element, or per row
+                raise ValueError(f"optimizer state {key!r} of {name} has shape {list(value.shape)}, neither the "
+                                 f"parameter's {list(p.shape)} nor one per row: its rows cannot be reordered")
             index = (torch.argsort(order) if inverse else order).to(value.device)
             swapped.append((state, key, value))
             state[key] = value[index]

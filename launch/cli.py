@@ -1,11 +1,14 @@
-"""The command line of ``launch/train.py``: its flags and their checks, and the table of the optimizers and
-their own hyper-parameter flags (``MATRIX_OPTIMIZERS``, ``OPTIMIZERS``, ``OPTIMIZER_FLAGS``): the one
-place that names them, which the loop (``launch.loop.build_optimizer``) and the DeepSpeed checks read."""
+"""The command line of ``launch/train.py``: its flags and their checks, and the optimizers and their own
+hyper-parameter flags (``MATRIX_OPTIMIZERS``, ``OPTIMIZERS``, ``OPTIMIZER_FLAGS``), read from reg_dist's
+registry: every algorithm there is an ``--optimizer`` choice, and every hyper-parameter of theirs a flag
+(refused for an optimizer that has no such hyper-parameter). The loop (``launch.loop.build_optimizer``)
+and the DeepSpeed checks read them from here."""
 
 import argparse
 import math
 import os
 import time
+import typing
 from pathlib import Path
 from typing import NamedTuple
 
@@ -16,13 +19,15 @@ from launch.data import DEFAULT_CACHE, DOMAINS
 from launch.deepspeed_job import check_args as check_deepspeed_args
 from launch.model import GPTConfig
 from launch.ranks import is_rank0, world_env
-from reg_dist import REG, Muon, MuonEq
+from reg_dist.optim import registry
 
 DESCRIPTION = ("Train the byte-level GPT of ``launch.model`` on a corpus of ``launch.data`` (``--data stdlib``,\n"
                "Python sources; ``pydoc``, English reference text), on one rank or many (data × tensor parallel).")
 # ---- the optimizers and their own flags: the one place that names them ---------------------------
-MATRIX_OPTIMIZERS = {"reg": REG, "muon": Muon, "muoneq": MuonEq}
+MATRIX_OPTIMIZERS = {name: entry.cls for name, entry in registry.ALGORITHMS.items()}
 OPTIMIZERS = (*MATRIX_OPTIMIZERS, "adamw")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
+OWN_FLAGS = ("lr", "weight_decay", "adamw_betas", "adamw_eps", "nonfinite", "nesterov")  # flags of the job's own
 
 
 class Flag(NamedTuple):
@@ -37,16 +42,33 @@ class Flag(NamedTuple):
     choices: tuple | None = None
 
 
+def _flag(keyword: str, help: str, **kw) -> Flag:
+    """The flag of registry hyper-parameter ``keyword``: the optimizers that have it, and its default."""
+    takers = tuple(n for n in MATRIX_OPTIMIZERS if keyword in registry.schema(n))
+    hyper = registry.schema(takers[0])[keyword]
+    defaults = {n: registry.schema(n)[keyword].default for n in takers}
+    default = next((k for k, v in DTYPES.items() if v == hyper.default), hyper.default)
+    if len(set(map(repr, defaults.values()))) > 1:
+        default = ", ".join(f"{n} {d}" for n, d in defaults.items())
+    base = [t for t in typing.get_args(hyper.type) if t is not type(None)] or [hyper.type]  # X | None: X
+    kind = {int: int, str: str, torch.dtype: str}.get(base[0], float)
+    choices = tuple(DTYPES) if hyper.type is torch.dtype else None
+    return Flag(keyword, takers, default, f"{'/'.join(takers)}: {help}", **{"type": kind, "choices": choices, **kw})
+
+
+# the flags of the job (named here), then one per other hyper-parameter of the registry (--<name>)
 OPTIMIZER_FLAGS = {
-    "momentum": Flag("momentum", ("reg", "muon", "muoneq"), 0.95, "REG/Muon/MuonEq momentum", check="unit"),
-    "rms": Flag("rms", ("reg", "muon", "muoneq"), 0.2, "REG/Muon/MuonEq update RMS, matched to AdamW's",
-                check="positive"),
-    "reg_p": Flag("p", ("reg",), 2.0, "REG: the RACS norm exponent p", check="positive"),
-    "reg_iters": Flag("iters", ("reg",), 1, "REG: RACS iterations", type=int, check="count"),
-    "ns_steps": Flag("ns_steps", ("muon", "muoneq"), 5, "Muon/MuonEq: Newton-Schulz steps", type=int, check="count"),
-    "muoneq_mode": Flag("mode", ("muoneq",), "row", "MuonEq: the equilibration before Newton-Schulz", type=str,
-                        choices=("row", "col", "rowcol")),
+    "momentum": _flag("momentum", "momentum of the matrix update", check="unit"),
+    "rms": _flag("rms", "update RMS, matched to AdamW's", check="positive"),
+    "reg_p": _flag("p", "the RACS norm exponent p", check="positive"),
+    "reg_iters": _flag("iters", "RACS iterations", check="count"),
+    "ns_steps": _flag("ns_steps", "Newton-Schulz steps", check="count"),
+    "muoneq_mode": _flag("mode", "the equilibration before Newton-Schulz", choices=("row", "col", "rowcol")),
 }
+OPTIMIZER_FLAGS.update({
+    keyword: _flag(keyword, keyword.replace("_", " "))
+    for keyword in dict.fromkeys(k for n in MATRIX_OPTIMIZERS for k in registry.schema(n))
+    if keyword not in OWN_FLAGS and keyword not in {f.keyword for f in OPTIMIZER_FLAGS.values()}})
 # --flag (as an argument name): (keyword of the optimizer, the optimizers it applies to)
 HYPER_PARAMETERS = {name: (flag.keyword, flag.applies) for name, flag in OPTIMIZER_FLAGS.items()}
 
@@ -84,7 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = Parser(description=DESCRIPTION, formatter_class=HelpFormatter,
                epilog="The full description (parallelism, checkpoints, resuming) is launch/train.py's docstring.")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="reg",
-                   help="the optimizer: REG, Muon or MuonEq (hidden matrices; the rest to their internal AdamW), "
+                   help="the optimizer: one of reg_dist's (hidden matrices; the rest to their internal AdamW), "
                         "or torch's AdamW for everything")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (every parameter group)")
     p.add_argument("--weight-decay", type=float, default=0.1, help="decoupled weight decay (every parameter group)")
@@ -226,7 +248,7 @@ def check_hyper_parameters(p: argparse.ArgumentParser, args: argparse.Namespace)
         if args.optimizer not in flag.applies:
             p.error(f"--{name.replace('_', '-')} applies to --optimizer {' or '.join(flag.applies)}, "
                     f"not {args.optimizer}")
-        args.hyper[flag.keyword] = value
+        args.hyper[flag.keyword] = DTYPES[value] if flag.choices == tuple(DTYPES) else value
 
 
 def check_parallel(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:

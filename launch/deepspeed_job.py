@@ -34,9 +34,7 @@ from launch.data import ByteWindows
 from launch.job import duration, evaluate, lr_factor, progress, write_json
 from launch.model import GPT
 from launch.ranks import Parallel, die, prepare_rank, world_env
-
-CONFIG_OPTIMIZER_NAMES = {"reg": "reg", "reg_dist.reg": "reg", "muoneq": "muoneq", "reg_dist.muoneq": "muoneq",
-                          "reg_dist.muon": "muon"}
+from reg_dist.optim import registry
 
 
 def config_batch(config: dict, world: int) -> tuple[int, int, int]:
@@ -105,7 +103,8 @@ def check_args(p, args, decided: tuple[str, ...]) -> None:
                 f"× world {world} = {total} (drop --batch-size or pass {total})")
     args.batch_size = total
     kind = ((args.ds_config.get("optimizer") or {}).get("type") or "none")
-    args.optimizer = CONFIG_OPTIMIZER_NAMES.get(str(kind).lower(), str(kind).lower())
+    entry = registry.DEEPSPEED_TYPES.get(str(kind).lower())  # the JSON type → the registry's name ("reg_dist.Muon" → muon)
+    args.optimizer = entry.name if entry is not None else str(kind).lower()
     args.resume = "none"
 
 

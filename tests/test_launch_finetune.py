@@ -95,6 +95,7 @@ def test_resuming_on_another_domain_is_refused(data_dir, pretrained, tmp_path, c
     ("reg", ["--reg-p", "3", "--reg-iters", "2"], "p", 3.0),
     ("muon", ["--ns-steps", "3", "--rms", "0.3"], "ns_steps", 3),
     ("muoneq", ["--muoneq-mode", "rowcol", "--momentum", "0.9"], "mode", "rowcol"),
+    ("normuon", ["--beta2", "0.9", "--ns-dtype", "float32"], "beta2", 0.9),  # every registry algorithm and its flags
 ])
 def test_hyper_parameter_flags_reach_the_optimizer(optimizer, flags, keyword, value, data_dir, tmp_path):
     log = _run(data_dir, tmp_path / optimizer, "--optimizer", optimizer, *flags, "--betas", "0.8", "0.9",
@@ -106,7 +107,8 @@ def test_hyper_parameter_flags_reach_the_optimizer(optimizer, flags, keyword, va
 
 @pytest.mark.parametrize("argv, message", [
     (["--optimizer", "adamw", "--reg-p", "3"], "--reg-p applies to --optimizer reg, not adamw"),
-    (["--optimizer", "reg", "--ns-steps", "3"], "--ns-steps applies to --optimizer muon or muoneq, not reg"),
+    (["--optimizer", "reg", "--ns-steps", "3"], "--ns-steps applies to --optimizer muon or muoneq or normuon, not reg"),
+    (["--optimizer", "reg", "--beta2", "0.9"], "--beta2 applies to --optimizer normuon, not reg"),
     (["--optimizer", "muon", "--muoneq-mode", "row"], "--muoneq-mode applies to --optimizer muoneq, not muon"),
     (["--momentum", "1.5"], "--momentum must be in [0, 1)"),
     (["--betas", "0.9", "1.0"], "--betas must be in [0, 1)"),

@@ -68,12 +68,7 @@ from .flat_partition import element_layout, laid, piece_layout, step_pieces
 
 logger = logging.getLogger("reg_dist")
 
-# JSON type (case-insensitive, as DeepSpeed reads types) → the registry's entry: its DeepSpeed name, and
-# "reg_dist.<name>" for every algorithm
-OPTIMIZERS: dict[str, registry.Entry] = {
-    **{e.deepspeed.lower(): e for e in registry.ALGORITHMS.values()},
-    **{f"reg_dist.{e.name}": e for e in registry.ALGORITHMS.values()},
-}
+OPTIMIZERS = registry.DEEPSPEED_TYPES  # JSON type (lower-cased) → the registry's entry
 CONSTRUCTOR_ONLY = ("nonfinite", "move_dtype")  # optimizer arguments that are not per-group hyper-parameters
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,

@@ -42,6 +42,14 @@ ALGORITHMS: dict[str, Entry] = {e.name: e for e in (
 )}
 
 
+# a DeepSpeed JSON "type" (read case-insensitively, as DeepSpeed reads its own): each algorithm's DeepSpeed
+# name, and "reg_dist.<name>" for every algorithm
+DEEPSPEED_TYPES: dict[str, Entry] = {
+    **{e.deepspeed.lower(): e for e in ALGORITHMS.values()},
+    **{f"reg_dist.{e.name}": e for e in ALGORITHMS.values()},
+}
+
+
 def get(name: str) -> Entry:
     """The entry of algorithm ``name`` ("reg", "muon", "muoneq", "normuon"), or a ValueError listing them."""
     if name not in ALGORITHMS:
@@ -69,4 +77,4 @@ def is_spectral(name: str) -> bool:
     return any(isinstance(s, Spectral) for s in stages(name))
 
 
-__all__ = ["ALGORITHMS", "Entry", "Hyper", "Spectral", "Statistic", "get", "is_spectral", "schema", "stages"]
+__all__ = ["ALGORITHMS", "DEEPSPEED_TYPES", "Entry", "Hyper", "Spectral", "Statistic", "get", "is_spectral", "schema", "stages"]
