@@ -476,14 +476,17 @@ class MatrixOptimizer(Optimizer):
                 self.transformed += plan.owned
         if not any(isinstance(s, Spectral) for s in stages):  # each rank counts the matrices it holds pieces of
             self.transformed += sum(len(lay.block_shapes) for lay in layouts)
-        if not isinstance(stages[-1], Spectral):
-            self._scale_(n, layouts, group)
+        factors = self._scale_(n, layouts, group) if not isinstance(stages[-1], Spectral) else [None] * len(n)
         lr, wd = group["lr"], group["weight_decay"]
-        for p, u, state in zip(params, n, states):
+        for p, u, s, state in zip(params, n, factors, states):
             x = local_tensor(p)
             if wd != 0 and lr != 0:
                 x.mul_(1.0 - lr * wd)
-            x.add_(as_param(u, x, self._info[id(p)]) if self._transposed(p) else u.view(x.shape), alpha=-lr)
+            u = as_param(u, x, self._info[id(p)]) if self._transposed(p) else u.view(x.shape)
+            if s is None:
+                x.add_(u, alpha=-lr)
+            else:  # W − lr·s·U in one pass
+                x.addcmul_(u, s.to(x.device), value=-lr)
             state["step"] += 1
 
     def _move_dtype(self, group: dict) -> torch.dtype:
@@ -493,8 +496,10 @@ class MatrixOptimizer(Optimizer):
         """Whole matrices ``(B, m, n)`` times their scale factors (on the owner)."""
         return u * scale_factors(u, group["scale"], group["rms"]).view(-1, 1, 1).to(u.device)
 
-    def _scale_(self, n: list[Tensor], layouts: list[Layout], group: dict) -> None:
-        """Every local piece times its matrix's scale factor (``"rms"``: one packed norm reduction)."""
+    def _scale_(self, n: list[Tensor], layouts: list[Layout], group: dict) -> list[Tensor | None]:
+        """The scale factor of every parameter whose matrices share one (a 0-dim tensor, applied with the
+        update), after multiplying the pieces of the others (fused blocks) in place (None); ``"rms"``:
+        one packed norm reduction."""
         rms = group["rms"]
         if group["scale"] == "rms":
             norms = sharded_frobenius_norms(n, layouts, self._comm)
@@ -503,12 +508,15 @@ class MatrixOptimizer(Optimizer):
         else:
             factors = [torch.tensor([shape_factor(group["scale"], rms, m, k) for m, k in lay.block_shapes],
                                     dtype=u.dtype) for u, lay in zip(n, layouts)]
+        out: list[Tensor | None] = []
         for u, lay, s in zip(n, layouts, factors):
             if len(s) == 1:
-                u.mul_(s.to(u.device))
-            else:
-                for view, r in lay.pieces(u):
-                    view.mul_(s[r.block].to(u.device))
+                out.append(s.view(()))
+                continue
+            for view, r in lay.pieces(u):
+                view.mul_(s[r.block].to(u.device))
+            out.append(None)
+        return out
 
     # ---- state --------------------------------------------------------------------------
     def state_dict(self) -> dict:
