@@ -192,16 +192,16 @@ def run(args: argparse.Namespace) -> dict:
             interval_s, printed = 0.0, step
 
     steps_here = args.steps - first + 1
-    losses = [r["loss"] for r in log["train"]]
-    last = losses[-min(10, len(losses)):]
-    log["final"] = {"steps": args.steps, "train_loss_first": losses[0], "train_loss_last": losses[-1],
-                    "train_loss_last10_mean": sum(last) / len(last), "val_loss": val_loss,
-                    "wall_s": time.perf_counter() - start, "train_s": train_s,
-                    "tokens": steps_here * tokens_per_step,
-                    "tokens_per_s": steps_here * tokens_per_step / train_s if train_s else 0.0,
-                    "skipped_steps": getattr(opt, "skipped_steps", 0), "world": args.world, "dp": args.dp,
-                    "tp": args.tp}
-    if par.rank0:
+    if par.rank0:  # the only rank with the whole log (a resumed run's earlier steps come from its checkpoint)
+        losses = [r["loss"] for r in log["train"]]
+        last = losses[-min(10, len(losses)):]
+        log["final"] = {"steps": args.steps, "train_loss_first": losses[0], "train_loss_last": losses[-1],
+                        "train_loss_last10_mean": sum(last) / len(last), "val_loss": val_loss,
+                        "wall_s": time.perf_counter() - start, "train_s": train_s,
+                        "tokens": steps_here * tokens_per_step,
+                        "tokens_per_s": steps_here * tokens_per_step / train_s if train_s else 0.0,
+                        "skipped_steps": getattr(opt, "skipped_steps", 0), "world": args.world, "dp": args.dp,
+                        "tp": args.tp}
         write_json(log_path, log)
         f = log["final"]
         print(f"done: train loss {f['train_loss_first']:.4f} -> {f['train_loss_last']:.4f} "

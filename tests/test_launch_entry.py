@@ -188,6 +188,18 @@ def test_run_saves_its_final_checkpoint_says_where_and_a_rerun_resumes_from_it(d
     assert json.loads((out / "log.json").read_text())["args"]["resumed_from"] == str(final)
 
 
+def test_rerun_of_a_finished_two_rank_run_exits_0_on_every_rank(data_dir, tmp_path):
+    """``make train`` twice: the second torchrun resumes the final checkpoint on both ranks, trains
+    nothing, says so and exits 0 (every rank, not only rank 0, which alone holds the run's log)."""
+    from multiproc import torchrun
+
+    argv = [*TINY, "--dp", "2", "--data-dir", data_dir, "--out", str(tmp_path / "run")]
+    assert torchrun(LAUNCH / "train.py", 2, argv).returncode == 0
+    again = torchrun(LAUNCH / "train.py", 2, argv)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "nothing to train" in again.stdout and "final checkpoint" in again.stdout.splitlines()[-1]
+
+
 def test_no_save_writes_no_checkpoint_and_says_so(data_dir, tmp_path, capsys):
     log = main([*TINY, "--steps", "2", "--no-save", "--resume", "none", "--data-dir", data_dir,
                 "--out", str(tmp_path / "run")])
