@@ -161,3 +161,26 @@ def test_a_plain_fully_shard_reports_its_group_as_dp():
         return sorted(opt.comm_stats())
 
     assert run_ranks(2, body) == [["dp", "world"]] * 2
+
+
+def test_owner_plans_survive_load_state_dict():
+    """``load_state_dict`` replaces the param group dicts (torch's own): the owner plans still apply, and
+    the run continues exactly as without the round trip."""
+    def body(rank, world):
+        out = []
+        for round_trip in (False, True):
+            torch.manual_seed(0)
+            model = Net()
+            fsdp(model, rank, world)
+            opt = Muon(model, **EXACT)
+            for t, tokens in enumerate(data()):
+                if round_trip and t == 1:
+                    opt.load_state_dict(opt.state_dict())
+                opt.zero_grad()
+                loss_of(model, tokens[rank * 4:(rank + 1) * 4]).backward()
+                opt.step()
+            out.append(full_state(model, opt))
+        return out
+
+    for plain, resumed in run_ranks(2, body):
+        assert_same(plain, resumed)

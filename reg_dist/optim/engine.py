@@ -120,6 +120,10 @@ def _layout_keywords(moves: bool) -> tuple[Hyper, ...]:
             Hyper("bucket_bytes", BUCKET_BYTES, int))
 
 
+def _key(group: dict) -> tuple[int, ...]:
+    return tuple(map(id, group["params"]))
+
+
 class MatrixOptimizer(Optimizer):
     """The engine. An algorithm subclass gives its name (``algorithm``), its own hyper-parameters
     (``hyper``, in constructor order, between the common ones and AdamW's), its default ``scale``,
@@ -169,7 +173,8 @@ class MatrixOptimizer(Optimizer):
         self._view: dict[int, tuple[int, int, int]] = {}  # every matrix parameter's (count, m, n)
         self._layouts: dict[int, Layout] = {}  # every matrix parameter's
         self._collective: set[int] = set()  # matrix parameters every rank holding them steps together
-        self._plans: dict[int, list[tuple[OwnerPlan, list[Tensor]]]] = {}  # id(group) → its owner plans
+        # a group's owner plans, by its parameters (torch's load_state_dict replaces the group dicts)
+        self._plans: dict[tuple[int, ...], list[tuple[OwnerPlan, list[Tensor]]]] = {}
         self._comm: CommStats = {}
         self._native: NativeDP | None = None
         self._agree: dist.ProcessGroup | None = None
@@ -324,7 +329,7 @@ class MatrixOptimizer(Optimizer):
             logger.info("%s owner plan over %r: %d matrices, %d here, imbalance %.1f %%", type(self).__name__,
                         name, len(plan.matrices), plan.owned, 100 * plan.imbalance)
             entries.append((plan, ps))
-        self._plans[id(group)] = entries
+        self._plans[_key(group)] = entries
 
     def _communicator(self, p: Tensor) -> tuple[dist.ProcessGroup | None, str]:
         """The group whose ranks hold the pieces of ``p``: its whole root mesh, less blockwise dims
@@ -447,7 +452,7 @@ class MatrixOptimizer(Optimizer):
         if not params:
             return
         stepping = {id(p) for p in params}
-        planned = [(plan, ps) for plan, ps in self._plans.get(id(group), [])]
+        planned = self._plans.get(_key(group), [])
         in_plans = {id(p) for _, ps in planned for p in ps}
         missing = [n for n, p in zip(group["param_names"], group["params"]) if id(p) in in_plans and id(p) not in stepping]
         if missing:
