@@ -185,7 +185,7 @@ def as_param(x: Tensor, p: Tensor, info: ParamInfo | None) -> Tensor:
 def route(p: Tensor, info: ParamInfo, requested: str | None, matrix_algorithm: str) -> Route:
     """The route of ``p``: ``requested`` is the algorithm its group names (None: the default rule)."""
     name = " = ".join(info.names)
-    layout = getattr(p, LAYOUT_ATTR, None)  # reg_dist.distributed.dtensor.LAYOUT_ATTR: a piece of a logical m × n
+    layout = getattr(p, LAYOUT_ATTR, None)  # an integration's: a piece of a logical m × n
     shape = tuple(layout.shape) if layout is not None else tuple(p.shape)  # matrix, whatever its local shape
     if requested == ADAMW:
         return Route(name, shape, ADAMW, "group says adamw")

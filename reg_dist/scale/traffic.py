@@ -8,7 +8,7 @@ It follows the code path by path (no process group is made):
                  all-reduce per group name that splits any of the rank's laid-out matrices, of
                  m + K·n floats per matrix (fp32; K fused blocks); REG's "rms" scale adds one of K floats
     owner moves  per owner plan whose moves leave a rank, two all-to-alls: every distinct held element
-                 to its matrix's owner, every owned matrix back to every holder (bf16 by default);
+                 to its matrix's owner, every owned matrix back to every holder (in the Newton–Schulz dtype, bf16 by default);
                  "bytes" is the rank's send buffer, "sent" its off-rank part
     native dp    per bucket of ``bucket_bytes`` of the owners' streams, one reduce-scatter and one
                  all-gather over dp of dp × segment parameter-dtype elements
