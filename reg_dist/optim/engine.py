@@ -209,7 +209,8 @@ class MatrixOptimizer(Optimizer):
         """Raise ValueError on an invalid algorithm-specific hyper-parameter of ``group``."""
         raise NotImplementedError
 
-    def stages(self, group: dict) -> list[Statistic | Spectral]:
+    @classmethod
+    def stages(cls, group: dict) -> list[Statistic | Spectral]:
         """The transform of the momentum ``N``, as stages run in order (see ``stages``)."""
         raise NotImplementedError
 

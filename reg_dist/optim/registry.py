@@ -69,7 +69,7 @@ def stages(name: str, **hyper: Any) -> list[Statistic | Spectral]:
     """The stages of algorithm ``name`` with its defaults, ``hyper`` overriding those it has."""
     known = schema(name)
     group = {**{k: h.default for k, h in known.items()}, **{k: v for k, v in hyper.items() if k in known}}
-    return get(name).cls.stages(None, group)
+    return get(name).cls.stages(group)
 
 
 def is_spectral(name: str) -> bool:

@@ -35,5 +35,6 @@ class Muon(MatrixOptimizer):
     def check_group(self, group: dict) -> None:
         newton_schulz_stage(group)
 
-    def stages(self, group: dict) -> list[Spectral]:
+    @classmethod
+    def stages(cls, group: dict) -> list[Spectral]:
         return [newton_schulz_stage(group)]

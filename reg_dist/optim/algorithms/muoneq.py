@@ -45,7 +45,8 @@ class MuonEq(MatrixOptimizer):
             if group["mode"] != "rowcol":
                 raise ValueError(f"phase applies only to mode='rowcol', got mode={group['mode']!r}")
 
-    def stages(self, group: dict) -> list[Statistic | Spectral]:
+    @classmethod
+    def stages(cls, group: dict) -> list[Statistic | Spectral]:
         def equilibrate(xs: list[Tensor], layouts: list[Layout], states: list[dict], stats: CommStats) -> None:
             modes = [mode_at(group, int(s["step"])) for s in states]
             for mode in sorted(set(modes)):

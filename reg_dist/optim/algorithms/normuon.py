@@ -38,7 +38,8 @@ class NorMuon(MatrixOptimizer):
         if group["eps"] == 0:
             raise ValueError("eps must be > 0, got 0")
 
-    def stages(self, group: dict) -> list[Spectral | Statistic]:
+    @classmethod
+    def stages(cls, group: dict) -> list[Spectral | Statistic]:
         beta2, eps = group["beta2"], group["eps"]
 
         def normalise_rows(xs: list[Tensor], layouts: list[Layout], states: list[dict], stats: CommStats) -> None:

@@ -22,7 +22,8 @@ class REG(MatrixOptimizer):
     def check_group(self, group: dict) -> None:
         check_racs_args(group["p"], group["iters"], group["eps"])
 
-    def stages(self, group: dict) -> list[Statistic]:
+    @classmethod
+    def stages(cls, group: dict) -> list[Statistic]:
         p, iters, eps = group["p"], group["iters"], group["eps"]
         return [Statistic(lambda xs, layouts, states, stats: sharded_racs_(xs, layouts, p, iters, eps, stats),
                           passes=iters)]
