@@ -184,7 +184,7 @@ class MatrixOptimizer(Optimizer):
         groups, infos = parse_params(params)
         self._info.update(infos)
         super().__init__(groups, defaults)
-        if self._collective or mesh is not None:
+        if (self._collective and dist.is_initialized()) or mesh is not None:
             groups = [g for i in self._collective for _, g in self._layouts[i].groups] + _mesh_groups(mesh)
             mine = [(r.name, tuple(r.shape), r.algorithm) for r in self.routes]
             self._agree = agreement_group(mine, {r for g in groups for r in dist.get_process_group_ranks(g)})
