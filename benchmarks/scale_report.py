@@ -110,7 +110,7 @@ def main_table(rows: list[dict]) -> str:
         dp = r["gpus"] // r["tp"]
         ratio = "–" if r["comm_ratio"] is None else f"{r['comm_ratio']:.3f}"
         ns = imb = "–"
-        if r["optimizer"] in ("muon", "muoneq"):
+        if r["ns_imbalance"] is not None:  # an algorithm with a Newton–Schulz stage
             ns = f"{r['ns_flops_busiest'] / 1e12:,.1f}"
             imb = f"{r['ns_imbalance'] + 1:,.1f}"
         layout = f"{r['label'].split()[0]}, " + ("native" if r["zero"] == 1 else "FSDP2")
