@@ -1,0 +1,90 @@
+"""The Hugging Face ``transformers.Trainer`` with ``deepspeed=`` a config naming ``"REG"`` (ZeRO 2, 2 gloo
+ranks, after ``reg_dist.deepspeed.register()``) trains a tiny GPT-2 to the weights of a single-process
+REG run on the same batches (fp32). GPT-2's Conv1D weights are stored in × out: one process routes them
+as their transpose, DeepSpeed's flat partitions step them as stored; REG is symmetric in rows and
+columns, so the two are equal."""
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed")
+transformers = pytest.importorskip("transformers")
+import deepspeed  # noqa: E402,F401
+from accelerate import PartialState  # noqa: E402
+import deepspeed.runtime.zero.stage_1_and_2  # noqa: E402,F401
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments  # noqa: E402
+
+import reg_dist.deepspeed as rds  # noqa: E402
+from multiproc import run_ranks  # noqa: E402
+from reg_dist import optim  # noqa: E402
+from reg_dist.integrations.deepspeed import RegDistAdapter  # noqa: E402
+from test_integration_deepspeed import _no_shm_build  # noqa: E402
+
+WORLD, PER_RANK, STEPS, SEQ, LR, WD = 2, 4, 3, 16, 0.02, 0.1
+# the key bias's gradient is 0 in exact arithmetic (softmax ignores it): AdamW at eps 1e-8 would scale its
+# rounding noise, which differs with the order of the sums, up to ~lr; at 1e-4 the noise stays noise
+EPS = 1e-4
+CONFIG = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+          "gradient_clipping": "auto", "zero_optimization": {"stage": 2}, "steps_per_print": 10**6,
+          "optimizer": {"type": "REG", "params": {"lr": "auto", "weight_decay": "auto",
+                                                   "adamw_eps": EPS}}}
+
+
+def _model():
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(config)
+
+
+def _samples():
+    """Token sequences whose first label is -100: no token predicts it, so the Trainer's token count
+    (labels not -100, before the shift: transformers 5.24) is the number of predicted tokens."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 64, (STEPS * WORLD * PER_RANK, SEQ), generator=g)
+    return [{"input_ids": x, "labels": torch.cat([torch.tensor([-100]), x[1:]])} for x in ids]
+
+
+def _reference():
+    """REG in one process on the global batches: the samples in order, WORLD · PER_RANK at a time."""
+    model, samples = _model(), _samples()
+    opt = optim.REG(model, lr=LR, weight_decay=WD, adamw_eps=EPS)
+    size = WORLD * PER_RANK
+    for k in range(STEPS):
+        batch = samples[k * size:(k + 1) * size]
+        ids, labels = (torch.stack([s[key] for s in batch]) for key in ("input_ids", "labels"))
+        opt.zero_grad()
+        model(input_ids=ids, labels=labels).loss.backward()
+        opt.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _gloo_deepspeed_state():
+    """Accelerate's DeepSpeed state on gloo ranks: with no accelerator found and ``use_cpu`` off (DeepSpeed
+    needs it off) it would pick no backend and train every rank on the whole data as one process."""
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    PartialState(backend="gloo")
+
+
+def test_trainer_with_reg_in_the_deepspeed_config_equals_single_process(tmp_path):
+    expected = _reference()
+
+    def body(rank, world):
+        _no_shm_build()
+        rds.register()
+        _gloo_deepspeed_state()
+        args = TrainingArguments(output_dir=str(tmp_path / "out"), deepspeed=dict(CONFIG), max_steps=STEPS,
+                                 per_device_train_batch_size=PER_RANK, learning_rate=LR, weight_decay=WD,
+                                 lr_scheduler_type="constant", max_grad_norm=0.0, train_sampling_strategy="sequential",
+                                 save_strategy="no", report_to="none", disable_tqdm=True, logging_steps=10**6, seed=0,
+                                 accelerator_config={"use_configured_state": True})
+        trainer = Trainer(model=_model(), args=args, train_dataset=_samples())
+        trainer.train()
+        assert isinstance(trainer.model_wrapped.basic_optimizer, RegDistAdapter)
+        for name, p in trainer.model.named_parameters():
+            torch.testing.assert_close(p.detach(), expected[name], rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, name=name: f"{name}: {m}")
+
+    run_ranks(WORLD, body, init_group=False)
