@@ -1,6 +1,6 @@
-"""The Hugging Face ``transformers.Trainer`` with ``deepspeed=`` a config naming ``"REG"`` (ZeRO 2, 2 gloo
-ranks, after ``reg_dist.deepspeed.register()``) trains a tiny GPT-2 to the weights of a single-process
-REG run on the same batches (fp32). GPT-2's Conv1D weights are stored in × out: one process routes them
+"""The Hugging Face ``transformers.Trainer`` with ``deepspeed=`` a config naming ``"REG"``, or with REG
+from a ``create_optimizer`` override (ZeRO 2, 2 gloo ranks, after ``reg_dist.deepspeed.register()``),
+trains a tiny GPT-2 to the weights of a single-process REG run on the same batches (fp32). GPT-2's Conv1D weights are stored in × out: one process routes them
 as their transpose, DeepSpeed's flat partitions step them as stored; REG is symmetric in rows and
 columns, so the two are equal."""
 
@@ -48,13 +48,16 @@ def _samples():
 
 
 def _reference():
-    """REG in one process on the global batches: the samples in order, WORLD · PER_RANK at a time."""
+    """REG in one process on the global batches (the samples in order, WORLD · PER_RANK at a time) with
+    the Trainer's linear decay of the lr to 0 over STEPS."""
     model, samples = _model(), _samples()
     opt = optim.REG(model, lr=LR, weight_decay=WD, adamw_eps=EPS)
     size = WORLD * PER_RANK
     for k in range(STEPS):
         batch = samples[k * size:(k + 1) * size]
         ids, labels = (torch.stack([s[key] for s in batch]) for key in ("input_ids", "labels"))
+        for group in opt.param_groups:
+            group["lr"] = LR * (1 - k / STEPS)
         opt.zero_grad()
         model(input_ids=ids, labels=labels).loss.backward()
         opt.step()
@@ -68,19 +71,35 @@ def _gloo_deepspeed_state():
     PartialState(backend="gloo")
 
 
-def test_trainer_with_reg_in_the_deepspeed_config_equals_single_process(tmp_path):
+class RegTrainer(Trainer):
+    """The route for a reg_dist optimizer built in code: with DeepSpeed on, the Trainer drops
+    ``optimizers=(...)`` and builds its own through ``create_optimizer``."""
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            self.optimizer = optim.REG(self.model, lr=LR, weight_decay=WD, adamw_eps=EPS)
+        return self.optimizer
+
+
+@pytest.mark.parametrize("route", ["config", "create_optimizer"])
+def test_trainer_equals_single_process(tmp_path, route):
+    """``deepspeed=`` naming ``"REG"`` (its ``"auto"`` lr and weight decay filled by the Trainer), or
+    no optimizer in the config and REG from a ``create_optimizer`` override (DeepSpeed's client optimizer);
+    either way the Trainer's lr schedule reaches reg_dist's groups."""
     expected = _reference()
+    config = dict(CONFIG) if route == "config" else {k: v for k, v in CONFIG.items() if k != "optimizer"}
+    cls = Trainer if route == "config" else RegTrainer
 
     def body(rank, world):
         _no_shm_build()
         rds.register()
         _gloo_deepspeed_state()
-        args = TrainingArguments(output_dir=str(tmp_path / "out"), deepspeed=dict(CONFIG), max_steps=STEPS,
+        args = TrainingArguments(output_dir=str(tmp_path / "out"), deepspeed=config, max_steps=STEPS,
                                  per_device_train_batch_size=PER_RANK, learning_rate=LR, weight_decay=WD,
-                                 lr_scheduler_type="constant", max_grad_norm=0.0, train_sampling_strategy="sequential",
+                                 lr_scheduler_type="linear", max_grad_norm=0.0, train_sampling_strategy="sequential",
                                  save_strategy="no", report_to="none", disable_tqdm=True, logging_steps=10**6, seed=0,
                                  accelerator_config={"use_configured_state": True})
-        trainer = Trainer(model=_model(), args=args, train_dataset=_samples())
+        trainer = cls(model=_model(), args=args, train_dataset=_samples())
         trainer.train()
         assert isinstance(trainer.model_wrapped.basic_optimizer, RegDistAdapter)
         for name, p in trainer.model.named_parameters():
