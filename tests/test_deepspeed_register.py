@@ -172,3 +172,15 @@ def test_client_optimizer_refusals():
     stepped.step()
     with pytest.raises(ValueError, match="has stepped already"):
         rds.initialize(model=model, optimizer=stepped, config=_client_config(1))
+
+
+def test_a_client_optimizer_built_with_mesh_is_refused():
+    def body(rank, world):
+        from torch.distributed.device_mesh import init_device_mesh
+
+        model = Net()
+        opt = rds.OPTIMIZERS["reg"].cls(model, mesh=init_device_mesh("cpu", (world,), mesh_dim_names=("dp",)))
+        with pytest.raises(ValueError, match="built with mesh="):
+            rds.initialize(model=model, optimizer=opt, config=_client_config(1))
+
+    run_ranks(1, body)

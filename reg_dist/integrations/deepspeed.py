@@ -4,9 +4,13 @@
 
 (also ``"MuonEq"``, and ``"reg_dist.Muon"``, so that DeepSpeed's own ``"Muon"`` stays reachable;
 types are read case-insensitively, as DeepSpeed reads its own) then ``reg_dist.deepspeed.initialize``
-in place of ``deepspeed.initialize``: the same arguments and return value. Any other optimizer type,
-or none, goes to ``deepspeed.initialize`` untouched. ``params`` are the optimizer's keyword arguments
-(dtypes by name: ``"ns_dtype": "float32"``); an unknown key is an error that lists the valid ones.
+in place of ``deepspeed.initialize``: the same arguments and return value; or ``register()`` once, and
+``deepspeed.initialize`` itself does it for every caller (the Hugging Face Trainer, Accelerate). Any
+other optimizer type, or none, goes to DeepSpeed's own ``deepspeed.initialize`` untouched. ``params``
+are the optimizer's keyword arguments (dtypes by name: ``"ns_dtype": "float32"``); an unknown key is an
+error that lists the valid ones. A reg_dist optimizer given as ``optimizer=`` (what
+``accelerator.prepare`` passes) is built the same way from its own param groups and constructor
+arguments (``client_optimizer``).
 
 How it is wired. DeepSpeed gets a client optimizer, ``RegDistAdapter``, whose param groups are the
 user's: DeepSpeed flattens and partitions them as for any optimizer, and keeps calling its ``step`` /
@@ -293,7 +297,8 @@ class RegDistAdapter(Optimizer):
                 loss = closure()
         if self.inner is None:  # e.g. a DeepSpeed wrapper that steps once at construction to make optimizer state
             raise NotImplementedError("RegDistAdapter.step before bind(engine): build the engine with "
-                                      "reg_dist.deepspeed.initialize, at ZeRO stage 0 (fp32) or 1, 2, 3 (fp32, bf16)")
+                                      "reg_dist.deepspeed.initialize (or deepspeed.initialize after "
+                                      "reg_dist.deepspeed.register()), at ZeRO stage 0 (fp32) or 1, 2, 3 (fp32, bf16)")
         if self.stage == 0:
             chosen = list(self._units)
         else:
