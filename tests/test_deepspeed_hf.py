@@ -1,4 +1,5 @@
-"""The Hugging Face ``transformers.Trainer`` with ``deepspeed=`` a config naming ``"REG"``, or with REG
+"""Accelerate with a ``DeepSpeedPlugin`` and a reg_dist client optimizer, and the Hugging Face
+``transformers.Trainer`` with ``deepspeed=`` a config naming ``"REG"``, or with REG
 from a ``create_optimizer`` override (ZeRO 2, 2 gloo ranks, after ``reg_dist.deepspeed.register()``),
 trains a tiny GPT-2 to the weights of a single-process REG run on the same batches (fp32). GPT-2's Conv1D weights are stored in × out: one process routes them
 as their transpose, DeepSpeed's flat partitions step them as stored; REG is symmetric in rows and
@@ -10,9 +11,11 @@ import pytest
 import torch
 
 pytest.importorskip("deepspeed")
+pytest.importorskip("accelerate")
 transformers = pytest.importorskip("transformers")
 import deepspeed  # noqa: E402,F401
-from accelerate import PartialState  # noqa: E402
+from accelerate import Accelerator, PartialState  # noqa: E402
+from accelerate.utils import DeepSpeedPlugin  # noqa: E402
 import deepspeed.runtime.zero.stage_1_and_2  # noqa: E402,F401
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments  # noqa: E402
 
@@ -20,7 +23,8 @@ import reg_dist.deepspeed as rds  # noqa: E402
 from multiproc import run_ranks  # noqa: E402
 from reg_dist import optim  # noqa: E402
 from reg_dist.integrations.deepspeed import RegDistAdapter  # noqa: E402
-from test_integration_deepspeed import _no_shm_build  # noqa: E402
+from sharded import BATCH, Net, assert_matches, data, loss_of  # noqa: E402
+from test_integration_deepspeed import _full, _no_shm_build  # noqa: E402
 
 WORLD, PER_RANK, STEPS, SEQ, LR, WD = 2, 4, 3, 16, 0.02, 0.1
 # the key bias's gradient is 0 in exact arithmetic (softmax ignores it): AdamW at eps 1e-8 would scale its
@@ -107,3 +111,45 @@ def test_trainer_equals_single_process(tmp_path, route):
                                        msg=lambda m, name=name: f"{name}: {m}")
 
     run_ranks(WORLD, body, init_group=False)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_accelerate_prepare_with_a_client_optimizer_and_its_scheduler(stage):
+    """``accelerator.prepare(model, REG(model), LambdaLR(...))``: the engine steps REG on DeepSpeed's
+    partitions, and the scheduler built on the client optimizer drives its lr (the groups are shared)."""
+    config = {"train_micro_batch_size_per_gpu": BATCH // WORLD, "gradient_accumulation_steps": 1,
+              "gradient_clipping": 0.0, "zero_optimization": {"stage": stage}, "steps_per_print": 10**6}
+
+    def body(rank, world):
+        _no_shm_build()
+        rds.register()
+        _gloo_deepspeed_state()
+        accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=dict(config)))
+        torch.manual_seed(0)
+        model = Net()
+        client = optim.REG(model, lr=0.02)
+        schedule = torch.optim.lr_scheduler.LambdaLR(client, lambda s: 1 / (1 + s))
+        engine, optimizer, schedule = accelerator.prepare(model, client, schedule)
+        lrs, per = [], BATCH // world
+        for tokens in data():
+            lrs.append(client.param_groups[0]["lr"])
+            accelerator.backward(loss_of(engine, tokens[rank * per:(rank + 1) * per]))
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad()
+        assert isinstance(engine.basic_optimizer, RegDistAdapter)
+        with _full(model, stage):
+            return lrs, {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}  # by value
+
+    (lrs, state), _ = run_ranks(WORLD, body, init_group=False)
+    assert lrs[0] == 0.02 and lrs[-1] < lrs[1] < lrs[0]  # the schedule applied
+    torch.manual_seed(0)
+    model = Net()
+    opt = optim.REG(model, lr=0.02)
+    for tokens, lr in zip(data(), lrs):
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad()
+        loss_of(model, tokens).backward()
+        opt.step()
+    assert_matches(model, {k: torch.from_numpy(v) for k, v in state.items()})
