@@ -1,9 +1,12 @@
-"""Accelerate with a ``DeepSpeedPlugin`` and a reg_dist client optimizer, and the Hugging Face
-``transformers.Trainer`` with ``deepspeed=`` a config naming ``"REG"``, or with REG
-from a ``create_optimizer`` override (ZeRO 2, 2 gloo ranks, after ``reg_dist.deepspeed.register()``),
-trains a tiny GPT-2 to the weights of a single-process REG run on the same batches (fp32). GPT-2's Conv1D weights are stored in × out: one process routes them
-as their transpose, DeepSpeed's flat partitions step them as stored; REG is symmetric in rows and
-columns, so the two are equal."""
+"""After ``reg_dist.deepspeed.register()``, on 2 gloo ranks (fp32):
+
+- Accelerate's ``accelerator.prepare`` with a ``DeepSpeedPlugin``, a REG client optimizer and a
+  scheduler built on it (ZeRO 2, 3) equals single-process REG with the same lr per step;
+- the Hugging Face ``transformers.Trainer`` with ``deepspeed=`` a config naming ``"REG"``, or with REG
+  from a ``create_optimizer`` override (ZeRO 2), trains a tiny GPT-2 to the weights of a single-process
+  REG run on the same batches. GPT-2's Conv1D weights are stored in × out: one process routes them as
+  their transpose, DeepSpeed's flat partitions step them as stored; REG is symmetric in rows and
+  columns, so the two are equal."""
 
 import os
 
@@ -14,9 +17,9 @@ pytest.importorskip("deepspeed")
 pytest.importorskip("accelerate")
 transformers = pytest.importorskip("transformers")
 import deepspeed  # noqa: E402,F401
+import deepspeed.runtime.zero.stage_1_and_2  # noqa: E402,F401
 from accelerate import Accelerator, PartialState  # noqa: E402
 from accelerate.utils import DeepSpeedPlugin  # noqa: E402
-import deepspeed.runtime.zero.stage_1_and_2  # noqa: E402,F401
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments  # noqa: E402
 
 import reg_dist.deepspeed as rds  # noqa: E402

@@ -72,6 +72,7 @@ from .flat_partition import element_layout, laid, piece_layout, step_pieces
 
 logger = logging.getLogger("reg_dist")
 
+_DEEPSPEED_INITIALIZE = deepspeed.initialize  # DeepSpeed's own: register() replaces the attribute, never this
 OPTIMIZERS = registry.DEEPSPEED_TYPES  # JSON type (lower-cased) → the registry's entry
 CONSTRUCTOR_ONLY = ("nonfinite", "move_dtype")  # optimizer arguments that are not per-group hyper-parameters
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
@@ -448,16 +449,11 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     def build(params):
         return RegDistAdapter(params, kind, kwargs)
 
-    out = _DEEPSPEED_INITIALIZE(**{**passthrough, "args": args, "optimizer": build, "model_parameters": model_parameters,
-                                   "config": new_config, "config_params": None})
+    out = _DEEPSPEED_INITIALIZE(**{**passthrough, "args": args, "optimizer": build, "config": new_config,
+                                   "model_parameters": model_parameters, "config_params": None})
     engine = out[0]
     adapter = engine.basic_optimizer
     if not isinstance(adapter, RegDistAdapter):
         raise RuntimeError(f"deepspeed.initialize did not keep reg_dist's optimizer ({type(adapter).__name__})")
     adapter.bind(engine)
     return out
-
-
-# DeepSpeed's own deepspeed.initialize, whatever register() (or a hand patch) puts there later
-_DEEPSPEED_INITIALIZE = getattr(deepspeed.initialize, "deepspeed_initialize", deepspeed.initialize)
-initialize.deepspeed_initialize = _DEEPSPEED_INITIALIZE  # found there if this module is reloaded
