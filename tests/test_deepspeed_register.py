@@ -37,7 +37,7 @@ def test_plain_deepspeed_initialize_after_register(algorithm, stage):
         rds.register()
         torch.manual_seed(0)
         model = Net()
-        engine, optimizer, _, _ = deepspeed.initialize(model=model, config=config)
+        engine, *_ = deepspeed.initialize(model=model, config=config)
         assert isinstance(engine.basic_optimizer, RegDistAdapter)
         _train(engine, rank, world)
         with _full(model, stage):
