@@ -2,11 +2,12 @@
 
 - Accelerate's ``accelerator.prepare`` with a ``DeepSpeedPlugin``, a REG client optimizer and a
   scheduler built on it (ZeRO 2, 3) equals single-process REG with the same lr per step;
-- the Hugging Face ``transformers.Trainer`` with ``deepspeed=`` a config naming ``"REG"``, or with REG
-  from a ``create_optimizer`` override (ZeRO 2), trains a tiny GPT-2 to the weights of a single-process
-  REG run on the same batches. GPT-2's Conv1D weights are stored in × out: one process routes them as
-  their transpose, DeepSpeed's flat partitions step them as stored; REG is symmetric in rows and
-  columns, so the two are equal."""
+- the Hugging Face ``transformers.Trainer`` with ``deepspeed=`` a config naming ``"REG"`` or
+  ``"reg_dist.Muon"``, or with REG from a ``create_optimizer`` override (ZeRO 2), trains a tiny GPT-2 to
+  the weights of a single-process run on the same batches. GPT-2's Conv1D weights are stored in × out:
+  one process routes them as their transpose, DeepSpeed's flat partitions step them as stored; REG is
+  symmetric in rows and columns, Newton–Schulz commutes with the transpose and the default scale
+  (``"match_rms_adamw"``, ρ·√max(m, n)) is symmetric, so the two are equal."""
 
 import os
 
@@ -34,9 +35,12 @@ WORLD, PER_RANK, STEPS, SEQ, LR, WD = 2, 4, 3, 16, 0.02, 0.1
 # rounding noise, which differs with the order of the sums, up to ~lr; at 1e-4 the noise stays noise
 EPS = 1e-4
 CONFIG = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-          "gradient_clipping": "auto", "zero_optimization": {"stage": 2}, "steps_per_print": 10**6,
-          "optimizer": {"type": "REG", "params": {"lr": "auto", "weight_decay": "auto",
-                                                   "adamw_eps": EPS}}}
+          "gradient_clipping": "auto", "zero_optimization": {"stage": 2}, "steps_per_print": 10**6}
+ALGORITHMS = {  # JSON type and params, the single-process class and its kwargs
+    "reg": ("REG", {}, optim.REG, {}),
+    "muon": ("reg_dist.Muon", {"ns_dtype": "float32", "move_dtype": "float32"}, optim.Muon,
+             {"ns_dtype": torch.float32}),
+}
 
 
 def _model():
@@ -54,11 +58,12 @@ def _samples():
     return [{"input_ids": x, "labels": torch.cat([torch.tensor([-100]), x[1:]])} for x in ids]
 
 
-def _reference():
-    """REG in one process on the global batches (the samples in order, WORLD · PER_RANK at a time) with
+def _reference(algorithm="reg"):
+    """The algorithm in one process on the global batches (the samples in order, WORLD · PER_RANK at a time) with
     the Trainer's linear decay of the lr to 0 over STEPS."""
+    _, _, cls, kwargs = ALGORITHMS[algorithm]
     model, samples = _model(), _samples()
-    opt = optim.REG(model, lr=LR, weight_decay=WD, adamw_eps=EPS)
+    opt = cls(model, lr=LR, weight_decay=WD, adamw_eps=EPS, **kwargs)
     size = WORLD * PER_RANK
     for k in range(STEPS):
         batch = samples[k * size:(k + 1) * size]
@@ -88,13 +93,17 @@ class RegTrainer(Trainer):
         return self.optimizer
 
 
-@pytest.mark.parametrize("route", ["config", "create_optimizer"])
-def test_trainer_equals_single_process(tmp_path, route):
-    """``deepspeed=`` naming ``"REG"`` (its ``"auto"`` lr and weight decay filled by the Trainer), or
-    no optimizer in the config and REG from a ``create_optimizer`` override (DeepSpeed's client optimizer);
-    either way the Trainer's lr schedule reaches reg_dist's groups."""
-    expected = _reference()
-    config = dict(CONFIG) if route == "config" else {k: v for k, v in CONFIG.items() if k != "optimizer"}
+@pytest.mark.parametrize("route,algorithm", [("config", "reg"), ("config", "muon"), ("create_optimizer", "reg")])
+def test_trainer_equals_single_process(tmp_path, route, algorithm):
+    """``deepspeed=`` naming ``"REG"`` or ``"reg_dist.Muon"`` (``"auto"`` lr and weight decay filled by
+    the Trainer), or no optimizer in the config and REG from a ``create_optimizer`` override (DeepSpeed's
+    client optimizer); either way the Trainer's lr schedule reaches reg_dist's groups."""
+    expected = _reference(algorithm)
+    kind, params, _, _ = ALGORITHMS[algorithm]
+    config = dict(CONFIG)
+    if route == "config":
+        config["optimizer"] = {"type": kind, "params": {"lr": "auto", "weight_decay": "auto", "adamw_eps": EPS,
+                                                        **params}}
     cls = Trainer if route == "config" else RegTrainer
 
     def body(rank, world):
