@@ -3,7 +3,8 @@
 - Accelerate's ``accelerator.prepare`` with a ``DeepSpeedPlugin``, a REG client optimizer and a
   scheduler built on it (ZeRO 2, 3) equals single-process REG with the same lr per step;
 - the Hugging Face ``transformers.Trainer`` with ``deepspeed=`` a config naming ``"REG"`` or
-  ``"reg_dist.Muon"``, or with REG from a ``create_optimizer`` override (ZeRO 2), trains a tiny GPT-2 to
+  ``"reg_dist.Muon"``, or with REG from a ``create_optimizer`` override (ZeRO 2; REG in the config also
+  at ZeRO 3, the model built whole, not under ``deepspeed.zero.Init``), trains a tiny GPT-2 to
   the weights of a single-process run on the same batches. GPT-2's Conv1D weights are stored in × out:
   one process routes them as their transpose, DeepSpeed's flat partitions step them as stored; REG is
   symmetric in rows and columns, Newton–Schulz commutes with the transpose and the default scale
@@ -93,14 +94,15 @@ class RegTrainer(Trainer):
         return self.optimizer
 
 
-@pytest.mark.parametrize("route,algorithm", [("config", "reg"), ("config", "muon"), ("create_optimizer", "reg")])
-def test_trainer_equals_single_process(tmp_path, route, algorithm):
+@pytest.mark.parametrize("route,algorithm,stage", [("config", "reg", 2), ("config", "muon", 2),
+                                                  ("create_optimizer", "reg", 2), ("config", "reg", 3)])
+def test_trainer_equals_single_process(tmp_path, route, algorithm, stage):
     """``deepspeed=`` naming ``"REG"`` or ``"reg_dist.Muon"`` (``"auto"`` lr and weight decay filled by
     the Trainer), or no optimizer in the config and REG from a ``create_optimizer`` override (DeepSpeed's
     client optimizer); either way the Trainer's lr schedule reaches reg_dist's groups."""
     expected = _reference(algorithm)
     kind, params, _, _ = ALGORITHMS[algorithm]
-    config = dict(CONFIG)
+    config = {**CONFIG, "zero_optimization": {"stage": stage}}
     if route == "config":
         config["optimizer"] = {"type": kind, "params": {"lr": "auto", "weight_decay": "auto", "adamw_eps": EPS,
                                                         **params}}
@@ -118,9 +120,10 @@ def test_trainer_equals_single_process(tmp_path, route, algorithm):
         trainer = cls(model=_model(), args=args, train_dataset=_samples())
         trainer.train()
         assert isinstance(trainer.model_wrapped.basic_optimizer, RegDistAdapter)
-        for name, p in trainer.model.named_parameters():
-            torch.testing.assert_close(p.detach(), expected[name], rtol=1e-5, atol=1e-6,
-                                       msg=lambda m, name=name: f"{name}: {m}")
+        with _full(trainer.model, stage):
+            for name, p in trainer.model.named_parameters():
+                torch.testing.assert_close(p.detach(), expected[name], rtol=1e-5, atol=1e-6,
+                                           msg=lambda m, name=name: f"{name}: {m}")
 
     run_ranks(WORLD, body, init_group=False)
 
