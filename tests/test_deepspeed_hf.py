@@ -1,7 +1,8 @@
 """After ``reg_dist.deepspeed.register()``, on 2 gloo ranks (fp32):
 
-- Accelerate's ``accelerator.prepare`` with a ``DeepSpeedPlugin``, a REG client optimizer and a
-  scheduler built on it (ZeRO 2, 3) equals single-process REG with the same lr per step;
+- Accelerate's ``accelerator.prepare`` with a ``DeepSpeedPlugin`` and ``"REG"`` in its config, or a
+  REG client optimizer and a scheduler built on it (ZeRO 2, 3), equals single-process REG with the
+  same lr per step;
 - the Hugging Face ``transformers.Trainer`` with ``deepspeed=`` a config naming ``"REG"`` or
   ``"reg_dist.Muon"``, or with REG from a ``create_optimizer`` override (ZeRO 2; REG in the config also
   at ZeRO 3, the model built whole, not under ``deepspeed.zero.Init``), trains a tiny GPT-2 to
@@ -21,7 +22,7 @@ transformers = pytest.importorskip("transformers")
 import deepspeed  # noqa: E402,F401
 import deepspeed.runtime.zero.stage_1_and_2  # noqa: E402,F401
 from accelerate import Accelerator, PartialState  # noqa: E402
-from accelerate.utils import DeepSpeedPlugin  # noqa: E402
+from accelerate.utils import DeepSpeedPlugin, DummyOptim  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments  # noqa: E402
 
 import reg_dist.deepspeed as rds  # noqa: E402
@@ -29,7 +30,8 @@ from multiproc import run_ranks  # noqa: E402
 from reg_dist import optim  # noqa: E402
 from reg_dist.integrations.deepspeed import RegDistAdapter  # noqa: E402
 from sharded import BATCH, Net, assert_matches, data, loss_of  # noqa: E402
-from test_integration_deepspeed import _full, _no_shm_build  # noqa: E402
+from test_integration_deepspeed import _config, _full, _no_shm_build  # noqa: E402
+from test_integration_deepspeed import _reference as _net_reference  # noqa: E402
 
 WORLD, PER_RANK, STEPS, SEQ, LR, WD = 2, 4, 3, 16, 0.02, 0.1
 # the key bias's gradient is 0 in exact arithmetic (softmax ignores it): AdamW at eps 1e-8 would scale its
@@ -168,3 +170,29 @@ def test_accelerate_prepare_with_a_client_optimizer_and_its_scheduler(stage):
         loss_of(model, tokens).backward()
         opt.step()
     assert_matches(model, {k: torch.from_numpy(v) for k, v in state.items()})
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_accelerate_prepare_with_reg_in_the_deepspeed_config(stage):
+    """``accelerator.prepare(model, DummyOptim(...))`` with ``"REG"`` in the plugin's config: the engine
+    steps REG (what the Trainer does with the type in its config)."""
+    config, expected = _config("reg", stage, 1), _net_reference("reg")
+
+    def body(rank, world):
+        _no_shm_build()
+        rds.register()
+        _gloo_deepspeed_state()
+        accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=dict(config)))
+        torch.manual_seed(0)
+        model = Net()
+        engine, optimizer = accelerator.prepare(model, DummyOptim(model.parameters()))
+        per = BATCH // world
+        for tokens in data():
+            accelerator.backward(loss_of(engine, tokens[rank * per:(rank + 1) * per]))
+            optimizer.step()
+            optimizer.zero_grad()
+        assert isinstance(engine.basic_optimizer, RegDistAdapter)
+        with _full(model, stage):
+            assert_matches(model, expected)
+
+    run_ranks(WORLD, body, init_group=False)
