@@ -3,6 +3,7 @@ Accelerate call) with REG or reg_dist's Muon named in the JSON, and a reg_dist o
 ``optimizer=`` at ZeRO 0-3, equal the single-process optimizers (2 gloo ranks, fp32); without
 ``register()`` the client optimizer fails at its first step with an error naming the fix."""
 
+import inspect
 import math
 
 import pytest
@@ -184,3 +185,9 @@ def test_a_client_optimizer_built_with_mesh_is_refused():
             rds.initialize(model=model, optimizer=opt, config=_client_config(1))
 
     run_ranks(1, body)
+
+
+def test_the_wrapper_takes_deepspeed_initialize_arguments():
+    """After ``register()`` every caller's arguments reach the wrapper: the same names, in order."""
+    ours = inspect.signature(rds.initialize).parameters
+    assert list(ours) == list(inspect.signature(integration._DEEPSPEED_INITIALIZE).parameters)
