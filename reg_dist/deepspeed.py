@@ -1,6 +1,8 @@
-"""``reg_dist.deepspeed.initialize``: ``deepspeed.initialize`` with REG, MuonEq and reg_dist's Muon
-named in the JSON config (see ``reg_dist.integrations.deepspeed``). Needs DeepSpeed installed."""
+"""``reg_dist.deepspeed``: REG, MuonEq, reg_dist's Muon and NorMuon under DeepSpeed ZeRO 0-3, named in
+the JSON config or given as ``optimizer=`` (see ``reg_dist.integrations.deepspeed``). ``register()``
+makes ``deepspeed.initialize`` do it for every caller (the Hugging Face Trainer, Accelerate);
+``initialize`` does it without patching. Needs DeepSpeed installed."""
 
-from .integrations.deepspeed import OPTIMIZERS, RegDistAdapter, initialize, valid_params
+from .integrations.deepspeed import OPTIMIZERS, RegDistAdapter, initialize, register, valid_params
 
-__all__ = ["OPTIMIZERS", "RegDistAdapter", "initialize", "valid_params"]
+__all__ = ["OPTIMIZERS", "RegDistAdapter", "initialize", "register", "valid_params"]

@@ -29,6 +29,7 @@ import torch._dynamo  # noqa: E402,F401
 import reg_dist.deepspeed as rds  # noqa: E402
 from multiproc import run_ranks  # noqa: E402
 from reg_dist import mark_fused, optim  # noqa: E402
+import reg_dist.integrations.deepspeed as integration  # noqa: E402
 from reg_dist.integrations.deepspeed import RegDistAdapter, parse_params, reg_dist_type  # noqa: E402
 from sharded import BATCH, QKV, STEPS, Net, assert_matches, data, loss_of, reference  # noqa: E402
 
@@ -228,7 +229,7 @@ def test_other_types_are_exactly_deepspeed_initialize(monkeypatch, optimizer):
     if optimizer is not None:
         config["optimizer"] = optimizer
     calls = []
-    monkeypatch.setattr(deepspeed, "initialize", lambda **kw: calls.append(kw) or ("engine", "opt", None, None))
+    monkeypatch.setattr(integration, "_DEEPSPEED_INITIALIZE", lambda **kw: calls.append(kw) or ("engine", "opt", None, None))
     model = Net()
     assert rds.initialize(model=model, config=config, mpu="mpu", distributed_port=1234) == ("engine", "opt", None, None)
     (kw,) = calls

@@ -4,9 +4,13 @@
 
 (also ``"MuonEq"``, and ``"reg_dist.Muon"``, so that DeepSpeed's own ``"Muon"`` stays reachable;
 types are read case-insensitively, as DeepSpeed reads its own) then ``reg_dist.deepspeed.initialize``
-in place of ``deepspeed.initialize``: the same arguments and return value. Any other optimizer type,
-or none, goes to ``deepspeed.initialize`` untouched. ``params`` are the optimizer's keyword arguments
-(dtypes by name: ``"ns_dtype": "float32"``); an unknown key is an error that lists the valid ones.
+in place of ``deepspeed.initialize``: the same arguments and return value; or ``register()`` once, and
+``deepspeed.initialize`` itself does it for every caller (the Hugging Face Trainer, Accelerate). Any
+other optimizer type, or none, goes to DeepSpeed's own ``deepspeed.initialize`` untouched. ``params``
+are the optimizer's keyword arguments (dtypes by name: ``"ns_dtype": "float32"``); an unknown key is an
+error that lists the valid ones. A reg_dist optimizer given as ``optimizer=`` (what
+``accelerator.prepare`` passes) is built the same way from its own param groups and constructor
+arguments (``client_optimizer``).
 
 How it is wired. DeepSpeed gets a client optimizer, ``RegDistAdapter``, whose param groups are the
 user's: DeepSpeed flattens and partitions them as for any optimizer, and keeps calling its ``step`` /
@@ -68,6 +72,7 @@ from .flat_partition import element_layout, laid, piece_layout, step_pieces
 
 logger = logging.getLogger("reg_dist")
 
+_DEEPSPEED_INITIALIZE = deepspeed.initialize  # DeepSpeed's own: register() replaces the attribute, never this
 OPTIMIZERS = registry.DEEPSPEED_TYPES  # JSON type (lower-cased) → the registry's entry
 CONSTRUCTOR_ONLY = ("nonfinite", "move_dtype")  # optimizer arguments that are not per-group hyper-parameters
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
@@ -293,7 +298,8 @@ class RegDistAdapter(Optimizer):
                 loss = closure()
         if self.inner is None:  # e.g. a DeepSpeed wrapper that steps once at construction to make optimizer state
             raise NotImplementedError("RegDistAdapter.step before bind(engine): build the engine with "
-                                      "reg_dist.deepspeed.initialize, at ZeRO stage 0 (fp32) or 1, 2, 3 (fp32, bf16)")
+                                      "reg_dist.deepspeed.initialize (or deepspeed.initialize after "
+                                      "reg_dist.deepspeed.register()), at ZeRO stage 0 (fp32) or 1, 2, 3 (fp32, bf16)")
         if self.stage == 0:
             chosen = list(self._units)
         else:
@@ -362,13 +368,43 @@ def _precision(config: dict) -> str:
     return "fp32"
 
 
+def client_optimizer(optimizer: MatrixOptimizer) -> tuple[str, dict, list[dict]]:
+    """A reg_dist optimizer given to ``deepspeed.initialize`` as ``optimizer=``: its JSON type, its
+    constructor arguments, and its param groups, the same dicts (each names its ``"algorithm"``, so the
+    routing is the same; a scheduler built on the optimizer keeps driving their ``lr``)."""
+    entry = registry.ALGORITHMS.get(getattr(type(optimizer), "algorithm", None))
+    if entry is None or type(optimizer) is not entry.cls:
+        raise NotImplementedError(f"reg_dist.deepspeed takes the registry's optimizers as optimizer= "
+                                  f"({', '.join(e.cls.__name__ for e in registry.ALGORITHMS.values())}), "
+                                  f"not {type(optimizer).__name__}")
+    if optimizer.native_imbalance is not None:
+        raise ValueError(f"this {type(optimizer).__name__} was built with mesh= (reg_dist's own data parallelism); "
+                         f"under DeepSpeed build it without mesh=, DeepSpeed does the data parallelism")
+    if optimizer.state:
+        raise ValueError(f"this {type(optimizer).__name__} has stepped already; DeepSpeed needs a fresh one "
+                         f"(resume its state with engine.load_checkpoint)")
+    ctor = {"nonfinite": optimizer.nonfinite}
+    if entry.cls.moves and optimizer.move_dtype is not None:
+        ctor["move_dtype"] = optimizer.move_dtype
+    return entry.deepspeed.lower(), ctor, optimizer.param_groups
+
+
+def register() -> None:
+    """Make ``deepspeed.initialize``, whoever calls it, this module's ``initialize``: reg_dist's
+    optimizers named in the JSON or given as ``optimizer=``. The Hugging Face Trainer (through
+    Accelerate) and Accelerate look it up as ``deepspeed.initialize`` at each call (neither imports it by
+    name), so patching that attribute reaches them. Idempotent; ``initialize`` always calls DeepSpeed's own."""
+    deepspeed.initialize = initialize
+
+
 def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None, lr_scheduler=None,
                distributed_port=TORCH_DISTRIBUTED_DEFAULT_PORT, mpu=None, dist_init_required=None, collate_fn=None,
                config=None, mesh_param=None, config_params=None):
     """``deepspeed.initialize`` (same arguments, same ``(engine, optimizer, dataloader, lr_scheduler)``),
-    where a config optimizer of type ``"REG"``, ``"MuonEq"`` or ``"reg_dist.Muon"`` builds reg_dist's
-    optimizer on DeepSpeed's ZeRO partitions (see the module docstring); any other type, or none,
-    is exactly ``deepspeed.initialize``."""
+    where a config optimizer of type ``"REG"``, ``"MuonEq"``, ``"reg_dist.Muon"``, ``"NorMuon"`` or
+    ``"reg_dist.<name>"``, or a reg_dist optimizer given as ``optimizer=``, builds reg_dist's optimizer
+    on DeepSpeed's ZeRO partitions (see the module docstring); anything else is exactly DeepSpeed's own
+    ``deepspeed.initialize`` (kept at import, so this works before and after ``register()``)."""
     passthrough = dict(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
                        training_data=training_data, lr_scheduler=lr_scheduler, distributed_port=distributed_port,
                        mpu=mpu, dist_init_required=dist_init_required, collate_fn=collate_fn, config=config,
@@ -376,16 +412,19 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     try:
         loaded, where = _config_of(args, config, config_params)
     except Exception:  # let deepspeed report its own config errors
-        return deepspeed.initialize(**passthrough)
+        return _DEEPSPEED_INITIALIZE(**passthrough)
     kind = reg_dist_type(loaded)
-    if kind is None:
-        return deepspeed.initialize(**passthrough)
+    client = isinstance(optimizer, MatrixOptimizer)
+    if loaded is None or (kind is None and not client):
+        return _DEEPSPEED_INITIALIZE(**passthrough)
 
-    block = loaded["optimizer"]
-    if optimizer is not None:
-        raise ValueError(f"the DeepSpeed config names optimizer {block['type']!r} and optimizer= is given too; "
-                         f"give one of them")
-    kwargs = parse_params(kind, block.get("params"))
+    if optimizer is not None and "optimizer" in loaded:
+        raise ValueError(f"the DeepSpeed config names optimizer {loaded['optimizer'].get('type')!r} and "
+                         f"optimizer= is given too; give one of them")
+    if client:
+        kind, kwargs, model_parameters = client_optimizer(optimizer)
+    else:
+        kwargs = parse_params(kind, loaded["optimizer"].get("params"))
     stage = int((loaded.get("zero_optimization") or {}).get("stage", 0))
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage}")
@@ -399,7 +438,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
                                   "(DeepSpeed's BF16_Optimizer) is not supported yet; use stage 2")
 
     new_config = copy.copy(loaded)
-    del new_config["optimizer"]
+    new_config.pop("optimizer", None)
     new_config["zero_allow_untested_optimizer"] = True  # DeepSpeed's gate for any client optimizer under ZeRO
     if where.startswith("args."):
         args = copy.copy(args)
@@ -410,8 +449,8 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     def build(params):
         return RegDistAdapter(params, kind, kwargs)
 
-    out = deepspeed.initialize(**{**passthrough, "args": args, "optimizer": build, "config": new_config,
-                                  "config_params": None})
+    out = _DEEPSPEED_INITIALIZE(**{**passthrough, "args": args, "optimizer": build, "config": new_config,
+                                   "model_parameters": model_parameters, "config_params": None})
     engine = out[0]
     adapter = engine.basic_optimizer
     if not isinstance(adapter, RegDistAdapter):

@@ -172,6 +172,7 @@ class MatrixOptimizer(Optimizer):
         self._info: dict[int, ParamInfo] = {}
         self._view: dict[int, tuple[int, int, int]] = {}  # every matrix parameter's (count, m, n)
         self._layouts: dict[int, Layout] = {}  # every matrix parameter's
+        self._built_over: set[int] = set()  # id of every tensor of its groups
         self._collective: set[int] = set()  # matrix parameters every rank holding them steps together
         # a group's owner plans, by its parameters (torch's load_state_dict replaces the group dicts)
         self._plans: dict[tuple[int, ...], list[tuple[OwnerPlan, list[Tensor]]]] = {}
@@ -227,6 +228,7 @@ class MatrixOptimizer(Optimizer):
         names = group.pop("param_names", None)
         infos = group.pop("param_infos", None)  # an integration's ParamInfo of each tensor (module types)
         tensors = [r[1] if isinstance(r, tuple) else r for r in raw]
+        self._built_over.update(map(id, tensors))
         if infos is not None:
             self._info.update({id(t): info for t, info in zip(tensors, infos)})
         if names is None:
@@ -394,6 +396,7 @@ class MatrixOptimizer(Optimizer):
         gradients are first averaged onto their owners over ``dp`` (reduce-scatter), and the owners'
         updated tensors all-gathered back afterwards."""
         self._comm = {}
+        self._check_params()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -410,6 +413,19 @@ class MatrixOptimizer(Optimizer):
         if self._native is not None:
             self._native.gather_params_from_owners(self._comm)
         return loss
+
+    def _check_params(self) -> None:
+        """Raise if a wrapper swapped the groups' tensors for others (DeepSpeed ZeRO 1-3 puts flat
+        partitions there): this optimizer has no layout for them."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if id(p) not in self._built_over:
+                    raise RuntimeError(
+                        f"{type(self).__name__}.step: its param groups now hold a tensor of shape {list(p.shape)} "
+                        f"it was not built over; a wrapper replaced its parameters (DeepSpeed ZeRO 1-3 swaps them "
+                        f"for flat partitions, which have no matrix layout). Under DeepSpeed call "
+                        f"reg_dist.deepspeed.register() before deepspeed.initialize (or use "
+                        f"reg_dist.deepspeed.initialize)")
 
     def _adamw_step(self, params: list[Tensor], group: dict) -> None:
         """AdamW on what this rank steps: under ``mesh=``, its flat slice of each AdamW tensor."""
