@@ -1,12 +1,15 @@
 """``launch/pretrain_gpt.py`` on a CPU machine: its argument parsing (Megatron's, with reg_dist's flags)
 reaches ``validate_args`` and the ``PretrainConfigContainer`` that ``pretrain`` takes without touching
 CUDA; its byte-level data serves Megatron-shaped samples; its GPTModel and forward step train with our
-optimizer; and ``main()`` runs Megatron's whole ``pretrain`` under the test-only shim that pretends to be
-CUDA (``megatron_cpu.install_for_pretrain``). The README's ``## Megatron`` section gives the GPU command."""
+optimizer; ``main()`` runs Megatron's whole ``pretrain`` under the shim that pretends to be CUDA
+(``launch.megatron_cpu.install_for_pretrain``, what ``--cpu`` installs), and ``--cpu`` under torchrun.
+docs/megatron.md gives the GPU command."""
 
 import os
+import re
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +19,8 @@ with warnings.catch_warnings():
     import reg_dist.megatron  # noqa: F401  (the typing.override alias, before megatron.training)
     import megatron.training  # noqa: F401
 
-from multiproc import run_ranks
+from launch import megatron_cpu
+from multiproc import run_ranks, torchrun
 
 BASE = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
         "--max-position-embeddings", "16", "--micro-batch-size", "2", "--train-iters", "5", "--lr", "0.02"]
@@ -75,9 +79,7 @@ def test_pretrain_gpt_rejects_bad_reg_flags_with_argparses_message(capfd):
     assert "--optimizer muoneq: phase applies only to mode='rowcol'" in capfd.readouterr().err
 
 
-CPU = ["--transformer-impl", "local", "--use-cpu-initialization", "--no-persist-layer-norm",
-       "--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion", "--no-bias-gelu-fusion",
-       "--no-bias-dropout-fusion", "--no-rope-fusion"]  # megatron-core's own layers, no fused CUDA kernels
+CPU = list(megatron_cpu.CPU_ARGS)  # gloo, megatron-core's own layers, no fused CUDA kernels
 
 
 @pytest.mark.parametrize("name", ["reg", "muoneq"])
@@ -88,7 +90,6 @@ def test_pretrain_gpt_model_data_and_forward_step_train_with_ours_on_tp2(name):
     the loss falls."""
 
     def body(rank, world):
-        import megatron_cpu
         import torch
         from megatron.core import parallel_state, tensor_parallel
         from megatron.core.distributed import DistributedDataParallel
@@ -147,7 +148,6 @@ def test_pretrain_gpt_main_runs_megatrons_pretrain_with_ours(name, extra):
     iters = 6
 
     def body(rank, world):
-        import megatron_cpu
         import torch
 
         from reg_dist.integrations.megatron.optimizer import NAMES, DistOptAdapter
@@ -157,7 +157,7 @@ def test_pretrain_gpt_main_runs_megatrons_pretrain_with_ours(name, extra):
         os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
         sys.argv = ["pretrain_gpt.py", *BASE[:-4], "--train-iters", str(iters), "--lr", "0.01", "--min-lr", "0.001",
                     "--lr-decay-style", "cosine", "--clip-grad", "1.0", "--global-batch-size", "4",
-                    "--eval-iters", "1", "--eval-interval", "3", "--log-interval", "3", "--distributed-backend", "gloo",
+                    "--eval-iters", "1", "--eval-interval", "3", "--log-interval", "3",
                     "--optimizer", name, *extra, *CPU]
         from launch import pretrain_gpt
 
@@ -176,3 +176,15 @@ def test_pretrain_gpt_main_runs_megatrons_pretrain_with_ours(name, extra):
     assert len(with_loss) == (2 if "--pipeline-model-parallel-size" in extra else 4)
     for losses in with_loss:
         assert len(losses) == iters and sum(losses[-2:]) < sum(losses[:2])
+
+
+def test_pretrain_gpt_cpu_dry_run_under_torchrun():
+    """``torchrun --nproc_per_node=2 launch/pretrain_gpt.py --cpu``: Megatron's ``pretrain`` on two CPU ranks
+    (DP 2) exits 0, says it is a slow dry run, and logs its losses."""
+    script = Path(__file__).resolve().parents[1] / "launch" / "pretrain_gpt.py"
+    run = torchrun(script, 2, ["--cpu", *BASE[:-4], "--train-iters", "2", "--lr", "0.01", "--global-batch-size", "4",
+                               "--log-interval", "1", "--eval-iters", "0", "--eval-interval", "10", "--optimizer", "reg"], timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "a dry run; it is slow" in run.stderr
+    losses = re.findall(r"iteration\s+(\d+)/\s*2 \|.*?lm loss: ([0-9.E+-]+)", run.stdout)
+    assert [i for i, _ in losses] == ["1", "2"] and all(0 < float(v) < 10 for _, v in losses), run.stdout[-3000:]
