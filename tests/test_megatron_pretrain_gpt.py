@@ -188,3 +188,45 @@ def test_pretrain_gpt_cpu_dry_run_under_torchrun():
     assert "a dry run; it is slow" in run.stderr
     losses = re.findall(r"iteration\s+(\d+)/\s*2 \|.*?lm loss: ([0-9.E+-]+)", run.stdout)
     assert [i for i, _ in losses] == ["1", "2"] and all(0 < float(v) < 10 for _, v in losses), run.stdout[-3000:]
+
+
+def _pretrain(argv: list[str], world: int = 2) -> list:
+    """``pretrain_gpt.py --cpu`` ``main()`` on ``world`` forked ranks: each rank's per-iteration training losses
+    and its model's final parameters (by name)."""
+
+    def body(rank, world):
+        import torch
+
+        warnings.simplefilter("ignore")
+        sys.argv = ["pretrain_gpt.py", "--cpu", *argv]
+        from launch import pretrain_gpt
+
+        losses, models = [], []
+        loss_func, model_provider = pretrain_gpt.loss_func, pretrain_gpt.model_provider
+        pretrain_gpt.loss_func = lambda mask, out: (lambda r: losses.append(float(r[0] / r[1])) or r)(
+            loss_func(mask, out)) if torch.is_grad_enabled() else loss_func(mask, out)
+        pretrain_gpt.model_provider = lambda *a, **k: models.append(model_provider(*a, **k)) or models[-1]
+        pretrain_gpt.main()
+        return losses, {n: p.detach().float().numpy() for m in models for n, p in m.named_parameters()}  # no shm
+
+    return run_ranks(world, body, init_group=False)
+
+
+@pytest.mark.parametrize("name", ["reg", "reg_muon"])
+def test_pretrain_gpt_ddp_checkpoint_resumes_the_uninterrupted_run(name, tmp_path):
+    """Megatron's DDP without the distributed optimizer, 2 ranks: 4 iterations saving at 2 (``--ckpt-format``
+    torch and torch_dist), then a run with ``--load`` (``--ckpt-step 2``) continuing to 4: its losses and final
+    weights equal the uninterrupted run's. Dropout off: under ``--cpu`` Megatron's "CUDA" generator is the
+    CPU one, which the resumed run's data loader draws from after the RNG state is restored."""
+    run = [*BASE[:-4], "--train-iters", "4", "--lr", "0.01", "--global-batch-size", "4", "--eval-iters", "0",
+           "--eval-interval", "10", "--hidden-dropout", "0", "--attention-dropout", "0", "--optimizer", name,
+           "--reg-ns-dtype", "fp32"]
+    for fmt in ("torch", "torch_dist"):
+        ckpt = str(tmp_path / fmt)
+        whole = _pretrain([*run, "--ckpt-format", fmt, "--save", ckpt, "--save-interval", "2"])
+        resumed = _pretrain([*run, "--ckpt-format", fmt, "--load", ckpt, "--ckpt-step", "2"])
+        for (losses, weights), (tail, resumed_weights) in zip(whole, resumed):
+            assert len(losses) == 4 and tail == losses[2:], fmt
+            assert weights.keys() == resumed_weights.keys()
+            for n, w in weights.items():
+                assert (w == resumed_weights[n]).all(), (fmt, n)

@@ -194,7 +194,7 @@ class _Builder:
             groups.append({**group, "params": params, "param_names": names})
         optimizer = self.cls(groups, **kwargs)
         optimizer.megatron_kwargs = kwargs  # for rebuild_over_main_params
-        return optimizer
+        return tag_groups(optimizer)
 
     def __repr__(self) -> str:
         return f"reg_dist {self.cls.__name__} for megatron ({self.name!r})"
@@ -213,8 +213,18 @@ def rebuild_over_main_params(optimizer) -> None:
                 if hasattr(p, LAYOUT_ATTR):
                     setattr(main, LAYOUT_ATTR, getattr(p, LAYOUT_ATTR))
         groups = [{k: v for k, v in g.items()} for g in ours.param_groups]
-        wrapper.optimizer = type(ours)(groups, **ours.megatron_kwargs)
+        wrapper.optimizer = tag_groups(type(ours)(groups, **ours.megatron_kwargs))
         wrapper.optimizer.megatron_kwargs = ours.megatron_kwargs
+
+
+def tag_groups(optimizer: MatrixOptimizer) -> MatrixOptimizer:
+    """Set each group's ``optimizer`` to its algorithm. Megatron's ``load_state_dict`` pairs saved groups with
+    the current ones by its identifier keys (``max_lr``, ``wd_mult``, ``optimizer``, …); ours splits each
+    Megatron group by algorithm (AdamW-routed parameters apart), groups those keys alone would not tell
+    apart: one would then load the other's (``doesn't match the size of optimizer's group``)."""
+    for group in optimizer.param_groups:
+        group["optimizer"] = group["algorithm"]
+    return optimizer
 
 
 def uses_distributed_optimizer(config, model_chunks) -> bool:
