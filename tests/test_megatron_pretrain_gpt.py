@@ -212,19 +212,24 @@ def _pretrain(argv: list[str], world: int = 2) -> list:
     return run_ranks(world, body, init_group=False)
 
 
-@pytest.mark.parametrize("name", ["reg", "reg_muon"])
-def test_pretrain_gpt_ddp_checkpoint_resumes_the_uninterrupted_run(name, tmp_path):
-    """Megatron's DDP without the distributed optimizer, 2 ranks: 4 iterations saving at 2 (``--ckpt-format``
-    torch and torch_dist), then a run with ``--load`` (``--ckpt-step 2``) continuing to 4: its losses and final
-    weights equal the uninterrupted run's. Dropout off: under ``--cpu`` Megatron's "CUDA" generator is the
-    CPU one, which the resumed run's data loader draws from after the RNG state is restored."""
+@pytest.mark.parametrize("name, world, extra, formats", [
+    ("reg", 2, [], ("torch", "torch_dist")),
+    ("reg_muon", 2, [], ("torch", "torch_dist")),
+    ("reg_muon", 4, ["--tensor-model-parallel-size", "2"], ("torch_dist",)),
+], ids=["reg-dp2", "reg_muon-dp2", "reg_muon-tp2-dp2"])
+def test_pretrain_gpt_ddp_checkpoint_resumes_the_uninterrupted_run(name, world, extra, formats, tmp_path):
+    """Megatron's DDP without the distributed optimizer: 4 iterations saving at 2 (in each of ``formats``), then
+    a run with ``--load`` (``--ckpt-step 2``) continuing to 4: its losses and final weights equal the
+    uninterrupted run's (at TP 2, the owner plans of the TP-split matrices survive the load). Dropout off:
+    under ``--cpu`` Megatron's "CUDA" generator is the CPU one, which the resumed run's data loader draws
+    from after the RNG state is restored."""
     run = [*BASE[:-4], "--train-iters", "4", "--lr", "0.01", "--global-batch-size", "4", "--eval-iters", "0",
            "--eval-interval", "10", "--hidden-dropout", "0", "--attention-dropout", "0", "--optimizer", name,
-           "--reg-ns-dtype", "fp32"]
-    for fmt in ("torch", "torch_dist"):
+           "--reg-ns-dtype", "fp32", *extra]
+    for fmt in formats:
         ckpt = str(tmp_path / fmt)
-        whole = _pretrain([*run, "--ckpt-format", fmt, "--save", ckpt, "--save-interval", "2"])
-        resumed = _pretrain([*run, "--ckpt-format", fmt, "--load", ckpt, "--ckpt-step", "2"])
+        whole = _pretrain([*run, "--ckpt-format", fmt, "--save", ckpt, "--save-interval", "2"], world)
+        resumed = _pretrain([*run, "--ckpt-format", fmt, "--load", ckpt, "--ckpt-step", "2"], world)
         for (losses, weights), (tail, resumed_weights) in zip(whole, resumed):
             assert len(losses) == 4 and tail == losses[2:], fmt
             assert weights.keys() == resumed_weights.keys()
