@@ -77,6 +77,11 @@ def test_pretrain_gpt_rejects_bad_reg_flags_with_argparses_message(capfd):
     with pytest.raises(AssertionError, match="SystemExit: 2"):
         _in_a_fresh_process(["--optimizer", "muoneq", "--muoneq-phase", "2"], lambda *a: None)
     assert "--optimizer muoneq: phase applies only to mode='rowcol'" in capfd.readouterr().err
+    with pytest.raises(AssertionError, match="SystemExit: 2"):
+        _in_a_fresh_process(["--optimizer", "reg", "--use-distributed-optimizer", "--ckpt-format", "torch",
+                             "--save", "ckpt"], lambda *a: None)
+    assert "--use-distributed-optimizer checkpoints through Megatron's sharded state dict only: use --ckpt-format " \
+           "torch_dist" in capfd.readouterr().err
 
 
 CPU = list(megatron_cpu.CPU_ARGS)  # gloo, megatron-core's own layers, no fused CUDA kernels
@@ -216,11 +221,14 @@ def _pretrain(argv: list[str], world: int = 2) -> list:
     ("reg", 2, [], ("torch", "torch_dist")),
     ("reg_muon", 2, [], ("torch", "torch_dist")),
     ("reg_muon", 4, ["--tensor-model-parallel-size", "2"], ("torch_dist",)),
-], ids=["reg-dp2", "reg_muon-dp2", "reg_muon-tp2-dp2"])
-def test_pretrain_gpt_ddp_checkpoint_resumes_the_uninterrupted_run(name, world, extra, formats, tmp_path):
-    """Megatron's DDP without the distributed optimizer: 4 iterations saving at 2 (in each of ``formats``), then
-    a run with ``--load`` (``--ckpt-step 2``) continuing to 4: its losses and final weights equal the
-    uninterrupted run's (at TP 2, the owner plans of the TP-split matrices survive the load). Dropout off:
+    ("reg", 4, ["--tensor-model-parallel-size", "2", "--use-distributed-optimizer", "--bf16"], ("torch_dist",)),
+    ("reg_muon", 4, ["--tensor-model-parallel-size", "2", "--use-distributed-optimizer"], ("torch_dist",)),
+], ids=["reg-dp2", "reg_muon-dp2", "reg_muon-tp2-dp2", "reg-tp2-dp2-distopt-bf16", "reg_muon-tp2-dp2-distopt"])
+def test_pretrain_gpt_checkpoint_resumes_the_uninterrupted_run(name, world, extra, formats, tmp_path):
+    """Megatron's DDP, or its distributed optimizer: 4 iterations saving at 2 (in each of ``formats``), then a
+    run with ``--load`` (``--ckpt-step 2``) continuing to 4: its losses and final weights equal the
+    uninterrupted run's (at TP 2, the owner plans of the TP-split matrices survive the load; under the
+    distributed optimizer reg_dist's state and fp32 main shards come back from its sharded state). Dropout off:
     under ``--cpu`` Megatron's "CUDA" generator is the CPU one, which the resumed run's data loader draws
     from after the RNG state is restored."""
     run = [*BASE[:-4], "--train-iters", "4", "--lr", "0.01", "--global-batch-size", "4", "--eval-iters", "0",

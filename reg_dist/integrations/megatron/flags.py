@@ -174,6 +174,10 @@ def check_args(args: argparse.Namespace) -> None:
     if getattr(args, "fp16", False):
         raise ValueError(f"--optimizer {name} does not support --fp16 (Megatron's emerging optimizers do not); "
                          f"use --bf16")
+    if getattr(args, "use_distributed_optimizer", False) and getattr(args, "ckpt_format", None) == "torch" and (
+            getattr(args, "save", None) or getattr(args, "load", None)):
+        raise ValueError(f"--optimizer {name} with --use-distributed-optimizer checkpoints through Megatron's sharded "
+                         f"state dict only: use --ckpt-format torch_dist (the default), not torch")
     for dest, (_, takers) in hyper_flags().items():  # a flag unset by default, set for an optimizer without it
         if name not in takers and getattr(_DEFAULTS, dest) is None and getattr(args, dest, None) is not None:
             raise ValueError(f"--{dest.replace('_', '-')} applies only to --optimizer {', '.join(takers)}, not {name}")

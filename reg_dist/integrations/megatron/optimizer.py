@@ -32,8 +32,9 @@ groups=(("tp_dp", tensor × data parallel group),))`` (``("dp", …)`` for a rep
 reduces its row/column sums over that group, Muon/MuonEq move the pieces to one owner per matrix.
 Megatron's layer-wise optimizer (what its ``validate_args`` makes of ``--use-distributed-optimizer``
 for any optimizer but adam and sgd; ``reg_dist.megatron.parse_and_validate_args`` keeps the flat one)
-is refused, as are expert-parallel parameters, several distributed-optimizer instances and saving
-reg_dist's state through ``DistributedOptimizer`` checkpoints.
+is refused, as are expert-parallel parameters and several distributed-optimizer instances. Its checkpoints
+(``--ckpt-format torch_dist``) hold reg_dist's state per rank (``RegDistributedOptimizer``): a resume needs
+the same optimizer and TP × PP × DP layout.
 
 Muon/MuonEq always orthogonalise each TP-split matrix whole (``tp_mode="gather"``): reg_dist's
 ``tp_mode="blockwise"`` applies to DTensor parameters only, not to the ``reg_layout`` pieces used here.
@@ -347,8 +348,8 @@ class DistOptAdapter(Optimizer):
 
     def state_dict(self) -> dict:
         if self.inner is not None:
-            raise NotImplementedError("saving reg_dist's optimizer state through Megatron's DistributedOptimizer "
-                                      "checkpoints is not supported yet")
+            raise NotImplementedError(f"--optimizer {self.name} with --use-distributed-optimizer checkpoints through "
+                                      f"Megatron's sharded state dict only: use --ckpt-format torch_dist")
         return super().state_dict()  # DistributedOptimizer's round trip while it swaps in the shards
 
 
@@ -357,12 +358,55 @@ def _init_adapter_state(opt, config=None) -> None:
         _init_state(opt.inner)
 
 
+@functools.cache
+def _distributed_optimizer_class() -> type:
+    """``RegDistributedOptimizer``: Megatron's ``DistributedOptimizer`` over ``DistOptAdapter`` whose
+    checkpoints hold reg_dist's state (Megatron's own ``sharded_state_dict`` and ``load_state_dict`` assume
+    Adam's ``exp_avg`` / ``exp_avg_sq`` per main shard)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.optimizer import DistributedOptimizer
+
+    class RegDistributedOptimizer(DistributedOptimizer):
+        """``sharded_state_dict``: one ``ShardedObject`` per rank, keyed by the optimizer's name and the rank's
+        place in the TP × PP × DP layout (``reg_dist_key``), holding ``inner``'s state dict (momentum, AdamW
+        moments, step counts, ``skipped_steps``) and this rank's fp32 main shards of bf16 parameters.
+        A resume needs the same optimizer and layout; ``--ckpt-format torch`` is refused."""
+
+        reg_dist_key = "optimizer.reg_dist"
+
+        def _float16_mains(self) -> list[Tensor]:
+            return [m for group in self.shard_fp32_from_float16_groups for m in group]
+
+        def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, metadata=None, **kwargs):
+            state = {"inner": self.optimizer.inner.state_dict(), "main": [m.detach() for m in self._float16_mains()]}
+            return {"reg_dist": ShardedObject(self.reg_dist_key, state, (1,), (0,), replica_id=0)}
+
+        def load_state_dict(self, state_dict: dict) -> None:
+            state = state_dict["reg_dist"]
+            self.optimizer.inner.load_state_dict(state["inner"])
+            with torch.no_grad():
+                for main, saved in zip(self._float16_mains(), state["main"], strict=True):
+                    main.copy_(saved)
+
+    return RegDistributedOptimizer
+
+
+def _layout_key(name: str, tp: dist.ProcessGroup, dp: dist.ProcessGroup) -> str:
+    """A rank's checkpoint key: the optimizer and its place in the TP × PP × DP layout."""
+    from megatron.core import parallel_state
+
+    places = [(dist.get_rank(tp), dist.get_world_size(tp)),
+              (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_world_size()),
+              (dist.get_rank(dp), dist.get_world_size(dp))]
+    return f"optimizer.reg_dist.{name}." + ".".join(f"{axis}{r}of{n}" for axis, (r, n) in zip(("tp", "pp", "dp"), places))
+
+
 def build_distributed(name: str, config, model_chunks, config_overrides=None, pg_collection=None):
     """``get_megatron_optimizer`` for our ``name`` under Megatron's distributed optimizer: Megatron's
     ``DistributedOptimizer`` over ``DistOptAdapter`` (dense parameters), in a ``ChainedOptimizer``."""
     from megatron.core import parallel_state
-    from megatron.core.optimizer import (ChainedOptimizer, ConstantGradScaler, DistributedOptimizer,
-                                         _get_param_groups_and_buffers, get_standard_config_overrides)
+    from megatron.core.optimizer import (ChainedOptimizer, ConstantGradScaler, _get_param_groups_and_buffers,
+                                         get_standard_config_overrides)
     from megatron.core.optimizer.emerging_optimizers import _EMERGING_OPTIMIZERS, _get_qkv_split_shapes
     from megatron.core.process_groups_config import ProcessGroupCollection
 
@@ -402,7 +446,7 @@ def build_distributed(name: str, config, model_chunks, config_overrides=None, pg
     adam = {"betas": (config.adam_beta1, config.adam_beta2), "eps": config.adam_eps}
     adapter = DistOptAdapter(name, groups, kwargs, adam, names, settings.reg_split_qkv)
     scaler = ConstantGradScaler(config.loss_scale) if config.loss_scale else None
-    distopt = DistributedOptimizer(adapter, config, scaler, _init_adapter_state, model_chunks=model_chunks,
+    distopt = _distributed_optimizer_class()(adapter, config, scaler, _init_adapter_state, model_chunks=model_chunks,
                                    per_model_buffers=buffers, data_parallel_group=pgs["intra_dp_cp_group"],
                                    data_parallel_group_gloo=pgs["intra_dp_cp_group_gloo"],
                                    data_parallel_group_idx=dist.get_rank(pgs["mp_group"]),
@@ -410,6 +454,7 @@ def build_distributed(name: str, config, model_chunks, config_overrides=None, pg
     distopt.grad_stats_parallel_group = pgs["intra_dist_opt_group"]
     tp = pg_collection.tp if pg_collection is not None else parallel_state.get_tensor_model_parallel_group()
     distopt.tp_group = distopt.expert_tp_group = tp
+    distopt.reg_dist_key = _layout_key(name, tp, pgs["intra_dp_cp_group"])
     adapter.bind(distopt, _tp_dp_group(tp, pgs["intra_dp_cp_group"], pg_collection))
     return ChainedOptimizer([distopt])
 
