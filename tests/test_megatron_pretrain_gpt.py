@@ -188,7 +188,8 @@ def test_pretrain_gpt_cpu_dry_run_under_torchrun():
     (DP 2) exits 0, says it is a slow dry run, and logs its losses."""
     script = Path(__file__).resolve().parents[1] / "launch" / "pretrain_gpt.py"
     run = torchrun(script, 2, ["--cpu", *BASE[:-4], "--train-iters", "2", "--lr", "0.01", "--global-batch-size", "4",
-                               "--log-interval", "1", "--eval-iters", "0", "--eval-interval", "10", "--optimizer", "reg"], timeout=300)
+                               "--log-interval", "1", "--eval-iters", "0", "--eval-interval", "10",
+                               "--optimizer", "reg"], timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "a dry run; it is slow" in run.stderr
     losses = re.findall(r"iteration\s+(\d+)/\s*2 \|.*?lm loss: ([0-9.E+-]+)", run.stdout)

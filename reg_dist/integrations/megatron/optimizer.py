@@ -368,11 +368,9 @@ def _distributed_optimizer_class() -> type:
 
     class RegDistributedOptimizer(DistributedOptimizer):
         """``sharded_state_dict``: one ``ShardedObject`` per rank, keyed by the optimizer's name and the rank's
-        place in the TP × PP × DP layout (``reg_dist_key``), holding ``inner``'s state dict (momentum, AdamW
-        moments, step counts, ``skipped_steps``) and this rank's fp32 main shards of bf16 parameters.
-        A resume needs the same optimizer and layout; ``--ckpt-format torch`` is refused."""
-
-        reg_dist_key = "optimizer.reg_dist"
+        place in the TP × PP × DP layout (``reg_dist_key``, set by ``build_distributed``), holding ``inner``'s
+        state dict (momentum, AdamW moments, step counts, ``skipped_steps``) and this rank's fp32 main shards
+        of bf16 parameters. A resume needs the same optimizer and layout; ``--ckpt-format torch`` is refused."""
 
         def _float16_mains(self) -> list[Tensor]:
             return [m for group in self.shard_fp32_from_float16_groups for m in group]
@@ -391,14 +389,10 @@ def _distributed_optimizer_class() -> type:
     return RegDistributedOptimizer
 
 
-def _layout_key(name: str, tp: dist.ProcessGroup, dp: dist.ProcessGroup) -> str:
-    """A rank's checkpoint key: the optimizer and its place in the TP × PP × DP layout."""
-    from megatron.core import parallel_state
-
-    places = [(dist.get_rank(tp), dist.get_world_size(tp)),
-              (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_world_size()),
-              (dist.get_rank(dp), dist.get_world_size(dp))]
-    return f"optimizer.reg_dist.{name}." + ".".join(f"{axis}{r}of{n}" for axis, (r, n) in zip(("tp", "pp", "dp"), places))
+def _layout_key(name: str, **groups: dist.ProcessGroup) -> str:
+    """A rank's checkpoint key: the optimizer and the rank's place in each of ``groups`` (tp, pp, dp)."""
+    return f"optimizer.reg_dist.{name}." + ".".join(f"{axis}{dist.get_rank(g)}of{dist.get_world_size(g)}"
+                                                    for axis, g in groups.items())
 
 
 def build_distributed(name: str, config, model_chunks, config_overrides=None, pg_collection=None):
@@ -446,15 +440,15 @@ def build_distributed(name: str, config, model_chunks, config_overrides=None, pg
     adam = {"betas": (config.adam_beta1, config.adam_beta2), "eps": config.adam_eps}
     adapter = DistOptAdapter(name, groups, kwargs, adam, names, settings.reg_split_qkv)
     scaler = ConstantGradScaler(config.loss_scale) if config.loss_scale else None
-    distopt = _distributed_optimizer_class()(adapter, config, scaler, _init_adapter_state, model_chunks=model_chunks,
-                                   per_model_buffers=buffers, data_parallel_group=pgs["intra_dp_cp_group"],
-                                   data_parallel_group_gloo=pgs["intra_dp_cp_group_gloo"],
-                                   data_parallel_group_idx=dist.get_rank(pgs["mp_group"]),
-                                   distributed_optimizer_instance_id=0)
+    distopt = _distributed_optimizer_class()(
+        adapter, config, scaler, _init_adapter_state, model_chunks=model_chunks, per_model_buffers=buffers,
+        data_parallel_group=pgs["intra_dp_cp_group"], data_parallel_group_gloo=pgs["intra_dp_cp_group_gloo"],
+        data_parallel_group_idx=dist.get_rank(pgs["mp_group"]), distributed_optimizer_instance_id=0)
     distopt.grad_stats_parallel_group = pgs["intra_dist_opt_group"]
     tp = pg_collection.tp if pg_collection is not None else parallel_state.get_tensor_model_parallel_group()
     distopt.tp_group = distopt.expert_tp_group = tp
-    distopt.reg_dist_key = _layout_key(name, tp, pgs["intra_dp_cp_group"])
+    pp = pg_collection.pp if pg_collection is not None else parallel_state.get_pipeline_model_parallel_group()
+    distopt.reg_dist_key = _layout_key(name, tp=tp, pp=pp, dp=pgs["intra_dp_cp_group"])
     adapter.bind(distopt, _tp_dp_group(tp, pgs["intra_dp_cp_group"], pg_collection))
     return ChainedOptimizer([distopt])
 
