@@ -82,6 +82,10 @@ def test_pretrain_gpt_rejects_bad_reg_flags_with_argparses_message(capfd):
                              "--save", "ckpt"], lambda *a: None)
     assert "--use-distributed-optimizer checkpoints through Megatron's sharded state dict only: use --ckpt-format " \
            "torch_dist" in capfd.readouterr().err
+    with pytest.raises(AssertionError, match="SystemExit: 2"):
+        _in_a_fresh_process(["--optimizer", "normuon", "--load", "ckpt"], lambda *a: None)
+    assert "--optimizer normuon keeps per-row state, which Megatron's torch_dist checkpoints of its DDP optimizer " \
+           "cannot hold: use --ckpt-format torch" in capfd.readouterr().err
 
 
 CPU = list(megatron_cpu.CPU_ARGS)  # gloo, megatron-core's own layers, no fused CUDA kernels
