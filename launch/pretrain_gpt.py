@@ -19,12 +19,16 @@ Megatron's ``NullTokenizer`` by default), the ``val`` split for validation; ``--
 --no-gradient-accumulation-fusion``) or ``transformer_engine`` (the default, needs Transformer Engine).
 ``--use-distributed-optimizer`` runs ours on Megatron's flat distributed optimizer
 (``reg_dist.megatron.parse_and_validate_args`` keeps it: Megatron's ``validate_args`` would switch
-optimizers other than adam and sgd to its layer-wise one). Megatron's initialisation asserts CUDA, so
-``pretrain`` does not run on a CPU machine as is; tests/test_megatron_pretrain_gpt.py runs ``main()`` on
-CPU under a test-only shim that pretends to be CUDA.
+optimizers other than adam and sgd to its layer-wise one).
+
+``--cpu``: a dry run of the same ``pretrain`` on CPU ranks (gloo), to check a configuration, its flags and a
+checkpoint round trip before spending GPU hours; slow (a tiny model only), never the default. It installs
+``launch.megatron_cpu``'s CUDA → CPU shim in the rank before Megatron initialises and adds its
+``CPU_ARGS`` (gloo, ``--transformer-impl local``, no fused kernels) before the command's own flags.
 """
 
 import argparse
+import os
 import sys
 from functools import partial
 from pathlib import Path
@@ -44,6 +48,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_layer_local_spec,
 from megatron.training import get_args, pretrain
 from megatron.training.argument_utils import core_transformer_config_from_args, pretrain_cfg_container_from_args
 
+from launch import megatron_cpu
 from launch.data import build_corpus
 from launch.exits import run_and_exit
 
@@ -140,11 +145,32 @@ def escape_broken_help(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     return parser
 
 
+def cpu_flag(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--cpu`` in ``--help`` (``use_cpu`` takes it out of ``sys.argv`` before Megatron parses)."""
+    parser.add_argument("--cpu", action="store_true", help="Dry run on CPU ranks with gloo (slow; a tiny model): "
+                        "check a configuration, its flags and a checkpoint round trip before a GPU run.")
+    return parser
+
+
+def use_cpu(argv: list[str]) -> bool:
+    """If ``argv`` (``sys.argv``, changed in place) asks for ``--cpu``: take it out, put ``CPU_ARGS`` before
+    the command's flags (every later parse of ``sys.argv`` sees them) and install the CUDA → CPU shim."""
+    if "--cpu" not in argv[1:]:
+        return False
+    argv[1:] = [*megatron_cpu.CPU_ARGS, *(a for a in argv[1:] if a != "--cpu")]
+    if os.environ.get("RANK", "0") == "0":
+        print("pretrain_gpt.py --cpu: Megatron's pretrain on CPU ranks with gloo, a dry run; it is slow, use a "
+              "tiny model", file=sys.stderr, flush=True)
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    megatron_cpu.install_for_pretrain()
+    return True
+
+
 def parse_args():
     """Megatron's arguments with reg_dist's (``reg_dist.megatron``), validated and set as Megatron's global
     arguments, and the ``PretrainConfigContainer`` ``pretrain`` takes."""
     rm.register()
-    args = rm.parse_and_validate_args(escape_broken_help, args_defaults=DEFAULTS)
+    args = rm.parse_and_validate_args(cpu_flag, escape_broken_help, args_defaults=DEFAULTS)
     return args, pretrain_cfg_container_from_args(args)
 
 
@@ -161,6 +187,7 @@ def use_shipped_dataset_helpers() -> None:
 
 
 def main() -> None:
+    use_cpu(sys.argv)
     _, cfg = parse_args()
     use_shipped_dataset_helpers()
     pretrain(cfg, datasets_provider, ModelType.encoder_or_decoder, forward_step, model_provider=model_provider)

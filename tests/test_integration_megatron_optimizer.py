@@ -1,6 +1,6 @@
 """``--optimizer reg|reg_muon|muoneq`` in Megatron: flags → ``validate_args`` → ``OptimizerConfig`` →
-``get_megatron_optimizer``, and TP 2 × DP 2 training (gloo, forked ranks, the test-only CUDA → CPU shim
-in ``megatron_cpu``) equal to the single-process reg_dist optimizer on the full weights: with Megatron's
+``get_megatron_optimizer``, and TP 2 × DP 2 training (gloo, forked ranks, the CUDA → CPU shim
+in ``launch.megatron_cpu``) equal to the single-process reg_dist optimizer on the full weights: with Megatron's
 DDP, with its distributed optimizer (flat shards that cut rows, empty shards), under bf16 (fp32 main
 parameters), and on PP 2 × DP 2 where the stages hold different parameters."""
 
@@ -79,7 +79,7 @@ def _reference_forward(w: dict, x):
 def _setup(tp=TP, pp=1, **extra):
     """Megatron's parallel state (TP ``tp`` × PP ``pp`` × DP the rest), the CUDA → CPU shim and a
     CPU-initialising TransformerConfig (``extra`` on top); the seed is the pipeline stage."""
-    import megatron_cpu
+    from launch import megatron_cpu
 
     warnings.simplefilter("ignore")
     megatron_cpu.install()

@@ -1,12 +1,15 @@
 """``launch/pretrain_gpt.py`` on a CPU machine: its argument parsing (Megatron's, with reg_dist's flags)
 reaches ``validate_args`` and the ``PretrainConfigContainer`` that ``pretrain`` takes without touching
 CUDA; its byte-level data serves Megatron-shaped samples; its GPTModel and forward step train with our
-optimizer; and ``main()`` runs Megatron's whole ``pretrain`` under the test-only shim that pretends to be
-CUDA (``megatron_cpu.install_for_pretrain``). The README's ``## Megatron`` section gives the GPU command."""
+optimizer; ``main()`` runs Megatron's whole ``pretrain`` under the shim that pretends to be CUDA
+(``launch.megatron_cpu.install_for_pretrain``, what ``--cpu`` installs), and ``--cpu`` under torchrun.
+docs/megatron.md gives the GPU command."""
 
 import os
+import re
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +19,8 @@ with warnings.catch_warnings():
     import reg_dist.megatron  # noqa: F401  (the typing.override alias, before megatron.training)
     import megatron.training  # noqa: F401
 
-from multiproc import run_ranks
+from launch import megatron_cpu
+from multiproc import run_ranks, torchrun
 
 BASE = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
         "--max-position-embeddings", "16", "--micro-batch-size", "2", "--train-iters", "5", "--lr", "0.02"]
@@ -73,11 +77,18 @@ def test_pretrain_gpt_rejects_bad_reg_flags_with_argparses_message(capfd):
     with pytest.raises(AssertionError, match="SystemExit: 2"):
         _in_a_fresh_process(["--optimizer", "muoneq", "--muoneq-phase", "2"], lambda *a: None)
     assert "--optimizer muoneq: phase applies only to mode='rowcol'" in capfd.readouterr().err
+    with pytest.raises(AssertionError, match="SystemExit: 2"):
+        _in_a_fresh_process(["--optimizer", "reg", "--use-distributed-optimizer", "--ckpt-format", "torch",
+                             "--save", "ckpt"], lambda *a: None)
+    assert "--use-distributed-optimizer checkpoints through Megatron's sharded state dict only: use --ckpt-format " \
+           "torch_dist" in capfd.readouterr().err
+    with pytest.raises(AssertionError, match="SystemExit: 2"):
+        _in_a_fresh_process(["--optimizer", "normuon", "--load", "ckpt"], lambda *a: None)
+    assert "--optimizer normuon keeps per-row state, which Megatron's torch_dist checkpoints of its DDP optimizer " \
+           "cannot hold: use --ckpt-format torch" in capfd.readouterr().err
 
 
-CPU = ["--transformer-impl", "local", "--use-cpu-initialization", "--no-persist-layer-norm",
-       "--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion", "--no-bias-gelu-fusion",
-       "--no-bias-dropout-fusion", "--no-rope-fusion"]  # megatron-core's own layers, no fused CUDA kernels
+CPU = list(megatron_cpu.CPU_ARGS)  # gloo, megatron-core's own layers, no fused CUDA kernels
 
 
 @pytest.mark.parametrize("name", ["reg", "muoneq"])
@@ -88,7 +99,6 @@ def test_pretrain_gpt_model_data_and_forward_step_train_with_ours_on_tp2(name):
     the loss falls."""
 
     def body(rank, world):
-        import megatron_cpu
         import torch
         from megatron.core import parallel_state, tensor_parallel
         from megatron.core.distributed import DistributedDataParallel
@@ -147,7 +157,6 @@ def test_pretrain_gpt_main_runs_megatrons_pretrain_with_ours(name, extra):
     iters = 6
 
     def body(rank, world):
-        import megatron_cpu
         import torch
 
         from reg_dist.integrations.megatron.optimizer import NAMES, DistOptAdapter
@@ -157,7 +166,7 @@ def test_pretrain_gpt_main_runs_megatrons_pretrain_with_ours(name, extra):
         os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
         sys.argv = ["pretrain_gpt.py", *BASE[:-4], "--train-iters", str(iters), "--lr", "0.01", "--min-lr", "0.001",
                     "--lr-decay-style", "cosine", "--clip-grad", "1.0", "--global-batch-size", "4",
-                    "--eval-iters", "1", "--eval-interval", "3", "--log-interval", "3", "--distributed-backend", "gloo",
+                    "--eval-iters", "1", "--eval-interval", "3", "--log-interval", "3",
                     "--optimizer", name, *extra, *CPU]
         from launch import pretrain_gpt
 
@@ -176,3 +185,65 @@ def test_pretrain_gpt_main_runs_megatrons_pretrain_with_ours(name, extra):
     assert len(with_loss) == (2 if "--pipeline-model-parallel-size" in extra else 4)
     for losses in with_loss:
         assert len(losses) == iters and sum(losses[-2:]) < sum(losses[:2])
+
+
+def test_pretrain_gpt_cpu_dry_run_under_torchrun():
+    """``torchrun --nproc_per_node=2 launch/pretrain_gpt.py --cpu``: Megatron's ``pretrain`` on two CPU ranks
+    (DP 2) exits 0, says it is a slow dry run, and logs its losses."""
+    script = Path(__file__).resolve().parents[1] / "launch" / "pretrain_gpt.py"
+    run = torchrun(script, 2, ["--cpu", *BASE[:-4], "--train-iters", "2", "--lr", "0.01", "--global-batch-size", "4",
+                               "--log-interval", "1", "--eval-iters", "0", "--eval-interval", "10",
+                               "--optimizer", "reg"], timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "a dry run; it is slow" in run.stderr
+    losses = re.findall(r"iteration\s+(\d+)/\s*2 \|.*?lm loss: ([0-9.E+-]+)", run.stdout)
+    assert [i for i, _ in losses] == ["1", "2"] and all(0 < float(v) < 10 for _, v in losses), run.stdout[-3000:]
+
+
+def _pretrain(argv: list[str], world: int = 2) -> list:
+    """``pretrain_gpt.py --cpu`` ``main()`` on ``world`` forked ranks: each rank's per-iteration training losses
+    and its model's final parameters (by name)."""
+
+    def body(rank, world):
+        import torch
+
+        warnings.simplefilter("ignore")
+        sys.argv = ["pretrain_gpt.py", "--cpu", *argv]
+        from launch import pretrain_gpt
+
+        losses, models = [], []
+        loss_func, model_provider = pretrain_gpt.loss_func, pretrain_gpt.model_provider
+        pretrain_gpt.loss_func = lambda mask, out: (lambda r: losses.append(float(r[0] / r[1])) or r)(
+            loss_func(mask, out)) if torch.is_grad_enabled() else loss_func(mask, out)
+        pretrain_gpt.model_provider = lambda *a, **k: models.append(model_provider(*a, **k)) or models[-1]
+        pretrain_gpt.main()
+        return losses, {n: p.detach().float().numpy() for m in models for n, p in m.named_parameters()}  # no shm
+
+    return run_ranks(world, body, init_group=False)
+
+
+@pytest.mark.parametrize("name, world, extra, formats", [
+    ("reg", 2, [], ("torch", "torch_dist")),
+    ("reg_muon", 4, ["--tensor-model-parallel-size", "2"], ("torch", "torch_dist")),
+    ("reg", 4, ["--tensor-model-parallel-size", "2", "--use-distributed-optimizer", "--bf16"], ("torch_dist",)),
+    ("reg_muon", 4, ["--tensor-model-parallel-size", "2", "--use-distributed-optimizer"], ("torch_dist",)),
+], ids=["reg-dp2", "reg_muon-tp2-dp2", "reg-tp2-dp2-distopt-bf16", "reg_muon-tp2-dp2-distopt"])
+def test_pretrain_gpt_checkpoint_resumes_the_uninterrupted_run(name, world, extra, formats, tmp_path):
+    """Megatron's DDP, or its distributed optimizer: 4 iterations saving at 2 (in each of ``formats``), then a
+    run with ``--load`` (``--ckpt-step 2``) continuing to 4: its losses and final weights equal the
+    uninterrupted run's (at TP 2, the owner plans of the TP-split matrices survive the load; under the
+    distributed optimizer reg_dist's state and fp32 main shards come back from its sharded state). Dropout off:
+    under ``--cpu`` Megatron's "CUDA" generator is the CPU one, which the resumed run's data loader draws
+    from after the RNG state is restored."""
+    run = [*BASE[:-4], "--train-iters", "4", "--lr", "0.01", "--global-batch-size", "4", "--eval-iters", "0",
+           "--eval-interval", "10", "--hidden-dropout", "0", "--attention-dropout", "0", "--optimizer", name,
+           "--reg-ns-dtype", "fp32", *extra]
+    for fmt in formats:
+        ckpt = str(tmp_path / fmt)
+        whole = _pretrain([*run, "--ckpt-format", fmt, "--save", ckpt, "--save-interval", "2"], world)
+        resumed = _pretrain([*run, "--ckpt-format", fmt, "--load", ckpt, "--ckpt-step", "2"], world)
+        for (losses, weights), (tail, resumed_weights) in zip(whole, resumed):
+            assert len(losses) == 4 and tail == losses[2:], fmt
+            assert weights.keys() == resumed_weights.keys()
+            for n, w in weights.items():
+                assert (w == resumed_weights[n]).all(), (fmt, n)

@@ -174,6 +174,8 @@ def check_args(args: argparse.Namespace) -> None:
     if getattr(args, "fp16", False):
         raise ValueError(f"--optimizer {name} does not support --fp16 (Megatron's emerging optimizers do not); "
                          f"use --bf16")
+    if getattr(args, "save", None) or getattr(args, "load", None):
+        _check_checkpoint_format(name, args)
     for dest, (_, takers) in hyper_flags().items():  # a flag unset by default, set for an optimizer without it
         if name not in takers and getattr(_DEFAULTS, dest) is None and getattr(args, dest, None) is not None:
             raise ValueError(f"--{dest.replace('_', '-')} applies only to --optimizer {', '.join(takers)}, not {name}")
@@ -181,6 +183,19 @@ def check_args(args: argparse.Namespace) -> None:
         check_settings(name, settings_from(args=args))
     except ValueError as e:
         raise ValueError(f"--optimizer {name}: {e}") from None
+
+
+def _check_checkpoint_format(name: str, args: argparse.Namespace) -> None:
+    """Raise ValueError if Megatron cannot checkpoint ``name``'s state in ``--ckpt-format``: the distributed
+    optimizer's goes through the sharded state dict only (``torch_dist``); under DDP, ``torch_dist`` maps every
+    optimizer tensor to its parameter's shape, which per-row state (NorMuon's) does not have."""
+    distributed, fmt = getattr(args, "use_distributed_optimizer", False), getattr(args, "ckpt_format", None)
+    if distributed and fmt == "torch":
+        raise ValueError(f"--optimizer {name} with --use-distributed-optimizer checkpoints through Megatron's sharded "
+                         f"state dict only: use --ckpt-format torch_dist (the default), not torch")
+    if not distributed and fmt == "torch_dist" and NAMES[name].row_state_keys:
+        raise ValueError(f"--optimizer {name} keeps per-row state, which Megatron's torch_dist checkpoints of its DDP "
+                         f"optimizer cannot hold: use --ckpt-format torch, or --use-distributed-optimizer")
 
 
 def _validate_after_parse(parser: argparse.ArgumentParser) -> None:

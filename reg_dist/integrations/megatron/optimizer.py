@@ -32,16 +32,18 @@ groups=(("tp_dp", tensor × data parallel group),))`` (``("dp", …)`` for a rep
 reduces its row/column sums over that group, Muon/MuonEq move the pieces to one owner per matrix.
 Megatron's layer-wise optimizer (what its ``validate_args`` makes of ``--use-distributed-optimizer``
 for any optimizer but adam and sgd; ``reg_dist.megatron.parse_and_validate_args`` keeps the flat one)
-is refused, as are expert-parallel parameters, several distributed-optimizer instances and saving
-reg_dist's state through ``DistributedOptimizer`` checkpoints.
+is refused, as are expert-parallel parameters and several distributed-optimizer instances. Its checkpoints
+(``--ckpt-format torch_dist``) hold reg_dist's state per rank (``RegDistributedOptimizer``): a resume needs
+the same optimizer and TP × PP × DP layout.
 
 Muon/MuonEq always orthogonalise each TP-split matrix whole (``tp_mode="gather"``): reg_dist's
 ``tp_mode="blockwise"`` applies to DTensor parameters only, not to the ``reg_layout`` pieces used here.
 """
 
 import copy
-import logging
 import dataclasses
+import functools
+import logging
 import sys
 import typing
 from typing import Any
@@ -178,12 +180,31 @@ def _init_state(opt, config=None) -> None:
                 opt.matrix_state(p)
 
 
+class _KeepGroups:
+    """Mixin: ``load_state_dict`` keeps the optimizer's group dicts, updating their hyper-parameters from the
+    checkpoint (torch's load replaces them, which would drop the engine's owner plans of TP-split matrices,
+    kept per group)."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        groups = self.param_groups
+        super().load_state_dict(state_dict)
+        for group, loaded in zip(groups, self.param_groups):
+            group.update({k: v for k, v in loaded.items() if k != "params"})
+        self.param_groups = groups
+
+
+@functools.cache
+def megatron_class(cls: type[MatrixOptimizer]) -> type[MatrixOptimizer]:
+    """``cls`` as the Megatron integration builds it: loading a checkpoint keeps its groups (``_KeepGroups``)."""
+    return type(cls.__name__, (_KeepGroups, cls), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+
+
 class _Builder:
     """The entry's ``optimizer_cls``: ``NAMES[name]`` on Megatron's parameter groups, each given its
     parameters' names (for the routing table and the cross-rank agreement check)."""
 
     def __init__(self, name: str) -> None:
-        self.name, self.cls = name, NAMES[name]
+        self.name, self.cls = name, megatron_class(NAMES[name])
         self.__name__ = self.__qualname__ = f"megatron_{self.cls.__name__}"
 
     def __call__(self, param_groups: list[dict], *, param_names: dict[int, str], **kwargs: Any):
@@ -194,7 +215,7 @@ class _Builder:
             groups.append({**group, "params": params, "param_names": names})
         optimizer = self.cls(groups, **kwargs)
         optimizer.megatron_kwargs = kwargs  # for rebuild_over_main_params
-        return optimizer
+        return tag_groups(optimizer)
 
     def __repr__(self) -> str:
         return f"reg_dist {self.cls.__name__} for megatron ({self.name!r})"
@@ -213,8 +234,18 @@ def rebuild_over_main_params(optimizer) -> None:
                 if hasattr(p, LAYOUT_ATTR):
                     setattr(main, LAYOUT_ATTR, getattr(p, LAYOUT_ATTR))
         groups = [{k: v for k, v in g.items()} for g in ours.param_groups]
-        wrapper.optimizer = type(ours)(groups, **ours.megatron_kwargs)
+        wrapper.optimizer = tag_groups(type(ours)(groups, **ours.megatron_kwargs))
         wrapper.optimizer.megatron_kwargs = ours.megatron_kwargs
+
+
+def tag_groups(optimizer: MatrixOptimizer) -> MatrixOptimizer:
+    """Set each group's ``optimizer`` to its algorithm. Megatron's ``load_state_dict`` pairs saved groups with
+    the current ones by its identifier keys (``max_lr``, ``wd_mult``, ``optimizer``, …); ours splits each
+    Megatron group by algorithm (AdamW-routed parameters apart), groups those keys alone would not tell
+    apart: one would then load the other's (``doesn't match the size of optimizer's group``)."""
+    for group in optimizer.param_groups:
+        group["optimizer"] = group["algorithm"]
+    return optimizer
 
 
 def uses_distributed_optimizer(config, model_chunks) -> bool:
@@ -256,7 +287,7 @@ class DistOptAdapter(Optimizer):
     def __init__(self, name: str, param_groups: list[dict], kwargs: dict, adam: dict,
                  param_names: dict[int, str], split_qkv: bool) -> None:
         super().__init__(param_groups, {"lr": kwargs["lr"], "weight_decay": kwargs["weight_decay"]})
-        self.name, self.cls = name, NAMES[name]
+        self.name, self.cls = name, megatron_class(NAMES[name])
         self._kwargs, self._adam, self._names, self._split_qkv = kwargs, adam, param_names, split_qkv
         self._models = [list(g["params"]) for g in self.param_groups]
         self.inner: MatrixOptimizer | None = None
@@ -317,8 +348,8 @@ class DistOptAdapter(Optimizer):
 
     def state_dict(self) -> dict:
         if self.inner is not None:
-            raise NotImplementedError("saving reg_dist's optimizer state through Megatron's DistributedOptimizer "
-                                      "checkpoints is not supported yet")
+            raise NotImplementedError(f"--optimizer {self.name} with --use-distributed-optimizer checkpoints through "
+                                      f"Megatron's sharded state dict only: use --ckpt-format torch_dist")
         return super().state_dict()  # DistributedOptimizer's round trip while it swaps in the shards
 
 
@@ -327,12 +358,49 @@ def _init_adapter_state(opt, config=None) -> None:
         _init_state(opt.inner)
 
 
+@functools.cache
+def _distributed_optimizer_class() -> type:
+    """``RegDistributedOptimizer``: Megatron's ``DistributedOptimizer`` over ``DistOptAdapter`` whose
+    checkpoints hold reg_dist's state (Megatron's own ``sharded_state_dict`` and ``load_state_dict`` assume
+    Adam's ``exp_avg`` / ``exp_avg_sq`` per main shard)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.optimizer import DistributedOptimizer
+
+    class RegDistributedOptimizer(DistributedOptimizer):
+        """``sharded_state_dict``: one ``ShardedObject`` per rank, keyed by the optimizer's name and the rank's
+        place in the TP × PP × DP layout (``reg_dist_key``, set by ``build_distributed``), holding ``inner``'s
+        state dict (momentum, AdamW moments, step counts, ``skipped_steps``) and this rank's fp32 main shards
+        of bf16 parameters. A resume needs the same optimizer and layout; ``--ckpt-format torch`` is refused."""
+
+        def _float16_mains(self) -> list[Tensor]:
+            return [m for group in self.shard_fp32_from_float16_groups for m in group]
+
+        def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, metadata=None, **kwargs):
+            state = {"inner": self.optimizer.inner.state_dict(), "main": [m.detach() for m in self._float16_mains()]}
+            return {"reg_dist": ShardedObject(self.reg_dist_key, state, (1,), (0,), replica_id=0)}
+
+        def load_state_dict(self, state_dict: dict) -> None:
+            state = state_dict["reg_dist"]
+            self.optimizer.inner.load_state_dict(state["inner"])
+            with torch.no_grad():
+                for main, saved in zip(self._float16_mains(), state["main"], strict=True):
+                    main.copy_(saved)
+
+    return RegDistributedOptimizer
+
+
+def _layout_key(name: str, **groups: dist.ProcessGroup) -> str:
+    """A rank's checkpoint key: the optimizer and the rank's place in each of ``groups`` (tp, pp, dp)."""
+    return f"optimizer.reg_dist.{name}." + ".".join(f"{axis}{dist.get_rank(g)}of{dist.get_world_size(g)}"
+                                                    for axis, g in groups.items())
+
+
 def build_distributed(name: str, config, model_chunks, config_overrides=None, pg_collection=None):
     """``get_megatron_optimizer`` for our ``name`` under Megatron's distributed optimizer: Megatron's
     ``DistributedOptimizer`` over ``DistOptAdapter`` (dense parameters), in a ``ChainedOptimizer``."""
     from megatron.core import parallel_state
-    from megatron.core.optimizer import (ChainedOptimizer, ConstantGradScaler, DistributedOptimizer,
-                                         _get_param_groups_and_buffers, get_standard_config_overrides)
+    from megatron.core.optimizer import (ChainedOptimizer, ConstantGradScaler, _get_param_groups_and_buffers,
+                                         get_standard_config_overrides)
     from megatron.core.optimizer.emerging_optimizers import _EMERGING_OPTIMIZERS, _get_qkv_split_shapes
     from megatron.core.process_groups_config import ProcessGroupCollection
 
@@ -372,14 +440,15 @@ def build_distributed(name: str, config, model_chunks, config_overrides=None, pg
     adam = {"betas": (config.adam_beta1, config.adam_beta2), "eps": config.adam_eps}
     adapter = DistOptAdapter(name, groups, kwargs, adam, names, settings.reg_split_qkv)
     scaler = ConstantGradScaler(config.loss_scale) if config.loss_scale else None
-    distopt = DistributedOptimizer(adapter, config, scaler, _init_adapter_state, model_chunks=model_chunks,
-                                   per_model_buffers=buffers, data_parallel_group=pgs["intra_dp_cp_group"],
-                                   data_parallel_group_gloo=pgs["intra_dp_cp_group_gloo"],
-                                   data_parallel_group_idx=dist.get_rank(pgs["mp_group"]),
-                                   distributed_optimizer_instance_id=0)
+    distopt = _distributed_optimizer_class()(
+        adapter, config, scaler, _init_adapter_state, model_chunks=model_chunks, per_model_buffers=buffers,
+        data_parallel_group=pgs["intra_dp_cp_group"], data_parallel_group_gloo=pgs["intra_dp_cp_group_gloo"],
+        data_parallel_group_idx=dist.get_rank(pgs["mp_group"]), distributed_optimizer_instance_id=0)
     distopt.grad_stats_parallel_group = pgs["intra_dist_opt_group"]
     tp = pg_collection.tp if pg_collection is not None else parallel_state.get_tensor_model_parallel_group()
     distopt.tp_group = distopt.expert_tp_group = tp
+    pp = pg_collection.pp if pg_collection is not None else parallel_state.get_pipeline_model_parallel_group()
+    distopt.reg_dist_key = _layout_key(name, tp=tp, pp=pp, dp=pgs["intra_dp_cp_group"])
     adapter.bind(distopt, _tp_dp_group(tp, pgs["intra_dp_cp_group"], pg_collection))
     return ChainedOptimizer([distopt])
 

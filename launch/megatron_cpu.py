@@ -1,13 +1,14 @@
-"""Test-only: run megatron-core's DDP and optimizer wrappers on the CPU.
+"""Run megatron-core on CPU ranks (gloo): ``launch/pretrain_gpt.py --cpu`` and the test suite.
 
-They hard-code ``torch.cuda`` calls (``device="cuda"``, ``torch.cuda.current_device()``, streams,
+megatron-core hard-codes ``torch.cuda`` calls (``device="cuda"``, ``torch.cuda.current_device()``, streams,
 ``synchronize``) and type names (the distributed optimizer accepts ``p.type() ==
 "torch.cuda.FloatTensor"`` only). ``install()`` points every such device at the CPU for the rest of the
 process, makes the stream / event / synchronize calls no-ops, reports CPU tensor types by their
 CUDA names, gives Megatron's model-parallel "CUDA" RNG tracker the CPU generator's state, and answers
 device-property queries as a Hopper (arch 9) device would, which ``validate_args`` asks under TP > 1.
-Call it only inside a forked rank (``run_ranks``), never in the pytest parent. ``install_for_pretrain()``
-also lets ``megatron.training.pretrain`` run (see its docstring).
+``install_for_pretrain()`` also lets ``megatron.training.pretrain`` run (see its docstring). Install it in
+each rank process before Megatron initialises (in tests: inside a forked rank, never in the pytest
+parent); it cannot be undone. ``CPU_ARGS`` are the Megatron flags a CPU run needs.
 """
 
 import contextlib
@@ -58,6 +59,11 @@ class _Event(_Stream):
         return True
 
 
+CPU_ARGS = ("--distributed-backend", "gloo", "--transformer-impl", "local", "--use-cpu-initialization",
+            "--no-persist-layer-norm", "--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion",
+            "--no-bias-gelu-fusion", "--no-bias-dropout-fusion", "--no-rope-fusion")
+# gloo, megatron-core's own layers initialised on the CPU, no fused CUDA kernels
+
 _MODE = None
 _TYPE = torch.Tensor.type
 
@@ -91,6 +97,7 @@ def install() -> None:
     cuda.get_device_properties = lambda *a, **k: types.SimpleNamespace(major=9, minor=0, name="cpu", total_memory=0,
                                                                        multi_processor_count=1)
     cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
+    cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
     cuda.manual_seed = lambda seed: torch.manual_seed(seed)
     from megatron.core.tensor_parallel import random as megatron_random
 
