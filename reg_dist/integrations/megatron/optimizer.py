@@ -180,31 +180,12 @@ def _init_state(opt, config=None) -> None:
                 opt.matrix_state(p)
 
 
-class _KeepGroups:
-    """Mixin: ``load_state_dict`` keeps the optimizer's group dicts, updating their hyper-parameters from the
-    checkpoint (torch's load replaces them, which would drop the engine's owner plans of TP-split matrices,
-    kept per group)."""
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        groups = self.param_groups
-        super().load_state_dict(state_dict)
-        for group, loaded in zip(groups, self.param_groups):
-            group.update({k: v for k, v in loaded.items() if k != "params"})
-        self.param_groups = groups
-
-
-@functools.cache
-def megatron_class(cls: type[MatrixOptimizer]) -> type[MatrixOptimizer]:
-    """``cls`` as the Megatron integration builds it: loading a checkpoint keeps its groups (``_KeepGroups``)."""
-    return type(cls.__name__, (_KeepGroups, cls), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
-
-
 class _Builder:
     """The entry's ``optimizer_cls``: ``NAMES[name]`` on Megatron's parameter groups, each given its
     parameters' names (for the routing table and the cross-rank agreement check)."""
 
     def __init__(self, name: str) -> None:
-        self.name, self.cls = name, megatron_class(NAMES[name])
+        self.name, self.cls = name, NAMES[name]
         self.__name__ = self.__qualname__ = f"megatron_{self.cls.__name__}"
 
     def __call__(self, param_groups: list[dict], *, param_names: dict[int, str], **kwargs: Any):
@@ -287,7 +268,7 @@ class DistOptAdapter(Optimizer):
     def __init__(self, name: str, param_groups: list[dict], kwargs: dict, adam: dict,
                  param_names: dict[int, str], split_qkv: bool) -> None:
         super().__init__(param_groups, {"lr": kwargs["lr"], "weight_decay": kwargs["weight_decay"]})
-        self.name, self.cls = name, megatron_class(NAMES[name])
+        self.name, self.cls = name, NAMES[name]
         self._kwargs, self._adam, self._names, self._split_qkv = kwargs, adam, param_names, split_qkv
         self._models = [list(g["params"]) for g in self.param_groups]
         self.inner: MatrixOptimizer | None = None
