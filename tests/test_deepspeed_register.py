@@ -19,6 +19,7 @@ from multiproc import run_ranks  # noqa: E402
 from reg_dist.integrations.deepspeed import RegDistAdapter  # noqa: E402
 from sharded import BATCH, Net, assert_matches, data, loss_of  # noqa: E402
 from test_integration_deepspeed import ALGORITHMS, WORLD, _config, _full, _no_shm_build, _reference  # noqa: E402
+from test_integration_deepspeed import _train as _train_micro_batches  # noqa: E402
 
 
 def _train(engine, rank, world):
@@ -191,3 +192,50 @@ def test_the_wrapper_takes_deepspeed_initialize_arguments():
     """After ``register()`` every caller's arguments reach the wrapper: the same names, in order."""
     ours = inspect.signature(rds.initialize).parameters
     assert list(ours) == list(inspect.signature(integration._DEEPSPEED_INITIALIZE).parameters)
+
+
+OFFLOAD = {"offload_optimizer": {"device": "cpu"}}
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_cpu_offload_optimizer_steps_the_cpu_partitions(stage):
+    """``"offload_optimizer": {"device": "cpu"}``: reg_dist (never DeepSpeedCPUAdam) steps the CPU fp32
+    partitions, equal to one process; JSON-named REG and a client Muon."""
+    config = _config("reg", stage, 1)
+    config["zero_optimization"].update(OFFLOAD)
+    client_config = _client_config(stage)
+    client_config["zero_optimization"].update(OFFLOAD)
+    _, _, cls, kwargs = ALGORITHMS["muon"]
+    expected, client_expected = _reference("reg"), _client_reference("muon")[0]
+
+    def body(rank, world):
+        _no_shm_build()
+        rds.register()
+        for cfg, make, want in ((config, None, expected), (client_config, lambda m: cls(_groups(m), **kwargs),
+                                                           client_expected)):
+            torch.manual_seed(0)
+            model = Net()
+            engine, *_ = deepspeed.initialize(model=model, optimizer=make and make(model), config=cfg)
+            offloaded = engine.optimizer.cpu_offload if stage < 3 else engine.optimizer.offload_optimizer
+            assert offloaded and isinstance(engine.basic_optimizer, RegDistAdapter)
+            assert engine.optimizer.optimizer is engine.basic_optimizer
+            _train(engine, rank, world)
+            with _full(model, stage):
+                assert_matches(model, want)
+
+    run_ranks(WORLD, body, init_group=False)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_cpu_offload_with_gradient_accumulation(stage):
+    """Offload accumulates micro-batch gradients on its own CPU path: 4 micro-batches still equal one process."""
+    _train_micro_batches(_config("muon", stage, 4, zero_optimization={"stage": stage, **OFFLOAD}),
+                         _reference("muon"), 4)
+
+
+@pytest.mark.parametrize("offload", [{"device": "nvme", "nvme_path": "/tmp"}, {"device": "cpu", "ratio": 0.5}])
+def test_nvme_and_partial_offload_refused(offload):
+    config = _config("reg", 3, 1)
+    config["zero_optimization"]["offload_optimizer"] = offload
+    with pytest.raises(NotImplementedError, match="offload_optimizer.*use \"offload_optimizer\": {\"device\": \"cpu\"}"):
+        rds.initialize(model=Net(), config=config)
