@@ -239,3 +239,37 @@ def test_nvme_and_partial_offload_refused(offload):
     config["zero_optimization"]["offload_optimizer"] = offload
     with pytest.raises(NotImplementedError, match="offload_optimizer.*use \"offload_optimizer\": {\"device\": \"cpu\"}"):
         rds.initialize(model=Net(), config=config)
+
+
+@pytest.mark.parametrize("offload", [False, True])
+@pytest.mark.parametrize("algorithm", ["reg", "muon"])
+def test_zero3_init_partitions_at_construction(algorithm, offload):
+    """ZeRO 3 with the model built under ``deepspeed.zero.Init`` (what the Trainer does for
+    ``from_pretrained``), with and without CPU optimizer offload: the parameters are placeholders from
+    the start; routing reads ``ds_shape``."""
+    config, expected = _config(algorithm, 3, 1), _reference(algorithm)
+    if offload:
+        config["zero_optimization"].update(OFFLOAD)
+    reference_routes = sorted((math.prod(r.shape), r.algorithm) for r in _routes(algorithm))
+
+    def body(rank, world):
+        _no_shm_build()
+        rds.register()
+        torch.manual_seed(0)
+        with deepspeed.zero.Init(config_dict_or_path=config):
+            model = Net()
+        assert all(p.numel() == 0 for p in model.parameters())  # partitioned at construction
+        engine, *_ = deepspeed.initialize(model=model, config=config)
+        _train(engine, rank, world)
+        with _full(model, 3):
+            assert_matches(model, expected)
+        return sorted((math.prod(r.shape), r.algorithm) for r in engine.basic_optimizer.inner.routes)
+
+    for got in run_ranks(WORLD, body, init_group=False):
+        assert got == reference_routes  # routed by the real shapes, not the placeholders' (0,)
+
+
+def _routes(algorithm):
+    _, _, cls, kwargs = ALGORITHMS[algorithm]
+    torch.manual_seed(0)
+    return cls(Net(), **kwargs).routes
