@@ -273,3 +273,56 @@ def _routes(algorithm):
     _, _, cls, kwargs = ALGORITHMS[algorithm]
     torch.manual_seed(0)
     return cls(Net(), **kwargs).routes
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_checkpoint_round_trip_with_a_client_optimizer_and_offload(tmp_path, stage):
+    """Plain ``deepspeed.initialize`` after ``register()``, a client Muon with its own groups and CPU
+    optimizer offload: 2 steps, ``save_checkpoint``, a fresh engine (other initial weights)
+    ``load_checkpoint``s and takes the 3rd, ending at the uninterrupted run's weights."""
+    _, _, cls, kwargs = ALGORITHMS["muon"]
+    expected = _client_reference("muon")[0]
+    config = _client_config(stage)
+    config["zero_optimization"].update(OFFLOAD)
+    where = str(tmp_path / "ckpt")
+
+    def body(rank, world):
+        _no_shm_build()
+        rds.register()
+        per, batches = BATCH // world, data()
+
+        def engine_of(seed):
+            torch.manual_seed(seed)
+            model = Net()
+            return model, deepspeed.initialize(model=model, optimizer=cls(_groups(model), **kwargs), config=config)[0]
+
+        _, engine = engine_of(0)
+        for tokens in batches[:2]:
+            engine.backward(loss_of(engine, tokens[rank * per:(rank + 1) * per]))
+            engine.step()
+        engine.save_checkpoint(where, tag="step2")
+        model, resumed = engine_of(1)
+        resumed.load_checkpoint(where, tag="step2")
+        for tokens in batches[2:]:
+            resumed.backward(loss_of(resumed, tokens[rank * per:(rank + 1) * per]))
+            resumed.step()
+        with _full(model, stage):
+            assert_matches(model, expected)
+
+    run_ranks(WORLD, body, init_group=False)
+
+
+def test_client_optimizer_on_zero_init_placeholders_names_the_fix():
+    """A client optimizer built after ``deepspeed.zero.Init`` routed the empty placeholders (every one
+    1-D): refused, naming the JSON route."""
+    config = _client_config(3)
+
+    def body(rank, world):
+        _no_shm_build()
+        rds.register()
+        with deepspeed.zero.Init(config_dict_or_path=config):
+            model = Net()
+        with pytest.raises(ValueError, match=r"deepspeed\.zero\.Init.*\"type\": \"REG\""):
+            deepspeed.initialize(model=model, optimizer=rds.OPTIMIZERS["reg"].cls(model), config=config)
+
+    run_ranks(WORLD, body, init_group=False)

@@ -384,6 +384,11 @@ def client_optimizer(optimizer: MatrixOptimizer) -> tuple[str, dict, list[dict]]
     if optimizer.state:
         raise ValueError(f"this {type(optimizer).__name__} has stepped already; DeepSpeed needs a fresh one "
                          f"(resume its state with engine.load_checkpoint)")
+    if any(hasattr(p, "ds_shape") for g in optimizer.param_groups for p in g["params"]):
+        raise ValueError(f"this {type(optimizer).__name__} was built on parameters deepspeed.zero.Init had "
+                         f"partitioned, so it routed their empty placeholders, not their real shapes; name the "
+                         f"type in the DeepSpeed config instead (\"optimizer\": {{\"type\": "
+                         f"\"{entry.deepspeed}\"}}; Accelerate: DummyOptim)")
     ctor = {"nonfinite": optimizer.nonfinite}
     if entry.cls.moves and optimizer.move_dtype is not None:
         ctor["move_dtype"] = optimizer.move_dtype
