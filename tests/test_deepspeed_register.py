@@ -237,7 +237,7 @@ def test_cpu_offload_with_gradient_accumulation(stage):
 def test_nvme_and_partial_offload_refused(offload):
     config = _config("reg", 3, 1)
     config["zero_optimization"]["offload_optimizer"] = offload
-    with pytest.raises(NotImplementedError, match="offload_optimizer.*use \"offload_optimizer\": {\"device\": \"cpu\"}"):
+    with pytest.raises(NotImplementedError, match='offload_optimizer.*use "offload_optimizer": {"device": "cpu"}'):
         rds.initialize(model=Net(), config=config)
 
 
