@@ -245,11 +245,11 @@ def test_nvme_and_partial_offload_refused(offload):
 @pytest.mark.parametrize("algorithm", ["reg", "muon"])
 def test_zero3_init_partitions_at_construction(algorithm, offload):
     """ZeRO 3 with the model built under ``deepspeed.zero.Init`` (what the Trainer does for
-    ``from_pretrained``), with and without CPU optimizer offload: the parameters are placeholders from
+    ``from_pretrained``), with and without CPU optimizer and parameter offload: the parameters are placeholders from
     the start; routing reads ``ds_shape``."""
     config, expected = _config(algorithm, 3, 1), _reference(algorithm)
     if offload:
-        config["zero_optimization"].update(OFFLOAD)
+        config["zero_optimization"].update(OFFLOAD, offload_param={"device": "cpu"})
     reference_routes = sorted((math.prod(r.shape), r.algorithm) for r in _routes(algorithm))
 
     def body(rank, world):
@@ -260,6 +260,7 @@ def test_zero3_init_partitions_at_construction(algorithm, offload):
             model = Net()
         assert all(p.numel() == 0 for p in model.parameters())  # partitioned at construction
         engine, *_ = deepspeed.initialize(model=model, config=config)
+        assert engine.optimizer.offload_optimizer == engine.optimizer.offload_param == offload
         _train(engine, rank, world)
         with _full(model, 3):
             assert_matches(model, expected)

@@ -45,9 +45,9 @@ clips at 1.0 unless ``"gradient_clipping"`` says otherwise.)
 
 Precision: fp32 at every stage; bf16 at stages 1 (bf16 gradient accumulation), 2 and 3, with fp32
 master partitions. ``"offload_optimizer": {"device": "cpu"}``: the fp32 partitions and their ``.grad``
-are DeepSpeed's CPU tensors, stepped as above (``zero_force_ds_cpu_optimizer`` set false). Not yet:
-fp16, bf16 at stage 0 or with fp32 gradient accumulation at stage 1 (DeepSpeed's BF16_Optimizer), NVMe
-or partial optimizer offload, ZeRO-3 ``offload_param``, MoE groups, DeepSpeed's elastic and universal
+are DeepSpeed's CPU tensors, stepped as above (``zero_force_ds_cpu_optimizer`` set false), also with
+ZeRO-3 CPU ``offload_param``. Not yet: fp16, bf16 at stage 0 or with fp32 gradient accumulation at
+stage 1 (DeepSpeed's BF16_Optimizer), NVMe or partial optimizer offload, MoE groups, DeepSpeed's elastic and universal
 checkpoints. ``engine.save_checkpoint`` / ``load_checkpoint`` save and restore reg_dist's state at
 the same stage and world size. Every stage views a parameter by the one rule of ``layout.shape``,
 with the model's module types (a conv kernel ``out × in·k``, an expert stack as its experts).
@@ -240,9 +240,9 @@ class RegDistAdapter(Optimizer):
             units = [(i, wrapper.single_partition_of_fp32_groups[i], _zero12_pieces(wrapper, i))
                      for i in range(len(wrapper.bit16_groups))]
         elif stage == 3 and type(wrapper) is DeepSpeedZeroOptimizer_Stage3:
-            if wrapper.swap_optimizer or wrapper.offload_param:
-                raise NotImplementedError("reg_dist.deepspeed: ZeRO-3 offload_param and NVMe offload_optimizer are "
-                                          "not supported yet; use \"offload_optimizer\": {\"device\": \"cpu\"}")
+            if wrapper.swap_optimizer or wrapper.params_in_nvme_and_cpu:
+                raise NotImplementedError("reg_dist.deepspeed: ZeRO-3 NVMe offload is not supported yet; use "
+                                          "\"device\": \"cpu\"")
             units = [(wrapper.sub_group_to_group_id[s], wrapper.fp32_partitioned_groups_flat[s],
                       _zero3_pieces(wrapper, s)) for s in range(len(wrapper.fp16_groups))]
         else:
