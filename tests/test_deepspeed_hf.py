@@ -5,7 +5,8 @@
   same lr per step;
 - the Hugging Face ``transformers.Trainer`` with ``deepspeed=`` a config naming ``"REG"`` or
   ``"reg_dist.Muon"``, or with REG from a ``create_optimizer`` override (ZeRO 2; REG in the config also
-  at ZeRO 3, the model built whole, not under ``deepspeed.zero.Init``), trains a tiny GPT-2 to
+  at ZeRO 3 with the model built whole, and reg_dist.Muon at ZeRO 3 from ``from_pretrained``, under
+  ``deepspeed.zero.Init``), trains a tiny GPT-2 to
   the weights of a single-process run on the same batches. GPT-2's Conv1D weights are stored in × out:
   one process routes them as their transpose, DeepSpeed's flat partitions step them as stored; REG is
   symmetric in rows and columns, Newton–Schulz commutes with the transpose and the default scale
@@ -97,18 +98,22 @@ class RegTrainer(Trainer):
 
 
 @pytest.mark.parametrize("route,algorithm,stage", [("config", "reg", 2), ("config", "muon", 2),
-                                                  ("create_optimizer", "reg", 2), ("config", "reg", 3)])
+                                                  ("create_optimizer", "reg", 2), ("config", "reg", 3),
+                                                  ("from_pretrained", "muon", 3)])
 def test_trainer_equals_single_process(tmp_path, route, algorithm, stage):
     """``deepspeed=`` naming ``"REG"`` or ``"reg_dist.Muon"`` (``"auto"`` lr and weight decay filled by
     the Trainer), or no optimizer in the config and REG from a ``create_optimizer`` override (DeepSpeed's
-    client optimizer); either way the Trainer's lr schedule reaches reg_dist's groups."""
+    client optimizer); either way the Trainer's lr schedule reaches reg_dist's groups. ``from_pretrained``
+    at ZeRO 3 builds the model under ``deepspeed.zero.Init`` (partitioned at construction)."""
     expected = _reference(algorithm)
+    if route == "from_pretrained":
+        _model().save_pretrained(tmp_path / "init")
     kind, params, _, _ = ALGORITHMS[algorithm]
     config = {**CONFIG, "zero_optimization": {"stage": stage}}
-    if route == "config":
+    if route != "create_optimizer":
         config["optimizer"] = {"type": kind, "params": {"lr": "auto", "weight_decay": "auto", "adamw_eps": EPS,
                                                         **params}}
-    cls = Trainer if route == "config" else RegTrainer
+    cls = RegTrainer if route == "create_optimizer" else Trainer
 
     def body(rank, world):
         _no_shm_build()
@@ -119,7 +124,12 @@ def test_trainer_equals_single_process(tmp_path, route, algorithm, stage):
                                  lr_scheduler_type="linear", max_grad_norm=0.0, train_sampling_strategy="sequential",
                                  save_strategy="no", report_to="none", disable_tqdm=True, logging_steps=10**6, seed=0,
                                  accelerator_config={"use_configured_state": True})
-        trainer = cls(model=_model(), args=args, train_dataset=_samples())
+        if route == "from_pretrained":
+            model = GPT2LMHeadModel.from_pretrained(tmp_path / "init")
+            assert all(p.numel() == 0 for p in model.parameters())  # under zero.Init
+        else:
+            model = _model()
+        trainer = cls(model=model, args=args, train_dataset=_samples())
         trainer.train()
         assert isinstance(trainer.model_wrapped.basic_optimizer, RegDistAdapter)
         with _full(trainer.model, stage):

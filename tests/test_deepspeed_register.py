@@ -19,6 +19,7 @@ from multiproc import run_ranks  # noqa: E402
 from reg_dist.integrations.deepspeed import RegDistAdapter  # noqa: E402
 from sharded import BATCH, Net, assert_matches, data, loss_of  # noqa: E402
 from test_integration_deepspeed import ALGORITHMS, WORLD, _config, _full, _no_shm_build, _reference  # noqa: E402
+from test_integration_deepspeed import _train as _train_micro_batches  # noqa: E402
 
 
 def _train(engine, rank, world):
@@ -191,3 +192,138 @@ def test_the_wrapper_takes_deepspeed_initialize_arguments():
     """After ``register()`` every caller's arguments reach the wrapper: the same names, in order."""
     ours = inspect.signature(rds.initialize).parameters
     assert list(ours) == list(inspect.signature(integration._DEEPSPEED_INITIALIZE).parameters)
+
+
+OFFLOAD = {"offload_optimizer": {"device": "cpu"}}
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_cpu_offload_optimizer_steps_the_cpu_partitions(stage):
+    """``"offload_optimizer": {"device": "cpu"}``: reg_dist (never DeepSpeedCPUAdam) steps the CPU fp32
+    partitions, equal to one process; JSON-named REG and a client Muon."""
+    config = _config("reg", stage, 1)
+    config["zero_optimization"].update(OFFLOAD)
+    client_config = _client_config(stage)
+    client_config["zero_optimization"].update(OFFLOAD)
+    _, _, cls, kwargs = ALGORITHMS["muon"]
+    expected, client_expected = _reference("reg"), _client_reference("muon")[0]
+
+    def body(rank, world):
+        _no_shm_build()
+        rds.register()
+        for cfg, make, want in ((config, None, expected), (client_config, lambda m: cls(_groups(m), **kwargs),
+                                                           client_expected)):
+            torch.manual_seed(0)
+            model = Net()
+            engine, *_ = deepspeed.initialize(model=model, optimizer=make and make(model), config=cfg)
+            offloaded = engine.optimizer.cpu_offload if stage < 3 else engine.optimizer.offload_optimizer
+            assert offloaded and isinstance(engine.basic_optimizer, RegDistAdapter)
+            assert engine.optimizer.optimizer is engine.basic_optimizer
+            _train(engine, rank, world)
+            with _full(model, stage):
+                assert_matches(model, want)
+
+    run_ranks(WORLD, body, init_group=False)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_cpu_offload_with_gradient_accumulation(stage):
+    """Offload accumulates micro-batch gradients on its own CPU path: 4 micro-batches still equal one process."""
+    _train_micro_batches(_config("muon", stage, 4, zero_optimization={"stage": stage, **OFFLOAD}),
+                         _reference("muon"), 4)
+
+
+@pytest.mark.parametrize("offload", [{"device": "nvme", "nvme_path": "/tmp"}, {"device": "cpu", "ratio": 0.5}])
+def test_nvme_and_partial_offload_refused(offload):
+    config = _config("reg", 3, 1)
+    config["zero_optimization"]["offload_optimizer"] = offload
+    with pytest.raises(NotImplementedError, match='offload_optimizer.*use "offload_optimizer": {"device": "cpu"}'):
+        rds.initialize(model=Net(), config=config)
+
+
+@pytest.mark.parametrize("offload", [False, True])
+@pytest.mark.parametrize("algorithm", ["reg", "muon"])
+def test_zero3_init_partitions_at_construction(algorithm, offload):
+    """ZeRO 3 with the model built under ``deepspeed.zero.Init`` (what the Trainer does for
+    ``from_pretrained``), with and without CPU optimizer and parameter offload: the parameters are placeholders from
+    the start; routing reads ``ds_shape``."""
+    config, expected = _config(algorithm, 3, 1), _reference(algorithm)
+    if offload:
+        config["zero_optimization"].update(OFFLOAD, offload_param={"device": "cpu"})
+    reference_routes = sorted((math.prod(r.shape), r.algorithm) for r in _routes(algorithm))
+
+    def body(rank, world):
+        _no_shm_build()
+        rds.register()
+        torch.manual_seed(0)
+        with deepspeed.zero.Init(config_dict_or_path=config):
+            model = Net()
+        assert all(p.numel() == 0 for p in model.parameters())  # partitioned at construction
+        engine, *_ = deepspeed.initialize(model=model, config=config)
+        assert engine.optimizer.offload_optimizer == engine.optimizer.offload_param == offload
+        _train(engine, rank, world)
+        with _full(model, 3):
+            assert_matches(model, expected)
+        return sorted((math.prod(r.shape), r.algorithm) for r in engine.basic_optimizer.inner.routes)
+
+    for got in run_ranks(WORLD, body, init_group=False):
+        assert got == reference_routes  # routed by the real shapes, not the placeholders' (0,)
+
+
+def _routes(algorithm):
+    _, _, cls, kwargs = ALGORITHMS[algorithm]
+    torch.manual_seed(0)
+    return cls(Net(), **kwargs).routes
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_checkpoint_round_trip_with_a_client_optimizer_and_offload(tmp_path, stage):
+    """Plain ``deepspeed.initialize`` after ``register()``, a client Muon with its own groups and CPU
+    optimizer offload: 2 steps, ``save_checkpoint``, a fresh engine (other initial weights)
+    ``load_checkpoint``s and takes the 3rd, ending at the uninterrupted run's weights."""
+    _, _, cls, kwargs = ALGORITHMS["muon"]
+    expected = _client_reference("muon")[0]
+    config = _client_config(stage)
+    config["zero_optimization"].update(OFFLOAD)
+    where = str(tmp_path / "ckpt")
+
+    def body(rank, world):
+        _no_shm_build()
+        rds.register()
+        per, batches = BATCH // world, data()
+
+        def engine_of(seed):
+            torch.manual_seed(seed)
+            model = Net()
+            return model, deepspeed.initialize(model=model, optimizer=cls(_groups(model), **kwargs), config=config)[0]
+
+        _, engine = engine_of(0)
+        for tokens in batches[:2]:
+            engine.backward(loss_of(engine, tokens[rank * per:(rank + 1) * per]))
+            engine.step()
+        engine.save_checkpoint(where, tag="step2")
+        model, resumed = engine_of(1)
+        resumed.load_checkpoint(where, tag="step2")
+        for tokens in batches[2:]:
+            resumed.backward(loss_of(resumed, tokens[rank * per:(rank + 1) * per]))
+            resumed.step()
+        with _full(model, stage):
+            assert_matches(model, expected)
+
+    run_ranks(WORLD, body, init_group=False)
+
+
+def test_client_optimizer_on_zero_init_placeholders_names_the_fix():
+    """A client optimizer built after ``deepspeed.zero.Init`` routed the empty placeholders (every one
+    1-D): refused, naming the JSON route."""
+    config = _client_config(3)
+
+    def body(rank, world):
+        _no_shm_build()
+        rds.register()
+        with deepspeed.zero.Init(config_dict_or_path=config):
+            model = Net()
+        with pytest.raises(ValueError, match=r"deepspeed\.zero\.Init.*\"type\": \"REG\""):
+            deepspeed.initialize(model=model, optimizer=rds.OPTIMIZERS["reg"].cls(model), config=config)
+
+    run_ranks(WORLD, body, init_group=False)

@@ -44,8 +44,10 @@ the transform) are DeepSpeed's, and the transform runs once per optimizer step. 
 clips at 1.0 unless ``"gradient_clipping"`` says otherwise.)
 
 Precision: fp32 at every stage; bf16 at stages 1 (bf16 gradient accumulation), 2 and 3, with fp32
-master partitions. Not yet: fp16, bf16 at stage 0 or with fp32 gradient accumulation at stage 1
-(DeepSpeed's BF16_Optimizer), CPU/NVMe offload, MoE groups, DeepSpeed's elastic and universal
+master partitions. ``"offload_optimizer": {"device": "cpu"}``: the fp32 partitions and their ``.grad``
+are DeepSpeed's CPU tensors, stepped as above (``zero_force_ds_cpu_optimizer`` set false), also with
+ZeRO-3 CPU ``offload_param``. Not yet: fp16, bf16 at stage 0 or with fp32 gradient accumulation at
+stage 1 (DeepSpeed's BF16_Optimizer), NVMe or partial optimizer offload, MoE groups, DeepSpeed's elastic and universal
 checkpoints. ``engine.save_checkpoint`` / ``load_checkpoint`` save and restore reg_dist's state at
 the same stage and world size. Every stage views a parameter by the one rule of ``layout.shape``,
 with the model's module types (a conv kernel ``out × in·k``, an expert stack as its experts).
@@ -235,13 +237,12 @@ class RegDistAdapter(Optimizer):
             units = [(k, None, [_Piece(p, tuple(p.shape), None, 0, (0, p.numel()), None) for p in g["params"]])
                      for k, g in enumerate(self._groups)]
         elif stage in (1, 2) and type(wrapper) is DeepSpeedZeroOptimizer:
-            if wrapper.cpu_offload:
-                raise NotImplementedError("reg_dist.deepspeed: ZeRO offload_optimizer is not supported yet")
             units = [(i, wrapper.single_partition_of_fp32_groups[i], _zero12_pieces(wrapper, i))
                      for i in range(len(wrapper.bit16_groups))]
         elif stage == 3 and type(wrapper) is DeepSpeedZeroOptimizer_Stage3:
-            if wrapper.offload_optimizer or wrapper.offload_param:
-                raise NotImplementedError("reg_dist.deepspeed: ZeRO-3 offload is not supported yet")
+            if wrapper.swap_optimizer or wrapper.params_in_nvme_and_cpu:
+                raise NotImplementedError("reg_dist.deepspeed: ZeRO-3 NVMe offload is not supported yet; use "
+                                          "\"device\": \"cpu\"")
             units = [(wrapper.sub_group_to_group_id[s], wrapper.fp32_partitioned_groups_flat[s],
                       _zero3_pieces(wrapper, s)) for s in range(len(wrapper.fp16_groups))]
         else:
@@ -383,6 +384,11 @@ def client_optimizer(optimizer: MatrixOptimizer) -> tuple[str, dict, list[dict]]
     if optimizer.state:
         raise ValueError(f"this {type(optimizer).__name__} has stepped already; DeepSpeed needs a fresh one "
                          f"(resume its state with engine.load_checkpoint)")
+    if any(hasattr(p, "ds_shape") for g in optimizer.param_groups for p in g["params"]):
+        raise ValueError(f"this {type(optimizer).__name__} was built on parameters deepspeed.zero.Init had "
+                         f"partitioned, so it routed their empty placeholders, not their real shapes; name the "
+                         f"type in the DeepSpeed config instead (\"optimizer\": {{\"type\": "
+                         f"\"{entry.deepspeed}\"}}; Accelerate: DummyOptim)")
     ctor = {"nonfinite": optimizer.nonfinite}
     if entry.cls.moves and optimizer.move_dtype is not None:
         ctor["move_dtype"] = optimizer.move_dtype
@@ -437,9 +443,16 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         raise NotImplementedError("reg_dist.deepspeed: bf16 with fp32 gradient accumulation at ZeRO stage 1 "
                                   "(DeepSpeed's BF16_Optimizer) is not supported yet; use stage 2")
 
+    offload = (loaded.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    if str(offload.get("device", "none")).lower() not in ("none", "cpu") or float(offload.get("ratio", 1.0)) != 1.0:
+        raise NotImplementedError(f"reg_dist.deepspeed: offload_optimizer {offload} is not supported yet (DeepSpeed "
+                                  f"steps NVMe and partial offload with its DeepSpeedCPUAdam only); use "
+                                  f"\"offload_optimizer\": {{\"device\": \"cpu\"}}")
+
     new_config = copy.copy(loaded)
     new_config.pop("optimizer", None)
     new_config["zero_allow_untested_optimizer"] = True  # DeepSpeed's gate for any client optimizer under ZeRO
+    new_config["zero_force_ds_cpu_optimizer"] = False  # under CPU offload reg_dist steps the CPU partitions itself
     if where.startswith("args."):
         args = copy.copy(args)
         for attr in ("deepspeed_config", "deepscale_config"):
