@@ -41,7 +41,7 @@ from .momentum import momentum_into_
 from .hyper import Hyper, constructor, warn_near_misses
 from .routing import ADAMW, ParamInfo, Route, as_matrix, as_param, format_table, parse_params, route
 from .scaling import check_scale, rms_factor, scale_factors, shape_factor
-from .stages import Spectral, Statistic
+from .stages import Spectral, Statistic, scaled_on_owner, spectral
 
 logger = logging.getLogger("reg_dist")
 
@@ -194,7 +194,8 @@ class MatrixOptimizer(Optimizer):
             check_layouts_add_up([self._layouts[id(p)] for p, _ in laid], [name for _, name in laid])
         if mesh is not None:
             params = [p for g in self.param_groups for p in g["params"]]
-            self._native = NativeDP(mesh, params, [self._cost(p) for p in params], bucket_bytes)
+            newton_schulz = spectral(self.stages(self.defaults))
+            self._native = NativeDP(mesh, params, [self._cost(p, newton_schulz) for p in params], bucket_bytes)
             logger.info("%s native data parallelism over %d ranks in %d bucket(s): ownership imbalance %.1f %%",
                         type(self).__name__, self._native.size, len(self._native.buckets), 100 * self._native.imbalance)
         if tp_mode == "blockwise":
@@ -293,12 +294,13 @@ class MatrixOptimizer(Optimizer):
         return self._native.owns(p), self._native.slice_of(p)
 
     # ---- owner plans (spectral stages) --------------------------------------------------
-    def _cost(self, p: Tensor) -> int | None:
-        """What owning ``p`` whole costs its data-parallel owner per step under ``mesh=`` (None for the
-        element-wise AdamW tensors, which the native mode shards flat instead)."""
+    def _cost(self, p: Tensor, newton_schulz: bool) -> int | None:
+        """What owning ``p`` whole costs its data-parallel owner per step under ``mesh=``: its Newton–Schulz
+        cost for an algorithm with one, else its size (None for the element-wise AdamW tensors, which
+        the native mode shards flat instead)."""
         if id(p) not in self._view:
             return None
-        if not any(isinstance(s, Spectral) for s in self.stages(self.defaults)):
+        if not newton_schulz:
             return p.numel()
         count, m, n = self._view[id(p)]
         return count * newton_schulz_cost(m, n)
@@ -315,7 +317,7 @@ class MatrixOptimizer(Optimizer):
     def _plan_group(self, group: dict) -> None:
         """One ``OwnerPlan`` per communicator for the group's collective matrices stepped here (the rest,
         whole on this process, get a ``LocalPlan`` at each step)."""
-        if group["algorithm"] != self.algorithm or not any(isinstance(s, Spectral) for s in self.stages(group)):
+        if group["algorithm"] != self.algorithm or not spectral(self.stages(group)):
             return
         by_ranks: dict[Any, tuple[dist.ProcessGroup | None, str, list[tuple[Tensor, str]]]] = {}
         for p, name in zip(group["params"], group["param_names"]):
@@ -478,16 +480,16 @@ class MatrixOptimizer(Optimizer):
         n = self._momentum(params, group)
         states = [self.state[p] for p in params]
         stages = self.stages(group)
+        index = {id(p): i for i, p in enumerate(params)}
+        local = [i for i, p in enumerate(params) if id(p) not in in_plans]
+        runs = [(plan, [index[id(p)] for p in ps]) for plan, ps in planned]  # the spectral stages' plans
+        runs.append((LocalPlan([layouts[i] for i in local]), local))
         for k, stage in enumerate(stages):
             if isinstance(stage, Statistic):
                 stage.run(n, layouts, states, self._comm)
                 continue
             last = k == len(stages) - 1
             fn = (lambda x, fn=stage.fn: self._scaled(fn(x), group)) if last else stage.fn
-            index = {id(p): i for i, p in enumerate(params)}
-            local = [i for i, p in enumerate(params) if id(p) not in in_plans]
-            runs = [(plan, [index[id(p)] for p in ps]) for plan, ps in planned]
-            runs.append((LocalPlan([layouts[i] for i in local]), local))
             for plan, idx in runs:
                 if not idx and plan.group is None:
                     continue
@@ -496,9 +498,9 @@ class MatrixOptimizer(Optimizer):
                 for j, i in enumerate(idx):
                     n[i] = out[j] if last else out[j].to(n[i].dtype)  # later stages work in fp32 (or wider)
                 self.transformed += plan.owned
-        if not any(isinstance(s, Spectral) for s in stages):  # each rank counts the matrices it holds pieces of
+        if not spectral(stages):  # each rank counts the matrices it holds pieces of
             self.transformed += sum(len(lay.block_shapes) for lay in layouts)
-        factors = self._scale_(n, layouts, group) if not isinstance(stages[-1], Spectral) else [None] * len(n)
+        factors = [None] * len(n) if scaled_on_owner(stages) else self._scale_(n, layouts, group)
         lr, wd = group["lr"], group["weight_decay"]
         for p, u, s, state in zip(params, n, factors, states):
             x = local_tensor(p)

@@ -15,7 +15,7 @@ from .algorithms.normuon import NorMuon
 from .algorithms.reg import REG
 from .engine import MatrixOptimizer
 from .hyper import Hyper
-from .stages import Spectral, Statistic
+from .stages import Spectral, Statistic, scaled_on_owner, spectral
 
 ENGINE_KEYWORDS = ("mesh", "tp_mode", "move_dtype", "bucket_bytes")  # how it is laid out, not what it computes
 
@@ -74,7 +74,8 @@ def stages(name: str, **hyper: Any) -> list[Statistic | Spectral]:
 
 def is_spectral(name: str) -> bool:
     """Whether algorithm ``name`` orthogonalises whole matrices (owner moves) with its defaults."""
-    return any(isinstance(s, Spectral) for s in stages(name))
+    return spectral(stages(name))
 
 
-__all__ = ["ALGORITHMS", "DEEPSPEED_TYPES", "Entry", "Hyper", "Spectral", "Statistic", "get", "is_spectral", "schema", "stages"]
+__all__ = ["ALGORITHMS", "DEEPSPEED_TYPES", "Entry", "Hyper", "Spectral", "Statistic", "get", "is_spectral",
+           "scaled_on_owner", "schema", "spectral", "stages"]

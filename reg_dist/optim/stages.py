@@ -31,3 +31,14 @@ class Statistic:
 @dataclass(frozen=True)
 class Spectral:
     fn: Callable[[Tensor], Tensor]
+
+
+def spectral(stages: list[Statistic | Spectral]) -> bool:
+    """Whether ``stages`` move whole matrices to their owners (a ``Spectral`` stage)."""
+    return any(isinstance(s, Spectral) for s in stages)
+
+
+def scaled_on_owner(stages: list[Statistic | Spectral]) -> bool:
+    """Whether the scale is applied on the owner, to whole matrices (the last stage is spectral);
+    otherwise it is applied to the local pieces, ``"rms"`` after one packed norm reduction."""
+    return isinstance(stages[-1], Spectral)

@@ -194,9 +194,9 @@ def _predict_stage(full: Model, model: Model, par: Parallel, cluster: Cluster, o
     # element-wise memory traffic, per rank
     mat, laid, owned, adam = tr.matrix_elements, tr.laid_elements, tr.owned_elements, tr.adamw_elements
     stages = registry.stages(optimizer, iters=settings.iters, scale=settings.scale)
-    spectral = registry.is_spectral(optimizer)
+    spectral = registry.spectral(stages)
     passes = sum(s.passes for s in stages if isinstance(s, registry.Statistic))  # each: read for sums, scale
-    passes += 1 if settings.scale == "rms" and not isinstance(stages[-1], registry.Spectral) else 0  # the norms
+    passes += 1 if settings.scale == "rms" and not registry.scaled_on_owner(stages) else 0  # the norms
     racs = 3 * passes * pb * mat if not spectral else 0 * mat
     per = mat * (4 + 5) * pb + adam * 7 * pb + racs
     if spectral:

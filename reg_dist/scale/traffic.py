@@ -392,10 +392,10 @@ def traffic(model: Model, par: Parallel, optimizer: str, settings: Settings = Se
     native = None
     steps = {h.index: everyone for h in hold}
     stages = registry.stages(optimizer, iters=settings.iters, scale=settings.scale)
-    spectral = any(isinstance(s, registry.Spectral) for s in stages)
+    spectral = registry.spectral(stages)
     first = next((k for k, s in enumerate(stages) if isinstance(s, registry.Spectral)), len(stages))
     before, after = stages[:first], stages[first + 1:]  # statistic stages before and after the owner moves
-    norms = settings.scale == "rms" and not isinstance(stages[-1], registry.Spectral)
+    norms = settings.scale == "rms" and not registry.scaled_on_owner(stages)
 
     def floats(stage: registry.Statistic):
         return (lambda h: h.stat_floats) if stage.cols else (lambda h: h.param.logical[0])
