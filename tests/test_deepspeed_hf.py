@@ -31,7 +31,7 @@ from multiproc import run_ranks  # noqa: E402
 from reg_dist import optim  # noqa: E402
 from reg_dist.integrations.deepspeed import RegDistAdapter  # noqa: E402
 from sharded import BATCH, Net, assert_matches, data, loss_of  # noqa: E402
-from test_integration_deepspeed import _config, _full, _no_shm_build  # noqa: E402
+from test_integration_deepspeed import _config, _full, _no_shm_build, _reg_with_lrs  # noqa: E402
 from test_integration_deepspeed import _reference as _net_reference  # noqa: E402
 
 WORLD, PER_RANK, STEPS, SEQ, LR, WD = 2, 4, 3, 16, 0.02, 0.1
@@ -85,6 +85,17 @@ def _gloo_deepspeed_state():
     needs it off) it would pick no backend and train every rank on the whole data as one process."""
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     PartialState(backend="gloo")
+
+
+def _accelerator_and_net(config: dict):
+    """On a forked gloo rank after ``register()``: an Accelerator with a DeepSpeed plugin of ``config``,
+    and a fresh ``Net`` (seed 0)."""
+    _no_shm_build()
+    rds.register()
+    _gloo_deepspeed_state()
+    accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=dict(config)))
+    torch.manual_seed(0)
+    return accelerator, Net()
 
 
 class RegTrainer(Trainer):
@@ -148,12 +159,7 @@ def test_accelerate_prepare_with_a_client_optimizer_and_its_scheduler(stage):
               "gradient_clipping": 0.0, "zero_optimization": {"stage": stage}, "steps_per_print": 10**6}
 
     def body(rank, world):
-        _no_shm_build()
-        rds.register()
-        _gloo_deepspeed_state()
-        accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=dict(config)))
-        torch.manual_seed(0)
-        model = Net()
+        accelerator, model = _accelerator_and_net(config)
         client = optim.REG(model, lr=0.02)
         schedule = torch.optim.lr_scheduler.LambdaLR(client, lambda s: 1 / (1 + s))
         engine, optimizer, schedule = accelerator.prepare(model, client, schedule)
@@ -170,16 +176,7 @@ def test_accelerate_prepare_with_a_client_optimizer_and_its_scheduler(stage):
 
     (lrs, state), _ = run_ranks(WORLD, body, init_group=False)
     assert lrs[0] == 0.02 and lrs[-1] < lrs[1] < lrs[0]  # the schedule applied
-    torch.manual_seed(0)
-    model = Net()
-    opt = optim.REG(model, lr=0.02)
-    for tokens, lr in zip(data(), lrs):
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.zero_grad()
-        loss_of(model, tokens).backward()
-        opt.step()
-    assert_matches(model, {k: torch.from_numpy(v) for k, v in state.items()})
+    assert_matches(_reg_with_lrs(lrs), {k: torch.from_numpy(v) for k, v in state.items()})
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -189,12 +186,7 @@ def test_accelerate_prepare_with_reg_in_the_deepspeed_config(stage):
     config, expected = _config("reg", stage, 1), _net_reference("reg")
 
     def body(rank, world):
-        _no_shm_build()
-        rds.register()
-        _gloo_deepspeed_state()
-        accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=dict(config)))
-        torch.manual_seed(0)
-        model = Net()
+        accelerator, model = _accelerator_and_net(config)
         engine, optimizer = accelerator.prepare(model, DummyOptim(model.parameters()))
         per = BATCH // world
         for tokens in data():

@@ -18,7 +18,8 @@ import reg_dist.integrations.deepspeed as integration  # noqa: E402
 from multiproc import run_ranks  # noqa: E402
 from reg_dist.integrations.deepspeed import RegDistAdapter  # noqa: E402
 from sharded import BATCH, Net, assert_matches, data, loss_of  # noqa: E402
-from test_integration_deepspeed import ALGORITHMS, WORLD, _config, _full, _no_shm_build, _reference  # noqa: E402
+from test_integration_deepspeed import (ALGORITHMS, WORLD, _config, _full, _no_shm_build, _reference,  # noqa: E402
+                                        _resumed_at_step_2)
 from test_integration_deepspeed import _train as _train_micro_batches  # noqa: E402
 
 
@@ -287,26 +288,15 @@ def test_checkpoint_round_trip_with_a_client_optimizer_and_offload(tmp_path, sta
     config["zero_optimization"].update(OFFLOAD)
     where = str(tmp_path / "ckpt")
 
+    def engine_of(seed):
+        torch.manual_seed(seed)
+        model = Net()
+        return model, deepspeed.initialize(model=model, optimizer=cls(_groups(model), **kwargs), config=config)[0]
+
     def body(rank, world):
         _no_shm_build()
         rds.register()
-        per, batches = BATCH // world, data()
-
-        def engine_of(seed):
-            torch.manual_seed(seed)
-            model = Net()
-            return model, deepspeed.initialize(model=model, optimizer=cls(_groups(model), **kwargs), config=config)[0]
-
-        _, engine = engine_of(0)
-        for tokens in batches[:2]:
-            engine.backward(loss_of(engine, tokens[rank * per:(rank + 1) * per]))
-            engine.step()
-        engine.save_checkpoint(where, tag="step2")
-        model, resumed = engine_of(1)
-        resumed.load_checkpoint(where, tag="step2")
-        for tokens in batches[2:]:
-            resumed.backward(loss_of(resumed, tokens[rank * per:(rank + 1) * per]))
-            resumed.step()
+        model = _resumed_at_step_2(engine_of, where, rank, world)
         with _full(model, stage):
             assert_matches(model, expected)
 

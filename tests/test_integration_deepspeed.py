@@ -76,6 +76,38 @@ def _reference(algorithm, clip=0.0):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def _reg_with_lrs(lrs: list[float]):
+    """The single-process REG model after one step per batch, step t at lr ``lrs[t]``."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = optim.REG(model, lr=0.02)
+    for tokens, lr in zip(data(), lrs):
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad()
+        loss_of(model, tokens).backward()
+        opt.step()
+    return model
+
+
+def _resumed_at_step_2(engine_of, where: str, rank: int, world: int):
+    """Two steps on ``engine_of(0)``'s engine and ``save_checkpoint``; then a fresh ``engine_of(1)`` (other
+    initial weights) ``load_checkpoint``s and takes the other steps. Its model; ``engine_of(seed)`` gives
+    ``(model, engine)``."""
+    per, batches = BATCH // world, data()
+    _, engine = engine_of(0)
+    for tokens in batches[:2]:
+        engine.backward(loss_of(engine, tokens[rank * per:(rank + 1) * per]))
+        engine.step()
+    engine.save_checkpoint(where, tag="step2")
+    model, resumed = engine_of(1)
+    resumed.load_checkpoint(where, tag="step2")
+    for tokens in batches[2:]:
+        resumed.backward(loss_of(resumed, tokens[rank * per:(rank + 1) * per]))
+        resumed.step()
+    return model
+
+
 def _full(model, stage):
     """A context in which the model holds its full parameters (gathered under ZeRO 3)."""
     return deepspeed.zero.GatheredParameters(list(model.parameters())) if stage == 3 else contextlib.nullcontext()
@@ -186,15 +218,7 @@ def test_config_file_through_args_and_lr_scheduler(tmp_path):
 
     (lrs, state), _ = run_ranks(WORLD, body, init_group=False)
     assert 0 <= lrs[0] < lrs[-1] <= 0.02  # a warm-up, applied
-    torch.manual_seed(0)  # the reference with the same lr per step
-    model = Net()
-    opt = optim.REG(model, lr=0.02)
-    for tokens, lr in zip(data(), lrs):
-        for g in opt.param_groups:
-            g["lr"] = lr
-        opt.zero_grad()
-        loss_of(model, tokens).backward()
-        opt.step()
+    model = _reg_with_lrs(lrs)  # the reference with the same lr per step
     for name, value in model.state_dict().items():
         torch.testing.assert_close(torch.from_numpy(state[name]), value, rtol=1e-5, atol=1e-6)
 
@@ -332,22 +356,14 @@ def test_checkpoint_round_trip_resumes_the_same_trajectory(tmp_path, stage):
     config, expected = _config("muoneq", stage, 1), _reference("muoneq")
     where = str(tmp_path / "ckpt")
 
+    def engine_of(seed):
+        torch.manual_seed(seed)
+        model = Net()
+        return model, rds.initialize(model=model, config=config)[0]
+
     def body(rank, world):
         _no_shm_build()
-        per, batches = BATCH // world, data()
-        torch.manual_seed(0)
-        engine, *_ = rds.initialize(model=Net(), config=config)
-        for tokens in batches[:2]:
-            engine.backward(loss_of(engine, tokens[rank * per:(rank + 1) * per]))
-            engine.step()
-        engine.save_checkpoint(where, tag="step2")
-        torch.manual_seed(1)
-        model = Net()
-        resumed, *_ = rds.initialize(model=model, config=config)
-        resumed.load_checkpoint(where, tag="step2")
-        for tokens in batches[2:]:
-            resumed.backward(loss_of(resumed, tokens[rank * per:(rank + 1) * per]))
-            resumed.step()
+        model = _resumed_at_step_2(engine_of, where, rank, world)
         with _full(model, stage):
             assert_matches(model, expected)
 
