@@ -249,6 +249,22 @@ def check_hyper_parameters(p: argparse.ArgumentParser, args: argparse.Namespace)
             p.error(f"--{name.replace('_', '-')} applies to --optimizer {' or '.join(flag.applies)}, "
                     f"not {args.optimizer}")
         args.hyper[flag.keyword] = DTYPES[value] if flag.choices == tuple(DTYPES) else value
+    if args.optimizer in MATRIX_OPTIMIZERS:
+        check_with_the_optimizer(p, args)
+
+
+def check_with_the_optimizer(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The optimizer's own checks of every hyper-parameter (``--scale``, ``--coefficients``,
+    ``--eps``, ...), run now on one 2 × 2 matrix so that a bad value is a usage error, not a
+    traceback after the model is built; the message names the flag."""
+    probe = torch.nn.Parameter(torch.zeros(2, 2))
+    try:
+        MATRIX_OPTIMIZERS[args.optimizer]([{"params": [probe], "algorithm": MATRIX_OPTIMIZERS[args.optimizer].algorithm}], lr=args.lr,
+                                          weight_decay=args.weight_decay, **args.hyper)
+    except (ValueError, TypeError) as e:
+        flags = [f"--{name.replace('_', '-')}" for name, flag in OPTIMIZER_FLAGS.items()
+                 if getattr(args, name) is not None and str(e).startswith(flag.keyword)]
+        p.error(f"{' '.join(flags) or '--optimizer ' + args.optimizer}: {e}")
 
 
 def check_parallel(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -115,6 +115,10 @@ def test_hyper_parameter_flags_reach_the_optimizer(optimizer, flags, keyword, va
     (["--rms", "0"], "--rms must be a finite number > 0"),
     (["--reg-iters", "0"], "--reg-iters must be >= 1"),
     (["--data", "wiki"], "invalid choice: 'wiki'"),
+    (["--optimizer", "muon", "--scale", "unit"], "--scale: scale must be one of"),  # the optimizer's own checks
+    (["--optimizer", "muon", "--coefficients", "newton"], "--coefficients: coefficients must be one of"),
+    (["--optimizer", "normuon", "--beta2", "1.5"], "--beta2: beta2 must be a finite number in [0.0, 1.0)"),
+    (["--optimizer", "normuon", "--eps", "-1"], "--eps: eps must be a finite number >= 0.0"),
 ])
 def test_bad_hyper_parameters_exit_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
