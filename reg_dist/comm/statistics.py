@@ -21,6 +21,7 @@ from torch import Tensor
 from ..ops.equilibrate import check_equilibrate_args
 from ..ops.racs import check_racs_args
 from ..layout import Layout
+from ..ops import fused
 from ..ops.stats import abs_powers, acc_dtype, pow_sums_to_norms_
 from .collectives import CommStats, reduce_packed
 
@@ -33,8 +34,10 @@ def partial_row_col(local: Tensor, layout: Layout, p: float, cols: bool = True) 
     out = torch.zeros(m + (blocks * n if cols else 0), dtype=acc_dtype(local.dtype), device=local.device)
     rows, columns = out[:m], out[m:].view(blocks if cols else 0, n)
     for view, r in layout.pieces(local):
-        q = abs_powers(view, p)
         row = rows[r.row : r.row + r.h]
+        if fused.add_pow_sums_(view, p, row, columns[r.block, r.col : r.col + r.w] if cols else None):
+            continue
+        q = abs_powers(view, p)
         if p == math.inf:
             torch.maximum(row, q.amax(-1), out=row)
         else:
@@ -62,6 +65,10 @@ def scale_local_(local: Tensor, layout: Layout, row: Tensor | None, col: Tensor 
     """In place ``x_ij ← row_i · x_ij · col_kj`` on this rank's elements (logical row i, column j of
     fused matrix k); ``row (m,)``, ``col (K, n)``."""
     for view, r in layout.pieces(local):
+        rs = None if row is None else row[r.row : r.row + r.h]
+        cs = None if col is None else col[r.block, r.col : r.col + r.w]
+        if fused.scale_(view, rs, cs):
+            continue
         if row is not None:
             view.mul_(row[r.row : r.row + r.h].unsqueeze(-1))
         if col is not None:

@@ -35,6 +35,7 @@ from ..comm.owner import LocalPlan, OwnerPlan, newton_schulz_cost
 from ..comm.statistics import sharded_frobenius_norms
 from ..layout import (FUSED_ATTR, LAYOUT_ATTR, Layout, dim_names, dtensor_layout, local_tensor, mesh_group,
                       whole_layout)
+from ..ops import fused
 from ..ops.stats import acc_dtype
 from .adamw import adamw_step, init_adamw_state
 from .momentum import momentum_into_
@@ -80,20 +81,26 @@ def check_common(group: dict) -> None:
 
 
 def finite_flags(tensors: list[Tensor]) -> Tensor:
-    """Bool ``(len(tensors),)`` on the CPU: False where a tensor holds a NaN or an Inf.
+    """Bool ``(len(tensors),)`` on the CPU: False where a tensor holds a NaN or an Inf (or, in fp32, overflows).
 
     One fused ``max |x|`` over the list on accelerators; on the CPU, where that fused reduction is
-    an order of magnitude slower, ``aminmax`` per tensor (which propagates NaN as well).
+    an order of magnitude slower, one read of each tensor (``fused.all_finite``), or ``aminmax``
+    (which propagates NaN as well) where that kernel does not apply.
     """
     if not tensors:
         return torch.ones(0, dtype=torch.bool)
     if tensors[0].device.type == "cpu":
-        extremes = [torch.stack(torch.aminmax(t)) if t.numel() else t.new_zeros(2) for t in tensors]
-    else:
-        extremes = torch._foreach_norm(tensors, math.inf)
-    device = tensors[0].device
-    flags = torch.stack([e.to(device, torch.float32) for e in extremes]).isfinite()
-    return flags.view(len(tensors), -1).all(dim=1).cpu()
+        return torch.tensor([_finite_on_cpu(t) for t in tensors], dtype=torch.bool)
+    extremes = torch._foreach_norm(tensors, math.inf)
+    flags = torch.stack([e.to(torch.float32) for e in extremes]).isfinite()
+    return flags.cpu()
+
+
+def _finite_on_cpu(t: Tensor) -> bool:
+    finite = fused.all_finite(t)
+    if finite is None:
+        finite = not t.numel() or bool(torch.stack(torch.aminmax(t)).float().isfinite().all())
+    return finite
 
 
 def _mesh_groups(mesh: DeviceMesh | dict[str, dist.ProcessGroup] | None) -> list[dist.ProcessGroup]:
@@ -470,6 +477,12 @@ class MatrixOptimizer(Optimizer):
     def _matrix_step(self, params: list[Tensor], group: dict) -> None:
         if not params:
             return
+        if len(params) > 1 and not spectral(self.stages(group)) and not any(self._layouts[id(p)].groups for p in params):
+            # no collective to pack and no batch to form: one matrix at a time, so the step's scratch
+            # (N, fp32) is one matrix's, reused from the allocator's cache, and stays in the CPU's cache
+            for p in params:
+                self._matrix_step([p], group)
+            return
         stepping = {id(p) for p in params}
         planned = self._plans.get(_key(group), [])
         in_plans = {id(p) for _, ps in planned for p in ps}
@@ -504,9 +517,12 @@ class MatrixOptimizer(Optimizer):
         lr, wd = group["lr"], group["weight_decay"]
         for p, u, s, state in zip(params, n, factors, states):
             x = local_tensor(p)
+            u = as_param(u, x, self._info[id(p)]) if self._transposed(p) else u.view(x.shape)
+            if fused.update_(x, u, lr, wd, 1.0 if s is None else float(s)):
+                state["step"] += 1
+                continue
             if wd != 0 and lr != 0:
                 x.mul_(1.0 - lr * wd)
-            u = as_param(u, x, self._info[id(p)]) if self._transposed(p) else u.view(x.shape)
             if s is None:
                 x.add_(u, alpha=-lr)
             else:  # W − lr·s·U in one pass
