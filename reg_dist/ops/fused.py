@@ -33,7 +33,7 @@ from torch import Tensor
 logger = logging.getLogger("reg_dist")
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=c++17"]
 DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 PARALLEL_ELEMENTS = 1 << 15  # smaller tensors run on one thread
 
@@ -47,8 +47,8 @@ SIGNATURES = {
     "reg_momentum_bf16": (PTR, PTR, PTR, I64, F32, INT, INT),
     "reg_row_col_f32": (PTR, I64, I64, INT, F32, PTR, PTR, INT),
     "reg_scale_f32": (PTR, I64, I64, PTR, PTR, INT),
-    "reg_update_f32": (PTR, PTR, I64, F32, INT, F32, F32, INT),
-    "reg_update_bf16": (PTR, PTR, I64, F32, INT, F32, F32, INT),
+    "reg_update_f32": (PTR, PTR, I64, F32, INT, F32, F32, INT, INT),
+    "reg_update_bf16": (PTR, PTR, I64, F32, INT, F32, F32, INT, INT),
     "reg_finite_f32": (PTR, I64, INT),
     "reg_finite_bf16": (PTR, I64, INT),
 }
@@ -183,11 +183,13 @@ def scale_(x: Tensor, row: Tensor | None, col: Tensor | None) -> bool:
     return True
 
 
-def update_(x: Tensor, u: Tensor, lr: float, wd: float, s: float) -> bool:
-    """``x ← x·(1 − lr·wd)`` (rounded to x's dtype; skipped when lr·wd is 0), then ``x ← x − lr·s·u``."""
+def update_(x: Tensor, u: Tensor, lr: float, wd: float, s: Tensor | None) -> bool:
+    """``x ← x·(1 − lr·wd)`` (rounded to x's dtype; skipped when lr·wd is 0), then ``x ← x − lr·s·u``
+    (``x − lr·u`` when ``s`` is None), rounded as ``addcmul_`` (``add_``) rounds it."""
     kind = DTYPES.get(x.dtype)
     if kind is None or u.dtype != torch.float32 or u.numel() != x.numel() or not _usable(x, u):
         return False
     getattr(_library, f"reg_update_{kind}")(x.data_ptr(), u.data_ptr(), x.numel(), 1.0 - lr * wd,
-                                             int(wd != 0 and lr != 0), -lr, s, _threads(x))
+                                             int(wd != 0 and lr != 0), -lr, 1.0 if s is None else float(s),
+                                             int(s is not None), _threads(x))
     return True

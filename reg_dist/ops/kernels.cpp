@@ -35,9 +35,9 @@ static void momentum(const T* g, T* buf, float* n, i64 count, float mu, int thre
 #pragma omp parallel for simd num_threads(threads) schedule(static)
     for (i64 k = 0; k < count; ++k) {
         float gk = load(g[k]);
-        T b = round_to(gk + mu * load(buf[k]), (T*)nullptr);
+        T b = round_to(std::fma(load(buf[k]), mu, gk), (T*)nullptr);  // torch.add(g, buf, alpha=mu): one fma
         buf[k] = b;
-        n[k] = NESTEROV ? load(round_to(gk + mu * load(b), (T*)nullptr)) : load(b);
+        n[k] = NESTEROV ? load(round_to(std::fma(load(b), mu, gk), (T*)nullptr)) : load(b);
     }
 }
 
@@ -128,14 +128,15 @@ static void scale(float* x, i64 h, i64 w, const float* row, const float* col, in
     }
 }
 
-// W ← T(W·decay) (when decay_on), then W ← T(W + (alpha·U)·s).
-template <typename T>
+// W ← T(W·decay) (when decay_on), then W ← T(fma(alpha·U, s, W)) as torch's vectorised addcmul_ (scaled), or
+// W ← T(fma(U, alpha, W)) as its add_(U, alpha=…) (not scaled).
+template <typename T, bool SCALED>
 static void update(T* x, const float* u, i64 count, float decay, int decay_on, float alpha, float s, int threads) {
 #pragma omp parallel for simd num_threads(threads) schedule(static)
     for (i64 k = 0; k < count; ++k) {
         float w = load(x[k]);
         if (decay_on) w = load(round_to(w * decay, (T*)nullptr));
-        x[k] = round_to(w + (alpha * u[k]) * s, (T*)nullptr);
+        x[k] = round_to(SCALED ? std::fma(alpha * u[k], s, w) : std::fma(u[k], alpha, w), (T*)nullptr);
     }
 }
 
@@ -168,10 +169,14 @@ void reg_row_col_f32(const float* x, i64 h, i64 w, int mode, float p, float* row
 void reg_scale_f32(float* x, i64 h, i64 w, const float* row, const float* col, int threads) {
     scale(x, h, w, row, col, threads);
 }
-void reg_update_f32(float* x, const float* u, i64 count, float decay, int decay_on, float alpha, float s, int threads) {
-    update<float>(x, u, count, decay, decay_on, alpha, s, threads);
+void reg_update_f32(float* x, const float* u, i64 count, float decay, int decay_on, float alpha, float s, int scaled,
+                    int threads) {
+    scaled ? update<float, true>(x, u, count, decay, decay_on, alpha, s, threads)
+           : update<float, false>(x, u, count, decay, decay_on, alpha, s, threads);
 }
-void reg_update_bf16(bf16* x, const float* u, i64 count, float decay, int decay_on, float alpha, float s, int threads) {
-    update<bf16>(x, u, count, decay, decay_on, alpha, s, threads);
+void reg_update_bf16(bf16* x, const float* u, i64 count, float decay, int decay_on, float alpha, float s, int scaled,
+                     int threads) {
+    scaled ? update<bf16, true>(x, u, count, decay, decay_on, alpha, s, threads)
+           : update<bf16, false>(x, u, count, decay, decay_on, alpha, s, threads);
 }
 }

@@ -518,7 +518,7 @@ class MatrixOptimizer(Optimizer):
         for p, u, s, state in zip(params, n, factors, states):
             x = local_tensor(p)
             u = as_param(u, x, self._info[id(p)]) if self._transposed(p) else u.view(x.shape)
-            if fused.update_(x, u, lr, wd, 1.0 if s is None else float(s)):
+            if fused.update_(x, u, lr, wd, s):
                 state["step"] += 1
                 continue
             if wd != 0 and lr != 0:
