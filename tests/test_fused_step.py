@@ -84,6 +84,14 @@ def test_pow_sums_add_into_row_and_column_slices_of_a_rectangle(p):
     torch.testing.assert_close(cols, want_c, rtol=1e-5, atol=0)
 
 
+def test_scaling_returns_the_sum_of_squares_of_its_result():
+    x, row, col = torch.randn(30, 50), torch.rand(30), torch.rand(50)
+    want = x * row[:, None] * col
+    total = fused.scale_(x, row, col)
+    torch.testing.assert_close(x, want, rtol=1e-6, atol=0)
+    assert total == pytest.approx(want.double().square().sum().item(), rel=1e-6)
+
+
 def test_max_statistics_propagate_nan_like_torch():
     x = torch.randn(5, 64)
     x[2, 9] = math.nan
@@ -106,10 +114,10 @@ def test_kernels_decline_what_they_do_not_cover():
     x = torch.randn(8, 6, dtype=torch.float64)
     assert fused.all_finite(x) is None
     assert not fused.add_pow_sums_(x, 2.0, torch.zeros(8, dtype=torch.float64), None)
-    assert not fused.scale_(torch.randn(6, 8).mT, torch.ones(8), None)  # not contiguous
-    assert not fused.scale_(torch.randn(8, 6), torch.ones(7), None)  # row scale of the wrong length
+    assert fused.scale_(torch.randn(6, 8).mT, torch.ones(8), None) is None  # not contiguous
+    assert fused.scale_(torch.randn(8, 6), torch.ones(7), None) is None  # row scale of the wrong length
 
 
 def test_set_enabled_false_turns_every_kernel_off(unfused):
     x = torch.randn(8, 6)
-    assert unfused(lambda: (fused.enabled(), fused.all_finite(x), fused.scale_(x, None, None))) == (False, None, False)
+    assert unfused(lambda: (fused.enabled(), fused.all_finite(x), fused.scale_(x, None, None))) == (False, None, None)

@@ -61,28 +61,37 @@ def row_col_stats(locals_: list[Tensor], layouts: list[Layout], p: float, stats:
             for v, lay in zip(vectors, layouts)]
 
 
-def scale_local_(local: Tensor, layout: Layout, row: Tensor | None, col: Tensor | None) -> None:
+def scale_local_(local: Tensor, layout: Layout, row: Tensor | None, col: Tensor | None,
+                 squares: bool = False) -> Tensor | None:
     """In place ``x_ij ← row_i · x_ij · col_kj`` on this rank's elements (logical row i, column j of
-    fused matrix k); ``row (m,)``, ``col (K, n)``."""
+    fused matrix k); ``row (m,)``, ``col (K, n)``. With ``squares``, returns ``(K,)`` the local sums of
+    the scaled x² of each fused matrix (from the same pass where the fused kernel applies)."""
+    sq = torch.zeros(len(layout.block_shapes), dtype=acc_dtype(local.dtype), device=local.device) if squares else None
     for view, r in layout.pieces(local):
         rs = None if row is None else row[r.row : r.row + r.h]
         cs = None if col is None else col[r.block, r.col : r.col + r.w]
-        if fused.scale_(view, rs, cs):
-            continue
-        if row is not None:
-            view.mul_(row[r.row : r.row + r.h].unsqueeze(-1))
-        if col is not None:
-            view.mul_(col[r.block, r.col : r.col + r.w].unsqueeze(-2))
+        done = fused.scale_(view, rs, cs)
+        if done is None:
+            if rs is not None:
+                view.mul_(rs.unsqueeze(-1))
+            if cs is not None:
+                view.mul_(cs.unsqueeze(-2))
+        if sq is not None:
+            sq[r.block] += done if done is not None else torch.linalg.vector_norm(view, dtype=sq.dtype).square()
+    return sq
 
 
 def sharded_racs_(locals_: list[Tensor], layouts: list[Layout], p: float = 2.0, iters: int = 1,
-                  eps: float = 1e-8, stats: CommStats | None = None) -> None:
-    """RACS (ops.racs) of every sharded matrix, in place on the local elements."""
+                  eps: float = 1e-8, stats: CommStats | None = None, squares: bool = False) -> list[Tensor] | None:
+    """RACS (ops.racs) of every sharded matrix, in place on the local elements; with ``squares``, the
+    ``(K,)`` local sums of squares of each result's fused matrices (``sharded_frobenius_norms``' input)."""
     check_racs_args(p, iters, eps)
-    for _ in range(iters):
-        for x, lay, (r, c) in zip(locals_, layouts, row_col_stats(locals_, layouts, p, stats)):
-            scale_local_(x, lay, pow_sums_to_norms_(r, p).add_(eps).rsqrt_(),
-                         pow_sums_to_norms_(c, p).add_(eps).rsqrt_())
+    for it in range(iters):
+        last = squares and it == iters - 1
+        out = [scale_local_(x, lay, pow_sums_to_norms_(r, p).add_(eps).rsqrt_(),
+                            pow_sums_to_norms_(c, p).add_(eps).rsqrt_(), squares=last)
+               for x, lay, (r, c) in zip(locals_, layouts, row_col_stats(locals_, layouts, p, stats))]
+    return out if squares else None
 
 
 def sharded_equilibrate_(locals_: list[Tensor], layouts: list[Layout], mode: str = "row",
@@ -94,15 +103,16 @@ def sharded_equilibrate_(locals_: list[Tensor], layouts: list[Layout], mode: str
                      c.add_(eps).pow_(exponent) if mode != "row" else None)
 
 
-def sharded_frobenius_norms(locals_: list[Tensor], layouts: list[Layout],
-                            stats: CommStats | None = None) -> list[Tensor]:
+def sharded_frobenius_norms(locals_: list[Tensor], layouts: list[Layout], stats: CommStats | None = None,
+                            squares: list[Tensor] | None = None) -> list[Tensor]:
     """``(K,)`` Frobenius norms of the fused matrices of every sharded parameter (the "rms" scale),
-    one packed reduction."""
-    sq = []
-    for x, lay in zip(locals_, layouts):
-        out = torch.zeros(len(lay.block_shapes), dtype=acc_dtype(x.dtype), device=x.device)
-        for view, r in lay.pieces(x):
-            out[r.block] += torch.linalg.vector_norm(view, dtype=out.dtype).square()
-        sq.append(out)
-    reduce_packed(sq, layouts, dist.ReduceOp.SUM, stats)
-    return [v.sqrt_() for v in sq]
+    one packed reduction; ``squares``: the local sums of squares where a stage already has them."""
+    if squares is None:
+        squares = []
+        for x, lay in zip(locals_, layouts):
+            out = torch.zeros(len(lay.block_shapes), dtype=acc_dtype(x.dtype), device=x.device)
+            for view, r in lay.pieces(x):
+                out[r.block] += torch.linalg.vector_norm(view, dtype=out.dtype).square()
+            squares.append(out)
+    reduce_packed(squares, layouts, dist.ReduceOp.SUM, stats)
+    return [v.sqrt_() for v in squares]

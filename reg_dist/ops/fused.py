@@ -3,10 +3,10 @@
     all_finite        no NaN or Inf in G                      read G
     momentum_into_    M ← G + μ·M;  N ← G + μ·M | M           read G, M; write M, N
     add_pow_sums_     r_i (+)= Σ_j |x_ij|^p, c_j (+)= Σ_i …     read x once for both (p = inf: max)
-    scale_            x_ij ← x_ij · row_i · col_j               one read-modify-write
+    scale_            x_ij ← x_ij · row_i · col_j, and Σ x_ij²  one read-modify-write
     update_           W ← W·(1 − lr·wd) − lr·s·U               read W, U; write W
 
-Each returns False (having done nothing) where it does not apply (not the CPU; a dtype other than
+Each returns False or None (having done nothing) where it does not apply (not the CPU; a dtype other than
 fp32, or bf16 for parameters and momentum; a non-contiguous tensor; fusion off), and the caller
 runs its torch code: the kernels round where that code rounds, so both agree to fp32 rounding.
 
@@ -52,7 +52,7 @@ SIGNATURES = {
     "reg_finite_f32": (PTR, I64, INT),
     "reg_finite_bf16": (PTR, I64, INT),
 }
-RESTYPES = {"reg_finite_f32": INT, "reg_finite_bf16": INT}
+RESTYPES = {"reg_finite_f32": INT, "reg_finite_bf16": INT, "reg_scale_f32": ctypes.c_double}
 
 
 def set_enabled(enabled: bool) -> None:
@@ -174,13 +174,13 @@ def add_pow_sums_(x: Tensor, p: float, rows: Tensor | None, cols: Tensor | None)
     return True
 
 
-def scale_(x: Tensor, row: Tensor | None, col: Tensor | None) -> bool:
-    """In place ``x_ij ← x_ij · row_i · col_j`` on an ``h × w`` fp32 ``x`` (fp32 ``row (h,)``, ``col (w,)``)."""
+def scale_(x: Tensor, row: Tensor | None, col: Tensor | None) -> float | None:
+    """In place ``x_ij ← x_ij · row_i · col_j`` on an ``h × w`` fp32 ``x`` (fp32 ``row (h,)``, ``col (w,)``);
+    returns ``Σ x_ij²`` of the result (None, having done nothing, where the kernel does not apply)."""
     if not _vectors_fit(x, row, col):
-        return False
-    _library.reg_scale_f32(x.data_ptr(), x.shape[0], x.shape[1], None if row is None else row.data_ptr(),
-                           None if col is None else col.data_ptr(), _threads(x))
-    return True
+        return None
+    return _library.reg_scale_f32(x.data_ptr(), x.shape[0], x.shape[1], None if row is None else row.data_ptr(),
+                                  None if col is None else col.data_ptr(), _threads(x))
 
 
 def update_(x: Tensor, u: Tensor, lr: float, wd: float, s: Tensor | None) -> bool:

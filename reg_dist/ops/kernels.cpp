@@ -109,23 +109,40 @@ static void row_col(const S* x, i64 h, i64 w, float p, float* rows, float* cols,
     }
 }
 
-// x_ij ← (x_ij · row_i) · col_j in place (either scale may be null); returns nothing.
-static void scale(float* x, i64 h, i64 w, const float* row, const float* col, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
+// x_ij ← (x_ij · row_i) · col_j in place (either scale may be null); returns Σ of the new x_ij², summed
+// per row in fp32 and over rows in fp64 (what the "rms" scale's Frobenius norm needs, at no extra read).
+static double scale(float* x, i64 h, i64 w, const float* row, const float* col, int threads) {
+    double total = 0.0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(+ : total)
     for (i64 i = 0; i < h; ++i) {
         float* xr = x + i * w;
         float r = row ? row[i] : 1.0f;
+        float acc = 0.0f;
         if (row && col) {
-#pragma omp simd
-            for (i64 j = 0; j < w; ++j) xr[j] = (xr[j] * r) * col[j];
+#pragma omp simd reduction(+ : acc)
+            for (i64 j = 0; j < w; ++j) {
+                float v = (xr[j] * r) * col[j];
+                xr[j] = v;
+                acc += v * v;
+            }
         } else if (col) {
-#pragma omp simd
-            for (i64 j = 0; j < w; ++j) xr[j] *= col[j];
+#pragma omp simd reduction(+ : acc)
+            for (i64 j = 0; j < w; ++j) {
+                float v = xr[j] * col[j];
+                xr[j] = v;
+                acc += v * v;
+            }
         } else {
-#pragma omp simd
-            for (i64 j = 0; j < w; ++j) xr[j] *= r;
+#pragma omp simd reduction(+ : acc)
+            for (i64 j = 0; j < w; ++j) {
+                float v = xr[j] * r;
+                xr[j] = v;
+                acc += v * v;
+            }
         }
+        total += acc;
     }
+    return total;
 }
 
 // W ← T(W·decay) (when decay_on), then W ← T(fma(alpha·U, s, W)) as torch's vectorised addcmul_ (scaled), or
@@ -166,8 +183,8 @@ int reg_finite_bf16(const bf16* x, i64 count, int threads) {
 void reg_row_col_f32(const float* x, i64 h, i64 w, int mode, float p, float* rows, float* cols, int threads) {
     row_col_any<float>(x, h, w, mode, p, rows, cols, threads);
 }
-void reg_scale_f32(float* x, i64 h, i64 w, const float* row, const float* col, int threads) {
-    scale(x, h, w, row, col, threads);
+double reg_scale_f32(float* x, i64 h, i64 w, const float* row, const float* col, int threads) {
+    return scale(x, h, w, row, col, threads);
 }
 void reg_update_f32(float* x, const float* u, i64 count, float decay, int decay_on, float alpha, float s, int scaled,
                     int threads) {

@@ -74,7 +74,7 @@ def row_col_norms(x: Tensor, p: float = 2.0) -> tuple[Tensor, Tensor]:
 
 def scale_rows_cols_(x: Tensor, row: Tensor | None, col: Tensor | None) -> Tensor:
     """In place ``x ← diag(row) · x · diag(col)``; ``row`` is ``(..., m)``, ``col`` ``(..., n)``, None skips."""
-    if x.ndim == 2 and fused.scale_(x, row, col):
+    if x.ndim == 2 and fused.scale_(x, row, col) is not None:
         return x
     if row is not None:
         x.mul_(row.unsqueeze(-1))

@@ -497,11 +497,12 @@ class MatrixOptimizer(Optimizer):
         local = [i for i, p in enumerate(params) if id(p) not in in_plans]
         runs = [(plan, [index[id(p)] for p in ps]) for plan, ps in planned]  # the spectral stages' plans
         runs.append((LocalPlan([layouts[i] for i in local]), local))
+        squares = None  # the local Σ U² of each fused matrix, where the last stage summed them
         for k, stage in enumerate(stages):
             if isinstance(stage, Statistic):
-                stage.run(n, layouts, states, self._comm)
+                squares = stage.run(n, layouts, states, self._comm)
                 continue
-            last = k == len(stages) - 1
+            squares, last = None, k == len(stages) - 1
             fn = (lambda x, fn=stage.fn: self._scaled(fn(x), group)) if last else stage.fn
             for plan, idx in runs:
                 if not idx and plan.group is None:
@@ -513,7 +514,7 @@ class MatrixOptimizer(Optimizer):
                 self.transformed += plan.owned
         if not spectral(stages):  # each rank counts the matrices it holds pieces of
             self.transformed += sum(len(lay.block_shapes) for lay in layouts)
-        factors = [None] * len(n) if scaled_on_owner(stages) else self._scale_(n, layouts, group)
+        factors = [None] * len(n) if scaled_on_owner(stages) else self._scale_(n, layouts, group, squares)
         lr, wd = group["lr"], group["weight_decay"]
         for p, u, s, state in zip(params, n, factors, states):
             x = local_tensor(p)
@@ -536,13 +537,14 @@ class MatrixOptimizer(Optimizer):
         """Whole matrices ``(B, m, n)`` times their scale factors (on the owner)."""
         return u * scale_factors(u, group["scale"], group["rms"]).view(-1, 1, 1).to(u.device)
 
-    def _scale_(self, n: list[Tensor], layouts: list[Layout], group: dict) -> list[Tensor | None]:
+    def _scale_(self, n: list[Tensor], layouts: list[Layout], group: dict,
+                squares: list[Tensor] | None) -> list[Tensor | None]:
         """The scale factor of every parameter whose matrices share one (a 0-dim tensor, applied with the
         update), after multiplying the pieces of the others (fused blocks) in place (None); ``"rms"``:
-        one packed norm reduction."""
+        one packed norm reduction (of the last stage's ``squares`` where it summed them)."""
         rms = group["rms"]
         if group["scale"] == "rms":
-            norms = sharded_frobenius_norms(n, layouts, self._comm)
+            norms = sharded_frobenius_norms(n, layouts, self._comm, squares)
             factors = [torch.stack([rms_factor(v, rms, m, k) for v, (m, k) in zip(norm, lay.block_shapes)])
                        for norm, lay in zip(norms, layouts)]
         else:

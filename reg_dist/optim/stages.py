@@ -4,7 +4,8 @@
 equilibration, row normalisation). ``run(xs, layouts, states, stats)`` transforms every parameter's
 local elements ``xs[i]`` in place, reducing its partial sums over the groups of ``layouts[i]``
 (``comm.statistics``): exact under any sharding, O(m + n) traffic, no gather. ``states[i]`` is the
-parameter's state. ``passes`` (packed reductions per step) and ``cols`` (whether column sums travel
+parameter's state. It returns None, or the ``(K,)`` local sums of squares of each result's fused
+matrices when it had them from its last pass (the "rms" scale then needs no pass of its own). ``passes`` (packed reductions per step) and ``cols`` (whether column sums travel
 beside the row sums) describe that traffic to the scale model.
 
 ``Spectral(fn)``: needs whole matrices (Newton–Schulz). ``fn`` maps a stack ``(B, m, n)`` to one of the
@@ -23,7 +24,7 @@ from ..layout import Layout
 
 @dataclass(frozen=True)
 class Statistic:
-    run: Callable[[list[Tensor], list[Layout], list[dict], CommStats], None]
+    run: Callable[[list[Tensor], list[Layout], list[dict], CommStats], list[Tensor] | None]
     passes: int = 1
     cols: bool = True
 
