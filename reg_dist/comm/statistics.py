@@ -51,11 +51,32 @@ def partial_row_col(local: Tensor, layout: Layout, p: float, cols: bool = True) 
     return out
 
 
+def momentum_partial_row_col(g: Tensor, buf: Tensor, out: Tensor, layout: Layout, p: float, cols: bool, mu: float,
+                             nesterov: bool) -> Tensor | None:
+    """The momentum ``N`` (``optim.momentum``) of local ``g``, ``buf`` into ``out`` and its ``partial_row_col``
+    from the same pass (``fused.momentum_into_`` on each rectangle); None, having written nothing, where
+    that kernel does not apply."""
+    (m, n), blocks = layout.shape, len(layout.block_shapes)
+    vec = torch.zeros(m + (blocks * n if cols else 0), dtype=torch.float32, device=out.device)
+    rows, columns = vec[:m], vec[m:].view(blocks if cols else 0, n)
+    flat_g, flat_buf = g.reshape(-1), buf.view(-1)
+    for view, r in layout.pieces(out):
+        span = slice(r.start, r.start + r.h * r.w)
+        if not fused.momentum_into_(flat_g[span].view(r.h, r.w), flat_buf[span].view(r.h, r.w), view, mu, nesterov,
+                                    p, rows[r.row : r.row + r.h],
+                                    columns[r.block, r.col : r.col + r.w] if cols else None):
+            return None  # the first piece: all pieces share dtypes and device
+    return vec
+
+
 def row_col_stats(locals_: list[Tensor], layouts: list[Layout], p: float, stats: CommStats | None = None,
-                  cols: bool = True) -> list[tuple[Tensor, Tensor | None]]:
+                  cols: bool = True, partials: list[Tensor | None] | None = None) -> list[tuple[Tensor, Tensor | None]]:
     """Full ``r (m,)`` and ``c (K, n)`` of every parameter (sums of |x|^p, or maxima for p = inf),
-    reduced across ranks: one packed reduction per group name (``c`` None without ``cols``)."""
-    vectors = [partial_row_col(x, lay, p, cols) for x, lay in zip(locals_, layouts)]
+    reduced across ranks: one packed reduction per group name (``c`` None without ``cols``).
+    ``partials``: the local ``partial_row_col`` of those parameters that already have it (else None)."""
+    partials = partials or [None] * len(locals_)
+    vectors = [v if v is not None else partial_row_col(x, lay, p, cols)
+               for x, lay, v in zip(locals_, layouts, partials)]
     reduce_packed(vectors, layouts, dist.ReduceOp.MAX if p == math.inf else dist.ReduceOp.SUM, stats)
     return [(v[: lay.shape[0]], v[lay.shape[0] :].view(-1, lay.shape[1]) if cols else None)
             for v, lay in zip(vectors, layouts)]
@@ -82,23 +103,28 @@ def scale_local_(local: Tensor, layout: Layout, row: Tensor | None, col: Tensor 
 
 
 def sharded_racs_(locals_: list[Tensor], layouts: list[Layout], p: float = 2.0, iters: int = 1,
-                  eps: float = 1e-8, stats: CommStats | None = None, squares: bool = False) -> list[Tensor] | None:
+                  eps: float = 1e-8, stats: CommStats | None = None, squares: bool = False,
+                  partials: list[Tensor | None] | None = None) -> list[Tensor] | None:
     """RACS (ops.racs) of every sharded matrix, in place on the local elements; with ``squares``, the
-    ``(K,)`` local sums of squares of each result's fused matrices (``sharded_frobenius_norms``' input)."""
+    ``(K,)`` local sums of squares of each result's fused matrices (``sharded_frobenius_norms``' input).
+    ``partials``: the first iteration's local sums where they are known (``row_col_stats``)."""
     check_racs_args(p, iters, eps)
     for it in range(iters):
         last = squares and it == iters - 1
+        sums = row_col_stats(locals_, layouts, p, stats, partials=partials if it == 0 else None)
         out = [scale_local_(x, lay, pow_sums_to_norms_(r, p).add_(eps).rsqrt_(),
                             pow_sums_to_norms_(c, p).add_(eps).rsqrt_(), squares=last)
-               for x, lay, (r, c) in zip(locals_, layouts, row_col_stats(locals_, layouts, p, stats))]
+               for x, lay, (r, c) in zip(locals_, layouts, sums)]
     return out if squares else None
 
 
 def sharded_equilibrate_(locals_: list[Tensor], layouts: list[Layout], mode: str = "row",
-                         exponent: float = -0.5, eps: float = 1e-8, stats: CommStats | None = None) -> None:
-    """Equilibration (ops.equilibrate) of every sharded matrix, in place on the local elements."""
+                         exponent: float = -0.5, eps: float = 1e-8, stats: CommStats | None = None,
+                         partials: list[Tensor | None] | None = None) -> None:
+    """Equilibration (ops.equilibrate) of every sharded matrix, in place on the local elements
+    (``partials``: the local sums where they are known, as ``row_col_stats``)."""
     check_equilibrate_args(mode, exponent, eps)
-    for x, lay, (r, c) in zip(locals_, layouts, row_col_stats(locals_, layouts, 2.0, stats)):
+    for x, lay, (r, c) in zip(locals_, layouts, row_col_stats(locals_, layouts, 2.0, stats, partials=partials)):
         scale_local_(x, lay, r.add_(eps).pow_(exponent) if mode != "col" else None,
                      c.add_(eps).pow_(exponent) if mode != "row" else None)
 

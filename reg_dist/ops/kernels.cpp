@@ -53,23 +53,24 @@ static int all_finite(const T* x, i64 count, int threads) {
 
 // rows[i] (+)= Σ_j |x_ij|^p, cols[j] (+)= Σ_i |x_ij|^p over an h × w row-major rectangle; mode 0: p = 2,
 // 1: p = 1, 2: p = inf (max instead of sums), 3: any other p. Either output may be null.
-template <typename S, int MODE>
-static void row_col(const S* x, i64 h, i64 w, float p, float* rows, float* cols, int threads) {
-    std::vector<float> part(cols ? size_t(threads) * size_t(w) : 0, MODE == 2 ? 0.0f : 0.0f);
-#pragma omp parallel num_threads(threads)
+// The elements are value(k), k = i·w + j, each called once (it may write: the momentum pass below).
+template <int MODE, typename F>
+static void row_col(F value, i64 h, i64 w, float p, float* rows, float* cols, int threads) {
+    std::vector<float> part(cols ? size_t(threads) * size_t(w) : 0, 0.0f);
+#pragma omp parallel num_threads(threads) firstprivate(value)
     {
         int t = omp_get_thread_num();
         float* mine = cols ? part.data() + size_t(t) * size_t(w) : nullptr;
 #pragma omp for schedule(static)
         for (i64 i = 0; i < h; ++i) {
-            const S* row = x + i * w;
+            const i64 base = i * w;
             float acc = 0.0f;
             if (MODE == 2) {  // max; a NaN anywhere in a row or column makes its statistic NaN
                 int nan = 0;
                 if (mine) {
 #pragma omp simd reduction(max : acc) reduction(| : nan)
                     for (i64 j = 0; j < w; ++j) {
-                        float q = std::fabs(float(row[j]));
+                        float q = std::fabs(value(base + j));
                         nan |= q != q;
                         acc = std::max(acc, q);
                         mine[j] = (q > mine[j] || q != q) ? q : mine[j];
@@ -77,7 +78,7 @@ static void row_col(const S* x, i64 h, i64 w, float p, float* rows, float* cols,
                 } else {
 #pragma omp simd reduction(max : acc) reduction(| : nan)
                     for (i64 j = 0; j < w; ++j) {
-                        float q = std::fabs(float(row[j]));
+                        float q = std::fabs(value(base + j));
                         nan |= q != q;
                         acc = std::max(acc, q);
                     }
@@ -86,7 +87,7 @@ static void row_col(const S* x, i64 h, i64 w, float p, float* rows, float* cols,
             } else if (mine) {
 #pragma omp simd reduction(+ : acc)
                 for (i64 j = 0; j < w; ++j) {
-                    float v = float(row[j]);
+                    float v = value(base + j);
                     float q = MODE == 0 ? v * v : MODE == 1 ? std::fabs(v) : std::pow(std::fabs(v), p);
                     acc += q;
                     mine[j] += q;
@@ -94,7 +95,7 @@ static void row_col(const S* x, i64 h, i64 w, float p, float* rows, float* cols,
             } else {
 #pragma omp simd reduction(+ : acc)
                 for (i64 j = 0; j < w; ++j) {
-                    float v = float(row[j]);
+                    float v = value(base + j);
                     acc += MODE == 0 ? v * v : MODE == 1 ? std::fabs(v) : std::pow(std::fabs(v), p);
                 }
             }
@@ -157,14 +158,29 @@ static void update(T* x, const float* u, i64 count, float decay, int decay_on, f
     }
 }
 
-template <typename S>
-static void row_col_any(const S* x, i64 h, i64 w, int mode, float p, float* rows, float* cols, int threads) {
+template <typename F>
+static void row_col_any(F value, i64 h, i64 w, int mode, float p, float* rows, float* cols, int threads) {
     switch (mode) {
-        case 0: row_col<S, 0>(x, h, w, p, rows, cols, threads); break;
-        case 1: row_col<S, 1>(x, h, w, p, rows, cols, threads); break;
-        case 2: row_col<S, 2>(x, h, w, p, rows, cols, threads); break;
-        default: row_col<S, 3>(x, h, w, p, rows, cols, threads); break;
+        case 0: row_col<0>(value, h, w, p, rows, cols, threads); break;
+        case 1: row_col<1>(value, h, w, p, rows, cols, threads); break;
+        case 2: row_col<2>(value, h, w, p, rows, cols, threads); break;
+        default: row_col<3>(value, h, w, p, rows, cols, threads); break;
     }
+}
+
+// The momentum pass with the row/column statistics of N from the same read (an h × w rectangle).
+template <typename T, bool NESTEROV>
+static void momentum_row_col(const T* g, T* buf, float* n, i64 h, i64 w, float mu, int mode, float p, float* rows,
+                             float* cols, int threads) {
+    auto value = [=](i64 k) {
+        float gk = load(g[k]);
+        T b = round_to(std::fma(load(buf[k]), mu, gk), (T*)nullptr);
+        buf[k] = b;
+        float v = NESTEROV ? load(round_to(std::fma(load(b), mu, gk), (T*)nullptr)) : load(b);
+        n[k] = v;
+        return v;
+    };
+    row_col_any(value, h, w, mode, p, rows, cols, threads);
 }
 
 extern "C" {
@@ -181,7 +197,17 @@ int reg_finite_bf16(const bf16* x, i64 count, int threads) {
     return all_finite<bf16, uint16_t, 0x7F80u>(x, count, threads);
 }
 void reg_row_col_f32(const float* x, i64 h, i64 w, int mode, float p, float* rows, float* cols, int threads) {
-    row_col_any<float>(x, h, w, mode, p, rows, cols, threads);
+    row_col_any([=](i64 k) { return x[k]; }, h, w, mode, p, rows, cols, threads);
+}
+void reg_momentum_row_col_f32(const float* g, float* buf, float* n, i64 h, i64 w, float mu, int nesterov, int mode,
+                              float p, float* rows, float* cols, int threads) {
+    nesterov ? momentum_row_col<float, true>(g, buf, n, h, w, mu, mode, p, rows, cols, threads)
+             : momentum_row_col<float, false>(g, buf, n, h, w, mu, mode, p, rows, cols, threads);
+}
+void reg_momentum_row_col_bf16(const bf16* g, bf16* buf, float* n, i64 h, i64 w, float mu, int nesterov, int mode,
+                               float p, float* rows, float* cols, int threads) {
+    nesterov ? momentum_row_col<bf16, true>(g, buf, n, h, w, mu, mode, p, rows, cols, threads)
+             : momentum_row_col<bf16, false>(g, buf, n, h, w, mu, mode, p, rows, cols, threads);
 }
 double reg_scale_f32(float* x, i64 h, i64 w, const float* row, const float* col, int threads) {
     return scale(x, h, w, row, col, threads);

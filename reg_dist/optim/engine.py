@@ -32,7 +32,7 @@ from ..comm.agree import agreement_group, all_agree
 from ..comm.collectives import CommStats, check_layouts_add_up
 from ..comm.native import BUCKET_BYTES, NativeDP
 from ..comm.owner import LocalPlan, OwnerPlan, newton_schulz_cost
-from ..comm.statistics import sharded_frobenius_norms
+from ..comm.statistics import momentum_partial_row_col, sharded_frobenius_norms
 from ..layout import (FUSED_ATTR, LAYOUT_ATTR, Layout, dim_names, dtensor_layout, local_tensor, mesh_group,
                       whole_layout)
 from ..ops import fused
@@ -460,15 +460,26 @@ class MatrixOptimizer(Optimizer):
                 state[key] = torch.zeros(rows, dtype=acc_dtype(p.dtype), device=local_tensor(p).device)
         return state
 
-    def _momentum(self, params: list[Tensor], group: dict) -> list[Tensor]:
-        """``N`` of every parameter's local elements (fp32 or wider, contiguous); no gradient counts as 0."""
+    def _momentum(self, params: list[Tensor], group: dict,
+                  first: Statistic | None) -> tuple[list[Tensor], list[Tensor | None]]:
+        """``N`` of every parameter's local elements (fp32 or wider, contiguous; no gradient counts as 0),
+        and, for a ``first`` stage that names its ``p``, the local row/column sums of N from the same pass
+        where the fused kernel applies (None elsewhere; see ``stages``)."""
         locals_ = [local_tensor(p) for p in params]
         n = [torch.empty_like(x, dtype=acc_dtype(x.dtype), memory_format=torch.contiguous_format) for x in locals_]
         grads = [local_tensor(p.grad) if p.grad is not None else torch.zeros_like(x) for p, x in zip(params, locals_)]
         bufs = [local_tensor(self.matrix_state(p)["momentum_buffer"]) for p in params]
-        momentum_into_(grads, bufs, n, group["momentum"], group["nesterov"])
+        mu, nesterov = group["momentum"], group["nesterov"]
+        partials: list[Tensor | None] = [None] * len(params)
+        for i, p in enumerate(params):
+            if first is not None and first.p is not None and not self._transposed(p):
+                partials[i] = momentum_partial_row_col(grads[i], bufs[i], n[i], self._layouts[id(p)], first.p,
+                                                       first.cols, mu, nesterov)
+            if partials[i] is None:
+                momentum_into_([grads[i]], [bufs[i]], [n[i]], mu, nesterov)
         # a weight stored transposed (Conv1D): its matrix, contiguous, as its layout describes it
-        return [as_matrix(x, self._info[id(p)]).contiguous() if self._transposed(p) else x for x, p in zip(n, params)]
+        n = [as_matrix(x, self._info[id(p)]).contiguous() if self._transposed(p) else x for x, p in zip(n, params)]
+        return n, partials
 
     def _transposed(self, p: Tensor) -> bool:
         info = self._info.get(id(p))
@@ -490,9 +501,9 @@ class MatrixOptimizer(Optimizer):
         if missing:
             raise RuntimeError(f"sharded parameters {missing[:8]} are not stepped on a rank that holds them")
         layouts = [self._layouts[id(p)] for p in params]
-        n = self._momentum(params, group)
-        states = [self.state[p] for p in params]
         stages = self.stages(group)
+        n, partials = self._momentum(params, group, stages[0] if isinstance(stages[0], Statistic) else None)
+        states = [self.state[p] for p in params]
         index = {id(p): i for i, p in enumerate(params)}
         local = [i for i, p in enumerate(params) if id(p) not in in_plans]
         runs = [(plan, [index[id(p)] for p in ps]) for plan, ps in planned]  # the spectral stages' plans
@@ -500,7 +511,7 @@ class MatrixOptimizer(Optimizer):
         squares = None  # the local Σ U² of each fused matrix, where the last stage summed them
         for k, stage in enumerate(stages):
             if isinstance(stage, Statistic):
-                squares = stage.run(n, layouts, states, self._comm)
+                squares = stage.run(n, layouts, states, self._comm, partials if k == 0 else [None] * len(n))
                 continue
             squares, last = None, k == len(stages) - 1
             fn = (lambda x, fn=stage.fn: self._scaled(fn(x), group)) if last else stage.fn

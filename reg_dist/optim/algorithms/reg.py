@@ -26,5 +26,6 @@ class REG(MatrixOptimizer):
     @classmethod
     def stages(cls, group: dict) -> list[Statistic]:
         p, iters, eps, squares = group["p"], group["iters"], group["eps"], group["scale"] == "rms"
-        return [Statistic(lambda xs, layouts, states, stats: sharded_racs_(xs, layouts, p, iters, eps, stats, squares),
-                          passes=iters)]
+        return [Statistic(lambda xs, layouts, states, stats, partials: sharded_racs_(xs, layouts, p, iters, eps, stats,
+                                                                                     squares, partials),
+                          passes=iters, p=p)]
