@@ -225,15 +225,18 @@ def main() -> None:
     start = time.perf_counter()
     print(f"torch {torch.__version__}, cpu ({cpu_model()}), threads {args.threads}; median of {args.steps} "
           f"rounds after {args.warmup} warm-up; fused REG kernels {'on' if reg_dist.ops.fused.enabled() else 'off'}")
-    sets = {}
+    sets: dict[str, dict] = {}
     for name, model in (("matrices", gpt2_small(args.matrix_layers, False)), ("model", gpt2_small(args.layers, True))):
         sets[name] = run_set(name, model, args)
         title = (f"{sets[name]['tensors']} block matrices ({sets[name]['params'] / 1e6:.1f}M)" if name == "matrices"
                  else f"whole model, {args.layers} blocks ({sets[name]['params'] / 1e6:.1f}M)")
         sets[name]["title"] = title
-        print("\n" + table(title, sets[name], args.threads))
-    elapsed = time.perf_counter() - start
-    print(f"\ntotal {elapsed:.0f} s")
+        print("\n" + table(title, sets[name], args.threads), flush=True)
+        write(args, sets, time.perf_counter() - start)  # after each set, so a long run keeps what it has
+    print(f"\ntotal {time.perf_counter() - start:.0f} s\nwrote {args.out}")
+
+
+def write(args: argparse.Namespace, sets: dict, elapsed: float) -> None:
     result = {
         "command": shlex.join(sys.orig_argv),
         "torch": torch.__version__,
@@ -244,7 +247,6 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
