@@ -15,7 +15,8 @@ Two sets:
             same tensors, and every AdamW part runs the anchor's kernel
 
 Contenders: AdamW(fused) (anchor), AdamW(foreach), torch.optim.Muon (ns_steps=5, match_rms_adamw),
-REG (default, p=inf, iters=2), Muon, MuonEq, NorMuon (reg_dist defaults).
+REG (default, p=inf, iters=2, and the default with the fused kernels off), Muon, MuonEq, NorMuon
+(reg_dist defaults).
 
 Peak memory: the most bytes the step holds above what was allocated when it began, from
 ``torch.profiler``'s allocator events (``profile_memory=True``, "Total Allocated" over one extra
@@ -106,6 +107,20 @@ class Together:
         self.state = {k: v for o in self.opts for k, v in o.state.items()}
 
 
+class Unfused:
+    """An optimizer stepped with reg_dist's fused kernels off (``REG_DIST_FUSED=0``): today's torch ops."""
+
+    def __init__(self, opt: torch.optim.Optimizer) -> None:
+        self.opt, self.state = opt, opt.state
+
+    def step(self) -> None:
+        reg_dist.ops.fused.set_enabled(False)
+        try:
+            self.opt.step()
+        finally:
+            reg_dist.ops.fused.set_enabled(True)
+
+
 def contenders(matrices_only: bool) -> dict[str, Callable[[nn.Module], object]]:
     def torch_muon(m):
         muon = torch.optim.Muon(hidden(m), lr=LR, weight_decay=WD, ns_steps=NS_STEPS, adjust_lr_fn="match_rms_adamw")
@@ -124,6 +139,7 @@ def contenders(matrices_only: bool) -> dict[str, Callable[[nn.Module], object]]:
         "AdamW(foreach)": lambda m: torch.optim.AdamW(m.parameters(), lr=LR, weight_decay=WD, foreach=True),
         "torch.optim.Muon": torch_muon,
         "REG": ours(reg_dist.REG),
+        "REG unfused": lambda m: Unfused(ours(reg_dist.REG)(m)),
         "REG p=inf": ours(reg_dist.REG, p=float("inf")),
         "REG iters=2": ours(reg_dist.REG, iters=2),
         "Muon": ours(reg_dist.Muon, ns_steps=NS_STEPS),
