@@ -21,6 +21,7 @@ from torch import Tensor
 from ..ops.equilibrate import check_equilibrate_args
 from ..ops.racs import check_racs_args
 from ..layout import Layout
+from ..ops import fused
 from ..ops.stats import abs_powers, acc_dtype, pow_sums_to_norms_
 from .collectives import CommStats, reduce_packed
 
@@ -33,8 +34,10 @@ def partial_row_col(local: Tensor, layout: Layout, p: float, cols: bool = True) 
     out = torch.zeros(m + (blocks * n if cols else 0), dtype=acc_dtype(local.dtype), device=local.device)
     rows, columns = out[:m], out[m:].view(blocks if cols else 0, n)
     for view, r in layout.pieces(local):
-        q = abs_powers(view, p)
         row = rows[r.row : r.row + r.h]
+        if fused.add_pow_sums_(view, p, row, columns[r.block, r.col : r.col + r.w] if cols else None):
+            continue
+        q = abs_powers(view, p)
         if p == math.inf:
             torch.maximum(row, q.amax(-1), out=row)
         else:
@@ -48,54 +51,94 @@ def partial_row_col(local: Tensor, layout: Layout, p: float, cols: bool = True) 
     return out
 
 
+def momentum_partial_row_col(g: Tensor, buf: Tensor, out: Tensor, layout: Layout, p: float, cols: bool, mu: float,
+                             nesterov: bool) -> Tensor | None:
+    """The momentum ``N`` (``optim.momentum``) of local ``g``, ``buf`` into ``out`` and its ``partial_row_col``
+    from the same pass (``fused.momentum_into_`` on each rectangle); None, having written nothing, where
+    that kernel does not apply."""
+    (m, n), blocks = layout.shape, len(layout.block_shapes)
+    vec = torch.zeros(m + (blocks * n if cols else 0), dtype=torch.float32, device=out.device)
+    rows, columns = vec[:m], vec[m:].view(blocks if cols else 0, n)
+    flat_g, flat_buf = g.reshape(-1), buf.view(-1)
+    for view, r in layout.pieces(out):
+        span = slice(r.start, r.start + r.h * r.w)
+        if not fused.momentum_into_(flat_g[span].view(r.h, r.w), flat_buf[span].view(r.h, r.w), view, mu, nesterov,
+                                    p, rows[r.row : r.row + r.h],
+                                    columns[r.block, r.col : r.col + r.w] if cols else None):
+            return None  # the first piece: all pieces share dtypes and device
+    return vec
+
+
 def row_col_stats(locals_: list[Tensor], layouts: list[Layout], p: float, stats: CommStats | None = None,
-                  cols: bool = True) -> list[tuple[Tensor, Tensor | None]]:
+                  cols: bool = True, partials: list[Tensor | None] | None = None) -> list[tuple[Tensor, Tensor | None]]:
     """Full ``r (m,)`` and ``c (K, n)`` of every parameter (sums of |x|^p, or maxima for p = inf),
-    reduced across ranks: one packed reduction per group name (``c`` None without ``cols``)."""
-    vectors = [partial_row_col(x, lay, p, cols) for x, lay in zip(locals_, layouts)]
+    reduced across ranks: one packed reduction per group name (``c`` None without ``cols``).
+    ``partials``: the local ``partial_row_col`` of those parameters that already have it (else None)."""
+    partials = partials or [None] * len(locals_)
+    vectors = [v if v is not None else partial_row_col(x, lay, p, cols)
+               for x, lay, v in zip(locals_, layouts, partials)]
     reduce_packed(vectors, layouts, dist.ReduceOp.MAX if p == math.inf else dist.ReduceOp.SUM, stats)
     return [(v[: lay.shape[0]], v[lay.shape[0] :].view(-1, lay.shape[1]) if cols else None)
             for v, lay in zip(vectors, layouts)]
 
 
-def scale_local_(local: Tensor, layout: Layout, row: Tensor | None, col: Tensor | None) -> None:
+def scale_local_(local: Tensor, layout: Layout, row: Tensor | None, col: Tensor | None,
+                 squares: bool = False) -> Tensor | None:
     """In place ``x_ij ← row_i · x_ij · col_kj`` on this rank's elements (logical row i, column j of
-    fused matrix k); ``row (m,)``, ``col (K, n)``."""
+    fused matrix k); ``row (m,)``, ``col (K, n)``. With ``squares``, returns ``(K,)`` the local sums of
+    the scaled x² of each fused matrix (from the same pass where the fused kernel applies)."""
+    sq = torch.zeros(len(layout.block_shapes), dtype=acc_dtype(local.dtype), device=local.device) if squares else None
     for view, r in layout.pieces(local):
-        if row is not None:
-            view.mul_(row[r.row : r.row + r.h].unsqueeze(-1))
-        if col is not None:
-            view.mul_(col[r.block, r.col : r.col + r.w].unsqueeze(-2))
+        rs = None if row is None else row[r.row : r.row + r.h]
+        cs = None if col is None else col[r.block, r.col : r.col + r.w]
+        done = fused.scale_(view, rs, cs)
+        if done is None:
+            if rs is not None:
+                view.mul_(rs.unsqueeze(-1))
+            if cs is not None:
+                view.mul_(cs.unsqueeze(-2))
+        if sq is not None:
+            sq[r.block] += done if done is not None else torch.linalg.vector_norm(view, dtype=sq.dtype).square()
+    return sq
 
 
 def sharded_racs_(locals_: list[Tensor], layouts: list[Layout], p: float = 2.0, iters: int = 1,
-                  eps: float = 1e-8, stats: CommStats | None = None) -> None:
-    """RACS (ops.racs) of every sharded matrix, in place on the local elements."""
+                  eps: float = 1e-8, stats: CommStats | None = None, squares: bool = False,
+                  partials: list[Tensor | None] | None = None) -> list[Tensor] | None:
+    """RACS (ops.racs) of every sharded matrix, in place on the local elements; with ``squares``, the
+    ``(K,)`` local sums of squares of each result's fused matrices (``sharded_frobenius_norms``' input).
+    ``partials``: the first iteration's local sums where they are known (``row_col_stats``)."""
     check_racs_args(p, iters, eps)
-    for _ in range(iters):
-        for x, lay, (r, c) in zip(locals_, layouts, row_col_stats(locals_, layouts, p, stats)):
-            scale_local_(x, lay, pow_sums_to_norms_(r, p).add_(eps).rsqrt_(),
-                         pow_sums_to_norms_(c, p).add_(eps).rsqrt_())
+    for it in range(iters):
+        last = squares and it == iters - 1
+        sums = row_col_stats(locals_, layouts, p, stats, partials=partials if it == 0 else None)
+        out = [scale_local_(x, lay, pow_sums_to_norms_(r, p).add_(eps).rsqrt_(),
+                            pow_sums_to_norms_(c, p).add_(eps).rsqrt_(), squares=last)
+               for x, lay, (r, c) in zip(locals_, layouts, sums)]
+    return out if squares else None
 
 
 def sharded_equilibrate_(locals_: list[Tensor], layouts: list[Layout], mode: str = "row",
-                         exponent: float = -0.5, eps: float = 1e-8, stats: CommStats | None = None) -> None:
-    """Equilibration (ops.equilibrate) of every sharded matrix, in place on the local elements."""
+                         exponent: float = -0.5, eps: float = 1e-8, stats: CommStats | None = None,
+                         partials: list[Tensor | None] | None = None) -> None:
+    """Equilibration (ops.equilibrate) of every sharded matrix, in place on the local elements
+    (``partials``: the local sums where they are known, as ``row_col_stats``)."""
     check_equilibrate_args(mode, exponent, eps)
-    for x, lay, (r, c) in zip(locals_, layouts, row_col_stats(locals_, layouts, 2.0, stats)):
+    for x, lay, (r, c) in zip(locals_, layouts, row_col_stats(locals_, layouts, 2.0, stats, partials=partials)):
         scale_local_(x, lay, r.add_(eps).pow_(exponent) if mode != "col" else None,
                      c.add_(eps).pow_(exponent) if mode != "row" else None)
 
 
-def sharded_frobenius_norms(locals_: list[Tensor], layouts: list[Layout],
-                            stats: CommStats | None = None) -> list[Tensor]:
+def sharded_frobenius_norms(locals_: list[Tensor], layouts: list[Layout], stats: CommStats | None = None,
+                            squares: list[Tensor] | None = None) -> list[Tensor]:
     """``(K,)`` Frobenius norms of the fused matrices of every sharded parameter (the "rms" scale),
-    one packed reduction."""
-    sq = []
-    for x, lay in zip(locals_, layouts):
-        out = torch.zeros(len(lay.block_shapes), dtype=acc_dtype(x.dtype), device=x.device)
-        for view, r in lay.pieces(x):
-            out[r.block] += torch.linalg.vector_norm(view, dtype=out.dtype).square()
-        sq.append(out)
-    reduce_packed(sq, layouts, dist.ReduceOp.SUM, stats)
-    return [v.sqrt_() for v in sq]
+    one packed reduction; ``squares``: the local sums of squares where a stage already has them."""
+    if squares is None:
+        squares = []
+        for x, lay in zip(locals_, layouts):
+            out = torch.zeros(len(lay.block_shapes), dtype=acc_dtype(x.dtype), device=x.device)
+            for view, r in lay.pieces(x):
+                out[r.block] += torch.linalg.vector_norm(view, dtype=out.dtype).square()
+            squares.append(out)
+    reduce_packed(squares, layouts, dist.ReduceOp.SUM, stats)
+    return [v.sqrt_() for v in squares]

@@ -10,6 +10,8 @@ import math
 import torch
 from torch import Tensor
 
+from . import fused
+
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype for statistics of a tensor of ``dtype``: fp64 stays fp64, the rest fp32."""
@@ -33,13 +35,16 @@ def abs_powers(x: Tensor, p: float) -> Tensor:
 def row_col_pow_sums(x: Tensor, p: float = 2.0, rows: bool = True, cols: bool = True) -> tuple[Tensor | None, ...]:
     """``(r, c)``: ``r_i = Σ_j |x_ij|^p``, ``c_j = Σ_i |x_ij|^p`` (p = inf: max); None where not asked.
 
-    Each matrix's powers are formed once (one m × n temporary at a time) and both sums read from them.
+    Each matrix is read once for both (``fused.add_pow_sums_``), or, where that kernel does not apply,
+    its powers are formed once (one m × n temporary at a time) and both sums read from them.
     """
     d = acc_dtype(x.dtype)
     flat = x.reshape(-1, *x.shape[-2:])
-    r = torch.empty(flat.shape[:-1], dtype=d, device=x.device) if rows else None
-    c = torch.empty((flat.shape[0], flat.shape[-1]), dtype=d, device=x.device) if cols else None
+    r = torch.zeros(flat.shape[:-1], dtype=d, device=x.device) if rows else None
+    c = torch.zeros((flat.shape[0], flat.shape[-1]), dtype=d, device=x.device) if cols else None
     for b in range(flat.shape[0]):
+        if fused.add_pow_sums_(flat[b], p, None if r is None else r[b], None if c is None else c[b]):
+            continue
         q = abs_powers(flat[b], p)
         for out, dim in ((r, -1), (c, -2)):
             if out is None:
@@ -69,6 +74,8 @@ def row_col_norms(x: Tensor, p: float = 2.0) -> tuple[Tensor, Tensor]:
 
 def scale_rows_cols_(x: Tensor, row: Tensor | None, col: Tensor | None) -> Tensor:
     """In place ``x ← diag(row) · x · diag(col)``; ``row`` is ``(..., m)``, ``col`` ``(..., n)``, None skips."""
+    if x.ndim == 2 and fused.scale_(x, row, col) is not None:
+        return x
     if row is not None:
         x.mul_(row.unsqueeze(-1))
     if col is not None:

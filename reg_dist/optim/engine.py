@@ -32,9 +32,10 @@ from ..comm.agree import agreement_group, all_agree
 from ..comm.collectives import CommStats, check_layouts_add_up
 from ..comm.native import BUCKET_BYTES, NativeDP
 from ..comm.owner import LocalPlan, OwnerPlan, newton_schulz_cost
-from ..comm.statistics import sharded_frobenius_norms
+from ..comm.statistics import momentum_partial_row_col, sharded_frobenius_norms
 from ..layout import (FUSED_ATTR, LAYOUT_ATTR, Layout, dim_names, dtensor_layout, local_tensor, mesh_group,
                       whole_layout)
+from ..ops import fused
 from ..ops.stats import acc_dtype
 from .adamw import adamw_step, init_adamw_state
 from .momentum import momentum_into_
@@ -80,20 +81,26 @@ def check_common(group: dict) -> None:
 
 
 def finite_flags(tensors: list[Tensor]) -> Tensor:
-    """Bool ``(len(tensors),)`` on the CPU: False where a tensor holds a NaN or an Inf.
+    """Bool ``(len(tensors),)`` on the CPU: False where a tensor holds a NaN or an Inf (or, in fp32, overflows).
 
     One fused ``max |x|`` over the list on accelerators; on the CPU, where that fused reduction is
-    an order of magnitude slower, ``aminmax`` per tensor (which propagates NaN as well).
+    an order of magnitude slower, one read of each tensor (``fused.all_finite``), or ``aminmax``
+    (which propagates NaN as well) where that kernel does not apply.
     """
     if not tensors:
         return torch.ones(0, dtype=torch.bool)
     if tensors[0].device.type == "cpu":
-        extremes = [torch.stack(torch.aminmax(t)) if t.numel() else t.new_zeros(2) for t in tensors]
-    else:
-        extremes = torch._foreach_norm(tensors, math.inf)
-    device = tensors[0].device
-    flags = torch.stack([e.to(device, torch.float32) for e in extremes]).isfinite()
-    return flags.view(len(tensors), -1).all(dim=1).cpu()
+        return torch.tensor([_finite_on_cpu(t) for t in tensors], dtype=torch.bool)
+    extremes = torch._foreach_norm(tensors, math.inf)
+    flags = torch.stack([e.to(torch.float32) for e in extremes]).isfinite()
+    return flags.cpu()
+
+
+def _finite_on_cpu(t: Tensor) -> bool:
+    finite = fused.all_finite(t)
+    if finite is None:
+        finite = not t.numel() or bool(torch.stack(torch.aminmax(t)).float().isfinite().all())
+    return finite
 
 
 def _mesh_groups(mesh: DeviceMesh | dict[str, dist.ProcessGroup] | None) -> list[dist.ProcessGroup]:
@@ -453,15 +460,26 @@ class MatrixOptimizer(Optimizer):
                 state[key] = torch.zeros(rows, dtype=acc_dtype(p.dtype), device=local_tensor(p).device)
         return state
 
-    def _momentum(self, params: list[Tensor], group: dict) -> list[Tensor]:
-        """``N`` of every parameter's local elements (fp32 or wider, contiguous); no gradient counts as 0."""
+    def _momentum(self, params: list[Tensor], group: dict,
+                  first: Statistic | None) -> tuple[list[Tensor], list[Tensor | None]]:
+        """``N`` of every parameter's local elements (fp32 or wider, contiguous; no gradient counts as 0),
+        and, for a ``first`` stage that names its ``p``, the local row/column sums of N from the same pass
+        where the fused kernel applies (None elsewhere; see ``stages``)."""
         locals_ = [local_tensor(p) for p in params]
         n = [torch.empty_like(x, dtype=acc_dtype(x.dtype), memory_format=torch.contiguous_format) for x in locals_]
         grads = [local_tensor(p.grad) if p.grad is not None else torch.zeros_like(x) for p, x in zip(params, locals_)]
         bufs = [local_tensor(self.matrix_state(p)["momentum_buffer"]) for p in params]
-        momentum_into_(grads, bufs, n, group["momentum"], group["nesterov"])
+        mu, nesterov = group["momentum"], group["nesterov"]
+        partials: list[Tensor | None] = [None] * len(params)
+        for i, p in enumerate(params):
+            if first is not None and first.p is not None and not self._transposed(p):
+                partials[i] = momentum_partial_row_col(grads[i], bufs[i], n[i], self._layouts[id(p)], first.p,
+                                                       first.cols, mu, nesterov)
+            if partials[i] is None:
+                momentum_into_([grads[i]], [bufs[i]], [n[i]], mu, nesterov)
         # a weight stored transposed (Conv1D): its matrix, contiguous, as its layout describes it
-        return [as_matrix(x, self._info[id(p)]).contiguous() if self._transposed(p) else x for x, p in zip(n, params)]
+        n = [as_matrix(x, self._info[id(p)]).contiguous() if self._transposed(p) else x for x, p in zip(n, params)]
+        return n, partials
 
     def _transposed(self, p: Tensor) -> bool:
         info = self._info.get(id(p))
@@ -470,6 +488,12 @@ class MatrixOptimizer(Optimizer):
     def _matrix_step(self, params: list[Tensor], group: dict) -> None:
         if not params:
             return
+        if len(params) > 1 and not spectral(self.stages(group)) and not any(self._layouts[id(p)].groups for p in params):
+            # no collective to pack and no batch to form: one matrix at a time, so the step's scratch
+            # (N, fp32) is one matrix's, reused from the allocator's cache, and stays in the CPU's cache
+            for p in params:
+                self._matrix_step([p], group)
+            return
         stepping = {id(p) for p in params}
         planned = self._plans.get(_key(group), [])
         in_plans = {id(p) for _, ps in planned for p in ps}
@@ -477,18 +501,19 @@ class MatrixOptimizer(Optimizer):
         if missing:
             raise RuntimeError(f"sharded parameters {missing[:8]} are not stepped on a rank that holds them")
         layouts = [self._layouts[id(p)] for p in params]
-        n = self._momentum(params, group)
-        states = [self.state[p] for p in params]
         stages = self.stages(group)
+        n, partials = self._momentum(params, group, stages[0] if isinstance(stages[0], Statistic) else None)
+        states = [self.state[p] for p in params]
         index = {id(p): i for i, p in enumerate(params)}
         local = [i for i, p in enumerate(params) if id(p) not in in_plans]
         runs = [(plan, [index[id(p)] for p in ps]) for plan, ps in planned]  # the spectral stages' plans
         runs.append((LocalPlan([layouts[i] for i in local]), local))
+        squares = None  # the local Σ U² of each fused matrix, where the last stage summed them
         for k, stage in enumerate(stages):
             if isinstance(stage, Statistic):
-                stage.run(n, layouts, states, self._comm)
+                squares = stage.run(n, layouts, states, self._comm, partials if k == 0 else [None] * len(n))
                 continue
-            last = k == len(stages) - 1
+            squares, last = None, k == len(stages) - 1
             fn = (lambda x, fn=stage.fn: self._scaled(fn(x), group)) if last else stage.fn
             for plan, idx in runs:
                 if not idx and plan.group is None:
@@ -500,13 +525,16 @@ class MatrixOptimizer(Optimizer):
                 self.transformed += plan.owned
         if not spectral(stages):  # each rank counts the matrices it holds pieces of
             self.transformed += sum(len(lay.block_shapes) for lay in layouts)
-        factors = [None] * len(n) if scaled_on_owner(stages) else self._scale_(n, layouts, group)
+        factors = [None] * len(n) if scaled_on_owner(stages) else self._scale_(n, layouts, group, squares)
         lr, wd = group["lr"], group["weight_decay"]
         for p, u, s, state in zip(params, n, factors, states):
             x = local_tensor(p)
+            u = as_param(u, x, self._info[id(p)]) if self._transposed(p) else u.view(x.shape)
+            if fused.update_(x, u, lr, wd, s):
+                state["step"] += 1
+                continue
             if wd != 0 and lr != 0:
                 x.mul_(1.0 - lr * wd)
-            u = as_param(u, x, self._info[id(p)]) if self._transposed(p) else u.view(x.shape)
             if s is None:
                 x.add_(u, alpha=-lr)
             else:  # W − lr·s·U in one pass
@@ -520,13 +548,14 @@ class MatrixOptimizer(Optimizer):
         """Whole matrices ``(B, m, n)`` times their scale factors (on the owner)."""
         return u * scale_factors(u, group["scale"], group["rms"]).view(-1, 1, 1).to(u.device)
 
-    def _scale_(self, n: list[Tensor], layouts: list[Layout], group: dict) -> list[Tensor | None]:
+    def _scale_(self, n: list[Tensor], layouts: list[Layout], group: dict,
+                squares: list[Tensor] | None) -> list[Tensor | None]:
         """The scale factor of every parameter whose matrices share one (a 0-dim tensor, applied with the
         update), after multiplying the pieces of the others (fused blocks) in place (None); ``"rms"``:
-        one packed norm reduction."""
+        one packed norm reduction (of the last stage's ``squares`` where it summed them)."""
         rms = group["rms"]
         if group["scale"] == "rms":
-            norms = sharded_frobenius_norms(n, layouts, self._comm)
+            norms = sharded_frobenius_norms(n, layouts, self._comm, squares)
             factors = [torch.stack([rms_factor(v, rms, m, k) for v, (m, k) in zip(norm, lay.block_shapes)])
                        for norm, lay in zip(norms, layouts)]
         else:

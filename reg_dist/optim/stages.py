@@ -1,10 +1,14 @@
 """The two kinds of stage an algorithm's transform is made of.
 
-``Statistic(run, passes, cols)``: needs the matrix only through sums along rows and columns (RACS,
-equilibration, row normalisation). ``run(xs, layouts, states, stats)`` transforms every parameter's
+``Statistic(run, passes, cols, p)``: needs the matrix only through sums along rows and columns (RACS,
+equilibration, row normalisation). ``run(xs, layouts, states, stats, partials)`` transforms every parameter's
 local elements ``xs[i]`` in place, reducing its partial sums over the groups of ``layouts[i]``
 (``comm.statistics``): exact under any sharding, O(m + n) traffic, no gather. ``states[i]`` is the
-parameter's state. ``passes`` (packed reductions per step) and ``cols`` (whether column sums travel
+parameter's state. It returns None, or the ``(K,)`` local sums of squares of each result's fused
+matrices when it had them from its last pass (the "rms" scale then needs no pass of its own). A first
+stage whose first reduction is the sums of ``|N|^p`` says so with ``p``: the engine then sums them in
+its momentum pass where the fused kernel applies and hands them over as ``partials[i]`` (the local
+``comm.statistics.partial_row_col``; None for the others, and for every parameter of a later stage). ``passes`` (packed reductions per step) and ``cols`` (whether column sums travel
 beside the row sums) describe that traffic to the scale model.
 
 ``Spectral(fn)``: needs whole matrices (Newton–Schulz). ``fn`` maps a stack ``(B, m, n)`` to one of the
@@ -23,9 +27,10 @@ from ..layout import Layout
 
 @dataclass(frozen=True)
 class Statistic:
-    run: Callable[[list[Tensor], list[Layout], list[dict], CommStats], None]
+    run: Callable[[list[Tensor], list[Layout], list[dict], CommStats, list[Tensor | None]], list[Tensor] | None]
     passes: int = 1
     cols: bool = True
+    p: float | None = None
 
 
 @dataclass(frozen=True)

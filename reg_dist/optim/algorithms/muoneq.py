@@ -47,11 +47,12 @@ class MuonEq(MatrixOptimizer):
 
     @classmethod
     def stages(cls, group: dict) -> list[Statistic | Spectral]:
-        def equilibrate(xs: list[Tensor], layouts: list[Layout], states: list[dict], stats: CommStats) -> None:
+        def equilibrate(xs: list[Tensor], layouts: list[Layout], states: list[dict], stats: CommStats,
+                        partials: list[Tensor | None]) -> None:
             modes = [mode_at(group, int(s["step"])) for s in states]
             for mode in sorted(set(modes)):
                 chosen = [i for i, m in enumerate(modes) if m == mode]
                 sharded_equilibrate_([xs[i] for i in chosen], [layouts[i] for i in chosen], mode,
-                                     group["exponent"], stats=stats)
+                                     group["exponent"], stats=stats, partials=[partials[i] for i in chosen])
 
-        return [Statistic(equilibrate), newton_schulz_stage(group)]
+        return [Statistic(equilibrate, p=2.0), newton_schulz_stage(group)]

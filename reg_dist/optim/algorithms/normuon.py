@@ -42,7 +42,8 @@ class NorMuon(MatrixOptimizer):
     def stages(cls, group: dict) -> list[Spectral | Statistic]:
         beta2, eps = group["beta2"], group["eps"]
 
-        def normalise_rows(xs: list[Tensor], layouts: list[Layout], states: list[dict], stats: CommStats) -> None:
+        def normalise_rows(xs: list[Tensor], layouts: list[Layout], states: list[dict], stats: CommStats,
+                           partials: list[Tensor | None]) -> None:  # after Newton–Schulz: never given any
             for x, lay, state, (r, _) in zip(xs, layouts, states, row_col_stats(xs, layouts, 2.0, stats, cols=False)):
                 v = state["row_second_moment"]
                 v.lerp_(r.div_(lay.shape[1]).to(v.dtype), 1.0 - beta2)

@@ -1,7 +1,8 @@
 """REG: momentum, then RACS row-and-column scaling (arXiv 2510.03691), then the RMS scale.
 
     U = racs(N; p, iters, eps)        one statistic stage, ``iters`` packed reductions (``comm.statistics``)
-    U = ρ·√(mn)·U / ||U||_F           scale="rms" (default): AdamW's lr and wd carry over
+    U = ρ·√(mn)·U / ||U||_F           scale="rms" (default): AdamW's lr and wd carry over; ||U||_F² is
+                                      summed by the last scaling pass and handed to the engine
 """
 
 from ...comm.statistics import sharded_racs_
@@ -24,6 +25,7 @@ class REG(MatrixOptimizer):
 
     @classmethod
     def stages(cls, group: dict) -> list[Statistic]:
-        p, iters, eps = group["p"], group["iters"], group["eps"]
-        return [Statistic(lambda xs, layouts, states, stats: sharded_racs_(xs, layouts, p, iters, eps, stats),
-                          passes=iters)]
+        p, iters, eps, squares = group["p"], group["iters"], group["eps"], group["scale"] == "rms"
+        return [Statistic(lambda xs, layouts, states, stats, partials: sharded_racs_(xs, layouts, p, iters, eps, stats,
+                                                                                     squares, partials),
+                          passes=iters, p=p)]
