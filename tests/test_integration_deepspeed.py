@@ -339,9 +339,48 @@ def test_bf16_loss_falls(stage, algorithm):
     assert sum(w for _, w in out) == 4 * MATRICES * (WORLD if algorithm == "reg" else 1)
 
 
+def _fp16_run(stage, fp16, batches):
+    """Rank 0's (loss scale, skipped steps, matrices transformed) and full weights (as float32 arrays)
+    after REG under DeepSpeed fp16 with ``fp16`` settings, one step per batch."""
+
+    def body(rank, world):
+        _no_shm_build()
+        torch.manual_seed(0)
+        model = Net()
+        engine, *_ = rds.initialize(model=model, config=_config("reg", stage, 1, fp16=fp16))
+        per = BATCH // world
+        for tokens in batches:
+            engine.backward(loss_of(engine, tokens[rank * per:(rank + 1) * per]))
+            engine.step()
+        counts = (engine.optimizer.loss_scale, engine.skipped_steps, engine.basic_optimizer.transformed)
+        with _full(model, stage):
+            return counts, {k: v.float().numpy().copy() for k, v in model.state_dict().items()}
+
+    return run_ranks(WORLD, body, init_group=False)[0]
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_fp16_dynamic_loss_scale_skips_overflow_steps_and_steps_on_unscaled_gradients(stage):
+    """fp16 weights, fp32 master partitions. Dynamic loss scaling from 2^17 (hysteresis 1) overflows on
+    the first two batches: DeepSpeed skips those steps before ours is called (counted in
+    ``engine.skipped_steps``; no matrix transformed, no state touched), then trains at 2^15. The result
+    is bit for bit the run at a static scale of 2^10 on the other batches only (the scale cancels
+    exactly), and the fp32 single-process run within fp16 rounding."""
+    overflow = [torch.randint(0, 32, (BATCH, 6), generator=torch.Generator().manual_seed(5)) for _ in range(2)]
+    (scale, skipped, work), dynamic = _fp16_run(stage, {"enabled": True, "initial_scale_power": 17,
+                                                        "hysteresis": 1}, overflow + data())
+    assert (scale, skipped, work) == (2.0**15, 2, STEPS * MATRICES)
+    (scale, skipped, _), static = _fp16_run(stage, {"enabled": True, "loss_scale": 2.0**10}, data())
+    assert (scale, skipped) == (2.0**10, 0)
+    expected = _reference("reg")
+    for name, value in dynamic.items():
+        assert (value == static[name]).all(), name
+        torch.testing.assert_close(torch.from_numpy(value), expected[name], rtol=2e-3, atol=5e-4)
+
+
 def test_unsupported_precisions_are_refused_before_deepspeed_starts():
-    with pytest.raises(NotImplementedError, match="fp16"):
-        rds.initialize(model=Net(), config=_config("reg", 2, 1, fp16={"enabled": True}))
+    with pytest.raises(NotImplementedError, match="fp16 at ZeRO stage 0"):
+        rds.initialize(model=Net(), config=_config("reg", 0, 1, fp16={"enabled": True}))
     with pytest.raises(NotImplementedError, match="bf16 at ZeRO stage 0"):
         rds.initialize(model=Net(), config=_config("reg", 0, 1, bf16={"enabled": True}))
     with pytest.raises(NotImplementedError, match="BF16_Optimizer"):

@@ -43,13 +43,17 @@ parameters once. So gradient accumulation and ``gradient_clipping`` (on the raw 
 the transform) are DeepSpeed's, and the transform runs once per optimizer step. (DeepSpeed 0.19.8
 clips at 1.0 unless ``"gradient_clipping"`` says otherwise.)
 
-Precision: fp32 at every stage; bf16 at stages 1 (bf16 gradient accumulation), 2 and 3, with fp32
-master partitions. ``"offload_optimizer": {"device": "cpu"}``: the fp32 partitions and their ``.grad``
-are DeepSpeed's CPU tensors, stepped as above (``zero_force_ds_cpu_optimizer`` set false), also with
-ZeRO-3 CPU ``offload_param``. Not yet: fp16, bf16 at stage 0 or with fp32 gradient accumulation at
-stage 1 (DeepSpeed's BF16_Optimizer), NVMe or partial optimizer offload, MoE groups, DeepSpeed's elastic and universal
-checkpoints. ``engine.save_checkpoint`` / ``load_checkpoint`` save and restore reg_dist's state at
-the same stage and world size. Every stage views a parameter by the one rule of ``layout.shape``,
+Precision: fp32 at every stage; bf16 at stages 1 (bf16 gradient accumulation), 2 and 3, and fp16
+at stages 1, 2 and 3, with fp32 master partitions. Under fp16 DeepSpeed's loss scaler checks the
+scaled gradients for overflow and skips the step before ours is called (``engine.skipped_steps``
+counts them; reg_dist's state is untouched), else divides the partition's gradient by the scale
+(a power of 2: exact) before the step. ``"offload_optimizer": {"device": "cpu"}``: the fp32
+partitions and their ``.grad`` are DeepSpeed's CPU tensors, stepped as above
+(``zero_force_ds_cpu_optimizer`` set false), also with ZeRO-3 CPU ``offload_param``. Not yet: fp16
+or bf16 at stage 0, bf16 with fp32 gradient accumulation at stage 1 (DeepSpeed's BF16_Optimizer),
+NVMe or partial optimizer offload, MoE groups, DeepSpeed's elastic and universal checkpoints.
+``engine.save_checkpoint`` / ``load_checkpoint`` save and restore reg_dist's state at the same stage
+and world size. Every stage views a parameter by the one rule of ``layout.shape``,
 with the model's module types (a conv kernel ``out × in·k``, an expert stack as its experts).
 """
 
@@ -300,7 +304,8 @@ class RegDistAdapter(Optimizer):
         if self.inner is None:  # e.g. a DeepSpeed wrapper that steps once at construction to make optimizer state
             raise NotImplementedError("RegDistAdapter.step before bind(engine): build the engine with "
                                       "reg_dist.deepspeed.initialize (or deepspeed.initialize after "
-                                      "reg_dist.deepspeed.register()), at ZeRO stage 0 (fp32) or 1, 2, 3 (fp32, bf16)")
+                                      "reg_dist.deepspeed.register()), at ZeRO stage 0 (fp32) or 1, 2, 3 "
+                                      "(fp32, bf16, fp16)")
         if self.stage == 0:
             chosen = list(self._units)
         else:
@@ -435,9 +440,9 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage}")
     precision = _precision(loaded)
-    if precision == "fp16" or (precision == "bf16" and stage == 0):
-        raise NotImplementedError(f"reg_dist.deepspeed: {precision} at ZeRO stage {stage} is not supported yet "
-                                  f"(fp32 at every stage; bf16 at stages 1, 2, 3)")
+    if precision != "fp32" and stage == 0:
+        raise NotImplementedError(f"reg_dist.deepspeed: {precision} at ZeRO stage 0 is not supported yet "
+                                  f"(fp32 at every stage; bf16 and fp16 at stages 1, 2, 3)")
     accumulate = str((loaded.get("data_types") or {}).get("grad_accum_dtype", "")).removeprefix("torch.").lower()
     if precision == "bf16" and stage == 1 and accumulate in ("fp32", "float32", "float"):
         raise NotImplementedError("reg_dist.deepspeed: bf16 with fp32 gradient accumulation at ZeRO stage 1 "
