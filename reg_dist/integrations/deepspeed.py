@@ -53,8 +53,9 @@ partitions and their ``.grad`` are DeepSpeed's CPU tensors, stepped as above
 or bf16 at stage 0, bf16 with fp32 gradient accumulation at stage 1 (DeepSpeed's BF16_Optimizer),
 NVMe or partial optimizer offload, MoE groups, DeepSpeed's elastic and universal checkpoints.
 ``engine.save_checkpoint`` / ``load_checkpoint`` save and restore reg_dist's state at the same stage
-and world size. Every stage views a parameter by the one rule of ``layout.shape``,
-with the model's module types (a conv kernel ``out × in·k``, an expert stack as its experts).
+and world size; ``deepspeed_checkpoint`` resumes at another. Every stage views a parameter by the
+one rule of ``layout.shape``, with the model's module types (a conv kernel ``out × in·k``, an expert
+stack as its experts).
 """
 
 import copy
@@ -345,8 +346,9 @@ class RegDistAdapter(Optimizer):
             raise ValueError(f"the checkpoint has {len(saved)} parameter groups, this run {len(self.param_groups)}")
         if (state_dict.get("stage"), state_dict.get("pieces")) != (self.stage, self._geometry()):
             raise ValueError(f"the checkpoint's optimizer state was saved at ZeRO stage {state_dict.get('stage')} "
-                             f"with other partitions than this run's (stage {self.stage}); reg_dist.deepspeed "
-                             f"resumes at the same stage and world size only")
+                             f"with other partitions than this run's (stage {self.stage}); engine.load_checkpoint "
+                             f"resumes at the same stage and world size only: for another, save with "
+                             f"reg_dist.deepspeed.save_checkpoint(engine, path) and load with its load_checkpoint")
         for group, old in zip(self.param_groups, saved):
             group.update({k: v for k, v in old.items() if k != "params"})
         self.inner.load_state_dict(state_dict["reg_dist"])
