@@ -39,6 +39,8 @@ def find_init(p: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
     checked to hold this model."""
     path = named_checkpoint(p, "--init", args.init)
     meta = read_meta(p, "--init", path)
+    if meta.get("format") == DEEPSPEED_FORMAT:
+        p.error(f"--init {path}: a --deepspeed checkpoint; --init takes the native mode's")
     if meta.get("model") != asdict(args.model):
         p.error(f"--init {path}: the checkpoint's model is {meta.get('model')}, this run's {asdict(args.model)}")
     if not (path / MODEL_DIR / ".metadata").is_file():
@@ -62,9 +64,15 @@ def find_checkpoint(p: argparse.ArgumentParser, args: argparse.Namespace) -> tup
     else:
         path = named_checkpoint(p, "--resume", Path(args.resume))
     meta = read_meta(p, "--resume", path)
-    if meta.get("format") != CHECKPOINT_FORMAT:
+    fmt, parts = (DEEPSPEED_FORMAT, (DEEPSPEED_DIR,)) if args.deepspeed is not None else \
+        (CHECKPOINT_FORMAT, (MODEL_DIR, OPTIMIZER_DIR))
+    other = {CHECKPOINT_FORMAT: "the native mode's: resume it without --deepspeed",
+             DEEPSPEED_FORMAT: "a --deepspeed run's: resume it with --deepspeed"}
+    if meta.get("format") in other and meta.get("format") != fmt:
+        p.error(f"--resume {path}: the checkpoint is {other[meta['format']]}")
+    if meta.get("format") != fmt:
         p.error(f"--resume {path}: a checkpoint in {meta.get('format', 'the per-rank rank{r}.pt format')} of an "
-                f"earlier train.py, not {CHECKPOINT_FORMAT}: it cannot be resumed")
+                f"earlier train.py, not {fmt}: it cannot be resumed")
     ours = run_identity(args)
     # --resume auto found it in --out: the way out when that run is not this one
     hint = (f" (--resume auto: --out {args.out} holds another run's checkpoints; pass another --out, or "
@@ -76,7 +84,7 @@ def find_checkpoint(p: argparse.ArgumentParser, args: argparse.Namespace) -> tup
     step = meta["step"]
     if step > args.steps or (step == args.steps and args.resume != "auto"):
         p.error(f"--resume {path} is at step {step}, already at or past --steps {args.steps}{hint}")
-    for part in (MODEL_DIR, OPTIMIZER_DIR):
+    for part in parts:
         if not (path / part / ".metadata").is_file():
             p.error(f"--resume {path}: incomplete checkpoint, no {part}/.metadata")
     return path, meta
@@ -109,6 +117,8 @@ def run_identity(args: argparse.Namespace) -> dict:
 
 
 CHECKPOINT_FORMAT = "dcp-1"
+DEEPSPEED_FORMAT = "deepspeed-dcp-1"  # --deepspeed: reg_dist.deepspeed.save_checkpoint's DCP directory and train.pt
+DEEPSPEED_DIR = "deepspeed"
 STEP_DIR = re.compile(r"step-(\d+)")
 MODEL_DIR, OPTIMIZER_DIR = "model", "optimizer"
 ADAMW_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
@@ -230,31 +240,43 @@ def load_optimizer(opt, model: nn.Module, rows: dict[str, Tensor], path: Path) -
     _reorder_state(opt, dict(model.named_parameters()), rows, inverse=True)
 
 
-def save_checkpoint(out: Path, step: int, model: nn.Module, opt, sched, data: ByteWindows, log: dict,
-                    args: argparse.Namespace, par: Parallel) -> Path:
-    """``out/checkpoints/step-NNNNNN/`` (collective): written as ``.step-NNNNNN.tmp``, completed by its
-    ``meta.json``, then renamed; the newest ``--keep`` complete checkpoints are kept."""
-    root = out / CHECKPOINTS
-    final = root / f"step-{step:06d}"
-    tmp = root / f".{final.name}.tmp"
+def prepare_run_dir(args: argparse.Namespace, done: int, par: Parallel) -> None:
+    """Make --out (collective). A run afresh there deletes its checkpoints (none of another run may be
+    picked); a run continuing there after step ``done`` deletes what a run that died mid-save left and
+    the checkpoints after ``done`` (an abandoned trajectory)."""
+    if par.rank0:
+        args.out.mkdir(parents=True, exist_ok=True)
+        ckpts = args.out / CHECKPOINTS
+        if not args.continuing:
+            shutil.rmtree(ckpts, ignore_errors=True)
+        else:
+            for left in ckpts.glob(".step-*"):
+                shutil.rmtree(left, ignore_errors=True)
+            for later in complete_checkpoints(args.out):
+                if int(STEP_DIR.fullmatch(later.name).group(1)) > done:
+                    shutil.rmtree(later, ignore_errors=True)
+    par.barrier()
+
+
+def begin_checkpoint(out: Path, step: int, par: Parallel) -> Path:
+    """The fresh ``out/checkpoints/.step-NNNNNN.tmp`` a checkpoint is written into (collective)."""
+    tmp = out / CHECKPOINTS / f".step-{step:06d}.tmp"
     if par.rank0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     par.barrier()
-    rows = checkpoint_rows(model)
-    state = {f"model.{k}": v[rows[k]] if k in rows else v for k, v in model.state_dict().items()}
-    # the same on every rank (one copy is written): the data stream's position is the global one
-    state["train"] = _pack({"step": step, "scheduler": sched.state_dict(), "data": data.generator.get_state()})
-    state[f"rng.{par.rank}"] = _pack(_rng_state(par.device))
-    if par.rank0:
-        state["log"] = json.dumps(log, default=str)
-    with _quiet_in_one_process():
-        dcp.save(state, checkpoint_id=str(tmp / MODEL_DIR), no_dist=_no_dist())
-    save_optimizer(opt, model, rows, tmp / OPTIMIZER_DIR)
+    return tmp
+
+
+def commit_checkpoint(out: Path, step: int, meta: dict, args: argparse.Namespace, par: Parallel) -> Path:
+    """Complete ``begin_checkpoint``'s directory (collective, once every rank has written): its ``meta.json``
+    last, then renamed to ``out/checkpoints/step-NNNNNN``; the newest ``--keep`` complete ones are kept."""
+    root = out / CHECKPOINTS
+    final = root / f"step-{step:06d}"
+    tmp = root / f".{final.name}.tmp"
     par.barrier()
     if par.rank0:
-        meta = {**run_identity(args), "step": step, "format": CHECKPOINT_FORMAT, "qkv_rows": "head-major",
-                "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+        meta = {**run_identity(args), "step": step, **meta, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
         with open(tmp / META, "w") as f:  # the completion marker, written last
             f.write(json.dumps(meta, indent=1))
             f.flush()
@@ -271,6 +293,24 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, opt, sched, data: By
                 shutil.rmtree(stale, ignore_errors=True)
     par.barrier()
     return final
+
+
+def save_checkpoint(out: Path, step: int, model: nn.Module, opt, sched, data: ByteWindows, log: dict,
+                    args: argparse.Namespace, par: Parallel) -> Path:
+    """``out/checkpoints/step-NNNNNN/`` (collective): written as ``.step-NNNNNN.tmp``, completed by its
+    ``meta.json``, then renamed; the newest ``--keep`` complete checkpoints are kept."""
+    tmp = begin_checkpoint(out, step, par)
+    rows = checkpoint_rows(model)
+    state = {f"model.{k}": v[rows[k]] if k in rows else v for k, v in model.state_dict().items()}
+    # the same on every rank (one copy is written): the data stream's position is the global one
+    state["train"] = _pack({"step": step, "scheduler": sched.state_dict(), "data": data.generator.get_state()})
+    state[f"rng.{par.rank}"] = _pack(_rng_state(par.device))
+    if par.rank0:
+        state["log"] = json.dumps(log, default=str)
+    with _quiet_in_one_process():
+        dcp.save(state, checkpoint_id=str(tmp / MODEL_DIR), no_dist=_no_dist())
+    save_optimizer(opt, model, rows, tmp / OPTIMIZER_DIR)
+    return commit_checkpoint(out, step, {"format": CHECKPOINT_FORMAT, "qkv_rows": "head-major"}, args, par)
 
 
 def _reason(e: BaseException) -> str:
