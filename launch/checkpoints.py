@@ -313,7 +313,7 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, opt, sched, data: By
     return commit_checkpoint(out, step, {"format": CHECKPOINT_FORMAT, "qkv_rows": "head-major"}, args, par)
 
 
-def _reason(e: BaseException) -> str:
+def reason(e: BaseException) -> str:
     """``e`` in one line (DCP's CheckpointException carries every rank's traceback: its last line)."""
     if isinstance(e, CheckpointException):
         return next((line.strip() for line in reversed(str(e).splitlines()) if line.strip()), repr(e))
@@ -361,17 +361,17 @@ def load_checkpoint(path: Path, meta: dict, model: nn.Module, opt, sched, data: 
                 dcp.load(target, checkpoint_id=str(path / MODEL_DIR), no_dist=_no_dist())
             train, rng = _unpack(target["train"]), _unpack(target[f"rng.{source}"])
         except (Exception, CheckpointException) as e:  # noqa: BLE001
-            raise ValueError(f"{MODEL_DIR}/ is unreadable (truncated or corrupt): {_reason(e)}") from e
+            raise ValueError(f"{MODEL_DIR}/ is unreadable (truncated or corrupt): {reason(e)}") from e
         if int(train["step"]) != int(meta["step"]):
             raise ValueError(f"step {train['step']} in the checkpoint, {meta['step']} in its {META}")
     except (Exception, CheckpointException) as e:  # noqa: BLE001 — any failure to read it is a bad checkpoint
-        error = f"cannot load checkpoint {path}: {_reason(e)}"
+        error = f"cannot load checkpoint {path}: {reason(e)}"
     if error := par.first_error(error):
         die(error)
     try:
         load_optimizer(opt, model, rows, path / OPTIMIZER_DIR)
     except (Exception, CheckpointException) as e:  # noqa: BLE001
-        error = f"cannot load the optimizer state of checkpoint {path}: {_reason(e)}"
+        error = f"cannot load the optimizer state of checkpoint {path}: {reason(e)}"
     if error := par.first_error(error):
         die(error)
     with torch.no_grad():  # nothing below fails on a checkpoint that loaded

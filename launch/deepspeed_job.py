@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from launch.checkpoints import (DEEPSPEED_DIR, DEEPSPEED_FORMAT, _reason, begin_checkpoint, commit_checkpoint,
+from launch.checkpoints import (DEEPSPEED_DIR, DEEPSPEED_FORMAT, reason, begin_checkpoint, commit_checkpoint,
                                 prepare_run_dir)
 from launch.data import ByteWindows
 from launch.job import duration, evaluate, lr_factor, progress, write_json
@@ -156,7 +156,7 @@ def load_checkpoint(engine, path: Path, data: ByteWindows, par: Parallel) -> tup
         train = torch.load(path / TRAIN_FILE, weights_only=True)
         rds.load_checkpoint(engine, path / DEEPSPEED_DIR)
     except Exception as e:  # noqa: BLE001 — any failure to read it is a bad checkpoint
-        error = f"cannot load checkpoint {path}: {_reason(e)}"
+        error = f"cannot load checkpoint {path}: {reason(e)}"
     if error := par.first_error(error):
         die(error)
     if engine.global_steps != train["step"]:
@@ -165,11 +165,16 @@ def load_checkpoint(engine, path: Path, data: ByteWindows, par: Parallel) -> tup
     return int(train["step"]), json.loads(train["log"])
 
 
-def run(args) -> dict:
-    """The training job of ``launch.train.main`` on a DeepSpeed engine; returns the log (rank 0) or {}."""
+def skip_shm_build_if_asked() -> None:
+    """With ``LAUNCH_DS_NO_SHM=1``: no JIT build of DeepSpeed's shared-memory comm op (gloo needs none)."""
     if os.environ.get("LAUNCH_DS_NO_SHM") == "1":
         import deepspeed.comm.torch  # noqa: F401  (deepspeed.comm's attribute `torch` is torch itself)
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
+def run(args) -> dict:
+    """The training job of ``launch.train.main`` on a DeepSpeed engine; returns the log (rank 0) or {}."""
+    skip_shm_build_if_asked()
     import reg_dist.deepspeed as rds
 
     par = Parallel(args)  # the gloo/nccl group and dp mesh under a launcher (none in one process)

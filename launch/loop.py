@@ -17,7 +17,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from launch.checkpoints import _reason, load_checkpoint, prepare_run_dir, read_model, save_checkpoint
+from launch.checkpoints import reason, load_checkpoint, prepare_run_dir, read_model, save_checkpoint
 from launch.cli import MATRIX_OPTIMIZERS
 from launch.data import ByteWindows
 from launch.job import duration, evaluate, lr_factor, progress, write_json
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> dict:
         try:
             model.load_state_dict(read_model(args.init))
         except (Exception, CheckpointException) as e:  # noqa: BLE001 — any failure to read it is a bad checkpoint
-            error = f"--init {args.init}: cannot read its model: {_reason(e)}"
+            error = f"--init {args.init}: cannot read its model: {reason(e)}"
         if error := par.first_error(error):
             die(error)
     model = model.to(par.device)
