@@ -240,10 +240,18 @@ def load_optimizer(opt, model: nn.Module, rows: dict[str, Tensor], path: Path) -
     _reorder_state(opt, dict(model.named_parameters()), rows, inverse=True)
 
 
-def prepare_run_dir(args: argparse.Namespace, done: int, par: Parallel) -> None:
-    """Make --out (collective). A run afresh there deletes its checkpoints (none of another run may be
-    picked); a run continuing there after step ``done`` deletes what a run that died mid-save left and
-    the checkpoints after ``done`` (an abandoned trajectory)."""
+def prepare_run_dir(args: argparse.Namespace, first: int, par: Parallel, say) -> Path | None:
+    """Say where the run starts (at step ``first``) and make --out (collective); returns the last
+    checkpoint written so far (the resumed one when nothing is left to train, else None). A run afresh
+    in --out deletes its checkpoints (none of another run may be picked); a run continuing there
+    deletes what a run that died mid-save left and the checkpoints after ``first - 1`` (an abandoned
+    trajectory)."""
+    if args.resume is not None:
+        say(f"resumed from {args.resume} at step {first - 1}", flush=True)
+    if first > args.steps:
+        say(f"nothing to train: {args.resume} is the run's last step (--steps {args.steps}); pass another --out, "
+            f"or --resume none --overwrite to start afresh in {args.out}", flush=True)
+    done = first - 1
     if par.rank0:
         args.out.mkdir(parents=True, exist_ok=True)
         ckpts = args.out / CHECKPOINTS
@@ -256,6 +264,7 @@ def prepare_run_dir(args: argparse.Namespace, done: int, par: Parallel) -> None:
                 if int(STEP_DIR.fullmatch(later.name).group(1)) > done:
                     shutil.rmtree(later, ignore_errors=True)
     par.barrier()
+    return args.resume if args.resume is not None and first > args.steps else None
 
 
 def begin_checkpoint(out: Path, step: int, par: Parallel) -> Path:

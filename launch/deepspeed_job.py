@@ -217,12 +217,7 @@ def run(args) -> dict:
         log["train"] = [r for r in saved.get("train", []) if r["step"] <= done]
         log["val"] = [v for v in saved.get("val", []) if v["step"] <= done]
         log["resumed"] = saved.get("resumed", []) + [{"step": done, "from": str(args.resume)}]
-        say(f"resumed from {args.resume} at step {done}", flush=True)
-    final = args.resume if args.resume is not None and first > args.steps else None  # the last checkpoint written
-    if first > args.steps:
-        say(f"nothing to train: {args.resume} is the run's last step (--steps {args.steps}); pass another --out, "
-            f"or --resume none --overwrite to start afresh in {args.out}", flush=True)
-    prepare_run_dir(args, first - 1, par)
+    final = prepare_run_dir(args, first, par, say)  # the last checkpoint written
     log_path = args.out / "log.json"
     tokens_per_step = args.batch_size * args.seq_len
     start = time.perf_counter()
