@@ -205,8 +205,9 @@ class RegDistAdapter(Optimizer):
     forwards to ``inner`` (reg_dist's REG, Muon or MuonEq) over per-parameter views of this rank's
     partitions (see the module docstring). ``bind(engine)`` builds ``inner`` (collective)."""
 
-    def __init__(self, params: Any, kind: str, kwargs: dict) -> None:
+    def __init__(self, params: Any, kind: str, kwargs: dict, reroute: dict[int, ParamInfo] | None = None) -> None:
         self.kind = kind
+        self._reroute = reroute or {}  # id(parameter) → its ParamInfo: routed here by the default rule (see bind)
         self.cls = OPTIMIZERS[kind].cls
         hyper = group_defaults(kind)
         self._hyper = tuple(hyper)
@@ -268,8 +269,11 @@ class RegDistAdapter(Optimizer):
             subs: dict[str, tuple[list, list, list]] = {self.cls.algorithm: ([], [], []), ADAMW: ([], [], [])}
             for j, piece in enumerate(pieces):
                 info = infos.get(id(piece.param), ParamInfo((names.get(id(piece.param), f"group{g}.param{j}"),)))
+                asked = requested
+                if id(piece.param) in self._reroute:  # a client optimizer's parameter its routing never saw whole
+                    info, asked = self._reroute[id(piece.param)], None
                 real = piece.param if piece.view is None else torch.empty(piece.shape, device="meta")
-                r = route(real, info, requested, self.cls.algorithm)
+                r = route(real, info, asked, self.cls.algorithm)
                 target = piece.param
                 if piece.view is not None:
                     target = laid(piece.view, _flat_layout(piece, r.matrix))
@@ -376,10 +380,13 @@ def _precision(config: dict) -> str:
     return "fp32"
 
 
-def client_optimizer(optimizer: MatrixOptimizer) -> tuple[str, dict, list[dict]]:
+def client_optimizer(optimizer: MatrixOptimizer) -> tuple[str, dict, list[dict], dict[int, ParamInfo]]:
     """A reg_dist optimizer given to ``deepspeed.initialize`` as ``optimizer=``: its JSON type, its
-    constructor arguments, and its param groups, the same dicts (each names its ``"algorithm"``, so the
-    routing is the same; a scheduler built on the optimizer keeps driving their ``lr``)."""
+    constructor arguments, its param groups, the same dicts (each names its ``"algorithm"``, so the
+    routing is the same; a scheduler built on the optimizer keeps driving their ``lr``), and the
+    parameters to route again by their real shape: built on ``deepspeed.zero.Init``'s placeholders
+    it routed their empty 1-D shapes to AdamW; those of a group that did not ask for AdamW are routed
+    by the default rule on ``ds_shape`` with what the optimizer read of them (``param_info``)."""
     entry = registry.ALGORITHMS.get(getattr(type(optimizer), "algorithm", None))
     if entry is None or type(optimizer) is not entry.cls:
         raise NotImplementedError(f"reg_dist.deepspeed takes the registry's optimizers as optimizer= "
@@ -391,15 +398,13 @@ def client_optimizer(optimizer: MatrixOptimizer) -> tuple[str, dict, list[dict]]
     if optimizer.state:
         raise ValueError(f"this {type(optimizer).__name__} has stepped already; DeepSpeed needs a fresh one "
                          f"(resume its state with engine.load_checkpoint)")
-    if any(hasattr(p, "ds_shape") for g in optimizer.param_groups for p in g["params"]):
-        raise ValueError(f"this {type(optimizer).__name__} was built on parameters deepspeed.zero.Init had "
-                         f"partitioned, so it routed their empty placeholders, not their real shapes; name the "
-                         f"type in the DeepSpeed config instead (\"optimizer\": {{\"type\": "
-                         f"\"{entry.deepspeed}\"}}; Accelerate: DummyOptim)")
+    asked = {r.name.split(" = ")[0] for r in optimizer.routes if r.reason == f"group says {ADAMW}"}
+    reroute = {id(p): optimizer.param_info(p) for g in optimizer.param_groups
+               for p, name in zip(g["params"], g["param_names"]) if hasattr(p, "ds_shape") and name not in asked}
     ctor = {"nonfinite": optimizer.nonfinite}
     if entry.cls.moves and optimizer.move_dtype is not None:
         ctor["move_dtype"] = optimizer.move_dtype
-    return entry.deepspeed.lower(), ctor, optimizer.param_groups
+    return entry.deepspeed.lower(), ctor, optimizer.param_groups, reroute
 
 
 def register() -> None:
@@ -434,8 +439,9 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     if optimizer is not None and "optimizer" in loaded:
         raise ValueError(f"the DeepSpeed config names optimizer {loaded['optimizer'].get('type')!r} and "
                          f"optimizer= is given too; give one of them")
+    reroute = None
     if client:
-        kind, kwargs, model_parameters = client_optimizer(optimizer)
+        kind, kwargs, model_parameters, reroute = client_optimizer(optimizer)
     else:
         kwargs = parse_params(kind, loaded["optimizer"].get("params"))
     stage = int((loaded.get("zero_optimization") or {}).get("stage", 0))
@@ -467,7 +473,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
                 setattr(args, attr, None)
 
     def build(params):
-        return RegDistAdapter(params, kind, kwargs)
+        return RegDistAdapter(params, kind, kwargs, reroute)
 
     out = _DEEPSPEED_INITIALIZE(**{**passthrough, "args": args, "optimizer": build, "config": new_config,
                                    "model_parameters": model_parameters, "config_params": None})
