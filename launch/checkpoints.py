@@ -39,6 +39,8 @@ def find_init(p: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
     checked to hold this model."""
     path = named_checkpoint(p, "--init", args.init)
     meta = read_meta(p, "--init", path)
+    if meta.get("format") == DEEPSPEED_FORMAT:
+        p.error(f"--init {path}: a --deepspeed checkpoint; --init takes the native mode's")
     if meta.get("model") != asdict(args.model):
         p.error(f"--init {path}: the checkpoint's model is {meta.get('model')}, this run's {asdict(args.model)}")
     if not (path / MODEL_DIR / ".metadata").is_file():
@@ -62,9 +64,15 @@ def find_checkpoint(p: argparse.ArgumentParser, args: argparse.Namespace) -> tup
     else:
         path = named_checkpoint(p, "--resume", Path(args.resume))
     meta = read_meta(p, "--resume", path)
-    if meta.get("format") != CHECKPOINT_FORMAT:
+    fmt, parts = (DEEPSPEED_FORMAT, (DEEPSPEED_DIR,)) if args.deepspeed is not None else \
+        (CHECKPOINT_FORMAT, (MODEL_DIR, OPTIMIZER_DIR))
+    other = {CHECKPOINT_FORMAT: "the native mode's: resume it without --deepspeed",
+             DEEPSPEED_FORMAT: "a --deepspeed run's: resume it with --deepspeed"}
+    if meta.get("format") in other and meta.get("format") != fmt:
+        p.error(f"--resume {path}: the checkpoint is {other[meta['format']]}")
+    if meta.get("format") != fmt:
         p.error(f"--resume {path}: a checkpoint in {meta.get('format', 'the per-rank rank{r}.pt format')} of an "
-                f"earlier train.py, not {CHECKPOINT_FORMAT}: it cannot be resumed")
+                f"earlier train.py, not {fmt}: it cannot be resumed")
     ours = run_identity(args)
     # --resume auto found it in --out: the way out when that run is not this one
     hint = (f" (--resume auto: --out {args.out} holds another run's checkpoints; pass another --out, or "
@@ -76,7 +84,7 @@ def find_checkpoint(p: argparse.ArgumentParser, args: argparse.Namespace) -> tup
     step = meta["step"]
     if step > args.steps or (step == args.steps and args.resume != "auto"):
         p.error(f"--resume {path} is at step {step}, already at or past --steps {args.steps}{hint}")
-    for part in (MODEL_DIR, OPTIMIZER_DIR):
+    for part in parts:
         if not (path / part / ".metadata").is_file():
             p.error(f"--resume {path}: incomplete checkpoint, no {part}/.metadata")
     return path, meta
@@ -109,6 +117,8 @@ def run_identity(args: argparse.Namespace) -> dict:
 
 
 CHECKPOINT_FORMAT = "dcp-1"
+DEEPSPEED_FORMAT = "deepspeed-dcp-1"  # --deepspeed: reg_dist.deepspeed.save_checkpoint's DCP directory and train.pt
+DEEPSPEED_DIR = "deepspeed"
 STEP_DIR = re.compile(r"step-(\d+)")
 MODEL_DIR, OPTIMIZER_DIR = "model", "optimizer"
 ADAMW_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
@@ -230,31 +240,52 @@ def load_optimizer(opt, model: nn.Module, rows: dict[str, Tensor], path: Path) -
     _reorder_state(opt, dict(model.named_parameters()), rows, inverse=True)
 
 
-def save_checkpoint(out: Path, step: int, model: nn.Module, opt, sched, data: ByteWindows, log: dict,
-                    args: argparse.Namespace, par: Parallel) -> Path:
-    """``out/checkpoints/step-NNNNNN/`` (collective): written as ``.step-NNNNNN.tmp``, completed by its
-    ``meta.json``, then renamed; the newest ``--keep`` complete checkpoints are kept."""
-    root = out / CHECKPOINTS
-    final = root / f"step-{step:06d}"
-    tmp = root / f".{final.name}.tmp"
+def prepare_run_dir(args: argparse.Namespace, first: int, par: Parallel, say) -> Path | None:
+    """Say where the run starts (at step ``first``) and make --out (collective); returns the last
+    checkpoint written so far (the resumed one when nothing is left to train, else None). A run afresh
+    in --out deletes its checkpoints (none of another run may be picked); a run continuing there
+    deletes what a run that died mid-save left and the checkpoints after ``first - 1`` (an abandoned
+    trajectory)."""
+    if args.resume is not None:
+        say(f"resumed from {args.resume} at step {first - 1}", flush=True)
+    if first > args.steps:
+        say(f"nothing to train: {args.resume} is the run's last step (--steps {args.steps}); pass another --out, "
+            f"or --resume none --overwrite to start afresh in {args.out}", flush=True)
+    done = first - 1
+    if par.rank0:
+        args.out.mkdir(parents=True, exist_ok=True)
+        ckpts = args.out / CHECKPOINTS
+        if not args.continuing:
+            shutil.rmtree(ckpts, ignore_errors=True)
+        else:
+            for left in ckpts.glob(".step-*"):
+                shutil.rmtree(left, ignore_errors=True)
+            for later in complete_checkpoints(args.out):
+                if int(STEP_DIR.fullmatch(later.name).group(1)) > done:
+                    shutil.rmtree(later, ignore_errors=True)
+    par.barrier()
+    return args.resume if args.resume is not None and first > args.steps else None
+
+
+def begin_checkpoint(out: Path, step: int, par: Parallel) -> Path:
+    """The fresh ``out/checkpoints/.step-NNNNNN.tmp`` a checkpoint is written into (collective)."""
+    tmp = out / CHECKPOINTS / f".step-{step:06d}.tmp"
     if par.rank0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     par.barrier()
-    rows = checkpoint_rows(model)
-    state = {f"model.{k}": v[rows[k]] if k in rows else v for k, v in model.state_dict().items()}
-    # the same on every rank (one copy is written): the data stream's position is the global one
-    state["train"] = _pack({"step": step, "scheduler": sched.state_dict(), "data": data.generator.get_state()})
-    state[f"rng.{par.rank}"] = _pack(_rng_state(par.device))
-    if par.rank0:
-        state["log"] = json.dumps(log, default=str)
-    with _quiet_in_one_process():
-        dcp.save(state, checkpoint_id=str(tmp / MODEL_DIR), no_dist=_no_dist())
-    save_optimizer(opt, model, rows, tmp / OPTIMIZER_DIR)
+    return tmp
+
+
+def commit_checkpoint(out: Path, step: int, meta: dict, args: argparse.Namespace, par: Parallel) -> Path:
+    """Complete ``begin_checkpoint``'s directory (collective, once every rank has written): its ``meta.json``
+    last, then renamed to ``out/checkpoints/step-NNNNNN``; the newest ``--keep`` complete ones are kept."""
+    root = out / CHECKPOINTS
+    final = root / f"step-{step:06d}"
+    tmp = root / f".{final.name}.tmp"
     par.barrier()
     if par.rank0:
-        meta = {**run_identity(args), "step": step, "format": CHECKPOINT_FORMAT, "qkv_rows": "head-major",
-                "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+        meta = {**run_identity(args), "step": step, **meta, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
         with open(tmp / META, "w") as f:  # the completion marker, written last
             f.write(json.dumps(meta, indent=1))
             f.flush()
@@ -273,7 +304,25 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, opt, sched, data: By
     return final
 
 
-def _reason(e: BaseException) -> str:
+def save_checkpoint(out: Path, step: int, model: nn.Module, opt, sched, data: ByteWindows, log: dict,
+                    args: argparse.Namespace, par: Parallel) -> Path:
+    """``out/checkpoints/step-NNNNNN/`` (collective): written as ``.step-NNNNNN.tmp``, completed by its
+    ``meta.json``, then renamed; the newest ``--keep`` complete checkpoints are kept."""
+    tmp = begin_checkpoint(out, step, par)
+    rows = checkpoint_rows(model)
+    state = {f"model.{k}": v[rows[k]] if k in rows else v for k, v in model.state_dict().items()}
+    # the same on every rank (one copy is written): the data stream's position is the global one
+    state["train"] = _pack({"step": step, "scheduler": sched.state_dict(), "data": data.generator.get_state()})
+    state[f"rng.{par.rank}"] = _pack(_rng_state(par.device))
+    if par.rank0:
+        state["log"] = json.dumps(log, default=str)
+    with _quiet_in_one_process():
+        dcp.save(state, checkpoint_id=str(tmp / MODEL_DIR), no_dist=_no_dist())
+    save_optimizer(opt, model, rows, tmp / OPTIMIZER_DIR)
+    return commit_checkpoint(out, step, {"format": CHECKPOINT_FORMAT, "qkv_rows": "head-major"}, args, par)
+
+
+def reason(e: BaseException) -> str:
     """``e`` in one line (DCP's CheckpointException carries every rank's traceback: its last line)."""
     if isinstance(e, CheckpointException):
         return next((line.strip() for line in reversed(str(e).splitlines()) if line.strip()), repr(e))
@@ -321,17 +370,17 @@ def load_checkpoint(path: Path, meta: dict, model: nn.Module, opt, sched, data: 
                 dcp.load(target, checkpoint_id=str(path / MODEL_DIR), no_dist=_no_dist())
             train, rng = _unpack(target["train"]), _unpack(target[f"rng.{source}"])
         except (Exception, CheckpointException) as e:  # noqa: BLE001
-            raise ValueError(f"{MODEL_DIR}/ is unreadable (truncated or corrupt): {_reason(e)}") from e
+            raise ValueError(f"{MODEL_DIR}/ is unreadable (truncated or corrupt): {reason(e)}") from e
         if int(train["step"]) != int(meta["step"]):
             raise ValueError(f"step {train['step']} in the checkpoint, {meta['step']} in its {META}")
     except (Exception, CheckpointException) as e:  # noqa: BLE001 — any failure to read it is a bad checkpoint
-        error = f"cannot load checkpoint {path}: {_reason(e)}"
+        error = f"cannot load checkpoint {path}: {reason(e)}"
     if error := par.first_error(error):
         die(error)
     try:
         load_optimizer(opt, model, rows, path / OPTIMIZER_DIR)
     except (Exception, CheckpointException) as e:  # noqa: BLE001
-        error = f"cannot load the optimizer state of checkpoint {path}: {_reason(e)}"
+        error = f"cannot load the optimizer state of checkpoint {path}: {reason(e)}"
     if error := par.first_error(error):
         die(error)
     with torch.no_grad():  # nothing below fails on a checkpoint that loaded

@@ -153,7 +153,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--die-rank", type=int, default=-1, help=argparse.SUPPRESS)
     p.add_argument("--deepspeed", type=Path, default=None, metavar="CONFIG",
                    help="train through reg_dist.deepspeed.initialize with this DeepSpeed JSON config "
-                        "(see launch/deepspeed_job.py; no checkpoints in this mode yet)")
+                        "(see launch/deepspeed_job.py)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed's
     p.add_argument("--data", choices=DOMAINS, default="stdlib",
                    help="the domain trained and validated on: stdlib (Python sources) or pydoc (English "
@@ -166,9 +166,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "optimizer, schedule and data stream: fine-tuning. The model must match; ignored on resume")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_CACHE, help="cache of the corpus token files")
     p.add_argument("--out", type=Path, default=None,
-                   help="run directory: log.json and checkpoints/ (default: runs/OPTIMIZER, so that rerunning the "
-                        "same command resumes; with --resume PATH: the checkpoint's run directory; with "
-                        "--deepspeed: runs/OPTIMIZER-TIMESTAMP)")
+                   help="run directory: log.json and checkpoints/ (default: runs/OPTIMIZER, with --deepspeed "
+                        "runs/deepspeed-OPTIMIZER, so that rerunning the same command resumes; with --resume PATH: "
+                        "the checkpoint's run directory)")
     args = p.parse_args(argv)
     counts = [name for name, flag in OPTIMIZER_FLAGS.items() if flag.check == "count"]
     for name in ("steps", "batch_size", "seq_len", "depth", "width", "heads", "eval_every", "eval_batches", "log_every",
@@ -195,7 +195,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         check_deepspeed_args(p, args, decided=("optimizer", "lr", "weight_decay", "clip", "betas", *OPTIMIZER_FLAGS))
         if args.init is not None or args.eval_also:
             p.error("--init and --eval-also are not supported with --deepspeed yet")
-        args.save = False  # no checkpoints in DeepSpeed mode yet
     else:
         check_hyper_parameters(p, args)
         args.batch_size = 16 if args.batch_size is None else args.batch_size
@@ -204,13 +203,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--device cuda: no CUDA device is available")
     if args.device == "cuda" and world_env()["local_world"] > torch.cuda.device_count():
         p.error(f"{world_env()['local_world']} local ranks but {torch.cuda.device_count()} CUDA device(s)")
-    if args.deepspeed is not None:  # check_deepspeed_args set --resume none
-        args.resume_mode, args.resume, args.meta = "none", None, None
-    else:
-        if args.out is None and args.resume in ("auto", "none"):  # the default run directory: runs/OPTIMIZER
-            args.out = RUNS / args.optimizer
-        path, args.meta = find_checkpoint(p, args)  # a torchrun restart turns --resume into auto
-        args.resume_mode, args.resume = args.resume, path
+    if args.out is None and args.resume in ("auto", "none"):  # the default run directory: runs/OPTIMIZER
+        args.out = RUNS / (args.optimizer if args.deepspeed is None else f"deepspeed-{args.optimizer}")
+    path, args.meta = find_checkpoint(p, args)  # a torchrun restart turns --resume into auto
+    args.resume_mode, args.resume = args.resume, path
     args.init = find_init(p, args) if args.init is not None and args.resume is None else None
     run_dir_of_checkpoint = None
     if args.resume is not None and args.resume.parent.name == CHECKPOINTS:

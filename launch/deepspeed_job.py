@@ -10,8 +10,17 @@ has a ``"scheduler"`` block, the schedule; without one, train.py's warm-up + cos
 not used. The batch is the config's: every rank runs ``train_micro_batch_size_per_gpu`` windows per
 micro-step, ``gradient_accumulation_steps`` micro-steps per optimizer step (--steps counts optimizer
 steps), so the global batch is micro × accumulation × world; a --batch-size that differs is an
-error. Data parallel only (dp = world; --tp > 1 is an error). Checkpoints (--save-every) and
---resume PATH are not supported in this mode yet.
+error. Data parallel only (dp = world; --tp > 1 is an error).
+
+Checkpoints and resuming work as in the native mode (--save-every N, the last step unless --no-save,
+--keep, --resume auto|none|PATH, the default run directory ``runs/deepspeed-OPTIMIZER``), with
+``OUT/checkpoints/step-NNNNNN/`` holding ``deepspeed/`` (``reg_dist.deepspeed.save_checkpoint``: every
+rank's pieces of the fp32 master weights and of reg_dist's optimizer state, the engine's step counters
+and lr scheduler), rank 0's ``train.pt`` (the step, the data stream's position, which is global, and
+the log) and ``meta.json``, written last. So a run resumes at another world size or ZeRO stage too
+(another config), on the same batches where micro-batch × world is the same (every micro-step draws
+micro × world windows). A config of DeepSpeed's own optimizer types, or fp16, writes no checkpoint
+(said at the end; --save-every and --resume PATH are refused).
 
 ``LAUNCH_DS_NO_SHM=1`` skips DeepSpeed's shared-memory comm op (JIT-built, 40-60 s uncached, on
 every CPU ``init_distributed``; gloo is all training needs): the tests set it.
@@ -30,11 +39,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from launch.checkpoints import (DEEPSPEED_DIR, DEEPSPEED_FORMAT, reason, begin_checkpoint, commit_checkpoint,
+                                prepare_run_dir)
 from launch.data import ByteWindows
 from launch.job import duration, evaluate, lr_factor, progress, write_json
 from launch.model import GPT
 from launch.ranks import Parallel, die, prepare_rank, world_env
 from reg_dist.optim import registry
+
+TRAIN_FILE = "train.pt"
 
 
 def config_batch(config: dict, world: int) -> tuple[int, int, int]:
@@ -73,7 +86,8 @@ def check_args(p, args, decided: tuple[str, ...]) -> None:
     """train.py's argument checks for --deepspeed (``p.error`` on any failure; ``decided``: the
     optimizer's flags, as argument names, that the config decides instead): loads the config into
     ``args.ds_config``; sets ``args.micro_batch``, ``args.grad_accum``, ``args.batch_size`` (global),
-    ``args.optimizer`` (the config's), ``args.resume = "none"``."""
+    ``args.optimizer`` (the config's), ``args.no_checkpoint`` (why this config cannot be checkpointed, or
+    None; then ``args.save`` off)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     try:
         args.ds_config = json.loads(Path(args.deepspeed).read_text())
@@ -85,14 +99,10 @@ def check_args(p, args, decided: tuple[str, ...]) -> None:
         p.error(f"--tp {args.tp} with --deepspeed: DeepSpeed runs data parallel only (drop --tp)")
     if args.dp not in (None, world):
         p.error(f"--dp {args.dp} with --deepspeed: dp is the world size {world}")
-    if args.save_every:
-        p.error("--save-every with --deepspeed: checkpoints are not supported in DeepSpeed mode yet")
     overridden = [f"--{name.replace('_', '-')}" for name in decided if getattr(args, name) != p.get_default(name)]
     if overridden:
         p.error(f"{', '.join(overridden)} with --deepspeed: the config's optimizer block and "
                 f"gradient_clipping decide them; set them in {args.deepspeed}")
-    if args.resume not in ("auto", "none"):
-        p.error("--resume with --deepspeed: resuming is not supported in DeepSpeed mode yet")
     try:
         args.micro_batch, args.grad_accum, total = config_batch(args.ds_config, world)
     except ValueError as e:
@@ -105,7 +115,15 @@ def check_args(p, args, decided: tuple[str, ...]) -> None:
     kind = ((args.ds_config.get("optimizer") or {}).get("type") or "none")
     entry = registry.DEEPSPEED_TYPES.get(str(kind).lower())  # the JSON type → the registry's name ("reg_dist.Muon" → muon)
     args.optimizer = entry.name if entry is not None else str(kind).lower()
-    args.resume = "none"
+    args.no_checkpoint = None
+    fp16 = (args.ds_config.get("fp16") or {}).get("enabled", False)
+    if entry is None or fp16:  # reg_dist.deepspeed.save_checkpoint takes neither
+        args.no_checkpoint = (f"optimizer type {kind!r} is DeepSpeed's own" if entry is None else
+                              "fp16: its loss scaler's state is not carried")
+        if args.save_every or args.resume not in ("auto", "none"):
+            p.error(f"--save-every / --resume with --deepspeed {args.deepspeed}: checkpoints in this mode are "
+                    f"reg_dist.deepspeed.save_checkpoint's, and {args.no_checkpoint} (use --no-save)")
+        args.save = False
 
 
 def _free_port() -> int:
@@ -114,11 +132,49 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(args) -> dict:
-    """The training job of ``launch.train.main`` on a DeepSpeed engine; returns the log (rank 0) or {}."""
+def save_checkpoint(engine, step: int, data: ByteWindows, log: dict, args, par: Parallel) -> Path:
+    """``OUT/checkpoints/step-NNNNNN/`` of the DeepSpeed job (collective; see the module docstring)."""
+    import reg_dist.deepspeed as rds
+
+    tmp = begin_checkpoint(args.out, step, par)
+    rds.save_checkpoint(engine, tmp / DEEPSPEED_DIR)
+    if par.rank0:
+        torch.save({"step": step, "data": data.generator.get_state(), "log": json.dumps(log, default=str)},
+                   tmp / TRAIN_FILE)
+    meta = {"format": DEEPSPEED_FORMAT, "zero_stage": engine.zero_optimization_stage(),
+            "deepspeed_config": str(args.deepspeed)}
+    return commit_checkpoint(args.out, step, meta, args, par)
+
+
+def load_checkpoint(engine, path: Path, data: ByteWindows, par: Parallel) -> tuple[int, dict]:
+    """Restore ``save_checkpoint``'s ``path`` (collective), saved at any world size and ZeRO stage; returns
+    (its step, its log). A bad checkpoint exits every rank with one message."""
+    import reg_dist.deepspeed as rds
+
+    error = train = None
+    try:
+        train = torch.load(path / TRAIN_FILE, weights_only=True)
+        rds.load_checkpoint(engine, path / DEEPSPEED_DIR)
+    except Exception as e:  # noqa: BLE001 — any failure to read it is a bad checkpoint
+        error = f"cannot load checkpoint {path}: {reason(e)}"
+    if error := par.first_error(error):
+        die(error)
+    if engine.global_steps != train["step"]:
+        die(f"checkpoint {path}: step {train['step']} in {TRAIN_FILE}, {engine.global_steps} in {DEEPSPEED_DIR}/")
+    data.generator.set_state(train["data"])
+    return int(train["step"]), json.loads(train["log"])
+
+
+def skip_shm_build_if_asked() -> None:
+    """With ``LAUNCH_DS_NO_SHM=1``: no JIT build of DeepSpeed's shared-memory comm op (gloo needs none)."""
     if os.environ.get("LAUNCH_DS_NO_SHM") == "1":
         import deepspeed.comm.torch  # noqa: F401  (deepspeed.comm's attribute `torch` is torch itself)
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
+def run(args) -> dict:
+    """The training job of ``launch.train.main`` on a DeepSpeed engine; returns the log (rank 0) or {}."""
+    skip_shm_build_if_asked()
     import reg_dist.deepspeed as rds
 
     par = Parallel(args)  # the gloo/nccl group and dp mesh under a launcher (none in one process)
@@ -149,21 +205,31 @@ def run(args) -> dict:
         f"global batch {args.batch_size} = micro {micro} × accumulation {gas} × dp {args.dp}, × {args.seq_len} "
         f"bytes; threads {torch.get_num_threads()} per rank", flush=True)
 
-    log = {"args": {k: v for k, v in vars(args).items() if k not in ("model", "meta", "continuing", "ds_config")},
-           "deepspeed_config": args.ds_config, "model": asdict(args.model), "params": num_params,
+    logged_args = {k: v for k, v in vars(args).items()
+                   if k not in ("model", "meta", "continuing", "ds_config", "resume_mode")}
+    logged_args.update(resume=args.resume_mode, resumed_from=None if args.resume is None else str(args.resume))
+    log = {"args": logged_args, "deepspeed_config": args.ds_config, "model": asdict(args.model), "params": num_params,
            "corpus": {k: str(v) for k, v in paths.items()}, "train": [], "val": []}
-    if par.rank0:
-        args.out.mkdir(parents=True, exist_ok=True)
-    par.barrier()
+    first = 1
+    if args.resume is not None:
+        done, saved = load_checkpoint(engine, args.resume, train_data, par)
+        first = done + 1
+        log["train"] = [r for r in saved.get("train", []) if r["step"] <= done]
+        log["val"] = [v for v in saved.get("val", []) if v["step"] <= done]
+        log["resumed"] = saved.get("resumed", []) + [{"step": done, "from": str(args.resume)}]
+    final = prepare_run_dir(args, first, par, say)  # the last checkpoint written
     log_path = args.out / "log.json"
     tokens_per_step = args.batch_size * args.seq_len
     start = time.perf_counter()
     train_s = interval_s = 0.0
-    printed = 0
-    val_loss = evaluate(engine, val_batches, par)
-    log["val"].append({"step": 0, "loss": val_loss})
-    say(f"step 0/{args.steps} | val {val_loss:.4f}", flush=True)
-    for step in range(1, args.steps + 1):
+    printed = first - 1
+    if first == 1:
+        val_loss = evaluate(engine, val_batches, par)
+        log["val"].append({"step": 0, "loss": val_loss})
+        say(f"step 0/{args.steps} | val {val_loss:.4f}", flush=True)
+    else:
+        val_loss = log["val"][-1]["loss"] if log["val"] else math.nan
+    for step in range(first, args.steps + 1):
         t0 = time.perf_counter()
         lr = engine.get_lr()[0]
         losses = []
@@ -189,6 +255,9 @@ def run(args) -> dict:
             log["val"].append({"step": step, "loss": val_loss})
             if par.rank0:
                 write_json(log_path, log)
+        if args.save and (step == args.steps or (args.save_every and step % args.save_every == 0)):
+            final = save_checkpoint(engine, step, train_data, log, args, par)
+            say(f"checkpoint {final}", flush=True)
         if step % args.log_every == 0 or step == args.steps:
             n = step - printed
             say(progress(step, args.steps, record, val_loss, log["val"][-1]["step"], n * tokens_per_step, n,
@@ -197,11 +266,12 @@ def run(args) -> dict:
 
     losses = [r["loss"] for r in log["train"]]
     last = losses[-min(10, len(losses)):]
+    steps_here = args.steps - first + 1
     log["final"] = {"steps": args.steps, "train_loss_first": losses[0], "train_loss_last": losses[-1],
                     "train_loss_last10_mean": sum(last) / len(last), "val_loss": val_loss,
                     "wall_s": time.perf_counter() - start, "train_s": train_s,
-                    "tokens": args.steps * tokens_per_step,
-                    "tokens_per_s": args.steps * tokens_per_step / train_s if train_s else 0.0,
+                    "tokens": steps_here * tokens_per_step,
+                    "tokens_per_s": steps_here * tokens_per_step / train_s if train_s else 0.0,
                     "skipped_steps": engine.skipped_steps, "world": args.world, "dp": args.dp, "tp": 1,
                     "zero_stage": stage}
     if par.rank0:
@@ -209,7 +279,10 @@ def run(args) -> dict:
         f = log["final"]
         print(f"done: train loss {f['train_loss_first']:.4f} -> {f['train_loss_last']:.4f} "
               f"(last-10 mean {f['train_loss_last10_mean']:.4f}), val {log['val'][0]['loss']:.4f} -> {val_loss:.4f}, "
-              f"{duration(f['wall_s'])} wall, {f['tokens_per_s']:,.0f} tok/s; log {log_path}", flush=True)
+              f"{duration(f['wall_s'])} wall, {f['tokens_per_s']:,.0f} tok/s; log {log_path}; " +
+              (f"final checkpoint {final} (a rerun with this --out resumes from it)" if final is not None else
+               f"no checkpoint saved ({'--no-save' if args.no_checkpoint is None else args.no_checkpoint})"),
+              flush=True)
     sys.stdout.flush()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -5,7 +5,6 @@ checkpoints and the log (``run``)."""
 import argparse
 import math
 import os
-import shutil
 import signal
 import time
 from dataclasses import asdict
@@ -18,8 +17,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from launch.checkpoints import (CHECKPOINTS, STEP_DIR, _reason, complete_checkpoints, load_checkpoint, read_model,
-                                save_checkpoint)
+from launch.checkpoints import reason, load_checkpoint, prepare_run_dir, read_model, save_checkpoint
 from launch.cli import MATRIX_OPTIMIZERS
 from launch.data import ByteWindows
 from launch.job import duration, evaluate, lr_factor, progress, write_json
@@ -69,7 +67,7 @@ def run(args: argparse.Namespace) -> dict:
         try:
             model.load_state_dict(read_model(args.init))
         except (Exception, CheckpointException) as e:  # noqa: BLE001 — any failure to read it is a bad checkpoint
-            error = f"--init {args.init}: cannot read its model: {_reason(e)}"
+            error = f"--init {args.init}: cannot read its model: {reason(e)}"
         if error := par.first_error(error):
             die(error)
     model = model.to(par.device)
@@ -109,25 +107,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.init is not None:
         say(f"model initialised from {args.init}")
     say(f"optimizer {args.optimizer} routing:\n{routing}", flush=True)
-    if args.resume is not None:
-        say(f"resumed from {args.resume} at step {first - 1}", flush=True)
-    final = args.resume if args.resume is not None and first > args.steps else None  # the last checkpoint written
-    if first > args.steps:
-        say(f"nothing to train: {args.resume} is the run's last step (--steps {args.steps}); pass another --out, "
-            f"or --resume none --overwrite to start afresh in {args.out}", flush=True)
-
-    if par.rank0:
-        args.out.mkdir(parents=True, exist_ok=True)
-        ckpts = args.out / CHECKPOINTS
-        if not args.continuing:  # a run afresh in this directory: no checkpoint of another run may be picked
-            shutil.rmtree(ckpts, ignore_errors=True)
-        else:  # what a run that died mid-save left behind, and the steps after the resumed one (abandoned)
-            for left in ckpts.glob(".step-*"):
-                shutil.rmtree(left, ignore_errors=True)
-            for later in complete_checkpoints(args.out):
-                if int(STEP_DIR.fullmatch(later.name).group(1)) > first - 1:
-                    shutil.rmtree(later, ignore_errors=True)
-    par.barrier()
+    final = prepare_run_dir(args, first, par, say)  # the last checkpoint written
     log_path = args.out / "log.json"
     tokens_per_step = args.batch_size * args.seq_len
     start = time.perf_counter()

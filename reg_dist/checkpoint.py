@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.utils import find_state_dict_object
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from .layout import Layout, storage_shape
+from .layout import LAYOUT_ATTR, Layout, storage_shape
 from .ops.stats import acc_dtype
 from .optim.engine import MatrixOptimizer
 from .optim.routing import ADAMW
@@ -137,11 +137,15 @@ def _keys(opt: MatrixOptimizer, group: dict) -> tuple[str, ...]:
 
 def _form(opt: MatrixOptimizer, p: Tensor, key: str, part: slice | None) -> tuple[tuple[int, int], Layout]:
     """The stored 2-D shape of state ``key`` of ``p`` and the rectangle of it this rank holds: a
-    parameter-shaped tensor as ``holding``; a per-row one (``row_state_keys``, kept whole by every rank
-    holding a piece of the matrix) as the ``(rows, 1)`` column of its logical matrix."""
+    parameter-shaped tensor as ``holding`` (an integration's piece as its ``reg_layout`` says); a
+    per-row one (``row_state_keys``, kept whole by every rank holding a piece of the matrix) as the
+    ``(rows, 1)`` column of its logical matrix."""
     if key in opt.row_state_keys:
         rows = opt.layout(p).shape[0]
         return (rows, 1), Layout((rows, 1), (0, rows), (0, 1))
+    laid = getattr(p, LAYOUT_ATTR, None)
+    if laid is not None:  # an integration's piece of a parameter (a DeepSpeed flat partition's slice)
+        return laid.shape, laid
     return storage_shape(tuple(p.shape)), holding(p, part)
 
 

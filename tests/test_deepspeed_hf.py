@@ -6,11 +6,12 @@
 - the Hugging Face ``transformers.Trainer`` with ``deepspeed=`` a config naming ``"REG"`` or
   ``"reg_dist.Muon"``, or with REG from a ``create_optimizer`` override (ZeRO 2; REG in the config also
   at ZeRO 3 with the model built whole, and reg_dist.Muon at ZeRO 3 from ``from_pretrained``, under
-  ``deepspeed.zero.Init``), trains a tiny GPT-2 to
-  the weights of a single-process run on the same batches. GPT-2's Conv1D weights are stored in × out:
-  one process routes them as their transpose, DeepSpeed's flat partitions step them as stored; REG is
-  symmetric in rows and columns, Newton–Schulz commutes with the transpose and the default scale
-  (``"match_rms_adamw"``, ρ·√max(m, n)) is symmetric, so the two are equal."""
+  ``deepspeed.zero.Init``), trains a tiny GPT-2 to the weights of a single-process run on the same
+  batches, also when interrupted after its checkpoint at step 2 (``save_steps``) and resumed by a new
+  job (``resume_from_checkpoint``). GPT-2's Conv1D weights are stored in × out: one process routes
+  them as their transpose, DeepSpeed's flat partitions step them as stored; REG is symmetric in rows
+  and columns, Newton–Schulz commutes with the transpose and the default scale (``"match_rms_adamw"``,
+  ρ·√max(m, n)) is symmetric, so the two are equal."""
 
 import os
 
@@ -24,7 +25,7 @@ import deepspeed  # noqa: E402,F401
 import deepspeed.runtime.zero.stage_1_and_2  # noqa: E402,F401
 from accelerate import Accelerator, PartialState  # noqa: E402
 from accelerate.utils import DeepSpeedPlugin, DummyOptim  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 import reg_dist.deepspeed as rds  # noqa: E402
 from multiproc import run_ranks  # noqa: E402
@@ -98,6 +99,34 @@ def _accelerator_and_net(config: dict):
     return accelerator, Net()
 
 
+def _arguments(out, config: dict, **saving) -> TrainingArguments:
+    """The Trainer's arguments for STEPS steps of PER_RANK samples per rank in order, the linear lr
+    decay, no clipping; no checkpoints unless ``saving`` says."""
+    return TrainingArguments(output_dir=str(out), deepspeed=config, max_steps=STEPS,
+                             per_device_train_batch_size=PER_RANK, learning_rate=LR, weight_decay=WD,
+                             lr_scheduler_type="linear", max_grad_norm=0.0, train_sampling_strategy="sequential",
+                             report_to="none", disable_tqdm=True, logging_steps=10**6, seed=0,
+                             accelerator_config={"use_configured_state": True},
+                             **({"save_strategy": "no"} | saving))
+
+
+def _assert_reference(model, stage, expected):
+    with _full(model, stage):
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.detach(), expected[name], rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, name=name: f"{name}: {m}")
+
+
+class StopAfter(TrainerCallback):
+    """Interrupts training after ``steps`` optimizer steps (after that step's checkpoint is written)."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_training_stop = state.global_step >= self.steps
+
+
 class RegTrainer(Trainer):
     """The route for a reg_dist optimizer built in code: with DeepSpeed on, the Trainer drops
     ``optimizers=(...)`` and builds its own through ``create_optimizer``."""
@@ -130,11 +159,7 @@ def test_trainer_equals_single_process(tmp_path, route, algorithm, stage):
         _no_shm_build()
         rds.register()
         _gloo_deepspeed_state()
-        args = TrainingArguments(output_dir=str(tmp_path / "out"), deepspeed=config, max_steps=STEPS,
-                                 per_device_train_batch_size=PER_RANK, learning_rate=LR, weight_decay=WD,
-                                 lr_scheduler_type="linear", max_grad_norm=0.0, train_sampling_strategy="sequential",
-                                 save_strategy="no", report_to="none", disable_tqdm=True, logging_steps=10**6, seed=0,
-                                 accelerator_config={"use_configured_state": True})
+        args = _arguments(tmp_path / "out", config)
         if route == "from_pretrained":
             model = GPT2LMHeadModel.from_pretrained(tmp_path / "init")
             assert all(p.numel() == 0 for p in model.parameters())  # under zero.Init
@@ -143,12 +168,44 @@ def test_trainer_equals_single_process(tmp_path, route, algorithm, stage):
         trainer = cls(model=model, args=args, train_dataset=_samples())
         trainer.train()
         assert isinstance(trainer.model_wrapped.basic_optimizer, RegDistAdapter)
-        with _full(trainer.model, stage):
-            for name, p in trainer.model.named_parameters():
-                torch.testing.assert_close(p.detach(), expected[name], rtol=1e-5, atol=1e-6,
-                                           msg=lambda m, name=name: f"{name}: {m}")
+        _assert_reference(trainer.model, stage, expected)
 
     run_ranks(WORLD, body, init_group=False)
+
+
+@pytest.mark.parametrize("algorithm,stage", [("reg", 2), ("muon", 3)])
+def test_trainer_resumes_from_its_own_checkpoint_exactly(tmp_path, algorithm, stage):
+    """The Trainer's own checkpointing (``save_steps=2``: ``engine.save_checkpoint`` under DeepSpeed),
+    then a new Trainer on a model of other initial weights with ``resume_from_checkpoint``: it skips the
+    two batches it saw, restores reg_dist's state, the lr schedule and the weights, takes the last step,
+    and ends at the single-process (= uninterrupted) weights."""
+    expected = _reference(algorithm)
+    kind, params, _, _ = ALGORITHMS[algorithm]
+    config = {**CONFIG, "zero_optimization": {"stage": stage},
+              "optimizer": {"type": kind, "params": {"lr": "auto", "weight_decay": "auto", "adamw_eps": EPS, **params}}}
+
+    def interrupted(rank, world):
+        _no_shm_build()
+        rds.register()
+        _gloo_deepspeed_state()
+        first = Trainer(model=_model(), args=_arguments(tmp_path / "out", config, save_strategy="steps", save_steps=2),
+                        train_dataset=_samples(), callbacks=[StopAfter(2)])
+        first.train()
+        assert first.state.global_step == 2
+
+    def resumed(rank, world):  # a new job: one Accelerator per process
+        _no_shm_build()
+        rds.register()
+        _gloo_deepspeed_state()
+        torch.manual_seed(1)
+        trainer = Trainer(model=GPT2LMHeadModel(_model().config), args=_arguments(tmp_path / "out", config),
+                          train_dataset=_samples())
+        trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+        assert trainer.state.global_step == STEPS
+        _assert_reference(trainer.model, stage, expected)
+
+    run_ranks(WORLD, interrupted, init_group=False)
+    run_ranks(WORLD, resumed, init_group=False)
 
 
 @pytest.mark.parametrize("stage", [2, 3])

@@ -303,17 +303,30 @@ def test_checkpoint_round_trip_with_a_client_optimizer_and_offload(tmp_path, sta
     run_ranks(WORLD, body, init_group=False)
 
 
-def test_client_optimizer_on_zero_init_placeholders_names_the_fix():
-    """A client optimizer built after ``deepspeed.zero.Init`` routed the empty placeholders (every one
-    1-D): refused, naming the JSON route."""
+@pytest.mark.parametrize("algorithm", ["reg", "muon"])
+def test_client_optimizer_on_zero_init_placeholders_is_routed_by_ds_shape(algorithm):
+    """A client optimizer built after ``deepspeed.zero.Init`` (its parameters empty 1-D placeholders, all
+    routed to AdamW, e.g. a Trainer's ``create_optimizer`` after ``from_pretrained`` at ZeRO 3), two
+    groups with their own hyper-parameters and the head routed by its group's module names: routed
+    again by ``ds_shape`` with what it read of each parameter, it equals the same optimizer built on
+    the real parameters in one process, routes included."""
+    _, _, cls, kwargs = ALGORITHMS[algorithm]
+    expected, routes = _client_reference(algorithm)
     config = _client_config(3)
 
     def body(rank, world):
         _no_shm_build()
         rds.register()
+        torch.manual_seed(0)
         with deepspeed.zero.Init(config_dict_or_path=config):
             model = Net()
-        with pytest.raises(ValueError, match=r"deepspeed\.zero\.Init.*\"type\": \"REG\""):
-            deepspeed.initialize(model=model, optimizer=rds.OPTIMIZERS["reg"].cls(model), config=config)
+        client = cls(_groups(model), **kwargs)
+        assert {r.algorithm for r in client.routes} == {"adamw"}  # the placeholders' (0,) shapes
+        engine, *_ = deepspeed.initialize(model=model, optimizer=client, config=config)
+        _train(engine, rank, world)
+        with _full(model, 3):
+            assert_matches(model, expected)
+        return sorted((math.prod(r.shape), r.algorithm) for r in engine.basic_optimizer.inner.routes)
 
-    run_ranks(WORLD, body, init_group=False)
+    for got in run_ranks(WORLD, body, init_group=False):
+        assert got == sorted((math.prod(shape), algorithm) for shape, algorithm in routes)

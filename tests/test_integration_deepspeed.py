@@ -339,9 +339,48 @@ def test_bf16_loss_falls(stage, algorithm):
     assert sum(w for _, w in out) == 4 * MATRICES * (WORLD if algorithm == "reg" else 1)
 
 
+def _fp16_run(stage, fp16, batches):
+    """Rank 0's (loss scale, skipped steps, matrices transformed) and full weights (as float32 arrays)
+    after REG under DeepSpeed fp16 with ``fp16`` settings, one step per batch."""
+
+    def body(rank, world):
+        _no_shm_build()
+        torch.manual_seed(0)
+        model = Net()
+        engine, *_ = rds.initialize(model=model, config=_config("reg", stage, 1, fp16=fp16))
+        per = BATCH // world
+        for tokens in batches:
+            engine.backward(loss_of(engine, tokens[rank * per:(rank + 1) * per]))
+            engine.step()
+        counts = (engine.optimizer.loss_scale, engine.skipped_steps, engine.basic_optimizer.transformed)
+        with _full(model, stage):
+            return counts, {k: v.float().numpy().copy() for k, v in model.state_dict().items()}
+
+    return run_ranks(WORLD, body, init_group=False)[0]
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_fp16_dynamic_loss_scale_skips_overflow_steps_and_steps_on_unscaled_gradients(stage):
+    """fp16 weights, fp32 master partitions. Dynamic loss scaling from 2^17 (hysteresis 1) overflows on
+    the first two batches: DeepSpeed skips those steps before ours is called (counted in
+    ``engine.skipped_steps``; no matrix transformed, no state touched), then trains at 2^15. The result
+    is bit for bit the run at a static scale of 2^10 on the other batches only (the scale cancels
+    exactly), and the fp32 single-process run within fp16 rounding."""
+    overflow = [torch.randint(0, 32, (BATCH, 6), generator=torch.Generator().manual_seed(5)) for _ in range(2)]
+    (scale, skipped, work), dynamic = _fp16_run(stage, {"enabled": True, "initial_scale_power": 17,
+                                                        "hysteresis": 1}, overflow + data())
+    assert (scale, skipped, work) == (2.0**15, 2, STEPS * MATRICES)
+    (scale, skipped, _), static = _fp16_run(stage, {"enabled": True, "loss_scale": 2.0**10}, data())
+    assert (scale, skipped) == (2.0**10, 0)
+    expected = _reference("reg")
+    for name, value in dynamic.items():
+        assert (value == static[name]).all(), name
+        torch.testing.assert_close(torch.from_numpy(value), expected[name], rtol=2e-3, atol=5e-4)
+
+
 def test_unsupported_precisions_are_refused_before_deepspeed_starts():
-    with pytest.raises(NotImplementedError, match="fp16"):
-        rds.initialize(model=Net(), config=_config("reg", 2, 1, fp16={"enabled": True}))
+    with pytest.raises(NotImplementedError, match="fp16 at ZeRO stage 0"):
+        rds.initialize(model=Net(), config=_config("reg", 0, 1, fp16={"enabled": True}))
     with pytest.raises(NotImplementedError, match="bf16 at ZeRO stage 0"):
         rds.initialize(model=Net(), config=_config("reg", 0, 1, bf16={"enabled": True}))
     with pytest.raises(NotImplementedError, match="BF16_Optimizer"):
@@ -386,3 +425,68 @@ def test_a_conv1d_kernel_is_one_out_by_in_k_matrix_at_every_stage(stage):
         return row.algorithm, row.matrix
 
     assert run_ranks(WORLD, body, init_group=False) == [("reg", (1, 6, 12))] * WORLD
+
+
+@pytest.mark.parametrize("algorithm,saved,resumed", [("muoneq", (2, 2), (2, 1)), ("reg", (1, 3), (2, 1)),
+                                                     ("muon", (1, 0), (2, 3))],
+                         ids=["zero2-2ranks-to-zero2-1rank", "zero3-1rank-to-zero1-2ranks",
+                              "zero0-1rank-to-zero3-2ranks"])
+def test_checkpoint_resumes_at_another_world_size_and_stage(tmp_path, algorithm, saved, resumed):
+    """``reg_dist.deepspeed.save_checkpoint`` after 2 steps on ``saved`` = (ranks, ZeRO stage), then a
+    fresh engine (other initial weights) on ``resumed`` ``load_checkpoint``s and takes the 3rd step:
+    weights, momentum, step counts and the scheduled lr carry over, and the result is the uninterrupted
+    single-process run's."""
+    where = str(tmp_path / "dcp")
+    warmup = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.005, "warmup_max_lr": 0.02, "warmup_num_steps": 2,
+                                             "warmup_type": "linear"}}
+
+    def run(world, stage, batches, load):
+        def body(rank, world):
+            _no_shm_build()
+            torch.manual_seed(1 if load else 0)
+            model = Net()
+            engine, *_ = rds.initialize(model=model, config=_config(algorithm, stage, 1, world, scheduler=warmup))
+            if load:
+                rds.load_checkpoint(engine, where)
+            per, lrs = BATCH // world, []
+            for tokens in batches:
+                lrs.append(engine.get_lr()[0])
+                engine.backward(loss_of(engine, tokens[rank * per:(rank + 1) * per]))
+                engine.step()
+            if not load:
+                rds.save_checkpoint(engine, where)
+            with _full(model, stage):
+                return lrs, engine.global_steps, {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+        return run_ranks(world, body, init_group=False)[0]
+
+    first, _, _ = run(*saved, data()[:2], load=False)
+    last, steps, state = run(*resumed, data()[2:], load=True)
+    assert steps == STEPS
+    _, _, cls, kwargs = ALGORITHMS[algorithm]
+    torch.manual_seed(0)
+    model = Net()
+    opt = cls(model, **kwargs)
+    for tokens, lr in zip(data(), first + last):
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad()
+        loss_of(model, tokens).backward()
+        opt.step()
+    assert 0 < first[-1] < last[0]  # the warm-up, resumed where it stopped
+    assert_matches(model, {k: torch.from_numpy(v) for k, v in state.items()})
+
+
+def test_resharding_checkpoint_refuses_other_optimizers_and_fp16(tmp_path):
+    def body(rank, world):
+        _no_shm_build()
+        adamw = {"train_micro_batch_size_per_gpu": 4, "steps_per_print": 10**6,
+                 "optimizer": {"type": "AdamW", "params": {"lr": 0.01, "torch_adam": True}}}
+        engine, *_ = rds.initialize(model=Net(), config=adamw)
+        with pytest.raises(ValueError, match="does not step a reg_dist optimizer"):
+            rds.save_checkpoint(engine, tmp_path / "a")
+        engine, *_ = rds.initialize(model=Net(), config=_config("reg", 2, 1, world, fp16={"enabled": True}))
+        with pytest.raises(NotImplementedError, match="fp16"):
+            rds.load_checkpoint(engine, tmp_path / "a")
+
+    run_ranks(1, body, init_group=False)

@@ -43,14 +43,19 @@ parameters once. So gradient accumulation and ``gradient_clipping`` (on the raw 
 the transform) are DeepSpeed's, and the transform runs once per optimizer step. (DeepSpeed 0.19.8
 clips at 1.0 unless ``"gradient_clipping"`` says otherwise.)
 
-Precision: fp32 at every stage; bf16 at stages 1 (bf16 gradient accumulation), 2 and 3, with fp32
-master partitions. ``"offload_optimizer": {"device": "cpu"}``: the fp32 partitions and their ``.grad``
-are DeepSpeed's CPU tensors, stepped as above (``zero_force_ds_cpu_optimizer`` set false), also with
-ZeRO-3 CPU ``offload_param``. Not yet: fp16, bf16 at stage 0 or with fp32 gradient accumulation at
-stage 1 (DeepSpeed's BF16_Optimizer), NVMe or partial optimizer offload, MoE groups, DeepSpeed's elastic and universal
-checkpoints. ``engine.save_checkpoint`` / ``load_checkpoint`` save and restore reg_dist's state at
-the same stage and world size. Every stage views a parameter by the one rule of ``layout.shape``,
-with the model's module types (a conv kernel ``out × in·k``, an expert stack as its experts).
+Precision: fp32 at every stage; bf16 at stages 1 (bf16 gradient accumulation), 2 and 3, and fp16
+at stages 1, 2 and 3, with fp32 master partitions. Under fp16 DeepSpeed's loss scaler checks the
+scaled gradients for overflow and skips the step before ours is called (``engine.skipped_steps``
+counts them; reg_dist's state is untouched), else divides the partition's gradient by the scale
+(a power of 2: exact) before the step. ``"offload_optimizer": {"device": "cpu"}``: the fp32
+partitions and their ``.grad`` are DeepSpeed's CPU tensors, stepped as above
+(``zero_force_ds_cpu_optimizer`` set false), also with ZeRO-3 CPU ``offload_param``. Not yet: fp16
+or bf16 at stage 0, bf16 with fp32 gradient accumulation at stage 1 (DeepSpeed's BF16_Optimizer),
+NVMe or partial optimizer offload, MoE groups, DeepSpeed's elastic and universal checkpoints.
+``engine.save_checkpoint`` / ``load_checkpoint`` save and restore reg_dist's state at the same stage
+and world size; ``deepspeed_checkpoint`` resumes at another. Every stage views a parameter by the
+one rule of ``layout.shape``, with the model's module types (a conv kernel ``out × in·k``, an expert
+stack as its experts).
 """
 
 import copy
@@ -200,8 +205,9 @@ class RegDistAdapter(Optimizer):
     forwards to ``inner`` (reg_dist's REG, Muon or MuonEq) over per-parameter views of this rank's
     partitions (see the module docstring). ``bind(engine)`` builds ``inner`` (collective)."""
 
-    def __init__(self, params: Any, kind: str, kwargs: dict) -> None:
+    def __init__(self, params: Any, kind: str, kwargs: dict, reroute: dict[int, ParamInfo] | None = None) -> None:
         self.kind = kind
+        self._reroute = reroute or {}  # id(parameter) → its ParamInfo: routed here by the default rule (see bind)
         self.cls = OPTIMIZERS[kind].cls
         hyper = group_defaults(kind)
         self._hyper = tuple(hyper)
@@ -263,8 +269,11 @@ class RegDistAdapter(Optimizer):
             subs: dict[str, tuple[list, list, list]] = {self.cls.algorithm: ([], [], []), ADAMW: ([], [], [])}
             for j, piece in enumerate(pieces):
                 info = infos.get(id(piece.param), ParamInfo((names.get(id(piece.param), f"group{g}.param{j}"),)))
+                asked = requested
+                if id(piece.param) in self._reroute:  # a client optimizer's parameter its routing never saw whole
+                    info, asked = self._reroute[id(piece.param)], None
                 real = piece.param if piece.view is None else torch.empty(piece.shape, device="meta")
-                r = route(real, info, requested, self.cls.algorithm)
+                r = route(real, info, asked, self.cls.algorithm)
                 target = piece.param
                 if piece.view is not None:
                     target = laid(piece.view, _flat_layout(piece, r.matrix))
@@ -300,7 +309,8 @@ class RegDistAdapter(Optimizer):
         if self.inner is None:  # e.g. a DeepSpeed wrapper that steps once at construction to make optimizer state
             raise NotImplementedError("RegDistAdapter.step before bind(engine): build the engine with "
                                       "reg_dist.deepspeed.initialize (or deepspeed.initialize after "
-                                      "reg_dist.deepspeed.register()), at ZeRO stage 0 (fp32) or 1, 2, 3 (fp32, bf16)")
+                                      "reg_dist.deepspeed.register()), at ZeRO stage 0 (fp32) or 1, 2, 3 "
+                                      "(fp32, bf16, fp16)")
         if self.stage == 0:
             chosen = list(self._units)
         else:
@@ -340,8 +350,9 @@ class RegDistAdapter(Optimizer):
             raise ValueError(f"the checkpoint has {len(saved)} parameter groups, this run {len(self.param_groups)}")
         if (state_dict.get("stage"), state_dict.get("pieces")) != (self.stage, self._geometry()):
             raise ValueError(f"the checkpoint's optimizer state was saved at ZeRO stage {state_dict.get('stage')} "
-                             f"with other partitions than this run's (stage {self.stage}); reg_dist.deepspeed "
-                             f"resumes at the same stage and world size only")
+                             f"with other partitions than this run's (stage {self.stage}); engine.load_checkpoint "
+                             f"resumes at the same stage and world size only: for another, save with "
+                             f"reg_dist.deepspeed.save_checkpoint(engine, path) and load with its load_checkpoint")
         for group, old in zip(self.param_groups, saved):
             group.update({k: v for k, v in old.items() if k != "params"})
         self.inner.load_state_dict(state_dict["reg_dist"])
@@ -369,10 +380,13 @@ def _precision(config: dict) -> str:
     return "fp32"
 
 
-def client_optimizer(optimizer: MatrixOptimizer) -> tuple[str, dict, list[dict]]:
+def client_optimizer(optimizer: MatrixOptimizer) -> tuple[str, dict, list[dict], dict[int, ParamInfo]]:
     """A reg_dist optimizer given to ``deepspeed.initialize`` as ``optimizer=``: its JSON type, its
-    constructor arguments, and its param groups, the same dicts (each names its ``"algorithm"``, so the
-    routing is the same; a scheduler built on the optimizer keeps driving their ``lr``)."""
+    constructor arguments, its param groups, the same dicts (each names its ``"algorithm"``, so the
+    routing is the same; a scheduler built on the optimizer keeps driving their ``lr``), and the
+    parameters to route again by their real shape: built on ``deepspeed.zero.Init``'s placeholders
+    it routed their empty 1-D shapes to AdamW; those of a group that did not ask for AdamW are routed
+    by the default rule on ``ds_shape`` with what the optimizer read of them (``param_info``)."""
     entry = registry.ALGORITHMS.get(getattr(type(optimizer), "algorithm", None))
     if entry is None or type(optimizer) is not entry.cls:
         raise NotImplementedError(f"reg_dist.deepspeed takes the registry's optimizers as optimizer= "
@@ -384,15 +398,13 @@ def client_optimizer(optimizer: MatrixOptimizer) -> tuple[str, dict, list[dict]]
     if optimizer.state:
         raise ValueError(f"this {type(optimizer).__name__} has stepped already; DeepSpeed needs a fresh one "
                          f"(resume its state with engine.load_checkpoint)")
-    if any(hasattr(p, "ds_shape") for g in optimizer.param_groups for p in g["params"]):
-        raise ValueError(f"this {type(optimizer).__name__} was built on parameters deepspeed.zero.Init had "
-                         f"partitioned, so it routed their empty placeholders, not their real shapes; name the "
-                         f"type in the DeepSpeed config instead (\"optimizer\": {{\"type\": "
-                         f"\"{entry.deepspeed}\"}}; Accelerate: DummyOptim)")
+    asked = {r.name.split(" = ")[0] for r in optimizer.routes if r.reason == f"group says {ADAMW}"}
+    reroute = {id(p): optimizer.param_info(p) for g in optimizer.param_groups
+               for p, name in zip(g["params"], g["param_names"]) if hasattr(p, "ds_shape") and name not in asked}
     ctor = {"nonfinite": optimizer.nonfinite}
     if entry.cls.moves and optimizer.move_dtype is not None:
         ctor["move_dtype"] = optimizer.move_dtype
-    return entry.deepspeed.lower(), ctor, optimizer.param_groups
+    return entry.deepspeed.lower(), ctor, optimizer.param_groups, reroute
 
 
 def register() -> None:
@@ -427,17 +439,18 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     if optimizer is not None and "optimizer" in loaded:
         raise ValueError(f"the DeepSpeed config names optimizer {loaded['optimizer'].get('type')!r} and "
                          f"optimizer= is given too; give one of them")
+    reroute = None
     if client:
-        kind, kwargs, model_parameters = client_optimizer(optimizer)
+        kind, kwargs, model_parameters, reroute = client_optimizer(optimizer)
     else:
         kwargs = parse_params(kind, loaded["optimizer"].get("params"))
     stage = int((loaded.get("zero_optimization") or {}).get("stage", 0))
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage}")
     precision = _precision(loaded)
-    if precision == "fp16" or (precision == "bf16" and stage == 0):
-        raise NotImplementedError(f"reg_dist.deepspeed: {precision} at ZeRO stage {stage} is not supported yet "
-                                  f"(fp32 at every stage; bf16 at stages 1, 2, 3)")
+    if precision != "fp32" and stage == 0:
+        raise NotImplementedError(f"reg_dist.deepspeed: {precision} at ZeRO stage 0 is not supported yet "
+                                  f"(fp32 at every stage; bf16 and fp16 at stages 1, 2, 3)")
     accumulate = str((loaded.get("data_types") or {}).get("grad_accum_dtype", "")).removeprefix("torch.").lower()
     if precision == "bf16" and stage == 1 and accumulate in ("fp32", "float32", "float"):
         raise NotImplementedError("reg_dist.deepspeed: bf16 with fp32 gradient accumulation at ZeRO stage 1 "
@@ -460,7 +473,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
                 setattr(args, attr, None)
 
     def build(params):
-        return RegDistAdapter(params, kind, kwargs)
+        return RegDistAdapter(params, kind, kwargs, reroute)
 
     out = _DEEPSPEED_INITIALIZE(**{**passthrough, "args": args, "optimizer": build, "config": new_config,
                                    "model_parameters": model_parameters, "config_params": None})

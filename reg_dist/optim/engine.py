@@ -285,6 +285,16 @@ class MatrixOptimizer(Optimizer):
             layout = whole_layout(p, view)
         self._layouts[id(p)] = layout
 
+    def param_info(self, p: Tensor) -> ParamInfo:
+        """What routing read of parameter ``p``: its names and module type (its name alone for a bare tensor)."""
+        if id(p) in self._info:
+            return self._info[id(p)]
+        for group in self.param_groups:
+            for q, name in zip(group["params"], group["param_names"]):
+                if q is p:
+                    return ParamInfo((name,))
+        raise KeyError(f"{type(self).__name__}.param_info: not one of its parameters")
+
     def routing_table(self) -> str:
         """Name, shape, algorithm and matrix view of every parameter, as logged at construction."""
         return format_table(self.routes)
