@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from launch.checkpoints import (DEEPSPEED_DIR, DEEPSPEED_FORMAT, reason, begin_checkpoint, commit_checkpoint,
                                 prepare_run_dir)
 from launch.data import ByteWindows
-from launch.job import duration, evaluate, lr_factor, progress, write_json
+from launch.job import Clock, done_line, evaluate, lr_factor, saves_at, write_json
 from launch.model import GPT
 from launch.ranks import Parallel, die, prepare_rank, world_env
 from reg_dist.optim import registry
@@ -220,9 +220,7 @@ def run(args) -> dict:
     final = prepare_run_dir(args, first, par, say)  # the last checkpoint written
     log_path = args.out / "log.json"
     tokens_per_step = args.batch_size * args.seq_len
-    start = time.perf_counter()
-    train_s = interval_s = 0.0
-    printed = first - 1
+    clock = Clock(first, tokens_per_step)
     if first == 1:
         val_loss = evaluate(engine, val_batches, par)
         log["val"].append({"step": 0, "loss": val_loss})
@@ -247,42 +245,24 @@ def run(args) -> dict:
                 write_json(log_path, log)
             die(f"non-finite training loss {record['loss']} at step {step}; log in {log_path}")
         dt = time.perf_counter() - t0
-        train_s += dt
-        interval_s += dt
+        clock.add(dt)
         record["tokens_per_s"] = tokens_per_step / dt
         if step % args.eval_every == 0 or step == args.steps:
             val_loss = evaluate(engine, val_batches, par)
             log["val"].append({"step": step, "loss": val_loss})
             if par.rank0:
                 write_json(log_path, log)
-        if args.save and (step == args.steps or (args.save_every and step % args.save_every == 0)):
+        if saves_at(step, args):
             final = save_checkpoint(engine, step, train_data, log, args, par)
             say(f"checkpoint {final}", flush=True)
-        if step % args.log_every == 0 or step == args.steps:
-            n = step - printed
-            say(progress(step, args.steps, record, val_loss, log["val"][-1]["step"], n * tokens_per_step, n,
-                         interval_s), flush=True)
-            interval_s, printed = 0.0, step
+        clock.report(step, args, record, val_loss, log["val"], say)
 
-    losses = [r["loss"] for r in log["train"]]
-    last = losses[-min(10, len(losses)):]
-    steps_here = args.steps - first + 1
-    log["final"] = {"steps": args.steps, "train_loss_first": losses[0], "train_loss_last": losses[-1],
-                    "train_loss_last10_mean": sum(last) / len(last), "val_loss": val_loss,
-                    "wall_s": time.perf_counter() - start, "train_s": train_s,
-                    "tokens": steps_here * tokens_per_step,
-                    "tokens_per_s": steps_here * tokens_per_step / train_s if train_s else 0.0,
-                    "skipped_steps": engine.skipped_steps, "world": args.world, "dp": args.dp, "tp": 1,
-                    "zero_stage": stage}
+    clock.summary(log, args, val_loss, skipped_steps=engine.skipped_steps, world=args.world, dp=args.dp, tp=1,
+                  zero_stage=stage)
     if par.rank0:
         write_json(log_path, log)
-        f = log["final"]
-        print(f"done: train loss {f['train_loss_first']:.4f} -> {f['train_loss_last']:.4f} "
-              f"(last-10 mean {f['train_loss_last10_mean']:.4f}), val {log['val'][0]['loss']:.4f} -> {val_loss:.4f}, "
-              f"{duration(f['wall_s'])} wall, {f['tokens_per_s']:,.0f} tok/s; log {log_path}; " +
-              (f"final checkpoint {final} (a rerun with this --out resumes from it)" if final is not None else
-               f"no checkpoint saved ({'--no-save' if args.no_checkpoint is None else args.no_checkpoint})"),
-              flush=True)
+        unsaved = "--no-save" if args.no_checkpoint is None else args.no_checkpoint
+        print(done_line(log, log_path, final, unsaved), flush=True)
     sys.stdout.flush()
     if dist.is_initialized():
         dist.destroy_process_group()

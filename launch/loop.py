@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor
 from launch.checkpoints import reason, load_checkpoint, prepare_run_dir, read_model, save_checkpoint
 from launch.cli import MATRIX_OPTIMIZERS
 from launch.data import ByteWindows
-from launch.job import duration, evaluate, lr_factor, progress, write_json
+from launch.job import Clock, done_line, evaluate, lr_factor, saves_at, write_json
 from launch.model import GPT
 from launch.ranks import Parallel, all_reduce_mean_, die, prepare_rank, world_env
 from launch.tensor_parallel import clip_grad_norm, local, parallelize
@@ -110,9 +110,7 @@ def run(args: argparse.Namespace) -> dict:
     final = prepare_run_dir(args, first, par, say)  # the last checkpoint written
     log_path = args.out / "log.json"
     tokens_per_step = args.batch_size * args.seq_len
-    start = time.perf_counter()
-    train_s = interval_s = 0.0
-    printed = first - 1  # the step of the last progress line
+    clock = Clock(first, tokens_per_step)
 
     def validate(step: int) -> float:
         """Validation loss on --data (returned) and on each --eval-also domain, logged at ``step``."""
@@ -155,40 +153,22 @@ def run(args: argparse.Namespace) -> dict:
         opt.step()
         sched.step()
         dt = time.perf_counter() - t0
-        train_s += dt
-        interval_s += dt
+        clock.add(dt)
         record["tokens_per_s"] = tokens_per_step / dt
         if step % args.eval_every == 0 or step == args.steps:
             val_loss = validate(step)
             if par.rank0:
                 write_json(log_path, log)
-        if args.save and (step == args.steps or (args.save_every and step % args.save_every == 0)):
+        if saves_at(step, args):
             final = save_checkpoint(args.out, step, model, opt, sched, train_data, log, args, par)
             say(f"checkpoint {final}", flush=True)
-        if step % args.log_every == 0 or step == args.steps:
-            n = step - printed
-            say(progress(step, args.steps, record, val_loss, log["val"][-1]["step"], n * tokens_per_step, n,
-                         interval_s), flush=True)
-            interval_s, printed = 0.0, step
+        clock.report(step, args, record, val_loss, log["val"], say)
 
-    steps_here = args.steps - first + 1
     if par.rank0:  # the only rank with the whole log (a resumed run's earlier steps come from its checkpoint)
-        losses = [r["loss"] for r in log["train"]]
-        last = losses[-min(10, len(losses)):]
-        log["final"] = {"steps": args.steps, "train_loss_first": losses[0], "train_loss_last": losses[-1],
-                        "train_loss_last10_mean": sum(last) / len(last), "val_loss": val_loss,
-                        "wall_s": time.perf_counter() - start, "train_s": train_s,
-                        "tokens": steps_here * tokens_per_step,
-                        "tokens_per_s": steps_here * tokens_per_step / train_s if train_s else 0.0,
-                        "skipped_steps": getattr(opt, "skipped_steps", 0), "world": args.world, "dp": args.dp,
-                        "tp": args.tp}
+        clock.summary(log, args, val_loss, skipped_steps=getattr(opt, "skipped_steps", 0), world=args.world,
+                      dp=args.dp, tp=args.tp)
         write_json(log_path, log)
-        f = log["final"]
-        print(f"done: train loss {f['train_loss_first']:.4f} -> {f['train_loss_last']:.4f} "
-              f"(last-10 mean {f['train_loss_last10_mean']:.4f}), val {log['val'][0]['loss']:.4f} -> {val_loss:.4f}, "
-              f"{duration(f['wall_s'])} wall, {f['tokens_per_s']:,.0f} tok/s; log {log_path}; " +
-              (f"final checkpoint {final} (a rerun with this --out resumes from it)" if final is not None
-               else "no checkpoint saved (--no-save)"), flush=True)
+        print(done_line(log, log_path, final, "--no-save"), flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()
     return log if par.rank0 else {}
