@@ -303,3 +303,15 @@ def test_pretrain_gpt_refuses_another_optimizers_checkpoint_and_loads_its_weight
             assert len(losses) == iters, extra
             for n, w in weights.items():
                 assert (loaded_weights[n] == w).all(), (extra, n)
+
+
+def test_pretrain_gpt_refuses_another_reg_dist_optimizers_checkpoint_naming_both(tmp_path):
+    """A distributed-optimizer checkpoint of ``--optimizer reg`` loaded with ``--optimizer reg_muon``: refused
+    before anything loads, with both names."""
+    run = [*BASE[:-4], "--lr", "0.01", "--global-batch-size", "4", "--eval-iters", "0", "--eval-interval", "10",
+           "--use-distributed-optimizer"]
+    ckpt = str(tmp_path / "reg")
+    _pretrain([*run, "--train-iters", "2", "--optimizer", "reg", "--save", ckpt, "--save-interval", "2"])
+    with pytest.raises(AssertionError, match="--optimizer reg_muon cannot load this checkpoint's optimizer state: it "
+                                             "was saved by --optimizer reg; pass --no-load-optim"):
+        _pretrain([*run, "--train-iters", "4", "--optimizer", "reg_muon", "--load", ckpt])

@@ -33,8 +33,8 @@ reduces its row/column sums over that group, Muon/MuonEq move the pieces to one 
 Megatron's layer-wise optimizer (what its ``validate_args`` makes of ``--use-distributed-optimizer``
 for any optimizer but adam and sgd; ``reg_dist.megatron.parse_and_validate_args`` keeps the flat one)
 is refused, as are expert-parallel parameters and several distributed-optimizer instances. Its checkpoints
-(``--ckpt-format torch_dist``) hold reg_dist's state per rank (``RegDistributedOptimizer``): a resume needs
-the same optimizer and TP × PP × DP layout.
+(``--ckpt-format torch_dist``) hold reg_dist's state in model space (``RegDistributedOptimizer``): Megatron
+reshards it to another TP × PP × DP layout as it does the weights; another optimizer's is refused.
 
 Muon/MuonEq always orthogonalise each TP-split matrix whole (``tp_mode="gather"``): reg_dist's
 ``tp_mode="blockwise"`` applies to DTensor parameters only, not to the ``reg_layout`` pieces used here.
@@ -429,8 +429,9 @@ def _distributed_optimizer_class() -> type:
             return {"step": max(high, 0.0), "skipped_steps": inner.skipped_steps}
 
         def _row_state(self, by_param: dict, is_loading: bool) -> dict:
-            """Per-row state (``row_state_keys``) per parameter: one ``ShardedObject`` saved by the lowest
-            global rank of the tensor × data group holding elements of the matrix."""
+            """Per-row state (``row_state_keys``) per parameter: one ``ShardedObject`` (placed in its layer stack
+            as the parameter is) saved by the lowest global rank of the tensor × data group holding elements of
+            the matrix."""
             adapter = self.optimizer
             keys = adapter.cls.row_state_keys
             if not keys:
@@ -442,12 +443,16 @@ def _distributed_optimizer_class() -> type:
             dist.all_reduce(lowest, op=dist.ReduceOp.MIN, group=adapter.tp_dp)
             out = {}
             for i, ((p, piece), owner) in enumerate(zip(pairs, lowest.tolist())):
-                state = adapter.inner.state[piece]
+                state, sh = adapter.inner.state[piece], by_param[p]
+                if isinstance(sh, ShardedTensorFactory):
+                    sh = next(iter(nested_values(sh.build())))
+                # a layer of a stack saved under one key (Megatron's layer axes prepended): its place in the stack
+                stacked = (sh.global_shape[:sh.prepend_axis_num], sh.global_offset[:sh.prepend_axis_num]) \
+                    if sh.prepend_axis_num else ((1,), (0,))
                 for k in keys:
                     if k in state:
-                        main = 0 if int(owner) == dist.get_rank() else 1
-                        out[f"{i}.{k}"] = ShardedObject(_model_space_key(k, by_param[p].key), state[k], (1,), (0,),
-                                                        replica_id=main)
+                        out[f"{i}.{k}"] = ShardedObject(_model_space_key(k, sh.key), state[k], *stacked,
+                                                        replica_id=int(int(owner) != dist.get_rank()))
             return out
 
         def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, metadata=None, **kwargs):
