@@ -428,7 +428,7 @@ def _distributed_optimizer_class() -> type:
                                    f"{high}); a checkpoint keeps one")
             return {"step": max(high, 0.0), "skipped_steps": inner.skipped_steps}
 
-        def _row_state(self, by_param: dict, is_loading: bool) -> dict:
+        def _row_state(self, by_param: dict) -> dict:
             """Per-row state (``row_state_keys``) per parameter: one ``ShardedObject`` (placed in its layer stack
             as the parameter is) saved by the lowest global rank of the tensor × data group holding elements of
             the matrix."""
@@ -484,7 +484,7 @@ def _distributed_optimizer_class() -> type:
                         fields["dtype"] = t.dtype
                     param_state[i][k] = replace(sh, **fields)
             steps = {"step": 0.0, "skipped_steps": 0} if is_loading else self._steps()
-            return {"param_state": param_state, "row_state": self._row_state(by_param, is_loading),
+            return {"param_state": param_state, "row_state": self._row_state(by_param),
                     "steps": ShardedObject(STEPS_KEY, steps, (1,), (0,), replica_id=int(dist.get_rank() != 0))}
 
         @torch.no_grad()
