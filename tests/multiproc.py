@@ -42,6 +42,8 @@ def _child(rank, world, port, fn, queue, init_group):
     finally:
         queue.close()
         queue.join_thread()  # flush the report before the hard exit
+        for child in mp.active_children():  # e.g. the Manager Megatron's torch_dist save starts: no orphans
+            child.terminate()
         os._exit(0)
 
 

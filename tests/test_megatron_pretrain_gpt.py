@@ -11,6 +11,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 with warnings.catch_warnings():
@@ -201,8 +202,8 @@ def test_pretrain_gpt_cpu_dry_run_under_torchrun():
 
 
 def _pretrain(argv: list[str], world: int = 2) -> list:
-    """``pretrain_gpt.py --cpu`` ``main()`` on ``world`` forked ranks: each rank's per-iteration training losses
-    and its model's final parameters (by name)."""
+    """``pretrain_gpt.py --cpu`` ``main()`` on ``world`` forked ranks: each rank's per-micro-batch training losses,
+    its model's final parameters (by name) and each one's tensor-parallel split dimension (None: whole)."""
 
     def body(rank, world):
         import torch
@@ -217,7 +218,9 @@ def _pretrain(argv: list[str], world: int = 2) -> list:
             loss_func(mask, out)) if torch.is_grad_enabled() else loss_func(mask, out)
         pretrain_gpt.model_provider = lambda *a, **k: models.append(model_provider(*a, **k)) or models[-1]
         pretrain_gpt.main()
-        return losses, {n: p.detach().float().numpy() for m in models for n, p in m.named_parameters()}  # no shm
+        named = [(n, p) for m in models for n, p in m.named_parameters()]
+        return losses, {n: p.detach().float().numpy() for n, p in named}, \
+            {n: p.partition_dim if getattr(p, "tensor_model_parallel", False) else None for n, p in named}  # no shm
 
     return run_ranks(world, body, init_group=False)
 
@@ -242,8 +245,77 @@ def test_pretrain_gpt_checkpoint_resumes_the_uninterrupted_run(name, world, extr
         ckpt = str(tmp_path / fmt)
         whole = _pretrain([*run, "--ckpt-format", fmt, "--save", ckpt, "--save-interval", "2"], world)
         resumed = _pretrain([*run, "--ckpt-format", fmt, "--load", ckpt, "--ckpt-step", "2"], world)
-        for (losses, weights), (tail, resumed_weights) in zip(whole, resumed):
+        for (losses, weights, _), (tail, resumed_weights, _) in zip(whole, resumed):
             assert len(losses) == 4 and tail == losses[2:], fmt
             assert weights.keys() == resumed_weights.keys()
             for n, w in weights.items():
                 assert (w == resumed_weights[n]).all(), (fmt, n)
+
+
+
+def _whole(ranks: list, tp: int, iters: int) -> tuple[np.ndarray, dict]:
+    """Each iteration's mean loss over its micro-batches (every TP rank records each of its DP rank's), and the
+    whole weights: the first TP group's shards (ranks 0 … tp−1 in Megatron's order) joined along their split."""
+    losses = np.concatenate([np.reshape(losses, (iters, -1)) for losses, _, _ in ranks], axis=1).mean(axis=1)
+    weights = {n: w if dim is None else np.concatenate([ranks[t][1][n] for t in range(tp)], axis=dim)
+               for (n, w), dim in zip(ranks[0][1].items(), ranks[0][2].values())}
+    return losses, weights
+
+
+@pytest.mark.parametrize("name, saved, resumed", [
+    ("reg", (2, ["--tensor-model-parallel-size", "2"]), (2, [])),
+    ("reg_muon", (4, ["--tensor-model-parallel-size", "2"]), (4, [])),
+    ("reg_muon", (4, ["--tensor-model-parallel-size", "2"]), (4, ["--pipeline-model-parallel-size", "2"])),
+], ids=["reg-tp2-dp1-to-tp1-dp2", "reg_muon-tp2-dp2-to-tp1-dp4", "reg_muon-tp2-dp2-to-pp2-dp2"])
+def test_pretrain_gpt_distopt_checkpoint_resumes_at_another_tp_pp_and_dp(name, saved, resumed, tmp_path):
+    """The distributed optimizer's ``torch_dist`` checkpoint holds reg_dist's state in model space: saved at
+    iteration 2 of a TP 2 run, it resumes at TP 1 on as many ranks (so another DP degree, other flat ranges),
+    or at PP 2, and the continued losses (and final weights, whole on TP 1) equal the uninterrupted TP 2 run's
+    within fp32 rounding."""
+    run = [*BASE[:-4], "--train-iters", "4", "--lr", "0.01", "--global-batch-size", "8", "--eval-iters", "0",
+           "--eval-interval", "10", "--hidden-dropout", "0", "--attention-dropout", "0", "--optimizer", name,
+           "--reg-ns-dtype", "fp32", "--use-distributed-optimizer", "--save-interval", "2"]
+    ckpt = str(tmp_path / "ckpt")
+    (world, tp_args), (new_world, new_args) = saved, resumed
+    losses, weights = _whole(_pretrain([*run, *tp_args, "--save", ckpt], world), 2, 4)
+    tail, resumed_weights = _whole(_pretrain([*run, *new_args, "--load", ckpt, "--ckpt-step", "2"], new_world), 1, 2)
+    np.testing.assert_allclose(tail, losses[2:], rtol=1e-5)
+    if "--pipeline-model-parallel-size" in new_args:
+        return  # each stage names its own layers from 0
+    assert weights.keys() == resumed_weights.keys()
+    for n, w in weights.items():
+        np.testing.assert_allclose(resumed_weights[n], w, rtol=1e-4, atol=1e-6, err_msg=n)
+
+
+def test_pretrain_gpt_refuses_another_optimizers_checkpoint_and_loads_its_weights_alone_on_request(tmp_path):
+    """Megatron's own ``--optimizer adam`` checkpoint (distributed optimizer, DP 2) loaded with ``--optimizer reg``:
+    refused before anything loads, naming both. With ``--no-load-optim`` the weights load and the iteration count
+    continues (to 4); with ``--finetune`` they load and the iterations start again from 0 (2 of them). ``--lr 0``:
+    the weights stay the checkpoint's."""
+    run = [*BASE[:-4], "--lr", "0", "--global-batch-size", "4", "--eval-iters", "0", "--eval-interval", "10",
+           "--hidden-dropout", "0", "--attention-dropout", "0", "--use-distributed-optimizer"]
+    ckpt = str(tmp_path / "adam")
+    saved = _pretrain([*run, "--lr", "0.01", "--train-iters", "2", "--optimizer", "adam", "--save", ckpt,
+                       "--save-interval", "2"])
+    ours = [*run, "--optimizer", "reg", "--load", ckpt]
+    with pytest.raises(AssertionError, match="--optimizer reg cannot load this checkpoint's optimizer state: it was "
+                                             "saved by an optimizer other than reg_dist's"):
+        _pretrain([*ours, "--train-iters", "4"])
+    for extra, iters in (["--no-load-optim", "--train-iters", "4"], 2), (["--finetune", "--train-iters", "2"], 2):
+        loaded = _pretrain([*ours, *extra])
+        for (_, weights, _), (losses, loaded_weights, _) in zip(saved, loaded):
+            assert len(losses) == iters, extra
+            for n, w in weights.items():
+                assert (loaded_weights[n] == w).all(), (extra, n)
+
+
+def test_pretrain_gpt_refuses_another_reg_dist_optimizers_checkpoint_naming_both(tmp_path):
+    """A distributed-optimizer checkpoint of ``--optimizer reg`` loaded with ``--optimizer reg_muon``: refused
+    before anything loads, with both names."""
+    run = [*BASE[:-4], "--lr", "0.01", "--global-batch-size", "4", "--eval-iters", "0", "--eval-interval", "10",
+           "--use-distributed-optimizer"]
+    ckpt = str(tmp_path / "reg")
+    _pretrain([*run, "--train-iters", "2", "--optimizer", "reg", "--save", ckpt, "--save-interval", "2"])
+    with pytest.raises(AssertionError, match="--optimizer reg_muon cannot load this checkpoint's optimizer state: it "
+                                             "was saved by --optimizer reg; pass --no-load-optim"):
+        _pretrain([*run, "--train-iters", "4", "--optimizer", "reg_muon", "--load", ckpt])

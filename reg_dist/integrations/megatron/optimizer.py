@@ -33,8 +33,8 @@ reduces its row/column sums over that group, Muon/MuonEq move the pieces to one 
 Megatron's layer-wise optimizer (what its ``validate_args`` makes of ``--use-distributed-optimizer``
 for any optimizer but adam and sgd; ``reg_dist.megatron.parse_and_validate_args`` keeps the flat one)
 is refused, as are expert-parallel parameters and several distributed-optimizer instances. Its checkpoints
-(``--ckpt-format torch_dist``) hold reg_dist's state per rank (``RegDistributedOptimizer``): a resume needs
-the same optimizer and TP × PP × DP layout.
+(``--ckpt-format torch_dist``) hold reg_dist's state in model space (``RegDistributedOptimizer``): Megatron
+reshards it to another TP × PP × DP layout as it does the weights; another optimizer's is refused.
 
 Muon/MuonEq always orthogonalise each TP-split matrix whole (``tp_mode="gather"``): reg_dist's
 ``tp_mode="blockwise"`` applies to DTensor parameters only, not to the ``reg_layout`` pieces used here.
@@ -44,6 +44,7 @@ import copy
 import dataclasses
 import functools
 import logging
+import math
 import sys
 import typing
 from typing import Any
@@ -276,7 +277,7 @@ class DistOptAdapter(Optimizer):
 
     def bind(self, distopt, tp_dp: dist.ProcessGroup) -> None:
         """Build ``inner`` over this rank's main shards of ``distopt`` (collective over ``tp_dp``)."""
-        shards, self._grads = {}, []
+        shards, self._grads, self.tp_dp = {}, [], tp_dp
         for models, mains in ((distopt.model_float16_groups, distopt.shard_fp32_from_float16_groups),
                               (distopt.model_fp32_groups, distopt.shard_fp32_groups)):
             for model_group, main_group in zip(models, mains):
@@ -314,6 +315,11 @@ class DistOptAdapter(Optimizer):
             base = element_layout(tuple(p.shape))
         return piece_layout(base, flat, (("tp_dp", tp_dp),) if base.groups else (("dp", dp_group),))
 
+    def model_pieces(self) -> list[tuple[Tensor, Tensor]]:
+        """Every model parameter with ``inner``'s piece of it, in one order on every rank."""
+        return [(p, piece) for models, group in zip(self._models, self.inner.param_groups)
+                for p, piece in zip(models, group["params"], strict=True)]
+
     @torch.no_grad()
     def step(self, closure=None):
         if self.inner is None:
@@ -339,41 +345,165 @@ def _init_adapter_state(opt, config=None) -> None:
         _init_state(opt.inner)
 
 
+STEPS_KEY = "optimizer.reg_dist.steps"
+OPTIMIZER_METADATA = "reg_dist_optimizer"  # the checkpoint's content metadata: which of ours saved it
+
+
+def _model_space_key(state_key: str, param_key: str) -> str:
+    return f"optimizer.reg_dist.{state_key}.{param_key}"
+
+
 @functools.cache
 def _distributed_optimizer_class() -> type:
     """``RegDistributedOptimizer``: Megatron's ``DistributedOptimizer`` over ``DistOptAdapter`` whose
-    checkpoints hold reg_dist's state (Megatron's own ``sharded_state_dict`` and ``load_state_dict`` assume
-    Adam's ``exp_avg`` / ``exp_avg_sq`` per main shard)."""
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    checkpoints hold reg_dist's state in model space (Megatron's own ``sharded_state_dict`` and
+    ``load_state_dict`` assume Adam's ``exp_avg`` / ``exp_avg_sq`` per main shard)."""
+    from dataclasses import replace
+
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensorFactory
+    from megatron.core.dist_checkpointing.utils import extract_sharded_tensors_and_factories
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.optimizer import DistributedOptimizer
 
     class RegDistributedOptimizer(DistributedOptimizer):
-        """``sharded_state_dict``: one ``ShardedObject`` per rank, keyed by the optimizer's name and the rank's
-        place in the TP × PP × DP layout (``reg_dist_key``, set by ``build_distributed``), holding ``inner``'s
-        state dict (momentum, AdamW moments, step counts, ``skipped_steps``) and this rank's fp32 main shards
-        of bf16 parameters. A resume needs the same optimizer and layout; ``--ckpt-format torch`` is refused."""
+        """``sharded_state_dict`` in model space, like Megatron's ``fully_reshardable`` format: every element-shaped
+        state tensor of a parameter (momentum, AdamW moments, the fp32 main copy of a bf16 parameter) is gathered
+        over the DP group into the parameter's local TP shard and saved as a ``ShardedTensor`` under the model
+        parameter's own sharding (key ``optimizer.reg_dist.<state>.<parameter key>``), so Megatron reshards it
+        to another TP, PP or DP degree as it does the weights; a load slices each rank's flat range back out.
+        Per-row state (NorMuon's, whole on every holder) is one ``ShardedObject`` per parameter; the step count
+        (one for every parameter) and ``skipped_steps`` one ``ShardedObject``. The checkpoint's content metadata
+        names the optimizer (``reg_dist_optimizer``): another's checkpoint is refused before anything loads."""
 
-        def _float16_mains(self) -> list[Tensor]:
-            return [m for group in self.shard_fp32_from_float16_groups for m in group]
+        @staticmethod
+        def _flat(piece: Tensor) -> slice:
+            """The elements of its parameter's local shard that ``piece`` holds."""
+            return slice(*getattr(piece, LAYOUT_ATTR).flat)
+
+        def _model_space(self, is_loading: bool) -> list[tuple[Tensor, dict[str, Tensor]]]:
+            """Every model parameter with its element-shaped state, each of the parameter's local shape: empty
+            when loading, else gathered over the DP group (one packed all-reduce of the zero-padded pieces)."""
+            adapter = self.optimizer
+            _init_state(adapter.inner)
+            out, pieces = [], []
+            pairs = adapter.model_pieces()
+            for p, piece in pairs:
+                state = adapter.inner.state[piece]
+                tensors = {k: v for k, v in state.items()
+                           if isinstance(v, Tensor) and k != "step" and k not in adapter.cls.row_state_keys}
+                if p.dtype != piece.dtype:  # a bf16 parameter: the piece is (a view of) its fp32 main shard
+                    tensors["fp32_param"] = piece
+                out.append((p, {k: torch.empty(p.shape, dtype=v.dtype, device=v.device) for k, v in tensors.items()}))
+                pieces.append(tensors)
+            if is_loading:
+                return out
+            flat = torch.cat([torch.zeros(t.numel(), dtype=torch.float32, device=t.device)
+                              for _, full in out for t in full.values()]) if out else torch.zeros(0)
+            at = 0
+            for (_, full), held, (_, piece) in zip(out, pieces, pairs):
+                where = self._flat(piece)
+                for k, t in full.items():
+                    flat[at + where.start:at + where.stop] = held[k].detach().reshape(-1)
+                    at += t.numel()
+            dist.all_reduce(flat, group=self.data_parallel_group)  # each element held by one DP rank
+            at = 0
+            for _, full in out:
+                for t in full.values():
+                    t.copy_(flat[at:at + t.numel()].view(t.shape))
+                    at += t.numel()
+            return out
+
+        def _steps(self) -> dict:
+            """The one step count of every parameter piece holding elements (checked equal over the world)
+            and ``skipped_steps``."""
+            inner = self.optimizer.inner
+            pairs = self.optimizer.model_pieces()
+            steps = [float(inner.state[piece]["step"]) for _, piece in pairs if piece.numel()]
+            spread = torch.tensor([max(steps, default=-math.inf), -min(steps, default=math.inf)],
+                                  dtype=torch.float64, device=pairs[0][1].device if pairs else "cpu")
+            dist.all_reduce(spread, op=dist.ReduceOp.MAX)
+            high, low = float(spread[0]), -float(spread[1])
+            if high != low:
+                raise RuntimeError(f"--optimizer {self.optimizer.name}: the parameters' step counts differ ({low} to "
+                                   f"{high}); a checkpoint keeps one")
+            return {"step": max(high, 0.0), "skipped_steps": inner.skipped_steps}
+
+        def _row_state(self, by_param: dict) -> dict:
+            """Per-row state (``row_state_keys``) per parameter: one ``ShardedObject`` (placed in its layer stack
+            as the parameter is) saved by the lowest global rank of the tensor × data group holding elements of
+            the matrix."""
+            adapter = self.optimizer
+            keys = adapter.cls.row_state_keys
+            if not keys:
+                return {}
+            pairs = adapter.model_pieces()
+            world = dist.get_world_size()
+            lowest = torch.tensor([dist.get_rank() if piece.numel() else world for _, piece in pairs],
+                                  dtype=torch.float64, device=pairs[0][1].device if pairs else "cpu")
+            dist.all_reduce(lowest, op=dist.ReduceOp.MIN, group=adapter.tp_dp)
+            out = {}
+            for i, ((p, piece), owner) in enumerate(zip(pairs, lowest.tolist())):
+                state, sh = adapter.inner.state[piece], by_param[p]
+                if isinstance(sh, ShardedTensorFactory):
+                    sh = next(iter(nested_values(sh.build())))
+                # a layer of a stack saved under one key (Megatron's layer axes prepended): its place in the stack
+                stacked = (sh.global_shape[:sh.prepend_axis_num], sh.global_offset[:sh.prepend_axis_num]) \
+                    if sh.prepend_axis_num else ((1,), (0,))
+                for k in keys:
+                    if k in state:
+                        out[f"{i}.{k}"] = ShardedObject(_model_space_key(k, sh.key), state[k], *stacked,
+                                                        replica_id=int(int(owner) != dist.get_rank()))
+            return out
 
         def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, metadata=None, **kwargs):
-            state = {"inner": self.optimizer.inner.state_dict(), "main": [m.detach() for m in self._float16_mains()]}
-            return {"reg_dist": ShardedObject(self.reg_dist_key, state, (1,), (0,), replica_id=0)}
+            name = self.optimizer.name
+            if metadata is not None:
+                if is_loading:
+                    saved = metadata.get(OPTIMIZER_METADATA)
+                    if saved != name:
+                        raise ValueError(
+                            f"--optimizer {name} cannot load this checkpoint's optimizer state: it was saved by "
+                            + (f"--optimizer {saved}" if saved else "an optimizer other than reg_dist's (its "
+                               "metadata names none, e.g. Megatron's adam)")
+                            + "; pass --no-load-optim (or --finetune) to load the weights alone")
+                else:
+                    metadata[OPTIMIZER_METADATA] = name
+                    metadata["distrib_optim_sharding_type"] = "fully_reshardable"  # model space: Megatron may reshard
+            by_param = {sh.data: sh for sh in nested_values(
+                extract_sharded_tensors_and_factories(model_sharded_state_dict)[0])}
+            param_state = {}
+            for i, (p, tensors) in enumerate(self._model_space(is_loading)):
+                if p not in by_param:
+                    raise ValueError(f"--optimizer {name}: a parameter is not in the model's sharded state dict "
+                                     f"(build it with keep_vars=True)")
+                sh = by_param[p]
+                param_state[i] = {}
+                for k, t in tensors.items():
+                    fields = dict(key=_model_space_key(k, sh.key), data=t, replica_id=sh.replica_id)
+                    if not isinstance(sh, ShardedTensorFactory):
+                        fields["dtype"] = t.dtype
+                    param_state[i][k] = replace(sh, **fields)
+            steps = {"step": 0.0, "skipped_steps": 0} if is_loading else self._steps()
+            return {"param_state": param_state, "row_state": self._row_state(by_param),
+                    "steps": ShardedObject(STEPS_KEY, steps, (1,), (0,), replica_id=int(dist.get_rank() != 0))}
 
+        @torch.no_grad()
         def load_state_dict(self, state_dict: dict) -> None:
-            state = state_dict["reg_dist"]
-            self.optimizer.inner.load_state_dict(state["inner"])
-            with torch.no_grad():
-                for main, saved in zip(self._float16_mains(), state["main"], strict=True):
-                    main.copy_(saved)
+            adapter = self.optimizer
+            _init_state(adapter.inner)
+            steps = state_dict["steps"]
+            for i, (p, piece) in enumerate(adapter.model_pieces()):
+                state, where = adapter.inner.state[piece], self._flat(piece)
+                for k, t in state_dict["param_state"][i].items():
+                    target = piece if k == "fp32_param" else state[k]
+                    target.copy_(t.reshape(-1)[where].view(target.shape))
+                for k in adapter.cls.row_state_keys:
+                    if k in state:
+                        state[k].copy_(state_dict["row_state"][f"{i}.{k}"])
+                state["step"].fill_(steps["step"])
+            adapter.inner.skipped_steps = steps["skipped_steps"]
 
     return RegDistributedOptimizer
-
-
-def _layout_key(name: str, **groups: dist.ProcessGroup) -> str:
-    """A rank's checkpoint key: the optimizer and the rank's place in each of ``groups`` (tp, pp, dp)."""
-    return f"optimizer.reg_dist.{name}." + ".".join(f"{axis}{dist.get_rank(g)}of{dist.get_world_size(g)}"
-                                                    for axis, g in groups.items())
 
 
 def build_distributed(name: str, config, model_chunks, config_overrides=None, pg_collection=None):
@@ -428,8 +558,6 @@ def build_distributed(name: str, config, model_chunks, config_overrides=None, pg
     distopt.grad_stats_parallel_group = pgs["intra_dist_opt_group"]
     tp = pg_collection.tp if pg_collection is not None else parallel_state.get_tensor_model_parallel_group()
     distopt.tp_group = distopt.expert_tp_group = tp
-    pp = pg_collection.pp if pg_collection is not None else parallel_state.get_pipeline_model_parallel_group()
-    distopt.reg_dist_key = _layout_key(name, tp=tp, pp=pp, dp=pgs["intra_dp_cp_group"])
     adapter.bind(distopt, _tp_dp_group(tp, pgs["intra_dp_cp_group"], pg_collection))
     return ChainedOptimizer([distopt])
 
