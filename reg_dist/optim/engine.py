@@ -140,6 +140,7 @@ class MatrixOptimizer(Optimizer):
 
     algorithm: str
     hyper: tuple[Hyper, ...] = ()
+    keyword_hyper: tuple[Hyper, ...] = ()
     default_scale = "match_rms_adamw"
     moves = False
     state_keys: tuple[str, ...] = ("momentum_buffer",)  # matrix state shaped like the parameter
@@ -147,7 +148,7 @@ class MatrixOptimizer(Optimizer):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        cls.__init__ = constructor(cls, _common(cls.default_scale), TAIL, _layout_keywords(cls.moves),
+        cls.__init__ = constructor(cls, _common(cls.default_scale), TAIL, (*cls.keyword_hyper, *_layout_keywords(cls.moves)),
                                    MatrixOptimizer._build)
 
     def _build(self, params: Any, values: dict) -> None:
