@@ -115,10 +115,10 @@ def normuon_transform_ref(steps: int = 5, beta2: float = 0.95, eps: float = 1e-8
 
 
 def newton_schulz_gram_ref(x: torch.Tensor, steps: int = 5, coefficients: str = "jordan",
-                           restarts: tuple[int, ...] = (2,)) -> torch.Tensor:
-    """Gram Newton–Schulz (Dao-AILab's gram-newton-schulz, restarting at ``restarts``) of one matrix in fp64: the iteration on R = X Xᵀ of the
-    wide orientation, X = Q·X₀ formed only at the restarts and the end; a square matrix runs
-    ``newton_schulz_ref``."""
+                           restart_every: int = 3) -> torch.Tensor:
+    """Gram Newton–Schulz of one matrix in fp64: the iteration on R = X Xᵀ of the wide orientation,
+    X = Q·X₀ formed only at the restarts (steps restart_every, 2·restart_every, …) and the end; a
+    square matrix runs ``newton_schulz_ref``."""
     X = x.double()
     if X.shape[0] == X.shape[1]:
         return newton_schulz_ref(x, steps, coefficients)
@@ -131,7 +131,7 @@ def newton_schulz_gram_ref(x: torch.Tensor, steps: int = 5, coefficients: str = 
     R, Q = X @ X.T, eye
     for k in range(steps):
         a, b, c = JORDAN if coefficients == "jordan" else POLAR_EXPRESS[min(k, 4)]
-        if k in restarts and k > 0:
+        if k > 0 and k % restart_every == 0:
             X = Q @ X
             R, Q = X @ X.T, eye
         Z = b * R + c * (R @ R)

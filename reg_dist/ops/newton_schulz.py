@@ -1,20 +1,23 @@
 """Newton–Schulz approximation of the polar factor (the Muon transform).
 
-    transpose if m > n (work on the wide orientation), cast to dtype
-    X = X / (||X||_F · (1 + safety) + 1e-7)
+    cast to dtype;  X = X / (||X||_F · (1 + safety) + 1e-7)
+    (written for m ≤ n; a tall X runs the transposed iteration: XᵀX, products on the right)
     method "standard":  for k in 0..steps−1:  A = X Xᵀ;  B = b_k·A + c_k·A²;  X = a_k·X + B·X
-    method "gram" (m < n; a square X takes "standard", which costs fewer products there):
+    method "gram" (m ≠ n; a square X takes "standard", which costs fewer products there):
         R = X Xᵀ (m×m);  Q = I
         for k in 0..steps−1:
-            if k ∈ RESTARTS:  X = Q·X;  R = X Xᵀ;  Q = I     (re-anchors R on X against rounding drift)
+            if k > 0 and k % RESTART_EVERY == 0:  X = Q·X;  R = X Xᵀ;  Q = I     (restart)
             Z = b_k·R + c_k·R²;  Q = a_k·Q + Q·Z;  R = (a_k·I + Z)·R·(a_k·I + Z)
                                                            (R is skipped before a restart and at the end)
         X = Q·X
-    transpose back
 
 "gram" is "standard" in exact arithmetic (every factor a·I + Z is a polynomial in the same R, so
 they commute: Xₖ = Qₖ·X₀ and Xₖ Xₖᵀ = Rₖ), but its loop multiplies m×m matrices instead of m×n ones:
-26 against 35 m³ multiply-adds for 5 steps at n = 3m, 30 against 45 at n = 4m.
+26 against 35 m³ multiply-adds for 5 steps at n = 3m, 30 against 45 at n = 4m. In bf16 the rounding
+of R and Q compounds over the steps Q spans (Q's eigenvalues grow like a₀·a₁·… for the small singular
+values), so every RESTART_EVERY = 3 steps X and R are formed afresh. With Dao-AILab's single restart at
+step 2 the distance to the polar factor in bf16 grew by up to 40 % (κ = 1e3, polar_express) and
+diverged at 7 steps; restarting every 3 steps matched "standard" (``benchmarks/newton_schulz_accuracy.py``).
 
 x is ``(..., m, n)``; all trailing matrices go through one batched matmul per product.
 Any input dtype works with any Newton–Schulz dtype (bf16, fp16, fp32, fp64). The Frobenius norm of
@@ -41,7 +44,7 @@ COEFFICIENTS: dict[str, tuple[tuple[float, float, float], ...]] = {
 SAFETY = {"jordan": 0.0, "polar_express": 0.01}
 NS_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 NS_METHODS = ("standard", "gram")
-RESTARTS = (2,)  # the "gram" steps that recompute X and R from Q (as Dao-AILab's gram-newton-schulz)
+RESTART_EVERY = 3  # "gram" recomputes X = Q·X and R = X Xᵀ at steps 3, 6, …
 
 
 def check_newton_schulz_args(steps: int, coefficients: str, dtype: torch.dtype, method: str = "standard") -> None:
@@ -61,54 +64,65 @@ def schedule(steps: int, coefficients: str) -> list[tuple[float, float, float]]:
 
 
 def orthogonalize(x: Tensor, steps: int, coefficients: str, dtype: torch.dtype, method: str = "standard") -> Tensor:
-    """Newton–Schulz (``method`` "standard" or "gram") of ``x`` ``(B, m, n)``, returned in ``dtype``
-    (whatever ``x``'s dtype: callers cast back) with the layout of a contiguous x.
+    """Newton–Schulz (``method`` "standard" or "gram") of ``x`` ``(B, m, n)``, returned contiguous in
+    ``dtype`` (whatever ``x``'s dtype: callers cast back).
 
-    For a tall x the last product is written transposed (``Xᵀ ← a·Xᵀ + Xᵀ·B``, B symmetric; for
-    "gram" ``Xᵀ·Qᵀ``), so the result comes out ``(B, m, n)`` contiguous rather than as a transposed
-    view. On the CPU the matrices go one at a time: there a batched matmul measured 8–16 % slower
-    than a loop of single ones (``benchmarks/step_time.py``, GPT-2-small shapes, 2 threads).
+    A tall X is never transposed: its iteration multiplies on the right (``A = XᵀX``, ``X ← a·X + X·B``;
+    "gram": ``R = XᵀX``, ``X ← X·Q``), the transpose of the wide one. On the CPU the matrices go one at
+    a time through 2-D products, the last written straight into the output: there a batched matmul
+    measured 8–16 % slower than a loop of single ones (``benchmarks/step_time.py``, GPT-2-small
+    shapes, 2 threads) and ``bmm`` of X Xᵀ in bf16 twice as slow as ``mm``.
     """
-    if x.device.type == "cpu" and x.shape[0] > 1:
-        out = torch.empty(x.shape, dtype=dtype)
-        for b in range(x.shape[0]):
-            out[b] = orthogonalize(x[b : b + 1], steps, coefficients, dtype, method)[0]
-        return out
-    tall = x.shape[-2] > x.shape[-1]
-    X = (x.mT if tall else x).to(dtype, copy=True)
+    if x.device.type != "cpu":
+        return _iterate(x, steps, coefficients, dtype, method)
+    out = torch.empty(x.shape, dtype=dtype)
+    for b in range(x.shape[0]):
+        _iterate(x[b], steps, coefficients, dtype, method, out=out[b])
+    return out
+
+
+def _addmm(c: Tensor, a: Tensor, b: Tensor, beta: float, alpha: float = 1.0, out: Tensor | None = None) -> Tensor:
+    """beta·c + alpha·a·b for matrices or stacks of them."""
+    return (torch.addmm if c.dim() == 2 else torch.baddbmm)(c, a, b, beta=beta, alpha=alpha, out=out)
+
+
+def _times(P: Tensor, X: Tensor, wide: bool, beta: float | None = None, out: Tensor | None = None) -> Tensor:
+    """P·X (``wide``) or X·P, plus beta·X when ``beta`` is given."""
+    left, right = (P, X) if wide else (X, P)
+    return torch.matmul(left, right, out=out) if beta is None else _addmm(X, left, right, beta, out=out)
+
+
+def _iterate(x: Tensor, steps: int, coefficients: str, dtype: torch.dtype, method: str,
+             out: Tensor | None = None) -> Tensor:
+    """Newton–Schulz of one matrix ``(m, n)`` or a stack ``(B, m, n)``, the last product into ``out``."""
+    wide = x.shape[-2] <= x.shape[-1]
+    X = x.to(dtype, copy=True)
     acc = torch.promote_types(acc_dtype(x.dtype), acc_dtype(dtype))  # never below X's own dtype
-    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=acc)
-    X = X.div_(norm.mul_(1.0 + SAFETY[coefficients]).add_(1e-7))
+    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=acc).mul_(1.0 + SAFETY[coefficients]).add_(1e-7)
+    X = X.div_(norm.item() if X.dim() == 2 else norm)  # a Python number: a bf16 X is not divided via fp32
     plan = schedule(steps, coefficients)
-    if method == "gram" and X.shape[-2] < X.shape[-1]:
-        return _gram(X, plan, tall)
+    small = (lambda Y: torch.matmul(Y, Y.mT)) if wide else (lambda Y: torch.matmul(Y.mT, Y))
+    if method == "gram" and x.shape[-2] != x.shape[-1]:
+        R, Q = small(X), None  # Q None: the identity
+        for k, (a, b, c) in enumerate(plan):
+            if k > 0 and k % RESTART_EVERY == 0:
+                X = _times(Q, X, wide)
+                R, Q = small(X), None
+            Z = _addmm(R, R, R, beta=b, alpha=c)
+            if Q is None:
+                Q = Z.clone()
+                Q.diagonal(dim1=-2, dim2=-1).add_(a)
+            else:
+                Q = _addmm(Q, Q, Z, beta=a)
+            if k + 1 < len(plan) and (k + 1) % RESTART_EVERY:
+                RZ = _addmm(R, R, Z, beta=a)
+                R = _addmm(RZ, Z, RZ, beta=a)
+        return _times(Q, X, wide, out=out)
     for k, (a, b, c) in enumerate(plan):
-        A = torch.bmm(X, X.mT)
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
-        if tall and k == len(plan) - 1:
-            return torch.baddbmm(X.mT, X.mT, B, beta=a)
-        X = torch.baddbmm(X, B, X, beta=a)
+        A = small(X)
+        B = _addmm(A, A, A, beta=b, alpha=c)
+        X = _times(B, X, wide, beta=a, out=out if k == len(plan) - 1 else None)
     return X
-
-
-def _gram(X: Tensor, plan: list[tuple[float, float, float]], tall: bool) -> Tensor:
-    """The "gram" loop (module docstring) on the normalised wide ``X`` ``(B, m, n)``, m < n; ``tall``:
-    return ``(Q·X)ᵀ`` contiguous."""
-    R, Q = torch.bmm(X, X.mT), None  # Q None: the identity
-    for k, (a, b, c) in enumerate(plan):
-        if k in RESTARTS and Q is not None:
-            X = torch.bmm(Q, X)
-            R, Q = torch.bmm(X, X.mT), None
-        Z = torch.baddbmm(R, R, R, beta=b, alpha=c)
-        if Q is None:
-            Q = Z.clone()
-            Q.diagonal(dim1=-2, dim2=-1).add_(a)
-        else:
-            Q = torch.baddbmm(Q, Q, Z, beta=a)
-        if k + 1 < len(plan) and k + 1 not in RESTARTS:
-            RZ = torch.baddbmm(R, R, Z, beta=a)
-            R = torch.baddbmm(RZ, Z, RZ, beta=a)
-    return torch.bmm(X.mT, Q.mT) if tall else torch.bmm(Q, X)
 
 
 def newton_schulz(x: Tensor, steps: int = 5, coefficients: str = "jordan", dtype: torch.dtype = torch.bfloat16,
