@@ -519,7 +519,8 @@ class MatrixOptimizer(Optimizer):
 
     def _scaled(self, u: Tensor, group: dict) -> Tensor:
         """Whole matrices ``(B, m, n)`` times their scale factors (on the owner)."""
-        return u * scale_factors(u, group["scale"], group["rms"]).view(-1, 1, 1).to(u.device)
+        factors = scale_factors(u, group["scale"], group["rms"])  # fp32 or wider: u cast once, scaled in place
+        return u.to(factors.dtype).mul_(factors.view(-1, 1, 1).to(u.device))
 
     def _scale_(self, n: list[Tensor], layouts: list[Layout], group: dict) -> list[Tensor | None]:
         """The scale factor of every parameter whose matrices share one (a 0-dim tensor, applied with the
