@@ -21,6 +21,7 @@ Results: benchmarks/results/newton_schulz_accuracy.json (``--out``).
 
 import argparse
 import json
+from copy import deepcopy as copy_module
 import platform
 import statistics
 import time
@@ -121,21 +122,19 @@ def timing(repeats: int) -> list[dict]:
 def step_timing(repeats: int) -> dict:
     """One optimizer step on the 48 GPT-2-small hidden matrices, each optimizer on its own copy."""
     torch.manual_seed(0)
-    weights = [torch.randn(m, n) * 0.02 for _ in range(LAYERS) for m, n in SHAPES]
-    grads = [torch.randn_like(w) * 1e-2 for w in weights]
+    # nn.Linear(in, out).weight is (out, in): these weights are exactly SHAPES
+    model = nn.ModuleList(nn.Linear(n, m, bias=False) for _ in range(LAYERS) for m, n in SHAPES)
+    grads = [torch.randn_like(p) * 1e-2 for p in model.parameters()]
 
-    def params() -> list[dict]:
-        out = []
-        for k, (w, g) in enumerate(zip(weights, grads)):
-            p = nn.Parameter(w.clone())
+    def copy() -> nn.Module:
+        twin = copy_module(model)
+        for p, g in zip(twin.parameters(), grads):
             p.grad = g.clone()
-            out.append((f"h{k // 4}.w{k % 4}", p))
-        return out
+        return twin
 
-    opts = {TORCH_STEP: torch.optim.Muon([p for _, p in params()], lr=LR, weight_decay=WD,
-                                         adjust_lr_fn="match_rms_adamw"),
-            "reg_dist.Muon (default)": reg_dist.Muon(params(), lr=LR, weight_decay=WD),
-            **{f"reg_dist.Muon ns_method={m}": reg_dist.Muon(params(), lr=LR, weight_decay=WD, ns_method=m)
+    opts = {TORCH_STEP: torch.optim.Muon(copy().parameters(), lr=LR, weight_decay=WD, adjust_lr_fn="match_rms_adamw"),
+            "reg_dist.Muon (default)": reg_dist.Muon(copy(), lr=LR, weight_decay=WD),
+            **{f"reg_dist.Muon ns_method={m}": reg_dist.Muon(copy(), lr=LR, weight_decay=WD, ns_method=m)
                for m in NS_METHODS}}
     return round_robin({name: opt.step for name, opt in opts.items()}, repeats, TORCH_STEP)
 

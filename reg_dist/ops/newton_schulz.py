@@ -15,11 +15,11 @@
 they commute: Xₖ = Qₖ·X₀ and Xₖ Xₖᵀ = Rₖ), but its loop multiplies m×m matrices instead of m×n ones:
 26 against 35 m³ multiply-adds for 5 steps at n = 3m, 30 against 45 at n = 4m. In bf16 the rounding
 of R and Q compounds over the steps Q spans (Q's eigenvalues grow like a₀·a₁·… for the small singular
-values), so every RESTART_EVERY = 3 steps X and R are formed afresh. With Dao-AILab's single restart at
-step 2 the distance to the polar factor in bf16 grew by up to 40 % (κ = 1e3, polar_express) and
-diverged at 7 steps; restarting every 3 steps matched "standard" (``benchmarks/newton_schulz_accuracy.py``).
+values), so every RESTART_EVERY = 3 steps X and R are formed afresh: Dao-AILab's single restart at
+step 2 drifted in bf16 (most at κ = 1e3 with polar_express) and diverged at 7 steps; restarting
+every 3 steps matched "standard" to 0.1 % on average (``benchmarks/newton_schulz_accuracy.py``).
 
-x is ``(..., m, n)``; all trailing matrices go through one batched matmul per product.
+x is ``(..., m, n)``; off the CPU all trailing matrices go through one batched matmul per product.
 Any input dtype works with any Newton–Schulz dtype (bf16, fp16, fp32, fp64). The Frobenius norm of
 the cast X is accumulated in fp32, or fp64 when the input or the Newton–Schulz dtype is fp64.
 ``orthogonalize`` returns the Newton–Schulz dtype (its callers cast); ``newton_schulz`` the input's.
