@@ -139,26 +139,28 @@ def step_timing(repeats: int) -> dict:
     return round_robin({name: opt.step for name, opt in opts.items()}, repeats, TORCH_STEP)
 
 
+def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    print(f"\n{title}\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
 def print_tables(acc: list[dict], tim: list[dict], step: dict) -> None:
     columns = [TORCH_MUON] + [f"{m}/{c}/{d}" for c in COEFFICIENTS for m in NS_METHODS for d in DTYPES]
-    print("\n‖NS(X) − U Vᵀ‖_F / ‖U Vᵀ‖_F (5 steps)\n")
-    print("| shape | spectrum | κ | " + " | ".join(columns) + " |")
-    print("|---|---|---|" + "---|" * len(columns))
-    for r in acc:
-        print(f"| {r['shape'][0]}×{r['shape'][1]} | {r['spectrum']} | {r['kappa']:.1e} | "
-              + " | ".join(f"{r[c]:.3f}" for c in columns) + " |")
-    print("| mean | | | " + " | ".join(f"{statistics.mean(r[c] for r in acc):.3f}" for c in columns) + " |")
+    rows = [[f"{r['shape'][0]}×{r['shape'][1]}", r["spectrum"], f"{r['kappa']:.1e}", *(f"{r[c]:.3f}" for c in columns)]
+            for r in acc]
+    rows.append(["mean", "", "", *(f"{statistics.mean(r[c] for r in acc):.3f}" for c in columns)])
+    print_table("‖NS(X) − U Vᵀ‖_F / ‖U Vᵀ‖_F (5 steps)", ["shape", "spectrum", "κ", *columns], rows)
     names = [TORCH_MUON, *NS_METHODS]
-    print("\nms per call (bf16, jordan, 5 steps) and × torch.optim.Muon's Newton–Schulz\n")
-    print("| shape | " + " | ".join(names) + " |")
-    print("|---|" + "---|" * len(names))
-    for r in tim:
-        print(f"| {r['shape'][0]}×{r['shape'][1]} | "
-              + " | ".join(f"{r[f'{n} ms']:.1f} ({r[f'{n} ×']:.2f}×)" for n in names) + " |")
-    print(f"\noptimizer step on the {LAYERS * len(SHAPES)} GPT-2-small hidden matrices\n")
-    print("| optimizer | step (ms) | × torch.optim.Muon |\n|---|---|---|")
-    for name in (k.removesuffix(" ms") for k in step if k.endswith(" ms")):
-        print(f"| {name} | {step[name + ' ms']:.0f} | {step[name + ' ×']:.2f} |")
+    print_table("ms per call (bf16, jordan, 5 steps) and × torch.optim.Muon's Newton–Schulz", ["shape", *names],
+                [[f"{r['shape'][0]}×{r['shape'][1]}", *(f"{r[f'{n} ms']:.1f} ({r[f'{n} ×']:.2f}×)" for n in names)]
+                 for r in tim])
+    print_table(f"optimizer step on the {LAYERS * len(SHAPES)} GPT-2-small hidden matrices",
+                ["optimizer", "step (ms)", "× torch.optim.Muon"],
+                [[name, f"{step[name + ' ms']:.0f}", f"{step[name + ' ×']:.2f}"]
+                 for name in (k.removesuffix(" ms") for k in step if k.endswith(" ms"))])
 
 
 def main() -> None:

@@ -98,7 +98,8 @@ def _iterate(x: Tensor, steps: int, coefficients: str, dtype: torch.dtype, metho
     wide = x.shape[-2] <= x.shape[-1]
     X = x.to(dtype, copy=True)
     acc = torch.promote_types(acc_dtype(x.dtype), acc_dtype(dtype))  # never below X's own dtype
-    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=acc).mul_(1.0 + SAFETY[coefficients]).add_(1e-7)
+    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=acc)
+    norm = norm.mul_(1.0 + SAFETY[coefficients]).add_(1e-7)
     X = X.div_(norm.item() if X.dim() == 2 else norm)  # a Python number: a bf16 X is not divided via fp32
     plan = schedule(steps, coefficients)
     small = (lambda Y: torch.matmul(Y, Y.mT)) if wide else (lambda Y: torch.matmul(Y.mT, Y))

@@ -148,7 +148,8 @@ class MatrixOptimizer(Optimizer):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        cls.__init__ = constructor(cls, _common(cls.default_scale), TAIL, (*cls.keyword_hyper, *_layout_keywords(cls.moves)),
+        keyword_only = (*cls.keyword_hyper, *_layout_keywords(cls.moves))
+        cls.__init__ = constructor(cls, _common(cls.default_scale), TAIL, keyword_only,
                                    MatrixOptimizer._build)
 
     def _build(self, params: Any, values: dict) -> None:
