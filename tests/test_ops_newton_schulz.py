@@ -6,7 +6,7 @@ import torch
 from conftest import TinyGPT, fixed_grads
 from reg_dist import Muon
 from reg_dist.ops import newton_schulz
-from reg_dist.ops.newton_schulz import NS_DTYPES, orthogonalize
+from reg_dist.ops.newton_schulz import NS_DTYPES, iterate, orthogonalize
 from reference import matrix_steps_ref, newton_schulz_gram_ref, newton_schulz_ref
 
 
@@ -158,6 +158,18 @@ def test_gram_newton_schulz_bf16_is_close_to_gram_reference(shape, coefficients)
     out = newton_schulz(x, coefficients=coefficients, method="gram")
     ref = _gram_reference(x, 5, coefficients)
     assert out.dtype == torch.float32 and (out.double() - ref).norm() / ref.norm() < 0.15
+
+
+@pytest.mark.parametrize("shape", [(3, 6, 14), (2, 15, 7), (2, 9, 9)], ids=str)
+@pytest.mark.parametrize("method", ["standard", "gram"])
+@pytest.mark.parametrize("coefficients", ["jordan", "polar_express"])
+def test_batched_iteration_equals_the_per_matrix_one(shape, method, coefficients):
+    # the stack in one batched call per product (the GPU path) against the CPU's loop of 2-D matrices
+    x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    stacked = iterate(x, 5, coefficients, torch.float64, method)
+    looped = orthogonalize(x, 5, coefficients, torch.float64, method)
+    torch.testing.assert_close(stacked, looped, rtol=1e-12, atol=1e-12)
+    assert stacked.is_contiguous()
 
 
 def test_gram_newton_schulz_runs_the_standard_iteration_on_square_matrices():

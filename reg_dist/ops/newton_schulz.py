@@ -71,13 +71,13 @@ def orthogonalize(x: Tensor, steps: int, coefficients: str, dtype: torch.dtype, 
     "gram": ``R = XᵀX``, ``X ← X·Q``), the transpose of the wide one. On the CPU the matrices go one at
     a time through 2-D products, the last written straight into the output: there a batched matmul
     measured 8–16 % slower than a loop of single ones (``benchmarks/step_time.py``, GPT-2-small
-    shapes, 2 threads) and ``bmm`` of X Xᵀ in bf16 twice as slow as ``mm``.
+    shapes, 2 threads), and a bf16 ``bmm`` of one matrix slower than ``mm``.
     """
     if x.device.type != "cpu":
-        return _iterate(x, steps, coefficients, dtype, method)
+        return iterate(x, steps, coefficients, dtype, method)
     out = torch.empty(x.shape, dtype=dtype)
     for b in range(x.shape[0]):
-        _iterate(x[b], steps, coefficients, dtype, method, out=out[b])
+        iterate(x[b], steps, coefficients, dtype, method, out=out[b])
     return out
 
 
@@ -92,15 +92,17 @@ def _times(P: Tensor, X: Tensor, wide: bool, beta: float | None = None, out: Ten
     return torch.matmul(left, right, out=out) if beta is None else _addmm(X, left, right, beta, out=out)
 
 
-def _iterate(x: Tensor, steps: int, coefficients: str, dtype: torch.dtype, method: str,
+def iterate(x: Tensor, steps: int, coefficients: str, dtype: torch.dtype, method: str,
              out: Tensor | None = None) -> Tensor:
-    """Newton–Schulz of one matrix ``(m, n)`` or a stack ``(B, m, n)``, the last product into ``out``."""
+    """Newton–Schulz of one matrix ``(m, n)`` or a stack ``(B, m, n)``, one (batched) matmul per product,
+    the last one into ``out``: what ``orthogonalize`` runs off the CPU, and on the CPU per matrix."""
     wide = x.shape[-2] <= x.shape[-1]
     X = x.to(dtype, copy=True)
     acc = torch.promote_types(acc_dtype(x.dtype), acc_dtype(dtype))  # never below X's own dtype
     norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=acc)
     norm = norm.mul_(1.0 + SAFETY[coefficients]).add_(1e-7)
-    X = X.div_(norm.item() if X.dim() == 2 else norm)  # a Python number: a bf16 X is not divided via fp32
+    # one matrix: divided by a Python number (on the CPU a bf16 X divided by an fp32 tensor is far slower)
+    X = X.div_(norm.item() if X.dim() == 2 else norm)
     plan = schedule(steps, coefficients)
     small = (lambda Y: torch.matmul(Y, Y.mT)) if wide else (lambda Y: torch.matmul(Y.mT, Y))
     if method == "gram" and x.shape[-2] != x.shape[-1]:
