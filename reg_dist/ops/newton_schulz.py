@@ -25,6 +25,8 @@ the cast X is accumulated in fp32, or fp64 when the input or the Newton–Schulz
 ``orthogonalize`` returns the Newton–Schulz dtype (its callers cast); ``newton_schulz`` the input's.
 """
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -86,10 +88,11 @@ def _addmm(c: Tensor, a: Tensor, b: Tensor, beta: float, alpha: float = 1.0, out
     return (torch.addmm if c.dim() == 2 else torch.baddbmm)(c, a, b, beta=beta, alpha=alpha, out=out)
 
 
-def _times(P: Tensor, X: Tensor, wide: bool, beta: float | None = None, out: Tensor | None = None) -> Tensor:
-    """P·X (``wide``) or X·P, plus beta·X when ``beta`` is given."""
+def _times(P: Tensor, X: Tensor, wide: bool, beta: float | None = None, alpha: float = 1.0,
+           out: Tensor | None = None) -> Tensor:
+    """alpha·P·X (``wide``) or alpha·X·P, plus beta·X when ``beta`` is given."""
     left, right = (P, X) if wide else (X, P)
-    return torch.matmul(left, right, out=out) if beta is None else _addmm(X, left, right, beta, out=out)
+    return torch.matmul(left, right, out=out) if beta is None else _addmm(X, left, right, beta, alpha, out=out)
 
 
 def iterate(x: Tensor, steps: int, coefficients: str, dtype: torch.dtype, method: str,
@@ -98,23 +101,19 @@ def iterate(x: Tensor, steps: int, coefficients: str, dtype: torch.dtype, method
     the last one into ``out``: what ``orthogonalize`` runs off the CPU, and on the CPU per matrix."""
     wide = x.shape[-2] <= x.shape[-1]
     X = x.to(dtype, copy=True)
-    acc = torch.promote_types(acc_dtype(x.dtype), acc_dtype(dtype))  # never below X's own dtype
-    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=acc)
-    norm = norm.mul_(1.0 + SAFETY[coefficients]).add_(1e-7)
-    # one matrix: divided by a Python number (on the CPU a bf16 X divided by an fp32 tensor is far slower)
-    X = X.div_(norm.item() if X.dim() == 2 else norm)
-    plan = schedule(steps, coefficients)
     small = (lambda Y: torch.matmul(Y, Y.mT)) if wide else (lambda Y: torch.matmul(Y.mT, Y))
+    A, inv = _normalised_gram(X, small, SAFETY[coefficients], torch.promote_types(acc_dtype(x.dtype), acc_dtype(dtype)))
+    plan = schedule(steps, coefficients)
     if method == "gram" and x.shape[-2] != x.shape[-1]:
-        R, Q = small(X), None  # Q None: the identity
+        R, Q = A, None  # Q None: the identity
         for k, (a, b, c) in enumerate(plan):
             if k > 0 and k % RESTART_EVERY == 0:
-                X = _times(Q, X, wide)
+                X, inv = _times(Q, X, wide), 1.0
                 R, Q = small(X), None
             Z = _addmm(R, R, R, beta=b, alpha=c)
-            if Q is None:
-                Q = Z.clone()
-                Q.diagonal(dim1=-2, dim2=-1).add_(a)
+            if Q is None:  # Q = (a·I + Z)/s while X is not yet divided by its norm s
+                Q = Z.mul(inv)
+                Q.diagonal(dim1=-2, dim2=-1).add_(a * inv)
             else:
                 Q = _addmm(Q, Q, Z, beta=a)
             if k + 1 < len(plan) and (k + 1) % RESTART_EVERY:
@@ -122,10 +121,29 @@ def iterate(x: Tensor, steps: int, coefficients: str, dtype: torch.dtype, method
                 R = _addmm(RZ, Z, RZ, beta=a)
         return _times(Q, X, wide, out=out)
     for k, (a, b, c) in enumerate(plan):
-        A = small(X)
+        A = A if k == 0 else small(X)
         B = _addmm(A, A, A, beta=b, alpha=c)
-        X = _times(B, X, wide, beta=a, out=out if k == len(plan) - 1 else None)
+        X, inv = _times(B, X, wide, beta=a * inv, alpha=inv, out=out if k == len(plan) - 1 else None), 1.0
     return X
+
+
+def _normalised_gram(X: Tensor, small, safety: float, acc: torch.dtype) -> tuple[Tensor, float]:
+    """The Gram matrix of X / s, s = ||X||_F·(1 + safety) + 1e-7, and the factor 1/s still owed by X.
+
+    One matrix on the CPU: ||X||_F² is the trace of the Gram matrix of X itself (accumulated in
+    ``acc``), which is then divided by s², and X is left undivided (the first product divides it):
+    two passes over X fewer. A stack, or a norm below 1e-15 (whose square the Gram matrix would lose
+    to underflow): X is divided by its norm (accumulated in ``acc``) first.
+    """
+    if X.dim() == 2 and X.device.type == "cpu":
+        A = small(X)
+        norm = math.sqrt(A.diagonal().sum(dtype=acc).item())
+        if norm >= 1e-15:
+            s = norm * (1.0 + safety) + 1e-7
+            return A.mul_(1.0 / (s * s)), 1.0 / s
+    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=acc).mul_(1.0 + safety).add_(1e-7)
+    X.div_(norm.item() if X.dim() == 2 else norm)  # a bf16 X divided by an fp32 tensor is slow on the CPU
+    return small(X), 1.0
 
 
 def newton_schulz(x: Tensor, steps: int = 5, coefficients: str = "jordan", dtype: torch.dtype = torch.bfloat16,
