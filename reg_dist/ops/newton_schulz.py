@@ -21,7 +21,8 @@ every 3 steps matched "standard" to 0.1 % on average (``benchmarks/newton_schulz
 
 x is ``(..., m, n)``; off the CPU all trailing matrices go through one batched matmul per product.
 Any input dtype works with any Newton–Schulz dtype (bf16, fp16, fp32, fp64). The Frobenius norm of
-the cast X is accumulated in fp32, or fp64 when the input or the Newton–Schulz dtype is fp64.
+the cast X is accumulated in fp32, or fp64 when the input or the Newton–Schulz dtype is fp64 (for one
+matrix on the CPU as the trace of X Xᵀ, see ``_normalised_gram``).
 ``orthogonalize`` returns the Newton–Schulz dtype (its callers cast); ``newton_schulz`` the input's.
 """
 
