@@ -19,6 +19,7 @@ from launch.data import DEFAULT_CACHE, DOMAINS
 from launch.deepspeed_job import check_args as check_deepspeed_args
 from launch.model import GPTConfig
 from launch.ranks import is_rank0, world_env
+from reg_dist.ops.newton_schulz import NS_METHODS
 from reg_dist.optim import registry
 
 DESCRIPTION = ("Train the byte-level GPT of ``launch.model`` on a corpus of ``launch.data`` (``--data stdlib``,\n"
@@ -63,6 +64,7 @@ OPTIMIZER_FLAGS = {
     "reg_p": _flag("p", "the RACS norm exponent p", check="positive"),
     "reg_iters": _flag("iters", "RACS iterations", check="count"),
     "ns_steps": _flag("ns_steps", "Newton-Schulz steps", check="count"),
+    "ns_method": _flag("ns_method", "Newton-Schulz iteration ('gram': on X X^T)", choices=NS_METHODS),
     "muoneq_mode": _flag("mode", "the equilibration before Newton-Schulz", choices=("row", "col", "rowcol")),
 }
 OPTIMIZER_FLAGS.update({

@@ -112,3 +112,30 @@ def normuon_transform_ref(steps: int = 5, beta2: float = 0.95, eps: float = 1e-8
         return O / (v.sqrt() + eps).unsqueeze(1)
 
     return transform
+
+
+def newton_schulz_gram_ref(x: torch.Tensor, steps: int = 5, coefficients: str = "jordan",
+                           restart_every: int = 3) -> torch.Tensor:
+    """Gram Newton–Schulz of one matrix in fp64: the iteration on R = X Xᵀ of the wide orientation,
+    X = Q·X₀ formed only at the restarts (steps restart_every, 2·restart_every, …) and the end; a
+    square matrix runs ``newton_schulz_ref``."""
+    X = x.double()
+    if X.shape[0] == X.shape[1]:
+        return newton_schulz_ref(x, steps, coefficients)
+    tall = X.shape[0] > X.shape[1]
+    if tall:
+        X = X.T
+    safety = 0.0 if coefficients == "jordan" else 0.01
+    X = X / (torch.sqrt((X * X).sum()) * (1 + safety) + 1e-7)
+    eye = torch.eye(X.shape[0], dtype=X.dtype)
+    R, Q = X @ X.T, eye
+    for k in range(steps):
+        a, b, c = JORDAN if coefficients == "jordan" else POLAR_EXPRESS[min(k, 4)]
+        if k > 0 and k % restart_every == 0:
+            X = Q @ X
+            R, Q = X @ X.T, eye
+        Z = b * R + c * (R @ R)
+        Q = a * Q + Q @ Z
+        R = (a * eye + Z) @ R @ (a * eye + Z)
+    X = Q @ X
+    return X.T if tall else X

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from reg_dist import REG, Muon, MuonEq
+from reg_dist import REG, Muon, MuonEq, NorMuon
 from reg_dist.ops import equilibrate, newton_schulz, racs
 
 BAD = [
@@ -27,6 +27,8 @@ BAD = [
     (Muon, {"ns_steps": 0}, "ns_steps must be an integer >= 1"),
     (Muon, {"coefficients": "quintic"}, r"coefficients must be one of \('jordan', 'polar_express'\)"),
     (Muon, {"ns_dtype": torch.int32}, "ns_dtype must be one of"),
+    (Muon, {"ns_method": "fast"}, r"ns_method must be one of \('standard', 'gram'\), got 'fast'"),
+    (NorMuon, {"ns_method": "Gram"}, r"ns_method must be one of \('standard', 'gram'\)"),
     (MuonEq, {"mode": "both"}, r"mode must be one of \('row', 'col', 'rowcol'\)"),
     (MuonEq, {"exponent": math.inf}, "exponent must be a finite number"),
     (MuonEq, {"mode": "rowcol", "phase": -1}, "phase must be None or an integer >= 0"),
@@ -72,6 +74,7 @@ def test_sparse_gradient_is_an_error_naming_the_parameter():
         (lambda: equilibrate(torch.zeros(3, 3), mode="rows"), "mode must be one of"),
         (lambda: newton_schulz(torch.zeros(3, 3), coefficients="x"), "coefficients must be one of"),
         (lambda: newton_schulz(torch.zeros(3, 3), steps=-1), "ns_steps must be"),
+        (lambda: newton_schulz(torch.zeros(3, 3), method="svd"), "ns_method must be one of"),
     ],
 )
 def test_operators_reject_bad_arguments(call, message):

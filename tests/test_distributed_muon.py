@@ -54,6 +54,12 @@ def test_fsdp2_x_tensor_parallel_equals_single_process_and_moves_copies_once(alg
     assert sum(work) == STEPS * MATRICES
 
 
+@pytest.mark.parametrize("algorithm", ["muon", "normuon"])
+def test_gram_newton_schulz_under_fsdp2_x_tensor_parallel_equals_single_process(algorithm):
+    work = _run(4, fsdp_x_tp, algorithm, ns_method="gram", check=_work)
+    assert sum(work) == STEPS * MATRICES
+
+
 def test_gather_mode_is_invariant_to_the_tensor_parallel_degree():
     assert_same(_run(2, tp, "muon", check=full_state)[0], _run(4, tp, "muon", check=full_state)[0])
 

@@ -240,6 +240,14 @@ def test_bad_dtype_name_and_client_optimizer_with_config_optimizer_are_refused()
         rds.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), config=_config("reg", 1, 1))
 
 
+@pytest.mark.parametrize("kind", ["reg_dist.muon", "muoneq", "normuon"])
+def test_ns_method_is_a_json_param_of_the_newton_schulz_optimizers(kind):
+    assert parse_params(kind, {"ns_method": "gram", "ns_dtype": "fp32"}) == {"ns_method": "gram",
+                                                                             "ns_dtype": torch.float32}
+    with pytest.raises(ValueError, match=r"unknown optimizer param\(s\) \['ns_method'\] for type 'reg'"):
+        parse_params("reg", {"ns_method": "gram"})
+
+
 def test_bad_zero_stage_is_refused():
     with pytest.raises(ValueError, match="stage must be 0, 1, 2 or 3"):
         rds.initialize(model=Net(), config=_config("reg", 4, 1))

@@ -141,6 +141,16 @@ def test_registry_flags_tp_mode_and_normuon_reach_the_optimizer(monkeypatch):
         _parse(["--optimizer", "reg", "--reg-beta2", "0.9"], monkeypatch=monkeypatch)  # not one of REG's
 
 
+@pytest.mark.parametrize("name", ["reg_muon", "muoneq", "normuon"])
+def test_reg_ns_method_flag_reaches_the_newton_schulz_optimizers(name, monkeypatch):
+    from reg_dist.integrations.megatron.optimizer import optimizer_kwargs, settings_from
+
+    config = rm.optimizer_config(_parse(["--optimizer", name, "--reg-ns-method", "gram"], monkeypatch=monkeypatch))
+    assert optimizer_kwargs(name, settings_from(config), config.lr, config.weight_decay)["ns_method"] == "gram"
+    config = rm.optimizer_config(_parse(["--optimizer", name], monkeypatch=monkeypatch))
+    assert "ns_method" not in optimizer_kwargs(name, settings_from(config), config.lr, config.weight_decay)
+
+
 def test_our_names_join_megatrons_choices_and_compose_with_a_users_provider(monkeypatch):
     def user(parser):
         parser.add_argument("--my-flag", type=int, default=0)
@@ -162,8 +172,9 @@ def test_our_names_join_megatrons_choices_and_compose_with_a_users_provider(monk
     (["--optimizer", "reg", "--muoneq-phase", "2"], "--muoneq-phase applies only to --optimizer muoneq, not reg"),
     (["--optimizer", "reg", "--use-torch-fsdp2"], "--optimizer reg does not support FSDP"),
     (["--optimizer", "reg_muon", "--reg-ns-dtype", "int8"], "argument --reg-ns-dtype: invalid choice: 'int8'"),
+    (["--optimizer", "reg_muon", "--reg-ns-method", "fast"], "argument --reg-ns-method: invalid choice: 'fast'"),
     (["--optimizer", "regg"], "argument --optimizer: invalid choice: 'regg'"),
-], ids=["iters", "p", "mode", "phase-mode", "phase-optimizer", "fsdp", "ns-dtype", "name"])
+], ids=["iters", "p", "mode", "phase-mode", "phase-optimizer", "fsdp", "ns-dtype", "ns-method", "name"])
 def test_bad_flags_stop_the_parse_with_a_clear_message(argv, message, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         _parse(argv, monkeypatch=monkeypatch)

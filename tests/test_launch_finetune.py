@@ -105,11 +105,19 @@ def test_hyper_parameter_flags_reach_the_optimizer(optimizer, flags, keyword, va
     assert log["final"]["steps"] == 1
 
 
+@pytest.mark.parametrize("optimizer", ["muon", "muoneq", "normuon"])
+def test_ns_method_flag_reaches_the_newton_schulz_optimizers(optimizer):
+    assert parse_args([*TINY, "--optimizer", optimizer, "--ns-method", "gram"]).hyper["ns_method"] == "gram"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--optimizer", "adamw", "--reg-p", "3"], "--reg-p applies to --optimizer reg, not adamw"),
     (["--optimizer", "reg", "--ns-steps", "3"], "--ns-steps applies to --optimizer muon or muoneq or normuon, not reg"),
     (["--optimizer", "reg", "--beta2", "0.9"], "--beta2 applies to --optimizer normuon, not reg"),
     (["--optimizer", "muon", "--muoneq-mode", "row"], "--muoneq-mode applies to --optimizer muoneq, not muon"),
+    (["--optimizer", "muon", "--ns-method", "fast"], "argument --ns-method: invalid choice: 'fast'"),
+    (["--optimizer", "reg", "--ns-method", "gram"],
+     "--ns-method applies to --optimizer muon or muoneq or normuon, not reg"),
     (["--momentum", "1.5"], "--momentum must be in [0, 1)"),
     (["--betas", "0.9", "1.0"], "--betas must be in [0, 1)"),
     (["--rms", "0"], "--rms must be a finite number > 0"),

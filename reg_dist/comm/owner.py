@@ -185,7 +185,8 @@ class LocalPlan:
     """The owner plan of matrices this process holds whole (trivial layouts, no group): no moves.
 
     Same-shape matrices are stacked, in order, into ``(B, m, n)`` batches of at most ``STACK_BYTES``
-    (the matrices of one parameter are never cut) and ``fn`` runs once per batch.
+    (the matrices of one parameter are never cut) and ``fn`` runs once per batch; a lone matrix is
+    handed over as a view rather than copied into a stack.
     """
 
     group, group_name, size, rank, imbalance, moves_data = None, "local", 1, 0, 0.0, False
@@ -215,7 +216,8 @@ class LocalPlan:
         for (m, n), params in by_shape.items():
             for run in stacks(params, [len(mats) * m * n * itemsize for mats in params], STACK_BYTES):
                 mats = [segments for mats in run for segments in mats]
-                out = fn(torch.stack([torch.cat(s) if len(s) > 1 else s[0] for s in mats]).to(work_dtype))
+                whole = [torch.cat(s) if len(s) > 1 else s[0] for s in mats]
+                out = fn((whole[0].unsqueeze(0) if len(whole) == 1 else torch.stack(whole)).to(work_dtype))
                 for segments, result in zip(mats, out):
                     row = 0
                     for view in segments:

@@ -1,15 +1,32 @@
 """Newton–Schulz approximation of the polar factor (the Muon transform).
 
-    transpose if m > n (work on the wide orientation), cast to dtype
-    X = X / (||X||_F · (1 + safety) + 1e-7)
-    for k in 1..steps:  A = X Xᵀ;  B = b_k·A + c_k·A²;  X = a_k·X + B·X
-    transpose back
+    cast to dtype;  X = X / (||X||_F · (1 + safety) + 1e-7)
+    (written for m ≤ n; a tall X runs the transposed iteration: XᵀX, products on the right)
+    method "standard":  for k in 0..steps−1:  A = X Xᵀ;  B = b_k·A + c_k·A²;  X = a_k·X + B·X
+    method "gram" (m ≠ n; a square X takes "standard", which costs fewer products there):
+        R = X Xᵀ (m×m);  Q = I
+        for k in 0..steps−1:
+            if k > 0 and k % RESTART_EVERY == 0:  X = Q·X;  R = X Xᵀ;  Q = I     (restart)
+            Z = b_k·R + c_k·R²;  Q = a_k·Q + Q·Z;  R = (a_k·I + Z)·R·(a_k·I + Z)
+                                                           (R is skipped before a restart and at the end)
+        X = Q·X
 
-x is ``(..., m, n)``; all trailing matrices go through one batched matmul per product.
+"gram" is "standard" in exact arithmetic (every factor a·I + Z is a polynomial in the same R, so
+they commute: Xₖ = Qₖ·X₀ and Xₖ Xₖᵀ = Rₖ), but its loop multiplies m×m matrices instead of m×n ones:
+26 against 35 m³ multiply-adds for 5 steps at n = 3m, 30 against 45 at n = 4m. In bf16 the rounding
+of R and Q compounds over the steps Q spans (Q's eigenvalues grow like a₀·a₁·… for the small singular
+values), so every RESTART_EVERY = 3 steps X and R are formed afresh: Dao-AILab's single restart at
+step 2 drifted in bf16 (most at κ = 1e3 with polar_express) and diverged at 7 steps; restarting
+every 3 steps matched "standard" to 0.1 % on average (``benchmarks/newton_schulz_accuracy.py``).
+
+x is ``(..., m, n)``; off the CPU all trailing matrices go through one batched matmul per product.
 Any input dtype works with any Newton–Schulz dtype (bf16, fp16, fp32, fp64). The Frobenius norm of
-the cast X is accumulated in fp32, or fp64 when the input or the Newton–Schulz dtype is fp64.
+the cast X is accumulated in fp32, or fp64 when the input or the Newton–Schulz dtype is fp64 (for one
+matrix on the CPU as the trace of X Xᵀ, see ``_normalised_gram``).
 ``orthogonalize`` returns the Newton–Schulz dtype (its callers cast); ``newton_schulz`` the input's.
 """
+
+import math
 
 import torch
 from torch import Tensor
@@ -29,14 +46,18 @@ COEFFICIENTS: dict[str, tuple[tuple[float, float, float], ...]] = {
 }
 SAFETY = {"jordan": 0.0, "polar_express": 0.01}
 NS_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+NS_METHODS = ("standard", "gram")
+RESTART_EVERY = 3  # "gram" recomputes X = Q·X and R = X Xᵀ at steps 3, 6, …
 
 
-def check_newton_schulz_args(steps: int, coefficients: str, dtype: torch.dtype) -> None:
+def check_newton_schulz_args(steps: int, coefficients: str, dtype: torch.dtype, method: str = "standard") -> None:
     check_count("ns_steps", steps)
     if coefficients not in COEFFICIENTS:
         raise ValueError(f"coefficients must be one of {tuple(COEFFICIENTS)}, got {coefficients!r}")
     if dtype not in NS_DTYPES:
         raise ValueError(f"ns_dtype must be one of {NS_DTYPES}, got {dtype!r}")
+    if method not in NS_METHODS:
+        raise ValueError(f"ns_method must be one of {NS_METHODS}, got {method!r}")
 
 
 def schedule(steps: int, coefficients: str) -> list[tuple[float, float, float]]:
@@ -45,42 +66,93 @@ def schedule(steps: int, coefficients: str) -> list[tuple[float, float, float]]:
     return [table[min(k, len(table) - 1)] for k in range(steps)]
 
 
-def orthogonalize(x: Tensor, steps: int, coefficients: str, dtype: torch.dtype) -> Tensor:
-    """Newton–Schulz of ``x`` ``(B, m, n)``, returned in ``dtype`` (whatever ``x``'s dtype: callers
-    cast back) with the layout of a contiguous x.
+def orthogonalize(x: Tensor, steps: int, coefficients: str, dtype: torch.dtype, method: str = "standard") -> Tensor:
+    """Newton–Schulz (``method`` "standard" or "gram") of ``x`` ``(B, m, n)``, returned contiguous in
+    ``dtype`` (whatever ``x``'s dtype: callers cast back).
 
-    For a tall x the last iteration is written transposed, ``Xᵀ ← a·Xᵀ + Xᵀ·B`` (B is symmetric),
-    so the result comes out ``(B, m, n)`` contiguous rather than as a transposed view. On the CPU the
-    matrices go one at a time: there a batched matmul measured 8–16 % slower than a loop of single
-    ones (``benchmarks/step_time.py``, GPT-2-small shapes, 2 threads).
+    A tall X is never transposed: its iteration multiplies on the right (``A = XᵀX``, ``X ← a·X + X·B``;
+    "gram": ``R = XᵀX``, ``X ← X·Q``), the transpose of the wide one. On the CPU the matrices go one at
+    a time through 2-D products, the last written straight into the output: there a batched matmul
+    measured 8–16 % slower than a loop of single ones (``benchmarks/step_time.py``, GPT-2-small
+    shapes, 2 threads), and a bf16 ``bmm`` of one matrix slower than ``mm``.
     """
-    if x.device.type == "cpu" and x.shape[0] > 1:
-        out = torch.empty(x.shape, dtype=dtype)
-        for b in range(x.shape[0]):
-            out[b] = orthogonalize(x[b : b + 1], steps, coefficients, dtype)[0]
-        return out
-    tall = x.shape[-2] > x.shape[-1]
-    X = (x.mT if tall else x).to(dtype, copy=True)
-    acc = torch.promote_types(acc_dtype(x.dtype), acc_dtype(dtype))  # never below X's own dtype
-    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=acc)
-    X = X.div_(norm.mul_(1.0 + SAFETY[coefficients]).add_(1e-7))
+    if x.device.type != "cpu":
+        return iterate(x, steps, coefficients, dtype, method)
+    out = torch.empty(x.shape, dtype=dtype)
+    for b in range(x.shape[0]):
+        iterate(x[b], steps, coefficients, dtype, method, out=out[b])
+    return out
+
+
+def _addmm(c: Tensor, a: Tensor, b: Tensor, beta: float, alpha: float = 1.0, out: Tensor | None = None) -> Tensor:
+    """beta·c + alpha·a·b for matrices or stacks of them."""
+    return (torch.addmm if c.dim() == 2 else torch.baddbmm)(c, a, b, beta=beta, alpha=alpha, out=out)
+
+
+def _times(P: Tensor, X: Tensor, wide: bool, beta: float | None = None, alpha: float = 1.0,
+           out: Tensor | None = None) -> Tensor:
+    """alpha·P·X (``wide``) or alpha·X·P, plus beta·X when ``beta`` is given."""
+    left, right = (P, X) if wide else (X, P)
+    return torch.matmul(left, right, out=out) if beta is None else _addmm(X, left, right, beta, alpha, out=out)
+
+
+def iterate(x: Tensor, steps: int, coefficients: str, dtype: torch.dtype, method: str,
+             out: Tensor | None = None) -> Tensor:
+    """Newton–Schulz of one matrix ``(m, n)`` or a stack ``(B, m, n)``, one (batched) matmul per product,
+    the last one into ``out``: what ``orthogonalize`` runs off the CPU, and on the CPU per matrix."""
+    wide = x.shape[-2] <= x.shape[-1]
+    X = x.to(dtype, copy=True)
+    small = (lambda Y: torch.matmul(Y, Y.mT)) if wide else (lambda Y: torch.matmul(Y.mT, Y))
+    A, inv = _normalised_gram(X, small, SAFETY[coefficients], torch.promote_types(acc_dtype(x.dtype), acc_dtype(dtype)))
     plan = schedule(steps, coefficients)
+    if method == "gram" and x.shape[-2] != x.shape[-1]:
+        R, Q = A, None  # Q None: the identity
+        for k, (a, b, c) in enumerate(plan):
+            if k > 0 and k % RESTART_EVERY == 0:
+                X, inv = _times(Q, X, wide), 1.0
+                R, Q = small(X), None
+            Z = _addmm(R, R, R, beta=b, alpha=c)
+            if Q is None:  # Q = (a·I + Z)/s while X is not yet divided by its norm s
+                Q = Z.mul(inv)
+                Q.diagonal(dim1=-2, dim2=-1).add_(a * inv)
+            else:
+                Q = _addmm(Q, Q, Z, beta=a)
+            if k + 1 < len(plan) and (k + 1) % RESTART_EVERY:
+                RZ = _addmm(R, R, Z, beta=a)
+                R = _addmm(RZ, Z, RZ, beta=a)
+        return _times(Q, X, wide, out=out)
     for k, (a, b, c) in enumerate(plan):
-        A = torch.bmm(X, X.mT)
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
-        if tall and k == len(plan) - 1:
-            return torch.baddbmm(X.mT, X.mT, B, beta=a)
-        X = torch.baddbmm(X, B, X, beta=a)
+        A = A if k == 0 else small(X)
+        B = _addmm(A, A, A, beta=b, alpha=c)
+        X, inv = _times(B, X, wide, beta=a * inv, alpha=inv, out=out if k == len(plan) - 1 else None), 1.0
     return X
 
 
-def newton_schulz(
-    x: Tensor, steps: int = 5, coefficients: str = "jordan", dtype: torch.dtype = torch.bfloat16
-) -> Tensor:
+def _normalised_gram(X: Tensor, small, safety: float, acc: torch.dtype) -> tuple[Tensor, float]:
+    """The Gram matrix of X / s, s = ||X||_F·(1 + safety) + 1e-7, and the factor 1/s still owed by X.
+
+    One matrix on the CPU: ||X||_F² is the trace of the Gram matrix of X itself (accumulated in
+    ``acc``), which is then divided by s², and X is left undivided (the first product divides it):
+    two passes over X fewer. A stack, or a norm below 1e-15 (whose square the Gram matrix would lose
+    to underflow): X is divided by its norm (accumulated in ``acc``) first.
+    """
+    if X.dim() == 2 and X.device.type == "cpu":
+        A = small(X)
+        norm = math.sqrt(A.diagonal().sum(dtype=acc).item())
+        if norm >= 1e-15:
+            s = norm * (1.0 + safety) + 1e-7
+            return A.mul_(1.0 / (s * s)), 1.0 / s
+    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=acc).mul_(1.0 + safety).add_(1e-7)
+    X.div_(norm.item() if X.dim() == 2 else norm)  # a bf16 X divided by an fp32 tensor is slow on the CPU
+    return small(X), 1.0
+
+
+def newton_schulz(x: Tensor, steps: int = 5, coefficients: str = "jordan", dtype: torch.dtype = torch.bfloat16,
+                  method: str = "standard") -> Tensor:
     """Approximate polar factor of every matrix of ``x`` (``(..., m, n)``); same shape and dtype."""
     check_matrix(x, "newton_schulz")
-    check_newton_schulz_args(steps, coefficients, dtype)
+    check_newton_schulz_args(steps, coefficients, dtype, method)
     if x.numel() == 0:
         return torch.zeros_like(x)
-    out = orthogonalize(x.reshape(-1, *x.shape[-2:]), steps, coefficients, dtype)
+    out = orthogonalize(x.reshape(-1, *x.shape[-2:]), steps, coefficients, dtype, method)
     return out.to(x.dtype).reshape(x.shape)

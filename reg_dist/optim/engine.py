@@ -147,6 +147,7 @@ class MatrixOptimizer(Optimizer):
 
     algorithm: str
     hyper: tuple[Hyper, ...] = ()
+    keyword_hyper: tuple[Hyper, ...] = ()
     default_scale = "match_rms_adamw"
     moves = False
     state_keys: tuple[str, ...] = ("momentum_buffer",)  # matrix state shaped like the parameter
@@ -154,7 +155,8 @@ class MatrixOptimizer(Optimizer):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        cls.__init__ = constructor(cls, _common(cls.default_scale), TAIL, _layout_keywords(cls.moves),
+        keyword_only = (*cls.keyword_hyper, *_layout_keywords(cls.moves))
+        cls.__init__ = constructor(cls, _common(cls.default_scale), TAIL, keyword_only,
                                    MatrixOptimizer._build)
 
     def _build(self, params: Any, values: dict) -> None:
@@ -556,7 +558,8 @@ class MatrixOptimizer(Optimizer):
 
     def _scaled(self, u: Tensor, group: dict) -> Tensor:
         """Whole matrices ``(B, m, n)`` times their scale factors (on the owner)."""
-        return u * scale_factors(u, group["scale"], group["rms"]).view(-1, 1, 1).to(u.device)
+        factors = scale_factors(u, group["scale"], group["rms"])  # fp32 or wider: u cast once, scaled in place
+        return u.to(factors.dtype).mul_(factors.view(-1, 1, 1).to(u.device))
 
     def _scale_(self, n: list[Tensor], layouts: list[Layout], group: dict,
                 squares: list[Tensor] | None) -> list[Tensor | None]:

@@ -31,7 +31,7 @@ from .optimizer import (DTYPES, NAMES, Settings, build_distributed, check_settin
                                               rebuild_over_main_params, registry_entries, settings_from,
                                               uses_distributed_optimizer)
 from ...ops.equilibrate import MODES
-from ...ops.newton_schulz import COEFFICIENTS
+from ...ops.newton_schulz import COEFFICIENTS, NS_METHODS
 from ...optim.scaling import SCALES
 
 if not hasattr(typing, "override"):  # Python < 3.12: megatron.training does `from typing import override`
@@ -142,6 +142,9 @@ def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                    help="reg_muon/muoneq: Newton-Schulz steps.")
     g.add_argument("--reg-ns-coefficients", choices=tuple(COEFFICIENTS), default=d.reg_ns_coefficients,
                    help="reg_muon/muoneq: Newton-Schulz coefficients.")
+    g.add_argument("--reg-ns-method", choices=NS_METHODS, default=d.reg_ns_method,
+                   help="reg_muon/muoneq/normuon: Newton-Schulz iteration, 'gram' iterates on X X^T "
+                        "(default: the optimizer's).")
     g.add_argument("--reg-ns-dtype", choices=tuple(DTYPES), default=d.reg_ns_dtype,
                    help="reg_muon/muoneq: Newton-Schulz matmul dtype.")
     g.add_argument("--reg-move-dtype", choices=tuple(DTYPES), default=d.reg_move_dtype,

@@ -73,8 +73,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, 
 # ``reg_<name>``. The step's common ones (lr, weight_decay) are Megatron's own; AdamW's are Megatron's Adam's.
 FLAGS = {"momentum": "reg_momentum", "nesterov": "reg_nesterov", "rms": "reg_rms", "scale": "reg_scale",
          "p": "reg_p", "iters": "reg_iters", "eps": "reg_eps", "ns_steps": "reg_ns_steps",
-         "coefficients": "reg_ns_coefficients", "ns_dtype": "reg_ns_dtype", "mode": "muoneq_mode",
-         "phase": "muoneq_phase", "exponent": "muoneq_exponent"}
+         "coefficients": "reg_ns_coefficients", "ns_dtype": "reg_ns_dtype", "ns_method": "reg_ns_method",
+         "mode": "muoneq_mode", "phase": "muoneq_phase", "exponent": "muoneq_exponent"}
 MEGATRON_OWN = ("lr", "weight_decay", "adamw_betas", "adamw_eps", "nonfinite")
 
 
@@ -97,6 +97,7 @@ def hyper_flags() -> dict[str, tuple[registry.Hyper, list[str]]]:
 _FIXED = [("reg_momentum", float, 0.95), ("reg_nesterov", bool, True), ("reg_rms", float, 0.2),
           ("reg_scale", str | None, None), ("reg_p", float, 2.0), ("reg_iters", int, 1), ("reg_eps", float, 1e-8),
           ("reg_ns_steps", int, 5), ("reg_ns_coefficients", str, "jordan"), ("reg_ns_dtype", str, "bf16"),
+          ("reg_ns_method", str | None, None),
           ("muoneq_mode", str, "row"), ("muoneq_phase", int | None, None), ("muoneq_exponent", float, -0.5)]
 # reg_dist's hyper-parameters beyond Megatron's ``lr`` / ``weight_decay`` (field = argparse dest): the
 # fixed ones above (None: the algorithm's default), one ``reg_<name>`` per other registry hyper-parameter

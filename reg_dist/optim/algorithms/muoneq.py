@@ -16,7 +16,7 @@ from ...ops.equilibrate import check_equilibrate_args
 from ..engine import MatrixOptimizer
 from ..hyper import Hyper
 from ..stages import Spectral, Statistic
-from .muon import NEWTON_SCHULZ, newton_schulz_stage
+from .muon import NEWTON_SCHULZ, NS_METHOD, newton_schulz_stage
 
 
 def mode_at(group: dict, step: int) -> str:
@@ -33,6 +33,7 @@ class MuonEq(MatrixOptimizer):
     algorithm = "muoneq"
     hyper = (Hyper("mode", "row", str), Hyper("exponent", -0.5, float), Hyper("phase", None, int | None),
              *NEWTON_SCHULZ)
+    keyword_hyper = NS_METHOD
     moves = True
 
     def check_group(self, group: dict) -> None:

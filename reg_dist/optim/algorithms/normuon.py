@@ -18,7 +18,7 @@ from ...layout import Layout
 from ..engine import MatrixOptimizer, check_number
 from ..hyper import Hyper
 from ..stages import Spectral, Statistic
-from .muon import NEWTON_SCHULZ, newton_schulz_stage
+from .muon import NEWTON_SCHULZ, NS_METHOD, newton_schulz_stage
 
 
 class NorMuon(MatrixOptimizer):
@@ -28,6 +28,7 @@ class NorMuon(MatrixOptimizer):
     algorithm = "normuon"
     hyper = (Hyper("beta2", 0.95, float), Hyper("eps", 1e-8, float), *NEWTON_SCHULZ)
     default_scale = "rms"
+    keyword_hyper = NS_METHOD
     moves = True
     row_state_keys = ("row_second_moment",)
 
