@@ -254,11 +254,7 @@ def test_zero3_init_partitions_at_construction(algorithm, offload):
     reference_routes = sorted((math.prod(r.shape), r.algorithm) for r in _routes(algorithm))
 
     def body(rank, world):
-        _no_shm_build()
-        rds.register()
-        torch.manual_seed(0)
-        with deepspeed.zero.Init(config_dict_or_path=config):
-            model = Net()
+        model = _registered_zero_init_net(config)
         assert all(p.numel() == 0 for p in model.parameters())  # partitioned at construction
         engine, *_ = deepspeed.initialize(model=model, config=config)
         assert engine.optimizer.offload_optimizer == engine.optimizer.offload_param == offload
@@ -269,6 +265,15 @@ def test_zero3_init_partitions_at_construction(algorithm, offload):
 
     for got in run_ranks(WORLD, body, init_group=False):
         assert got == reference_routes  # routed by the real shapes, not the placeholders' (0,)
+
+
+def _registered_zero_init_net(config):
+    """After ``register()``, the seeded ``Net`` built under ``deepspeed.zero.Init`` (placeholders from the start)."""
+    _no_shm_build()
+    rds.register()
+    torch.manual_seed(0)
+    with deepspeed.zero.Init(config_dict_or_path=config):
+        return Net()
 
 
 def _routes(algorithm):
@@ -315,11 +320,7 @@ def test_client_optimizer_on_zero_init_placeholders_is_routed_by_ds_shape(algori
     config = _client_config(3)
 
     def body(rank, world):
-        _no_shm_build()
-        rds.register()
-        torch.manual_seed(0)
-        with deepspeed.zero.Init(config_dict_or_path=config):
-            model = Net()
+        model = _registered_zero_init_net(config)
         client = cls(_groups(model), **kwargs)
         assert {r.algorithm for r in client.routes} == {"adamw"}  # the placeholders' (0,) shapes
         engine, *_ = deepspeed.initialize(model=model, optimizer=client, config=config)
