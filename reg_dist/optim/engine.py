@@ -31,7 +31,7 @@ from torch.optim import Optimizer
 from ..comm.agree import agreement_group, all_agree
 from ..comm.collectives import CommStats, check_layouts_add_up
 from ..comm.native import BUCKET_BYTES, NativeDP
-from ..comm.owner import LocalPlan, OwnerPlan, newton_schulz_cost
+from ..comm.owner import STACK_BYTES, LocalPlan, OwnerPlan, newton_schulz_cost, stacks
 from ..comm.statistics import momentum_partial_row_col, sharded_frobenius_norms
 from ..layout import (FUSED_ATTR, LAYOUT_ATTR, Layout, dim_names, dtensor_layout, local_tensor, mesh_group,
                       whole_layout)
@@ -497,15 +497,29 @@ class MatrixOptimizer(Optimizer):
         info = self._info.get(id(p))
         return info is not None and info.transposed
 
+    def _local_batches(self, params: list[Tensor], stacked: bool) -> list[list[Tensor]]:
+        """``params`` (whole on this process) in the batches stepped together: one each, or with ``stacked``
+        the runs of ``stacks`` over the parameters of the same matrix shapes, in order of first appearance."""
+        if not stacked:
+            return [[p] for p in params]
+        by_shape: dict[tuple, list[Tensor]] = {}
+        for p in params:
+            by_shape.setdefault(frozenset(self._layouts[id(p)].block_shapes), []).append(p)
+        return [run for ps in by_shape.values()
+                for run in stacks(ps, [acc_dtype(p.dtype).itemsize * self._layouts[id(p)].numel for p in ps], STACK_BYTES)]
+
     def _matrix_step(self, params: list[Tensor], group: dict) -> None:
         if not params:
             return
-        if len(params) > 1 and not spectral(self.stages(group)) and not any(self._layouts[id(p)].groups for p in params):
-            # no collective to pack and no batch to form: one matrix at a time, so the step's scratch
-            # (N, fp32) is one matrix's, reused from the allocator's cache, and stays in the CPU's cache
-            for p in params:
-                self._matrix_step([p], group)
-            return
+        if len(params) > 1 and not any(self._layouts[id(p)].groups for p in params):
+            # no collective to pack: one batch at a time, so the step's scratch (N, fp32, and the
+            # transform's) is one batch's, reused from the allocator's cache: one matrix for a statistic-only
+            # algorithm, one same-shape stack of at most STACK_BYTES for a spectral one (``LocalPlan``'s stacks)
+            batches = self._local_batches(params, spectral(self.stages(group)))
+            if len(batches) > 1:
+                for batch in batches:
+                    self._matrix_step(batch, group)
+                return
         stepping = {id(p) for p in params}
         planned = self._plans.get(_key(group), [])
         in_plans = {id(p) for _, ps in planned for p in ps}
