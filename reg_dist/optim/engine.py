@@ -511,8 +511,9 @@ class MatrixOptimizer(Optimizer):
     def _matrix_step(self, params: list[Tensor], group: dict) -> None:
         if not params:
             return
-        if len(params) > 1 and not any(self._layouts[id(p)].groups for p in params):
-            # no collective to pack: one batch at a time, so the step's scratch (N, fp32, and the
+        alone = not self._plans.get(_key(group)) and not any(self._layouts[id(p)].groups for p in params)
+        if len(params) > 1 and alone:
+            # no collective to pack or plan to follow: one batch at a time, so the step's scratch (N, fp32, and the
             # transform's) is one batch's, reused from the allocator's cache: one matrix for a statistic-only
             # algorithm, one same-shape stack of at most STACK_BYTES for a spectral one (``LocalPlan``'s stacks)
             batches = self._local_batches(params, spectral(self.stages(group)))
