@@ -505,30 +505,34 @@ class MatrixOptimizer(Optimizer):
         by_shape: dict[tuple, list[Tensor]] = {}
         for p in params:
             by_shape.setdefault(frozenset(self._layouts[id(p)].block_shapes), []).append(p)
-        return [run for ps in by_shape.values()
-                for run in stacks(ps, [acc_dtype(p.dtype).itemsize * self._layouts[id(p)].numel for p in ps], STACK_BYTES)]
+        sizes = {id(p): acc_dtype(p.dtype).itemsize * self._layouts[id(p)].numel for p in params}  # bytes of N
+        return [run for ps in by_shape.values() for run in stacks(ps, [sizes[id(p)] for p in ps], STACK_BYTES)]
 
     def _matrix_step(self, params: list[Tensor], group: dict) -> None:
         if not params:
             return
-        alone = not self._plans.get(_key(group)) and not any(self._layouts[id(p)].groups for p in params)
-        if len(params) > 1 and alone:
+        stages = self.stages(group)
+        planned = self._plans.get(_key(group), [])
+        if not planned and not any(self._layouts[id(p)].groups for p in params):
             # no collective to pack or plan to follow: one batch at a time, so the step's scratch (N, fp32, and the
             # transform's) is one batch's, reused from the allocator's cache: one matrix for a statistic-only
             # algorithm, one same-shape stack of at most STACK_BYTES for a spectral one (``LocalPlan``'s stacks)
-            batches = self._local_batches(params, spectral(self.stages(group)))
-            if len(batches) > 1:
-                for batch in batches:
-                    self._matrix_step(batch, group)
-                return
+            for batch in self._local_batches(params, spectral(stages)):
+                self._step_batch(batch, group, stages, [])
+            return
         stepping = {id(p) for p in params}
-        planned = self._plans.get(_key(group), [])
         in_plans = {id(p) for _, ps in planned for p in ps}
         missing = [n for n, p in zip(group["param_names"], group["params"]) if id(p) in in_plans and id(p) not in stepping]
         if missing:
             raise RuntimeError(f"sharded parameters {missing[:8]} are not stepped on a rank that holds them")
+        self._step_batch(params, group, stages, planned)
+
+    def _step_batch(self, params: list[Tensor], group: dict, stages: list[Statistic | Spectral],
+                    planned: list[tuple[OwnerPlan, list[Tensor]]]) -> None:
+        """Momentum, ``stages`` (the spectral ones through ``planned`` and a ``LocalPlan`` of the rest),
+        scale and update of ``params``."""
+        in_plans = {id(p) for _, ps in planned for p in ps}
         layouts = [self._layouts[id(p)] for p in params]
-        stages = self.stages(group)
         n, partials = self._momentum(params, group, stages[0] if isinstance(stages[0], Statistic) else None)
         states = [self.state[p] for p in params]
         index = {id(p): i for i, p in enumerate(params)}
