@@ -10,7 +10,8 @@ from multiproc import run_ranks
 import dataclasses
 
 from reg_dist.comm import statistics as dstats
-from reg_dist.comm.statistics import sharded_equilibrate_, sharded_frobenius_norms, sharded_racs_
+from reg_dist.comm.statistics import (share_statistics, sharded_equilibrate_, sharded_frobenius_norms,
+                                     sharded_racs_)
 from reg_dist.layout import Layout, fused_rows
 from reg_dist.ops import equilibrate, racs
 
@@ -118,20 +119,23 @@ def per_block(op, case):
     return apply
 
 
-def _layouts(case, rank, world):
+def _layouts(case, rank, world, shared=False):
+    """The case's layouts on ``rank``; with ``shared``, only the statistics other ranks touch travel."""
     fn = CASES[case][1]
     if "x_" in case:
         groups = _grid(rank)
-        return [fn(rank, world, s, groups) for s in SHAPES]
-    return [fn(rank, world, s) for s in SHAPES]
+        layouts = [fn(rank, world, s, groups) for s in SHAPES]
+    else:
+        layouts = [fn(rank, world, s) for s in SHAPES]
+    return share_statistics(layouts) if shared else layouts
 
 
-def _check_all(case, op, reference):
+def _check_all(case, op, reference, shared=False):
     world = CASES[case][0]
     reference = per_block(reference, case)
 
     def body(rank, world):
-        layouts = _layouts(case, rank, world)
+        layouts = _layouts(case, rank, world, shared)
         fulls = [_full(k) for k in range(len(SHAPES))]
         locals_ = [_local(f, lay) for f, lay in zip(fulls, layouts)]
         op(locals_, layouts)
@@ -141,16 +145,18 @@ def _check_all(case, op, reference):
     run_ranks(world, body)
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["all_entries", "shared_entries"])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("p", [2.0, math.inf, 3.0])
-def test_sharded_racs_equals_single_process(case, p):
-    _check_all(case, lambda xs, ls: sharded_racs_(xs, ls, p=p, iters=2), lambda f: racs(f, p=p, iters=2))
+def test_sharded_racs_equals_single_process(case, p, shared):
+    _check_all(case, lambda xs, ls: sharded_racs_(xs, ls, p=p, iters=2), lambda f: racs(f, p=p, iters=2), shared)
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["all_entries", "shared_entries"])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("mode", ["row", "col", "rowcol"])
-def test_sharded_equilibrate_equals_single_process(case, mode):
-    _check_all(case, lambda xs, ls: sharded_equilibrate_(xs, ls, mode), lambda f: equilibrate(f, mode))
+def test_sharded_equilibrate_equals_single_process(case, mode, shared):
+    _check_all(case, lambda xs, ls: sharded_equilibrate_(xs, ls, mode), lambda f: equilibrate(f, mode), shared)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -189,6 +195,65 @@ def test_one_collective_per_group_per_racs_iteration(monkeypatch):
     per_rank = run_ranks(4, body)
     vector = 5 * sum(m + n for m, n in SHAPES)
     assert all(calls == [vector, vector] * 3 for calls in per_rank)
+
+
+def _racs_buffers(case):
+    """Per rank: the buffer length of every all-reduce of one RACS iteration on the case's shared layouts."""
+    def body(rank, world):
+        calls = []
+        real = dist.all_reduce
+
+        def counting(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
+            calls.append(tensor.numel())
+            return real(tensor, op=op, group=group, async_op=async_op)
+
+        layouts = _layouts(case, rank, world, shared=True)
+        dstats.dist.all_reduce = counting
+        try:
+            sharded_racs_([_local(_full(k), lay) for k, lay in enumerate(layouts)], layouts)
+        finally:
+            dstats.dist.all_reduce = real
+        return calls
+
+    return run_ranks(CASES[case][0], body)
+
+
+def test_row_shards_reduce_only_the_column_sums():
+    # rows split over the group: each row is one rank's, every rank needs all n column sums
+    assert _racs_buffers("tp_rows_2") == [[sum(n for _, n in SHAPES)]] * 2
+
+
+def test_column_splits_reduce_only_the_row_sums():
+    assert _racs_buffers("tp_cols_4") == [[sum(m for m, _ in SHAPES)]] * 4
+
+
+def test_flat_ranges_reduce_the_rows_cut_at_partition_boundaries_and_the_columns_shared():
+    # cuts at elements 3, 3 (an empty rank) and total/2 + 1 cut two rows of each matrix (0 and 3, mid-row);
+    # every column is touched by at least two ranks
+    assert _racs_buffers("flat_4_with_empty_rank") == [[2 * len(SHAPES) + sum(n for _, n in SHAPES)]] * 4
+
+
+def test_dp_x_tp_reduces_the_held_columns_over_dp_and_the_held_rows_over_tp():
+    # tp splits the columns, dp the rows of each TP block: dp ranks share their TP block's columns, tp ranks
+    # their rows (uneven: the first block is one longer)
+    got = _racs_buffers("tp2_x_fsdp2")
+    for rank, calls in enumerate(got):
+        tp_rank, dp_rank = rank % 2, rank // 2
+        cols = sum(_split(n, 2, tp_rank)[1] - _split(n, 2, tp_rank)[0] for _, n in SHAPES)
+        rows = sum(_split(m, 2, dp_rank)[1] - _split(m, 2, dp_rank)[0] for m, _ in SHAPES)
+        assert calls == [cols, rows], rank  # "dp" first, then "tp"
+
+
+def test_a_plan_over_several_groups_that_would_miss_a_rank_keeps_every_entry():
+    # fused (3, 2, 2) rows of the 7 × 5 matrix, tp row split then flat dp ranges: matrix 1's columns are
+    # touched by ranks 1 and 2 only, which share no group, so no shared-only plan can reach; the 6 × 9
+    # matrix's plan is checked and kept
+    def body(rank, world):
+        return [lay.shared for lay in _layouts("fused_tp2_x_zero2", rank, world, shared=True)]
+
+    for first, second in run_ranks(4, body):
+        assert first is None
+        assert second is not None
 
 
 @pytest.mark.parametrize(

@@ -5,13 +5,18 @@ For parameters ``k = 1 … K``, each held by this rank as ``locals[k]`` describe
     r_k = Σ over held elements of |x|^p into its logical row   (length m_k; p = inf: max)
     c_k = the same into its logical column, per fused matrix     (B_k × n_k; B_k = 1 unless fused)
 
-then, for each group name in sorted order, the vectors of every matrix split over that group are
-packed into one buffer and reduced with a single ``all_reduce`` (SUM, or MAX for p = inf). Every
-rank then knows the full row and column statistics of every matrix it holds a piece of, and
-scales its own elements: RACS, equilibration and the RMS scale are exact under any layout, with
-O(m + n) traffic per matrix and one collective per group, never a gather.
+then, for each group name in sorted order, the entries of every matrix split over that group that
+another rank of the group also touches (``Layout.shared``, from ``share_statistics``; all m + K·n
+without it) are packed into one buffer and reduced with a single ``all_reduce`` (SUM, or MAX for
+p = inf); a group with nothing to share makes no call. Every rank then knows the full row and column
+statistics of every row and column it holds a piece of, and scales its own elements: RACS,
+equilibration and the RMS scale are exact under any layout, never a gather. Under an FSDP row shard
+the rows stay local and only the n column sums travel (each rank needs all of them); under a
+row-parallel TP split only the held columns over dp and the held rows over tp; under a flat (ZeRO)
+range only the rows cut at partition boundaries, beside the columns.
 """
 
+import dataclasses
 import math
 
 import torch
@@ -23,7 +28,7 @@ from ..ops.racs import check_racs_args
 from ..layout import Layout
 from ..ops import fused
 from ..ops.stats import abs_powers, acc_dtype, pow_sums_to_norms_
-from .collectives import CommStats, reduce_packed
+from .collectives import CommStats, count, reduce_packed
 
 
 def partial_row_col(local: Tensor, layout: Layout, p: float, cols: bool = True) -> Tensor:
@@ -77,9 +82,135 @@ def row_col_stats(locals_: list[Tensor], layouts: list[Layout], p: float, stats:
     partials = partials or [None] * len(locals_)
     vectors = [v if v is not None else partial_row_col(x, lay, p, cols)
                for x, lay, v in zip(locals_, layouts, partials)]
-    reduce_packed(vectors, layouts, dist.ReduceOp.MAX if p == math.inf else dist.ReduceOp.SUM, stats)
+    reduce_shared(vectors, layouts, dist.ReduceOp.MAX if p == math.inf else dist.ReduceOp.SUM, stats)
     return [(v[: lay.shape[0]], v[lay.shape[0] :].view(-1, lay.shape[1]) if cols else None)
             for v, lay in zip(vectors, layouts)]
+
+
+def reduce_shared(vectors: list[Tensor], layouts: list[Layout], op: dist.ReduceOp,
+                  stats: CommStats | None = None) -> None:
+    """In place: the entries of every statistics vector ``vectors[k]`` (its first ``len`` of m + K·n) that
+    each group of ``layouts[k]`` shares, reduced over that group: one collective per group name, none
+    where no entry is shared."""
+    groups = [dict(lay.groups) for lay in layouts]
+    for name in sorted({g for gs in groups for g in gs}):
+        members = [(v, lay, gs[name]) for v, lay, gs in zip(vectors, layouts, groups) if name in gs]
+        group = members[0][2]
+        if any(g is not group for *_, g in members):
+            raise ValueError(f"layouts on this rank name different process groups {name!r}")
+        picks = []  # (vector, slice or index tensor) of each member's shared entries
+        for v, lay, _ in members:
+            runs = lay.shared_runs(name, v.numel())
+            if len(runs) == 1:
+                picks.append((v, slice(*runs[0])))
+            elif runs:
+                index = lay.shared_index[name]
+                picks.append((v, index[index < v.numel()].to(v.device)))
+        if not picks:
+            continue
+        buf = torch.cat([v[at] if isinstance(at, slice) else v.index_select(0, at) for v, at in picks])
+        dist.all_reduce(buf, op=op, group=group)
+        chunks = buf.split([(at.stop - at.start) if isinstance(at, slice) else at.numel() for _, at in picks])
+        for (v, at), chunk in zip(picks, chunks):
+            if isinstance(at, slice):
+                v[at].copy_(chunk)
+            else:
+                v.index_copy_(0, at, chunk)
+        count(stats, name, buf, "all_reduce", group)
+
+
+def _touched(lay: Layout) -> list[tuple[int, int]]:
+    """The entries ``[a, b)`` of ``lay``'s statistics vector its elements add to: the rows of its
+    rectangles, and their columns of each fused matrix."""
+    m, n = lay.shape
+    spans = sorted({(r.row, r.row + r.h) for r in lay.rects} | {(m + r.block * n + r.col, m + r.block * n + r.col + r.w)
+                                                                for r in lay.rects})
+    out: list[tuple[int, int]] = []
+    for a, b in spans:
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _runs(mask: Tensor) -> tuple[tuple[int, int], ...]:
+    """The runs ``[a, b)`` where bool ``mask`` is True."""
+    edges = torch.diff(mask.to(torch.int8), prepend=mask.new_zeros(1, dtype=torch.int8),
+                       append=mask.new_zeros(1, dtype=torch.int8)).nonzero().flatten().tolist()
+    return tuple(zip(edges[::2], edges[1::2]))
+
+
+def _describe(lay: Layout) -> list[int]:
+    s, e = lay.flat if lay.flat is not None else (-1, -1)
+    return [*lay.rows, *lay.cols, s, e]
+
+
+def share_statistics(layouts: list[Layout]) -> list[Layout]:
+    """``layouts`` with ``shared`` filled in: per group name, the statistics entries that at least two
+    ranks of the group touch (collective over each group: one all-gather of every member's block and
+    flat range, in the order of the group names, as the reductions run).
+
+    With one group a reduction over it is the whole sum, so reducing only the shared entries is exact.
+    Over several groups (summed one after another) a rank's partial can reach another only through a
+    chain of groups; the plan is then checked once on every matrix, against the full reduction, on
+    the count of ranks touching each entry, and a matrix where any rank's counts differ keeps
+    ``shared=None`` (every entry over every group).
+    """
+    groups = [dict(lay.groups) for lay in layouts]
+    shared: list[dict[str, tuple[tuple[int, int], ...]]] = [{} for _ in layouts]
+    for name in sorted({g for gs in groups for g in gs}):
+        members = [k for k, gs in enumerate(groups) if name in gs]
+        group = groups[members[0]][name]
+        mine = torch.tensor([_describe(layouts[k]) for k in members], dtype=torch.int64)
+        everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(everyone, mine, group=group)
+        for j, k in enumerate(members):
+            lay = layouts[k]
+            starts, ends = [], []
+            for theirs in everyone:
+                r0, r1, c0, c1, s, e = theirs[j].tolist()
+                other = Layout(lay.shape, (r0, r1), (c0, c1), None if s < 0 else (s, e), fused=lay.fused)
+                for a, b in _touched(other):
+                    starts.append(a)
+                    ends.append(b)
+            deltas = torch.zeros(lay.stat_length + 1, dtype=torch.int64)
+            deltas.index_add_(0, torch.tensor(starts, dtype=torch.int64), torch.ones(len(starts), dtype=torch.int64))
+            deltas.index_add_(0, torch.tensor(ends, dtype=torch.int64), -torch.ones(len(ends), dtype=torch.int64))
+            shared[k][name] = _runs(deltas.cumsum(0)[:-1] >= 2)
+    out = [dataclasses.replace(lay, shared=tuple(sorted(sh.items()))) if lay.groups else lay
+           for lay, sh in zip(layouts, shared)]
+    several = [k for k, lay in enumerate(layouts) if len(lay.groups) > 1]
+    if several:
+        keep = _chains_reach_every_toucher([out[k] for k in several], [layouts[k] for k in several])
+        for k, ok in zip(several, keep):
+            out[k] = out[k] if ok else layouts[k]
+    return out
+
+
+def _chains_reach_every_toucher(planned: list[Layout], full: list[Layout]) -> list[bool]:
+    """Whether reducing only the ``planned`` shared entries, group after group, counts every rank that
+    touches each entry this rank touches, as the full reduction does, on every rank of each matrix."""
+    def touch_counts() -> list[Tensor]:
+        out = []
+        for lay in full:
+            v = torch.zeros(lay.stat_length, dtype=torch.float64)
+            for a, b in _touched(lay):
+                v[a:b] = 1
+            out.append(v)
+        return out
+
+    want, got = touch_counts(), touch_counts()
+    reduce_packed(want, full, dist.ReduceOp.SUM)
+    reduce_shared(got, planned, dist.ReduceOp.SUM)
+    bad = []
+    for lay, w, g in zip(full, want, got):
+        mask = torch.zeros(lay.stat_length, dtype=torch.bool)
+        for a, b in _touched(lay):
+            mask[a:b] = True
+        bad.append(torch.tensor([float(not torch.equal(w[mask], g[mask]))], dtype=torch.float64))
+    reduce_packed(bad, full, dist.ReduceOp.MAX)
+    return [not bool(b.item()) for b in bad]
 
 
 def scale_local_(local: Tensor, layout: Layout, row: Tensor | None, col: Tensor | None,

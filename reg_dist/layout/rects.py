@@ -14,6 +14,11 @@ them in the order of their names, the same on every rank.
 
 ``rects`` cuts the local elements into rectangles, each a contiguous run of the local tensor's
 row-major flattening inside one segment: all the statistics, the scaling and the owner moves need.
+
+``shared`` says, per group name, which entries of the parameter's statistics vector (its m row
+sums, then the n column sums of each fused matrix k at ``m + k·n + j``) another rank of that group
+also touches, as sorted runs ``[a, b)``: only those travel (``comm.statistics.share_statistics``
+fills it in); None: every entry, over every group.
 """
 
 import math
@@ -21,10 +26,12 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import NamedTuple
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
 Segment = tuple[int, int, int]  # rows [start, end) of the parameter belong to fused matrix k
+Runs = tuple[tuple[int, int], ...]  # sorted, disjoint [a, b) ranges of a statistics vector
 
 
 class Rect(NamedTuple):
@@ -81,6 +88,7 @@ class Layout:
     flat: tuple[int, int] | None = None
     groups: tuple[tuple[str, dist.ProcessGroup], ...] = ()
     fused: tuple[Segment, ...] | None = None
+    shared: tuple[tuple[str, Runs], ...] | None = None
 
     def __post_init__(self) -> None:
         (m, n), (r0, r1), (c0, c1) = self.shape, self.rows, self.cols
@@ -97,6 +105,39 @@ class Layout:
             raise ValueError(f"layout groups must have distinct names in sorted order, got {names}")
         if self.fused is not None:
             check_segments(self.fused, m)
+        if self.shared is not None:
+            self._check_shared()
+
+    def _check_shared(self) -> None:
+        names = [name for name, _ in self.shared]
+        if names != sorted(set(names)):
+            raise ValueError(f"layout shared statistics must name distinct groups in sorted order, got {names}")
+        length = self.stat_length
+        for name, runs in self.shared:
+            flat = [v for run in runs for v in run]
+            if flat != sorted(flat) or any(a >= b for a, b in runs) or (flat and (flat[0] < 0 or flat[-1] > length)):
+                raise ValueError(f"layout shared statistics of group {name!r} must be sorted, disjoint, non-empty "
+                                 f"runs inside [0, {length}), got {runs}")
+
+    @property
+    def stat_length(self) -> int:
+        """Entries of the statistics vector: m row sums, then n column sums per fused matrix."""
+        return self.shape[0] + len(self.block_shapes) * self.shape[1]
+
+    def shared_runs(self, name: str, length: int) -> Runs:
+        """The runs of the statistics vector's first ``length`` entries that group ``name`` reduces."""
+        if self.shared is None:
+            return ((0, length),) if length else ()
+        runs = dict(self.shared).get(name)
+        if runs is None:
+            raise ValueError(f"layout shared statistics name no group {name!r} (they name {[g for g, _ in self.shared]})")
+        return tuple((a, min(b, length)) for a, b in runs if a < length)
+
+    @cached_property
+    def shared_index(self) -> dict[str, Tensor]:
+        """``shared`` as int64 indices of the statistics vector, per group name (empty without ``shared``)."""
+        return {name: torch.cat([torch.arange(a, b) for a, b in runs]) if runs else torch.zeros(0, dtype=torch.int64)
+                for name, runs in self.shared or ()}
 
     @property
     def segments(self) -> tuple[Segment, ...]:

@@ -32,7 +32,7 @@ from ..comm.agree import agreement_group, all_agree
 from ..comm.collectives import CommStats, check_layouts_add_up
 from ..comm.native import BUCKET_BYTES, NativeDP
 from ..comm.owner import STACK_BYTES, LocalPlan, OwnerPlan, newton_schulz_cost, stacks
-from ..comm.statistics import momentum_partial_row_col, sharded_frobenius_norms
+from ..comm.statistics import momentum_partial_row_col, share_statistics, sharded_frobenius_norms
 from ..layout import (FUSED_ATTR, LAYOUT_ATTR, Layout, dim_names, dtensor_layout, local_tensor, mesh_group,
                       whole_layout)
 from ..ops import fused
@@ -201,6 +201,10 @@ class MatrixOptimizer(Optimizer):
             laid = [(p, name) for g in self.param_groups for p, name in zip(g["params"], g["param_names"])
                     if id(p) in self._collective]
             check_layouts_add_up([self._layouts[id(p)] for p, _ in laid], [name for _, name in laid])
+            if any(isinstance(s, Statistic) for g in self.param_groups if g["algorithm"] == self.algorithm
+                   for s in self.stages(g)):  # statistics travel only where another rank touches them
+                for (p, _), lay in zip(laid, share_statistics([self._layouts[id(p)] for p, _ in laid])):
+                    self._layouts[id(p)] = lay
         if mesh is not None:
             params = [p for g in self.param_groups for p in g["params"]]
             newton_schulz = spectral(self.stages(self.defaults))
