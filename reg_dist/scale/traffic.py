@@ -5,8 +5,11 @@ planner, ``reg_dist.comm.ownership``), each rank's Newton–Schulz work and opti
 It follows the code path by path (no process group is made):
 
     statistics   per RACS iteration (REG) or per owner plan (MuonEq's equilibration), one packed
-                 all-reduce per group name that splits any of the rank's laid-out matrices, of
-                 m + K·n floats per matrix (fp32; K fused blocks); REG's "rms" scale adds one of K floats
+                 all-reduce per group name that splits any of the rank's laid-out matrices, of the
+                 entries of its m + K·n floats (fp32; K fused blocks) another rank of the group touches
+                 (``Layout.shared``): a group splitting rows carries the held columns of each fused matrix
+                 two of its ranks hold rows of, one splitting columns the held rows; none where nothing
+                 is shared. REG's "rms" scale adds one of K floats per matrix
     owner moves  per owner plan whose moves leave a rank, two all-to-alls: every distinct held element
                  to its matrix's owner, every owned matrix back to every holder (in the Newton–Schulz dtype, bf16 by default);
                  "bytes" is the rank's send buffer, "sent" its off-rank part
@@ -96,17 +99,49 @@ class Holding:
     dtensor: bool
     numel: Tensor  # (R,) elements each rank holds
     blocks: Tensor  # (K, R) elements of each fused matrix each rank holds
+    rows: Tensor  # (R,) logical rows each rank holds
+    width: Tensor  # (R,) columns each rank holds
 
     @property
     def laid(self) -> bool:
         """reg_dist gives it a Layout: a DTensor matrix, or a plain 2-D matrix with fused rows."""
         return self.param.algorithm == MATRIX and (self.dtensor or self.param.fused is not None)
 
-    @property
-    def stat_floats(self) -> int:
-        """Its packed statistics vector: m + K·n."""
-        (m, n), k = self.param.logical, len(self.param.blocks)
-        return m + k * n
+    def shared_floats(self, group: str, cols: bool, par: Parallel) -> Tensor:
+        """(R,) entries of its statistics vector (rows, and with ``cols`` the columns of each fused
+        matrix) that ``group`` ("dp" or "tp", one it is split over) reduces on each rank: the ranks of a
+        group instance hold the same columns and disjoint rows, or ("tp" splitting columns) the same rows
+        and disjoint columns, so it shares the held columns of every fused matrix two of them hold rows
+        of, or the held rows when two of them hold anything. A matrix whose shared entries would not reach
+        every holder reduces all of them (``reaches``)."""
+        dp, tp = par.dp, par.tp
+        if not self.reaches(par):
+            (m, n), k = self.param.logical, len(self.param.blocks)
+            return torch.full_like(self.numel, m + (k * n if cols else 0))
+        across = -1 if group == "tp" else -2  # the mesh dim of (…, dp, tp) the group's ranks differ in
+        if group == "tp" and self.param.tp == 1:
+            holders = (self.numel > 0).view(dp, tp).sum(across, keepdim=True).expand(dp, tp).reshape(-1)
+            return (holders >= 2) * self.rows
+        if not cols:
+            return torch.zeros_like(self.numel)
+        k = len(self.param.blocks)
+        holders = (self.blocks > 0).view(k, dp, tp).sum(across, keepdim=True).expand(k, dp, tp).reshape(k, -1)
+        return (holders >= 2).sum(0) * self.width
+
+    def reaches(self, par: Parallel) -> bool:
+        """Whether reducing only the shared entries over dp, then tp, sums every holder's part of each
+        column (``share_statistics``' check). Only a column-parallel matrix split over both can fail: the
+        ranks holding rows of one fused matrix may share neither group, and a dp group with one holder
+        forwards nothing to its tp group."""
+        if self.param.tp != 0 or set(self.dims) != {"dp", "tp"}:
+            return True
+        k = len(self.param.blocks)
+        held = (self.blocks > 0).view(k, par.dp, par.tp)
+        per_dp = held.sum(1, keepdim=True)  # holders in each dp group (a column of the mesh)
+        after_dp = torch.where(per_dp >= 2, per_dp, held.long())  # holders whose part each rank has after dp
+        per_tp = held.sum(2, keepdim=True)
+        after_tp = torch.where(per_tp >= 2, after_dp.sum(2, keepdim=True).expand_as(after_dp), after_dp)
+        return bool((after_tp == held.sum((1, 2), keepdim=True).expand_as(after_dp))[held].all())
 
 
 def holdings(model: Model, par: Parallel) -> list[Holding]:
@@ -143,7 +178,7 @@ def _held(shape: tuple[int, ...], split: int | None, fused, algorithm: str, par:
         overlap = (torch.minimum(row1[None], seg[:, 1:2]) - torch.maximum(row0[None], seg[:, 0:1])).clamp_(min=0)
         blocks.index_add_(0, seg[:, 2], overlap * w[None])
     dtensor = par.zero == 3 or "tp" in dims
-    return tuple(sorted(dims)), dtensor, numel, blocks
+    return tuple(sorted(dims)), dtensor, numel, blocks, (hi - lo) * p.unit_rows, w
 
 
 def group_order(model: Model) -> list[int]:
@@ -398,7 +433,7 @@ def traffic(model: Model, par: Parallel, optimizer: str, settings: Settings = Se
     norms = settings.scale == "rms" and not registry.scaled_on_owner(stages)
 
     def floats(stage: registry.Statistic):
-        return (lambda h: h.stat_floats) if stage.cols else (lambda h: h.param.logical[0])
+        return lambda h, g: h.shared_floats(g, stage.cols, par)
 
     if par.zero == 1:
         if not spectral:
@@ -421,7 +456,7 @@ def traffic(model: Model, par: Parallel, optimizer: str, settings: Settings = Se
             elems = torch.zeros(R, dtype=INT)
             for h in members:
                 if h.dtensor and g in h.dims:
-                    elems += floats(h) * (steps[h.index] & part)
+                    elems += floats(h, g) * (steps[h.index] & part)
             calls.add(g, "all_reduce", dp if g == "dp" else tp, elems > 0, elems * sb)
 
     plans: list[OwnerPlanModel] = []
@@ -432,7 +467,7 @@ def traffic(model: Model, par: Parallel, optimizer: str, settings: Settings = Se
             for _ in range(stage.passes):
                 stats(laid, floats(stage), everyone)
         if norms:
-            stats(laid, lambda h: len(h.param.blocks), everyone)
+            stats(laid, lambda h, g: len(h.param.blocks), everyone)
     else:
         def sender(h: Holding, dims: tuple[str, ...]) -> Tensor:
             """Holders that send a piece: of identical copies (the group's dims that do not split the
@@ -490,7 +525,7 @@ def traffic(model: Model, par: Parallel, optimizer: str, settings: Settings = Se
                 for _ in range(stage.passes):
                     stats(members, floats(stage), part)
             if after and norms:
-                stats(members, lambda h: len(h.param.blocks), part)
+                stats(members, lambda h, g: len(h.param.blocks), part)
         for h in local:  # single-process: every rank stepping it transforms its whole copy
             flops += steps[h.index] * float(sum(ns_flops(m, n, settings.ns_steps) for m, n in h.param.blocks))
             owned += steps[h.index] * h.param.numel
