@@ -1,5 +1,5 @@
 """The scale model's own invariants at sizes no test machine runs (no process group): every matrix is
-transformed exactly once, owner moves conserve bytes, the statistics carry m + K·n floats per matrix,
+transformed exactly once, owner moves conserve bytes, the statistics carry only the sums other ranks share,
 pipeline stages partition the model, Essential AI's 5·d/B holds for square matrices, and the
 alpha–beta model picks a tree for small all-reduces and a ring for large ones."""
 
@@ -37,13 +37,26 @@ def test_every_matrix_is_transformed_once_and_moves_conserve_bytes(par):
         assert t.comm_stats(0)["world"] == {"calls": 1, "bytes": 4, "sent": round(2 * (par.world - 1) / par.world * 4)}
 
 
-def test_statistics_carry_m_plus_kn_floats_per_matrix_whatever_dp():
-    model = preset("llama-7b")
-    floats = sum(p.logical[0] + len(p.blocks) * p.logical[1] for p in model.params if p.algorithm == MATRIX)
+def test_fsdp2_statistics_carry_the_n_column_sums_per_matrix_whatever_dp():
+    model = preset("llama-7b")  # FSDP2 row shards: each row is one rank's, every rank needs every column sum
+    floats = sum(p.logical[1] for p in model.params if p.algorithm == MATRIX)
     for par in (Parallel(1, 8), Parallel(64, 8)):
         stats = traffic(model, par, "reg", Settings(iters=2)).comm_stats(0)["dp"]
         assert stats["calls"] == 3  # two RACS iterations and the norms
         assert stats["bytes"] == 2 * 4 * floats + 4 * model.matrices
+
+
+def test_fsdp2_x_tp_statistics_carry_the_held_columns_over_dp_and_the_held_rows_over_tp():
+    model, par = preset("llama-7b"), Parallel(8, 8, tp=8, zero=3)  # dp 8: rank 0 is (dp 0, tp 0)
+    matrices = [p for p in model.params if p.algorithm == MATRIX]
+    assert {p.tp for p in matrices} == {0, 1}
+    # column-parallel: rows split over tp and dp, the n column sums over both; row-parallel: the n/tp held
+    # columns over dp, the m/dp held rows over tp
+    dp = sum(p.logical[1] if p.tp == 0 else p.logical[1] // 8 for p in matrices)
+    tp = sum(p.logical[1] if p.tp == 0 else p.logical[0] // 8 for p in matrices)
+    stats = traffic(model, par, "reg").comm_stats(0)
+    assert stats["dp"]["bytes"] == 4 * dp + 4 * model.matrices  # one RACS iteration and the norms
+    assert stats["tp"]["bytes"] == 4 * tp + 4 * model.matrices
 
 
 def test_pipeline_stages_partition_the_model_and_predict_the_costliest_stage():
