@@ -174,7 +174,9 @@ def test_sharded_frobenius_norms_equal_single_process(case):
     run_ranks(world, body)
 
 
-def test_one_collective_per_group_per_racs_iteration(monkeypatch):
+def _racs_buffers(case, shared=True, copies=1, iters=1):
+    """Per rank: the buffer length of every all-reduce of ``iters`` RACS iterations on ``copies`` times the
+    case's layouts (with ``shared``, only the statistics other ranks touch travel)."""
     def body(rank, world):
         calls = []
         real = dist.all_reduce
@@ -183,39 +185,21 @@ def test_one_collective_per_group_per_racs_iteration(monkeypatch):
             calls.append(tensor.numel())
             return real(tensor, op=op, group=group, async_op=async_op)
 
+        layouts = _layouts(case, rank, world, shared) * copies
         dstats.dist.all_reduce = counting
         try:
-            layouts = _layouts("tp2_x_fsdp2", rank, world) * 5  # ten matrices, two groups each
-            locals_ = [_local(_full(k % 2), lay) for k, lay in enumerate(layouts)]
-            sharded_racs_(locals_, layouts, iters=3)
-        finally:
-            dstats.dist.all_reduce = real
-        return calls
-
-    per_rank = run_ranks(4, body)
-    vector = 5 * sum(m + n for m, n in SHAPES)
-    assert all(calls == [vector, vector] * 3 for calls in per_rank)
-
-
-def _racs_buffers(case):
-    """Per rank: the buffer length of every all-reduce of one RACS iteration on the case's shared layouts."""
-    def body(rank, world):
-        calls = []
-        real = dist.all_reduce
-
-        def counting(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
-            calls.append(tensor.numel())
-            return real(tensor, op=op, group=group, async_op=async_op)
-
-        layouts = _layouts(case, rank, world, shared=True)
-        dstats.dist.all_reduce = counting
-        try:
-            sharded_racs_([_local(_full(k), lay) for k, lay in enumerate(layouts)], layouts)
+            sharded_racs_([_local(_full(k % len(SHAPES)), lay) for k, lay in enumerate(layouts)], layouts, iters=iters)
         finally:
             dstats.dist.all_reduce = real
         return calls
 
     return run_ranks(CASES[case][0], body)
+
+
+def test_one_collective_per_group_per_racs_iteration():
+    per_rank = _racs_buffers("tp2_x_fsdp2", shared=False, copies=5, iters=3)  # ten matrices, two groups each
+    vector = 5 * sum(m + n for m, n in SHAPES)
+    assert all(calls == [vector, vector] * 3 for calls in per_rank)
 
 
 def test_row_shards_reduce_only_the_column_sums():
