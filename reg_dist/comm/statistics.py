@@ -146,6 +146,30 @@ def _describe(lay: Layout) -> list[int]:
     return [*lay.rows, *lay.cols, s, e]
 
 
+def _touched_by(lay: Layout, blocks: Tensor) -> tuple[Tensor, Tensor]:
+    """Starts and ends of the entries of ``lay``'s statistics vector that each of the ranks described by
+    ``blocks`` (``(ranks, 6)``, ``_describe``) touches, one run per rank, row range and fused matrix."""
+    (m, n), starts, ends = lay.shape, [], []
+    r0, r1, c0, c1, s, _ = blocks.T
+    held = (s < 0) & (r1 > r0) & (c1 > c0)  # whole blocks, vectorised; flat ranges one by one below
+    starts.append(r0[held])
+    ends.append(r1[held])
+    for k in range(len(lay.block_shapes)):
+        hit = torch.zeros_like(held)
+        for start, end, b in lay.segments:
+            if b == k:
+                hit |= torch.maximum(r0, torch.full_like(r0, start)) < torch.minimum(r1, torch.full_like(r1, end))
+        hit &= held
+        starts.append(m + k * n + c0[hit])
+        ends.append(m + k * n + c1[hit])
+    for r0_, r1_, c0_, c1_, s_, e_ in blocks[s >= 0].tolist():
+        other = Layout(lay.shape, (r0_, r1_), (c0_, c1_), (s_, e_), fused=lay.fused)
+        runs = torch.tensor(_touched(other), dtype=torch.int64).view(-1, 2)
+        starts.append(runs[:, 0])
+        ends.append(runs[:, 1])
+    return torch.cat(starts), torch.cat(ends)
+
+
 def share_statistics(layouts: list[Layout]) -> list[Layout]:
     """``layouts`` with ``shared`` filled in: per group name, the statistics entries that at least two
     ranks of the group touch (collective over each group: one all-gather of every member's block and
@@ -165,18 +189,12 @@ def share_statistics(layouts: list[Layout]) -> list[Layout]:
         mine = torch.tensor([_describe(layouts[k]) for k in members], dtype=torch.int64)
         everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
         dist.all_gather(everyone, mine, group=group)
+        everyone = torch.stack(everyone)  # (ranks, matrices, 6)
         for j, k in enumerate(members):
-            lay = layouts[k]
-            starts, ends = [], []
-            for theirs in everyone:
-                r0, r1, c0, c1, s, e = theirs[j].tolist()
-                other = Layout(lay.shape, (r0, r1), (c0, c1), None if s < 0 else (s, e), fused=lay.fused)
-                for a, b in _touched(other):
-                    starts.append(a)
-                    ends.append(b)
-            deltas = torch.zeros(lay.stat_length + 1, dtype=torch.int64)
-            deltas.index_add_(0, torch.tensor(starts, dtype=torch.int64), torch.ones(len(starts), dtype=torch.int64))
-            deltas.index_add_(0, torch.tensor(ends, dtype=torch.int64), -torch.ones(len(ends), dtype=torch.int64))
+            starts, ends = _touched_by(layouts[k], everyone[:, j])
+            deltas = torch.zeros(layouts[k].stat_length + 1, dtype=torch.int64)
+            deltas.index_add_(0, starts, torch.ones_like(starts))
+            deltas.index_add_(0, ends, -torch.ones_like(ends))
             shared[k][name] = _runs(deltas.cumsum(0)[:-1] >= 2)
     out = [dataclasses.replace(lay, shared=tuple(sorted(sh.items()))) if lay.groups else lay
            for lay, sh in zip(layouts, shared)]
