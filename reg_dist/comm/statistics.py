@@ -150,18 +150,18 @@ def _touched_by(lay: Layout, blocks: Tensor) -> tuple[Tensor, Tensor]:
     """Starts and ends of the entries of ``lay``'s statistics vector that each of the ranks described by
     ``blocks`` (``(ranks, 6)``, ``_describe``) touches, one run per rank, row range and fused matrix."""
     (m, n), starts, ends = lay.shape, [], []
-    r0, r1, c0, c1, s, _ = blocks.T
+    r0, r1, c0, c1, s, _ = blocks.T.contiguous()
     held = (s < 0) & (r1 > r0) & (c1 > c0)  # whole blocks, vectorised; flat ranges one by one below
-    starts.append(r0[held])
-    ends.append(r1[held])
+    starts.append(r0.masked_select(held))
+    ends.append(r1.masked_select(held))
     for k in range(len(lay.block_shapes)):
         hit = torch.zeros_like(held)
         for start, end, b in lay.segments:
             if b == k:
                 hit |= torch.maximum(r0, torch.full_like(r0, start)) < torch.minimum(r1, torch.full_like(r1, end))
         hit &= held
-        starts.append(m + k * n + c0[hit])
-        ends.append(m + k * n + c1[hit])
+        starts.append(m + k * n + c0.masked_select(hit))
+        ends.append(m + k * n + c1.masked_select(hit))
     for r0_, r1_, c0_, c1_, s_, e_ in blocks[s >= 0].tolist():
         other = Layout(lay.shape, (r0_, r1_), (c0_, c1_), (s_, e_), fused=lay.fused)
         runs = torch.tensor(_touched(other), dtype=torch.int64).view(-1, 2)
