@@ -228,16 +228,40 @@ def test_dp_x_tp_reduces_the_held_columns_over_dp_and_the_held_rows_over_tp():
         assert calls == [cols, rows], rank  # "dp" first, then "tp"
 
 
-def test_a_plan_over_several_groups_that_would_miss_a_rank_keeps_every_entry():
+def test_a_plan_over_several_groups_that_would_miss_a_rank_reduces_every_entry_its_groups_touch():
     # fused (3, 2, 2) rows of the 7 × 5 matrix, tp row split then flat dp ranges: matrix 1's columns are
-    # touched by ranks 1 and 2 only, which share no group, so no shared-only plan can reach; the 6 × 9
-    # matrix's plan is checked and kept
+    # touched by ranks 1 and 2 only, which share no group, so the dp group {0, 2} must pass rank 2's on to
+    # rank 0 for the tp group {0, 1}: it reduces every entry one of its ranks touches and two ranks touch
+    # in all; the 6 × 9 matrix keeps the plain plan
     def body(rank, world):
-        return [lay.shared for lay in _layouts("fused_tp2_x_zero2", rank, world, shared=True)]
+        return [(lay.shared, lay.stat_length) for lay in _layouts("fused_tp2_x_zero2", rank, world, shared=True)]
 
-    for first, second in run_ranks(4, body):
-        assert first is None
-        assert second is not None
+    for rank, ((first, length), (second, _)) in enumerate(run_ranks(4, body)):
+        assert sum(b - a for _, runs in first for a, b in runs) < 2 * length, rank
+        assert dict(first)["dp"] == (((7, 17),) if rank % 2 == 0 else ((5, 6), (12, 20)))
+        assert dict(second)["dp"] == (((1, 2),) if rank % 2 == 0 else ((4, 5),))
+
+
+def test_a_plan_no_chain_of_groups_reaches_reduces_every_entry_and_stays_exact():
+    # a 2 × 2 × 2 grid of ranks (groups a, b, c flip one bit of the rank each); column 0 of the 2 × 4
+    # matrix is held by ranks 0 and 7 alone, which differ in every coordinate: a rank between them that
+    # touches nothing would have to pass the sum on, so the matrix keeps shared=None
+    cells = [(0, 0), (0, 1), (1, 1), (0, 2), (1, 2), (0, 3), (1, 3), (1, 0)]  # rank r holds cells[r]
+
+    def body(rank, world):
+        groups = {name: [dist.new_group([r, r ^ bit]) for r in range(world) if r < r ^ bit]
+                  for name, bit in (("a", 4), ("b", 2), ("c", 1))}
+        mine = tuple((name, next(g for g in gs if rank in dist.get_process_group_ranks(g)))
+                     for name, gs in groups.items())
+        row, col = cells[rank]
+        lay = share_statistics([Layout((2, 4), (row, row + 1), (col, col + 1), groups=mine)])[0]
+        full = _full(1)[:2, :4].clone()
+        x = full[row:row + 1, col:col + 1].clone()
+        sharded_racs_([x], [lay])
+        torch.testing.assert_close(x, racs(full)[row:row + 1, col:col + 1], rtol=1e-12, atol=1e-12)
+        return lay.shared
+
+    assert run_ranks(8, body) == [None] * 8
 
 
 @pytest.mark.parametrize(

@@ -176,13 +176,16 @@ def share_statistics(layouts: list[Layout]) -> list[Layout]:
     flat range, in the order of the group names, as the reductions run).
 
     With one group a reduction over it is the whole sum, so reducing only the shared entries is exact.
-    Over several groups (summed one after another) a rank's partial can reach another only through a
-    chain of groups; the plan is then checked once on every matrix, against the full reduction, on
-    the count of ranks touching each entry, and a matrix where any rank's counts differ keeps
+    Over several groups (summed one after another) a rank's partial reaches another only through a
+    chain of groups, and a group with one rank touching an entry may have to pass it on: each plan is
+    checked once, against the full reduction, on the count of ranks touching each entry this rank
+    touches. A matrix that fails it instead reduces, over each group, every entry some rank of the
+    group touches and at least two ranks touch in all (exact when the groups form a grid: every
+    partial reaches the whole grid); checked again, a matrix that fails that too keeps
     ``shared=None`` (every entry over every group).
     """
     groups = [dict(lay.groups) for lay in layouts]
-    shared: list[dict[str, tuple[tuple[int, int], ...]]] = [{} for _ in layouts]
+    counts: list[dict[str, Tensor]] = [{} for _ in layouts]  # ranks of the group touching each entry
     for name in sorted({g for gs in groups for g in gs}):
         members = [k for k, gs in enumerate(groups) if name in gs]
         group = groups[members[0]][name]
@@ -195,38 +198,45 @@ def share_statistics(layouts: list[Layout]) -> list[Layout]:
             deltas = torch.zeros(layouts[k].stat_length + 1, dtype=torch.int64)
             deltas.index_add_(0, starts, torch.ones_like(starts))
             deltas.index_add_(0, ends, -torch.ones_like(ends))
-            shared[k][name] = _runs(deltas.cumsum(0)[:-1] >= 2)
-    out = [dataclasses.replace(lay, shared=tuple(sorted(sh.items()))) if lay.groups else lay
-           for lay, sh in zip(layouts, shared)]
+            counts[k][name] = deltas.cumsum(0)[:-1]
+
+    def plan(k: int, rule) -> Layout:
+        return dataclasses.replace(layouts[k], shared=tuple((g, _runs(rule(c))) for g, c in sorted(counts[k].items())))
+
+    out = [plan(k, lambda c: c >= 2) if lay.groups else lay for k, lay in enumerate(layouts)]
     several = [k for k, lay in enumerate(layouts) if len(lay.groups) > 1]
-    if several:
-        keep = _chains_reach_every_toucher([out[k] for k in several], [layouts[k] for k in several])
-        for k, ok in zip(several, keep):
-            out[k] = out[k] if ok else layouts[k]
+    if not several:
+        return out
+    touched = [_touch_mask(layouts[k]) for k in several]
+    totals = [t.to(torch.float64) for t in touched]  # ranks touching each entry, over every group
+    reduce_packed(totals, [layouts[k] for k in several], dist.ReduceOp.SUM)
+    failed = [i for i, ok in enumerate(_reaches([out[k] for k in several], [layouts[k] for k in several], touched,
+                                               totals)) if not ok]
+    if failed:
+        wider = [plan(several[i], lambda c, t=totals[i]: (c >= 1) & (t >= 2)) for i in failed]
+        ok = _reaches(wider, [layouts[several[i]] for i in failed], [touched[i] for i in failed],
+                      [totals[i] for i in failed])
+        for i, lay, good in zip(failed, wider, ok):
+            out[several[i]] = lay if good else layouts[several[i]]
     return out
 
 
-def _chains_reach_every_toucher(planned: list[Layout], full: list[Layout]) -> list[bool]:
-    """Whether reducing only the ``planned`` shared entries, group after group, counts every rank that
-    touches each entry this rank touches, as the full reduction does, on every rank of each matrix."""
-    def touch_counts() -> list[Tensor]:
-        out = []
-        for lay in full:
-            v = torch.zeros(lay.stat_length, dtype=torch.float64)
-            for a, b in _touched(lay):
-                v[a:b] = 1
-            out.append(v)
-        return out
+def _touch_mask(lay: Layout) -> Tensor:
+    """Bool ``(m + K·n,)``: the entries of ``lay``'s statistics vector its elements add to."""
+    mask = torch.zeros(lay.stat_length, dtype=torch.bool)
+    for a, b in _touched(lay):
+        mask[a:b] = True
+    return mask
 
-    want, got = touch_counts(), touch_counts()
-    reduce_packed(want, full, dist.ReduceOp.SUM)
+
+def _reaches(planned: list[Layout], full: list[Layout], touched: list[Tensor], totals: list[Tensor]) -> list[bool]:
+    """Whether reducing only the ``planned`` shared entries, group after group, counts every rank that
+    touches each entry this rank touches (``totals``, from the full reduction), on every rank holding
+    each matrix (collective over the groups of ``full``)."""
+    got = [t.to(torch.float64) for t in touched]
     reduce_shared(got, planned, dist.ReduceOp.SUM)
-    bad = []
-    for lay, w, g in zip(full, want, got):
-        mask = torch.zeros(lay.stat_length, dtype=torch.bool)
-        for a, b in _touched(lay):
-            mask[a:b] = True
-        bad.append(torch.tensor([float(not torch.equal(w[mask], g[mask]))], dtype=torch.float64))
+    bad = [torch.tensor([float(not torch.equal(w[m], g[m]))], dtype=torch.float64)
+           for w, g, m in zip(totals, got, touched)]
     reduce_packed(bad, full, dist.ReduceOp.MAX)
     return [not bool(b.item()) for b in bad]
 

@@ -112,12 +112,11 @@ class Holding:
         matrix) that ``group`` ("dp" or "tp", one it is split over) reduces on each rank: the ranks of a
         group instance hold the same columns and disjoint rows, or ("tp" splitting columns) the same rows
         and disjoint columns, so it shares the held columns of every fused matrix two of them hold rows
-        of, or the held rows when two of them hold anything. A matrix whose shared entries would not reach
-        every holder reduces all of them (``reaches``)."""
+        of, or the held rows when two of them hold anything. Where that would not reach every holder
+        (``reaches``), the held columns of every fused matrix one of them holds rows of and two ranks
+        hold rows of in all."""
         dp, tp = par.dp, par.tp
-        if not self.reaches(par):
-            (m, n), k = self.param.logical, len(self.param.blocks)
-            return torch.full_like(self.numel, m + (k * n if cols else 0))
+        wider = not self.reaches(par)
         across = -1 if group == "tp" else -2  # the mesh dim of (…, dp, tp) the group's ranks differ in
         if group == "tp" and self.param.tp == 1:
             holders = (self.numel > 0).view(dp, tp).sum(across, keepdim=True).expand(dp, tp).reshape(-1)
@@ -126,13 +125,17 @@ class Holding:
             return torch.zeros_like(self.numel)
         k = len(self.param.blocks)
         holders = (self.blocks > 0).view(k, dp, tp).sum(across, keepdim=True).expand(k, dp, tp).reshape(k, -1)
-        return (holders >= 2).sum(0) * self.width
+        if wider:
+            shared = (holders >= 1) & ((self.blocks > 0).sum(1, keepdim=True) >= 2)
+        else:
+            shared = holders >= 2
+        return shared.sum(0) * self.width
 
     def reaches(self, par: Parallel) -> bool:
-        """Whether reducing only the shared entries over dp, then tp, sums every holder's part of each
-        column (``share_statistics``' check). Only a column-parallel matrix split over both can fail: the
-        ranks holding rows of one fused matrix may share neither group, and a dp group with one holder
-        forwards nothing to its tp group."""
+        """Whether reducing only the entries two ranks of a group share, over dp then tp, sums every
+        holder's part of each column (``share_statistics``' first check). Only a column-parallel matrix
+        split over both can fail: the ranks holding rows of one fused matrix may share neither group, and
+        a dp group with one holder passes nothing on to its tp group."""
         if self.param.tp != 0 or set(self.dims) != {"dp", "tp"}:
             return True
         k = len(self.param.blocks)
