@@ -238,9 +238,10 @@ def _predict_stage(full: Model, model: Model, par: Parallel, cluster: Cluster, o
         if shard_bytes and stats > shard_bytes:
             notes.append(f"statistics traffic: the all-reduces carry {stats / 1e6:.0f} MB per rank, more than its "
                          f"{shard_bytes / 1e6:.0f} MB of matrix shards: a row shard needs every column sum of its "
-                         f"matrix, so the n column sums per matrix do not shrink with dp (only the rows do). "
-                         f"Mitigation: reduce-scatter the column sums over the tensor-parallel group first, "
-                         f"all-reduce 1/tp of them over dp, all-gather over tp")
+                         f"matrix, so the n column sums per matrix do not shrink with dp (only the rows do). " +
+                         ("Mitigation: reduce-scatter the column sums over the tensor-parallel group first, "
+                          "all-reduce 1/tp of them over dp, all-gather over tp" if par.tp > 1 else
+                          "Without tensor parallelism that is the floor of an exact RACS on row shards"))
     if tr.native is not None and dp_sync > 1.05 * zero1:
         biggest = max(h.numel // (par.tp if h.tp is not None and par.tp > 1 else 1) for h in model.params
                       if h.algorithm == MATRIX)
