@@ -52,7 +52,7 @@ class OwnerPlan:
     """The static moves of one group's matrices over ``group`` (None: this process alone)."""
 
     def __init__(self, layouts: list[Layout | None], names: list[str], group: dist.ProcessGroup | None,
-                 group_name: str, start: list[int] | None = None) -> None:
+                 group_name: str) -> None:
         self.group, self.group_name = group, group_name
         self.size = dist.get_world_size(group) if group is not None else 1
         self.rank = dist.get_rank(group) if group is not None else 0
@@ -80,7 +80,7 @@ class OwnerPlan:
                 self.matrices.append((i, k, block_shape))
                 candidates.append(sorted(geoms))
         costs = [newton_schulz_cost(m, n) for _, _, (m, n) in self.matrices]
-        self.owners = plan_owners(costs, self.size, candidates, start)  # start: loads planned before (comm.split)
+        self.owners = plan_owners(costs, self.size, candidates)
         self.imbalance = imbalance(costs, self.owners, self.size)
 
         def rects(r: int, i: int, k: int) -> tuple[Rect, ...]:

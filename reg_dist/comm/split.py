@@ -22,16 +22,17 @@ group's mean load (the busiest rank's lower bound) is split over the smallest k 
 (``split_cost``), fits the mean, else the k that costs least; ``"force"`` splits every matrix over
 ``most`` ranks (those with a long side of at least ``most``); ``"off"`` none. ``place`` then puts the
 matrices, largest per-rank cost first, on the run (or, unsplit, the rank) of least load among those
-that hold some of it: with k = 1 everywhere it is ``ownership.plan_owners``.
+with a rank that holds some of it: with k = 1 everywhere it is ``ownership.plan_owners``.
 
-``SplitPlan`` moves the parameters that have a split matrix (their unsplit fused blocks go whole to one
-owner, k = 1): one all-to-all sends every held element to the rank whose block holds it, the blocks of
-one run, full shape and orientation are stacked and transformed together, one all-to-all sends them back.
+Where an owner group has a split matrix, its ``SplitPlan`` replaces the ``OwnerPlan`` (the unsplit matrices
+go whole to one owner, k = 1), so a step still makes two all-to-alls: one sends every held element to the
+rank whose block holds it, the blocks of one run and full shape are stacked and transformed together,
+one sends them back.
 """
 
 import dataclasses
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -94,30 +95,29 @@ def split_degrees(shapes: list[tuple[int, int]], size: int, mode: str, most: int
 
 
 def split_parameters(shapes: list[tuple[tuple[int, int], ...]], size: int, mode: str, most: int, steps: int,
-                     itemsize: int) -> tuple[list[int], list[int], list[int]]:
-    """Of the parameters whose fused matrices have ``shapes`` (one owner plan's, over ``size`` ranks): the
-    indices of those with a split matrix, and the degrees and ``split_cost`` of their matrices, in order."""
-    degrees = split_degrees([s for ss in shapes for s in ss], size, mode, most, steps, itemsize)
-    chosen, ks, costs, at = [], [], [], 0
-    for i, ss in enumerate(shapes):
-        mine, at = degrees[at:at + len(ss)], at + len(ss)
-        if max(mine) > 1:
-            chosen.append(i)
-            ks += mine
-            costs += [split_cost(m, n, k, steps, itemsize) for (m, n), k in zip(ss, mine)]
-    return chosen, ks, costs
+                     itemsize: int) -> tuple[list[int], list[int]] | None:
+    """The degree and ``split_cost`` of every fused matrix of the parameters whose matrices have ``shapes``
+    (one owner group's, over ``size`` ranks), in order; None where none is split (an ``OwnerPlan`` then)."""
+    flat = [s for ss in shapes for s in ss]
+    degrees = split_degrees(flat, size, mode, most, steps, itemsize)
+    if max(degrees, default=1) == 1:
+        return None
+    return degrees, [split_cost(m, n, k, steps, itemsize) for (m, n), k in zip(flat, degrees)]
 
 
-def place(costs: list[int], degrees: list[int], size: int, candidates: list[list[int]],
-          start: list[int] | None = None) -> tuple[list[int], list[int]]:
+def place(costs: list[int], degrees: list[int], size: int,
+          candidates: list[Sequence[int]]) -> tuple[list[int], list[int]]:
     """The first rank of every matrix's run (``degrees[j]`` ranks from it, ``costs[j]`` each), largest cost
     first, on the run of least busiest-rank load (ties: the lowest) among those with a rank in its
-    ``candidates`` (else any); and the ranks' loads after it (before: ``start``, default 0)."""
-    load = list(start) if start is not None else [0] * size
+    ``candidates`` (a ``range`` or a sorted list, not empty); and the ranks' loads."""
+    load = [0] * size
     firsts = [0] * len(costs)
     for j in sorted(range(len(costs)), key=lambda j: (-costs[j], j)):
-        k, allowed = degrees[j], set(candidates[j])
-        runs = [s for s in range(0, size, k) if allowed.intersection(range(s, s + k))] or list(range(0, size, k))
+        k, allowed = degrees[j], candidates[j]
+        if isinstance(allowed, range):
+            runs = range(allowed.start - allowed.start % k, allowed.stop, k)
+        else:
+            runs = sorted({r - r % k for r in allowed})
         first = min(runs, key=lambda s: (max(load[s:s + k]), s))
         firsts[j] = first
         for r in range(first, first + k):
@@ -172,14 +172,14 @@ SplitFn = Callable[[Tensor, bool, Callable[[Tensor], None], tuple[int, int]], Te
 
 
 class SplitPlan:
-    """The static moves and runs of one optimizer group's parameters that have a split matrix, over ``group``.
+    """The static moves and runs of one optimizer group's matrices over ``group``, some of them split.
 
-    ``degrees`` gives each fused matrix of ``layouts`` (in order) its k; ``start`` the group ranks' loads
-    from matrices planned before. Collective: every rank of ``group`` builds it with the same arguments.
+    ``degrees`` and ``costs`` give each fused matrix of ``layouts`` (in order) its k and per-rank cost
+    (``split_parameters``). Collective: every rank of ``group`` builds it with the same arguments.
     """
 
     def __init__(self, layouts: list[Layout | None], names: list[str], group: dist.ProcessGroup, group_name: str,
-                 degrees: list[int], costs: list[int], start: list[int] | None = None) -> None:
+                 degrees: list[int], costs: list[int]) -> None:
         self.group, self.group_name = group, group_name
         self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         mine = [None if lay is None or lay.numel == 0 else dataclasses.replace(lay, groups=()) for lay in layouts]
@@ -196,11 +196,14 @@ class SplitPlan:
             for r, g in geoms.items():
                 distinct.setdefault((g.rows, g.cols, g.flat), r)
             senders.append(set(distinct.values()))
+            holders = sorted(geoms)
+            if holders[-1] - holders[0] + 1 == len(holders):
+                holders = range(holders[0], holders[-1] + 1)
             for k, shape in enumerate(next(iter(geoms.values())).block_shapes):
                 self.matrices.append((i, k, shape))
-                candidates.append(sorted(geoms))
+                candidates.append(holders)
         self.degrees, self.costs = degrees, costs
-        self.owners, self.load = place(costs, degrees, self.size, candidates, start)  # each run's first rank
+        self.owners, self.load = place(costs, degrees, self.size, candidates)  # each run's first rank
         mean = sum(self.load) / self.size
         self.imbalance = max(self.load) / mean - 1.0 if mean else 0.0
 

@@ -344,8 +344,9 @@ class MatrixOptimizer(Optimizer):
         return [plan for entries in self._plans.values() for plan, _ in entries]
 
     def _plan_group(self, group: dict) -> None:
-        """One ``OwnerPlan`` per communicator for the group's collective matrices stepped here (the rest,
-        whole on this process, get a ``LocalPlan`` at each step)."""
+        """One ``OwnerPlan`` per communicator for the group's collective matrices stepped here, or a
+        ``SplitPlan`` where a matrix's Newton–Schulz is split (the rest, whole on this process, get a
+        ``LocalPlan`` at each step)."""
         if group["algorithm"] != self.algorithm or not spectral(self.stages(group)):
             return
         by_ranks: dict[Any, tuple[dist.ProcessGroup | None, str, list[tuple[Tensor, str]]]] = {}
@@ -361,23 +362,18 @@ class MatrixOptimizer(Optimizer):
         for pg, name, pairs in by_ranks.values():
             ps, names = [p for p, _ in pairs], [n for _, n in pairs]
             layouts = [self._layouts[id(p)] for p in ps]
-            chosen, start = [], None
+            split = None
             if pg is not None and splittable:
-                chosen, degrees, costs = split_parameters(
-                    [lay.block_shapes for lay in layouts], dist.get_world_size(pg), self.ns_split,
-                    self.split_group_size, group["ns_steps"], group["ns_dtype"].itemsize)
-            if chosen:
-                split = SplitPlan([layouts[i] for i in chosen], [names[i] for i in chosen], pg, name, degrees, costs)
+                split = split_parameters([lay.block_shapes for lay in layouts], dist.get_world_size(pg), self.ns_split,
+                                         self.split_group_size, group["ns_steps"], group["ns_dtype"].itemsize)
+            if split is not None:
+                plan = SplitPlan(layouts, names, pg, name, *split)
                 logger.info("%s split Newton–Schulz over %r: %d of %d matrices over runs of %s ranks, imbalance "
-                            "%.1f %%", type(self).__name__, name, sum(k > 1 for k in degrees), len(degrees),
-                            sorted({k for k in degrees if k > 1}), 100 * split.imbalance)
-                entries.append((split, [ps[i] for i in chosen]))
-                start = split.load
-                rest = [i for i in range(len(ps)) if i not in set(chosen)]
-                ps, names, layouts = [ps[i] for i in rest], [names[i] for i in rest], [layouts[i] for i in rest]
-                if not ps:
-                    continue
-            plan = OwnerPlan(layouts, names, pg, name, start)
+                            "%.1f %%", type(self).__name__, name, sum(k > 1 for k in plan.degrees), len(plan.degrees),
+                            sorted({k for k in plan.degrees if k > 1}), 100 * plan.imbalance)
+                entries.append((plan, ps))
+                continue
+            plan = OwnerPlan(layouts, names, pg, name)
             logger.info("%s owner plan over %r: %d matrices, %d here, imbalance %.1f %%", type(self).__name__,
                         name, len(plan.matrices), plan.owned, 100 * plan.imbalance)
             entries.append((plan, ps))

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from ..comm.collectives import WIRE
+from ..comm.split import SPLIT_GROUP_SIZE, check_split_args
 from ..comm.native import BUCKET_BYTES, plan_streams, segments
 from ..comm.owner import newton_schulz_cost
 from ..comm.ownership import imbalance, plan_owners
@@ -43,6 +44,7 @@ from ..optim import registry
 from ..optim.scaling import check_scale
 from .parallel import Parallel
 from .shapes import MATRIX, Model, Param
+from .split import SplitPlanModel, split_plan
 
 OPTIMIZERS = tuple(registry.ALGORITHMS)
 INT = torch.int64
@@ -58,12 +60,16 @@ class Settings:
     param_bytes: int = 4  # parameter (and gradient, momentum, AdamW moment) dtype: fp32
     bucket_bytes: int = BUCKET_BYTES  # native mode
     ns_steps: int = 5
+    ns_bytes: int = 2  # Newton–Schulz in bf16 (a split matrix's Gram all-reduces)
+    ns_split: str = "auto"  # comm.split: "auto", "force", "off"
+    split_group_size: int = SPLIT_GROUP_SIZE
 
     def __post_init__(self) -> None:
         for name in ("iters", "ns_steps", "bucket_bytes"):
             check_count(name, getattr(self, name))
         check_scale(self.scale)
-        for name in ("move_bytes", "param_bytes"):
+        check_split_args(self.ns_split, self.split_group_size)
+        for name in ("move_bytes", "param_bytes", "ns_bytes"):
             if getattr(self, name) not in (2, 4, 8):
                 raise ValueError(f"{name} must be 2, 4 or 8 (bf16/fp16, fp32, fp64), got {getattr(self, name)!r}")
 
@@ -96,6 +102,7 @@ class Holding:
     dtensor: bool
     numel: Tensor  # (R,) elements each rank holds
     blocks: Tensor  # (K, R) elements of each fused matrix each rank holds
+    extent: Tensor  # (4, R) the logical rows [r0, r1) and columns [c0, c1) each rank's block spans
 
     @property
     def laid(self) -> bool:
@@ -143,7 +150,7 @@ def _held(shape: tuple[int, ...], split: int | None, fused, algorithm: str, par:
         overlap = (torch.minimum(row1[None], seg[:, 1:2]) - torch.maximum(row0[None], seg[:, 0:1])).clamp_(min=0)
         blocks.index_add_(0, seg[:, 2], overlap * w[None])
     dtensor = par.zero == 3 or "tp" in dims
-    return tuple(sorted(dims)), dtensor, numel, blocks
+    return tuple(sorted(dims)), dtensor, numel, blocks, torch.stack([lo * p.unit_rows, hi * p.unit_rows, c0, c1])
 
 
 def group_order(model: Model) -> list[int]:
@@ -331,7 +338,7 @@ class Traffic:
     optimizer: str
     settings: Settings
     calls: list[Call]
-    plans: list[OwnerPlanModel]
+    plans: list[OwnerPlanModel | SplitPlanModel]
     native: NativePlanModel | None
     ns_flops: Tensor  # (R,) float64
     state_bytes: Tensor  # (R,)
@@ -462,29 +469,41 @@ def traffic(model: Model, par: Parallel, optimizer: str, settings: Settings = Se
         for name, ranks, entries in instances:
             if not entries:
                 continue
-            plan = owner_plan(entries, ranks, name, node, settings)
-            plans.append(plan)
-            flops[ranks] += plan.flops
-            owned[ranks] += plan.owned
             part = torch.zeros(R, dtype=torch.bool)
             part[ranks] = True
-            for stage in before:
-                for _ in range(stage.passes):
-                    stats([h for h, _ in entries], floats(stage), part)
-            if plan.moves and len(ranks) > 1:
-                v = plan.vectors
 
-                def spread(x: Tensor, ranks: Tensor = ranks) -> Tensor:
-                    out = torch.zeros(R, dtype=INT)
-                    out[ranks] = x
-                    return out
+            def spread(x: Tensor, ranks: Tensor = ranks) -> Tensor:
+                out = torch.zeros(R, dtype=INT)
+                out[ranks] = x
+                return out
 
+            def moves(v: dict[str, Tensor], name: str = name, ranks: Tensor = ranks, part: Tensor = part) -> None:
                 for a in ("1", "2"):
                     sent = spread((v["send" + a] - v["self" + a]) * mb)
                     far_s, far_r = spread(v["send" + a + "_far"] * mb), spread(v["recv" + a + "_far"] * mb)
                     extra = {"send_far": far_s, "send_near": sent - far_s, "recv_far": far_r,
                              "recv_near": spread(v["recv" + a] * mb) - far_r, "peers": spread(v["peers" + a])}
                     calls.add(name, "all_to_all", len(ranks), part, spread(v["send" + a] * mb), sent=sent, a2a=extra)
+
+            split = split_plan(entries, ranks, name, node, settings) if len(ranks) > 1 else None
+            plan = split if split is not None else owner_plan(entries, ranks, name, node, settings)
+            plans.append(plan)
+            flops[ranks] += plan.flops
+            owned[ranks] += plan.owned
+            for stage in before:
+                for _ in range(stage.passes):
+                    stats([h for h, _ in entries], floats(stage), part)
+            if split is not None:  # always its two all-to-alls, and per run and shape its all-reduces
+                moves(split.vectors)
+                norm_bytes = 8 if 8 in (settings.param_bytes, settings.ns_bytes) else 4
+                for first, k, (m, n), b in split.reductions:
+                    run = torch.zeros(R, dtype=torch.bool)
+                    run[ranks[first:first + k]] = True
+                    calls.add(f"split{k}", "all_reduce", k, run, torch.full((R,), b * norm_bytes, dtype=INT))
+                    calls.add(f"split{k}", "all_reduce", k, run, torch.full((R,), b * min(m, n) ** 2 * settings.ns_bytes,
+                                                                            dtype=INT), count=settings.ns_steps)
+            elif plan.moves and len(ranks) > 1:
+                moves(plan.vectors)
             members = [h for h, _ in entries]
             for stage in after:
                 for _ in range(stage.passes):
