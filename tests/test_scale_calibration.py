@@ -157,21 +157,23 @@ def _gpt2_small(layers=12):
 
 
 def test_predictions_equal_the_gpt2_small_measurements_in_comm_json():
-    """benchmarks/comm.py's run (4 gloo ranks, 124M parameters, 9 layout × optimizer cases): every
+    """benchmarks/comm.py's run (4 gloo ranks, 124M parameters, 11 layout × optimizer cases): every
     rank's comm_stats, the ZeRO-1 figure and the planner's imbalance, predicted exactly."""
     result = json.loads((ROOT / "benchmarks" / "results" / "comm.json").read_text())
     tp_plan = {"qkv": "colwise", "fc": "colwise", "attn_proj": "rowwise", "fc_proj": "rowwise"}
-    assert len(result["cases"]) == 9
+    assert len(result["cases"]) == 11
     for case in result["cases"]:
         model = from_module(_gpt2_small(result["layers"]), tp_plan if case["tp"] > 1 else None)
         par = Parallel(1, case["dp"] * case["tp"], tp=case["tp"], zero=1 if case["dp_sync_measured"] else 3)
-        t = traffic(model, par, case["optimizer"].lower(), Settings(iters=result["iters"]))
+        split = {"ns_split": "force", "split_group_size": case["split"]} if case["split"] else {}
+        t = traffic(model, par, case["optimizer"].lower(), Settings(iters=result["iters"], **split))
         for r in case["ranks"]:
             assert t.comm_stats(r["rank"]) == r["comm"], f"{case['layout']} {case['optimizer']} rank {r['rank']}"
         assert (t.imbalance is None) == (case["imbalance"] is None)
         if case["imbalance"] is not None:
             assert t.imbalance == pytest.approx(case["imbalance"])
-        p = predict(model, par, cluster("h100"), case["optimizer"].lower(), settings=Settings(iters=result["iters"]))
+        p = predict(model, par, cluster("h100"), case["optimizer"].lower(),
+                    settings=Settings(iters=result["iters"], **split))
         assert p.zero1_sent == case["zero1_adamw_bytes"]
 
 

@@ -7,19 +7,12 @@ import pytest
 import torch
 
 from multiproc import run_ranks
-from reg_dist import Muon, MuonEq, NorMuon, optim
+from reg_dist import Muon
 from reg_dist.comm.ownership import plan_owners
 from reg_dist.comm.split import SplitPlan, place, split_degrees
 from reg_dist.ops.newton_schulz import iterate
-from sharded import STEPS, Net, data, fsdp, fsdp_x_tp, loss_of, reference, run_sharded
-
-EXACT = {"lr": 0.02, "ns_dtype": torch.float32}
-ALGORITHMS = {
-    "muon": (Muon, optim.Muon, {}),
-    "muoneq_rowcol_phase": (MuonEq, optim.MuonEq, {"mode": "rowcol", "phase": 2}),
-    "normuon": (NorMuon, optim.NorMuon, {"beta2": 0.9}),
-}
-MATRICES = 4 + 3 + 1 + 3  # up, down, squeeze, expand; q, k, v; proj; three experts
+from sharded import STEPS, Net, fsdp, fsdp_x_tp, reference, run_sharded
+from test_distributed_muon import ALGORITHMS, EXACT, MATRICES
 
 
 def _split_work(model, opt):

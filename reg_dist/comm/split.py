@@ -8,13 +8,16 @@ a run of k ≤ GPUs per node stays inside a node). The Newton–Schulz iteration
 
     normalise   ||X||_F² = Σ_p ||X_p||_F²                    one all-reduce of B floats (fp32, fp64)
     iterate     A = Σ_p X_p X_pᵀ  (a × a; tall: Σ X_pᵀ X_p)   one all-reduce of B·a² in the NS dtype
-                B = b_k·A + c_k·A²;  X_p = a_k·X_p + B·X_p   on each rank, for its block (tall: X_p·B)
+                P = b_k·A + c_k·A²: rank p forms rows          one all-gather of B·k·⌈a/k⌉·a
+                [p·⌈a/k⌉, (p+1)·⌈a/k⌉) of it
+                X_p = a_k·X_p + P·X_p                         on each rank, for its block (tall: X_p·P)
     scale       "rms": ||U||_F² summed the same way           one all-reduce of B floats
 
 (B: the matrices of one stack; ``ns_method="gram"`` reduces its Gram matrix at each restart instead of
-every step). Each block is the matrix's own iteration restricted to its rows (columns), so the blocks
-together equal one process's Newton–Schulz to the rounding of the Gram sums. A rank's FLOPs per step
-fall from 4a²b + 2a³ to 4a²b/k + 2a³ (B is formed on every rank of the run).
+every step and forms its a × a products on every rank). Each block is the matrix's own iteration
+restricted to its rows (columns), with the same products, so the blocks together equal one process's
+Newton–Schulz to the rounding of the Gram sums. A rank's FLOPs per step fall from 4a²b + 2a³ to
+(4a²b + 2a³)/k.
 
 Which matrices are split (``split_degrees``): with ``mode="auto"`` a matrix whose whole cost exceeds the
 group's mean load (the busiest rank's lower bound) is split over the smallest k (a power of two up to
@@ -30,7 +33,6 @@ rank whose block holds it, the blocks of one run and full shape are stacked and 
 one sends them back.
 """
 
-import dataclasses
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -41,7 +43,7 @@ from torch import Tensor
 
 from ..layout import Layout
 from .collectives import CommStats, count
-from .owner import newton_schulz_cost
+from .owner import gather_holdings, newton_schulz_cost
 
 SPLIT_MODES = ("auto", "off", "force")
 SPLIT_GROUP_SIZE = 8  # default: the GPUs of a node, so the per-step all-reduces stay on NVLink
@@ -59,13 +61,14 @@ def check_split_args(mode: str, most: int) -> None:
 
 def split_cost(m: int, n: int, k: int, steps: int, itemsize: int) -> int:
     """A rank's share of the Newton–Schulz of an m × n matrix split over ``k`` ranks, in
-    ``newton_schulz_cost``'s units (m·n·min(m, n) at k = 1): its FLOPs 4a²b/k + 2a³ per step, plus
-    ``FLOPS_PER_BYTE`` per byte it sends in the ``steps`` all-reduces of a² elements of ``itemsize``."""
+    ``newton_schulz_cost``'s units (m·n·min(m, n) at k = 1): its FLOPs (4a²b + 2a³)/k per step, plus
+    ``FLOPS_PER_BYTE`` per byte it sends in each step's all-reduce and all-gather of a² elements of
+    ``itemsize`` (ring: 2(k−1)/k and (k−1)/k of them)."""
     a, b = min(m, n), max(m, n)
     if k == 1:
         return newton_schulz_cost(m, n)
-    flops = 4 * a * a * b / k + 2 * a**3
-    wire = steps * a * a * itemsize * 2 * (k - 1) / k
+    flops = (4 * a * a * b + 2 * a**3) / k
+    wire = steps * a * a * itemsize * 3 * (k - 1) / k
     return round((flops + FLOPS_PER_BYTE * wire) * newton_schulz_cost(m, n) / (4 * a * a * b + 2 * a**3))
 
 
@@ -168,7 +171,34 @@ def _pieces(rects, wide: bool, lo: int, hi: int) -> list[Piece]:
 
 
 StackKey = tuple[int, int, tuple[int, int]]  # (first rank of the run, k, full shape (m, n))
-SplitFn = Callable[[Tensor, bool, Callable[[Tensor], None], tuple[int, int]], Tensor]
+
+
+class Run:
+    """The collectives of a run of ``k`` ranks over ``group`` (this rank its ``p``-th), counted as ``name``."""
+
+    def __init__(self, group: dist.ProcessGroup, k: int, p: int, stats: CommStats | None) -> None:
+        self.group, self.k, self.p, self.stats, self.name = group, k, p, stats, f"split{k}"
+
+    def reduce(self, x: Tensor) -> None:
+        """``x`` summed in place over the run."""
+        dist.all_reduce(x, group=self.group)
+        count(self.stats, self.name, x, "all_reduce", self.group)
+
+    def polynomial(self, A: Tensor, b: float, c: float) -> Tensor:
+        """b·A + c·A² of the Gram matrices ``A`` ``(B, a, a)`` (the same on every rank of the run): each rank
+        forms its ⌈a/k⌉ rows (the last ones fewer or none), one all-gather joins them."""
+        batch, a = A.shape[0], A.shape[-1]
+        rows = -(-a // self.k)
+        lo, hi = min(self.p * rows, a), min((self.p + 1) * rows, a)
+        mine = A.new_zeros(batch, rows, a)
+        mine[:, : hi - lo] = torch.baddbmm(A[:, lo:hi], A[:, lo:hi], A, beta=b, alpha=c)
+        out = A.new_empty(self.k * batch, rows, a)
+        dist.all_gather_into_tensor(out, mine, group=self.group)
+        count(self.stats, self.name, out, "all_gather", self.group)
+        return out.view(self.k, batch, rows, a).transpose(0, 1).reshape(batch, self.k * rows, a)[:, :a]
+
+
+SplitFn = Callable[[Tensor, bool, Run, tuple[int, int]], Tensor]
 
 
 class SplitPlan:
@@ -182,26 +212,13 @@ class SplitPlan:
                  degrees: list[int], costs: list[int]) -> None:
         self.group, self.group_name = group, group_name
         self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
-        mine = [None if lay is None or lay.numel == 0 else dataclasses.replace(lay, groups=()) for lay in layouts]
-        everyone: list = [None] * self.size
-        dist.all_gather_object(everyone, mine, group=group)
+        everyone, holders, senders = gather_holdings(layouts, names, group, group_name)
         self.matrices: list[tuple[int, int, tuple[int, int]]] = []
-        candidates, senders = [], []
-        for i, name in enumerate(names):
-            geoms = {r: theirs[i] for r, theirs in enumerate(everyone) if theirs[i] is not None}
-            if not geoms or len({(g.shape, g.fused) for g in geoms.values()}) != 1:
-                raise ValueError(f"ranks of {group_name!r} disagree on the shape or fused blocks of parameter "
-                                 f"{name}, or none holds any of it")
-            distinct = {}
-            for r, g in geoms.items():
-                distinct.setdefault((g.rows, g.cols, g.flat), r)
-            senders.append(set(distinct.values()))
-            holders = sorted(geoms)
-            if holders[-1] - holders[0] + 1 == len(holders):
-                holders = range(holders[0], holders[-1] + 1)
-            for k, shape in enumerate(next(iter(geoms.values())).block_shapes):
-                self.matrices.append((i, k, shape))
-                candidates.append(holders)
+        candidates = []
+        for i, ranks in enumerate(holders):
+            allowed = range(ranks[0], ranks[-1] + 1) if ranks[-1] - ranks[0] + 1 == len(ranks) else ranks
+            self.matrices += [(i, k, shape) for k, shape in enumerate(everyone[ranks[0]][i].block_shapes)]
+            candidates += [allowed] * len(everyone[ranks[0]][i].block_shapes)
         self.degrees, self.costs = degrees, costs
         self.owners, self.load = place(costs, degrees, self.size, candidates)  # each run's first rank
         mean = sum(self.load) / self.size
@@ -259,18 +276,10 @@ class SplitPlan:
               sent=(send.numel() - send_sizes[self.rank]) * send.element_size())
         return recv
 
-    def _reduce(self, first: int, k: int, stats: CommStats | None) -> Callable[[Tensor], None]:
-        group, name = self.subgroups[(first, k)], f"split{k}"
-
-        def reduce(x: Tensor) -> None:
-            dist.all_reduce(x, group=group)
-            count(stats, name, x, "all_reduce", group)
-        return reduce
-
     def run(self, locals_: dict[int, Tensor], fn: Callable[[Tensor], Tensor], move_dtype: torch.dtype,
             work_dtype: torch.dtype, stats: CommStats | None = None, split: SplitFn | None = None) -> dict[int, Tensor]:
-        """As ``OwnerPlan.run``: ``fn`` on the whole (k = 1) matrices, ``split(x, wide, reduce, (m, n))`` on
-        the blocks ``x`` ``(B, ·, ·)`` of a run's stack of m × n matrices, ``reduce`` summing over the run."""
+        """As ``OwnerPlan.run``: ``fn`` on the whole (k = 1) matrices, ``split(x, wide, run, (m, n))`` on
+        the blocks ``x`` ``(B, ·, ·)`` of a run's stack of m × n matrices (``run``: its collectives)."""
         device = next(iter(locals_.values())).device if locals_ else torch.device("cpu")
         flats = {i: x.reshape(-1) for i, x in locals_.items()}
         empty = torch.empty(0, dtype=move_dtype, device=device)
@@ -296,7 +305,8 @@ class SplitPlan:
             elif split is None:
                 raise RuntimeError("a split Newton–Schulz plan needs the stage's split transform")
             else:
-                done[key] = split(mats[key], shape[0] <= shape[1], self._reduce(first, k, stats), shape)
+                done[key] = split(mats[key], shape[0] <= shape[1], Run(self.subgroups[(first, k)], k,
+                                                                       self.rank - first, stats), shape)
         parts = [done[key][b, pc.row : pc.row + pc.r1 - pc.r0, pc.col : pc.col + pc.c1 - pc.c0].reshape(-1)
                  for moves in self.back_send for (key, b), pc in moves]
         back = self._exchange(torch.cat(parts).to(move_dtype) if parts else empty, self.back_send_sizes,

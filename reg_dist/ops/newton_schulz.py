@@ -98,7 +98,8 @@ def _times(P: Tensor, X: Tensor, wide: bool, beta: float | None = None, alpha: f
 
 
 def iterate(x: Tensor, steps: int, coefficients: str, dtype: torch.dtype, method: str,
-             out: Tensor | None = None, wide: bool | None = None, reduce: Callable[[Tensor], None] | None = None) -> Tensor:
+             out: Tensor | None = None, wide: bool | None = None, reduce: Callable[[Tensor], None] | None = None,
+             polynomial: Callable[[Tensor, float, float], Tensor] | None = None) -> Tensor:
     """Newton–Schulz of one matrix ``(m, n)`` or a stack ``(B, m, n)``, one (batched) matmul per product,
     the last one into ``out``: what ``orthogonalize`` runs off the CPU, and on the CPU per matrix.
 
@@ -106,6 +107,8 @@ def iterate(x: Tensor, steps: int, coefficients: str, dtype: torch.dtype, method
     (rows of a tall matrix, ``wide=False``; columns of a wide one, ``wide=True``) and ``reduce`` sums a
     tensor in place over the blocks. Every Gram matrix and the squared Frobenius norms are then
     reduced; the rest of the iteration is per block, so the blocks together are the matrix's iteration.
+    ``polynomial(A, b, c)``, where given, forms "standard"'s b·A + c·A² instead of one product here (a
+    split run forms a block of its rows on each rank and gathers them).
     """
     wide = x.shape[-2] <= x.shape[-1] if wide is None else wide
     X = x.to(dtype, copy=True)
@@ -132,7 +135,7 @@ def iterate(x: Tensor, steps: int, coefficients: str, dtype: torch.dtype, method
         return _times(Q, X, wide, out=out)
     for k, (a, b, c) in enumerate(plan):
         A = A if k == 0 else small(X)
-        B = _addmm(A, A, A, beta=b, alpha=c)
+        B = _addmm(A, A, A, beta=b, alpha=c) if polynomial is None else polynomial(A, b, c)
         X, inv = _times(B, X, wide, beta=a * inv, alpha=inv, out=out if k == len(plan) - 1 else None), 1.0
     return X
 

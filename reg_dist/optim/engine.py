@@ -571,10 +571,10 @@ class MatrixOptimizer(Optimizer):
             squares, last = None, k == len(stages) - 1
             fn = (lambda x, fn=stage.fn: self._scaled(fn(x), group)) if last else stage.fn
             if last:  # a split matrix's blocks: scaled as the whole matrix (its shape, its norm reduced)
-                split = lambda x, wide, reduce, shape, f=stage.split: self._scaled(f(x, wide, reduce), group,  # noqa: E731
-                                                                                   shape, reduce)
+                split = lambda x, wide, run, shape, f=stage.split: self._scaled(f(x, wide, run), group,  # noqa: E731
+                                                                                shape, run.reduce)
             else:
-                split = lambda x, wide, reduce, shape, f=stage.split: f(x, wide, reduce)  # noqa: E731
+                split = lambda x, wide, run, shape, f=stage.split: f(x, wide, run)  # noqa: E731
             for plan, idx in runs:
                 if not idx and plan.group is None:
                     continue

@@ -13,13 +13,14 @@ beside the row sums) describe that traffic to the scale model.
 
 ``Spectral(fn, split)``: needs whole matrices (Newton–Schulz). ``fn`` maps a stack ``(B, m, n)`` to one of
 the same shape; the engine runs it on each matrix's owner (``comm.owner``), which is this process when it
-holds the matrix whole. ``split(x, wide, reduce)``, where given, is the same transform run on one block of
+holds the matrix whole. ``split(x, wide, run)``, where given, is the same transform run on one block of
 each matrix of a stack split over a few ranks (``comm.split``): rows of tall matrices, columns of wide
-ones (``wide``), with ``reduce`` summing a tensor in place over the blocks.
+ones (``wide``), with the run's collectives (``comm.split.Run``: ``reduce``, ``polynomial``).
 """
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor
 
@@ -38,7 +39,7 @@ class Statistic:
 @dataclass(frozen=True)
 class Spectral:
     fn: Callable[[Tensor], Tensor]
-    split: Callable[[Tensor, bool, Callable[[Tensor], None]], Tensor] | None = None
+    split: Callable[[Tensor, bool, Any], Tensor] | None = None
 
 
 def spectral(stages: list[Statistic | Spectral]) -> bool:

@@ -4,10 +4,12 @@ each block's owner and back (the plan's two all-to-alls), every run's all-reduce
 
     all-to-alls   every distinct held element to the rank holding its block, every block back to every
                   holder (in the moves' dtype); the plan always makes both calls
-    all-reduces   per run of k ranks ("split{k}") and shape of B matrices there: one of B floats (the
-                  squared norms, fp32; fp64 for fp64) and ``ns_steps`` of B·a² in the Newton–Schulz
-                  dtype (``ns_method="standard"``, the algorithm's default scale: no norm for the scale)
-    FLOPs         per block of L rows (columns) of an m × n matrix: steps · (4a²L + 2a³)
+    collectives   per run of k ranks ("split{k}") and shape of B matrices there: an all-reduce of B
+                  floats (the squared norms, fp32; fp64 for fp64), and ``ns_steps`` all-reduces of B·a²
+                  and all-gathers of B·k·⌈a/k⌉·a in the Newton–Schulz dtype (``ns_method="standard"``,
+                  the algorithm's default scale: no norm for the scale)
+    FLOPs         per block of L rows (columns) of an m × n matrix: steps · (4a²L + 2a²·r), r the rows
+                  of b·A + c·A² the rank forms (⌈a/k⌉, the last ones fewer)
     peers         as ``traffic.owner_plan`` counts them, over each owner's blocks
 
 The plan's holders send pieces as ``traffic.owner_plan`` counts them (identical copies once, by their
@@ -45,6 +47,20 @@ def part_elements(extent: Tensor, segments, block: int, wide: bool, lo: Tensor, 
         total += rows * cols
         b0 += end - start
     return total
+
+
+def peers(p: int, masks: dict[int, tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """(p,) peers of each rank in the owner moves' two all-to-alls, from each owner's masks of the ranks
+    that send to it and that hold what it returns: the larger of a rank's receivers and senders."""
+    count = {key: torch.zeros(p, dtype=INT) for key in ("send1", "recv1", "send2", "recv2")}
+    for o, (senders, holders) in masks.items():
+        senders, holders = senders.clone(), holders.clone()
+        senders[o] = holders[o] = False
+        count["recv1"][o] = int(senders.sum())
+        count["send1"] += senders
+        count["send2"][o] = int(holders.sum())
+        count["recv2"] += holders
+    return torch.maximum(count["send1"], count["recv1"]), torch.maximum(count["send2"], count["recv2"])
 
 
 @dataclass
@@ -127,18 +143,12 @@ def split_plan(entries: list, ranks: Tensor, name: str, node: Tensor, settings) 
                 senders_of[first + q].append(sk[q] > 0)
                 holders_of[first + q].append(hk[q] > 0)
             length = (hi - lo).flatten()
-            flops[o] += settings.ns_steps * (4 * a * a * length + 2 * a**3).to(torch.float64)
+            rows = -(-a // k)
+            formed = (torch.arange(1, k + 1) * rows).clamp(max=a) - (torch.arange(k) * rows).clamp(max=a)
+            flops[o] += settings.ns_steps * (4 * a * a * length + 2 * a * a * formed).to(torch.float64)
             owned[o] += a * length
-    peers = {key: z() for key in ("send1", "recv1", "send2", "recv2")}
-    for o in senders_of:
-        senders, holders = torch.stack(senders_of[o]).any(0), torch.stack(holders_of[o]).any(0)
-        senders[o] = holders[o] = False
-        peers["recv1"][o] = int(senders.sum())
-        peers["send1"] += senders
-        peers["send2"][o] = int(holders.sum())
-        peers["recv2"] += holders
-    v["peers1"] = torch.maximum(peers["send1"], peers["recv1"])
-    v["peers2"] = torch.maximum(peers["send2"], peers["recv2"])
+    v["peers1"], v["peers2"] = peers(p, {o: (torch.stack(senders_of[o]).any(0), torch.stack(holders_of[o]).any(0))
+                                         for o in senders_of})
     reductions = [(first, k, shape, b) for (first, k, shape), b in sorted(stacks.items()) if k > 1]
     return SplitPlanModel(name, ranks, mats, degrees, list(owners), list(load), max(load) / mean - 1.0 if mean else 0.0,
                           v, reductions, flops, owned)

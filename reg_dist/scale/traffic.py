@@ -44,7 +44,7 @@ from ..optim import registry
 from ..optim.scaling import check_scale
 from .parallel import Parallel
 from .shapes import MATRIX, Model, Param
-from .split import SplitPlanModel, split_plan
+from .split import SplitPlanModel, peers, split_plan
 
 OPTIMIZERS = tuple(registry.ALGORITHMS)
 INT = torch.int64
@@ -276,20 +276,9 @@ def owner_plan(entries: list[tuple[Holding, Tensor]], ranks: Tensor, name: str, 
         flops[o] += ns_flops(m, n, settings.ns_steps)
         owned[o] += m * n
         by_owner[o].append(j)
-    peers = {k: z() for k in ("send1", "recv1", "send2", "recv2")}
-    for o, js in by_owner.items():
-        senders = torch.zeros(p, dtype=torch.bool)
-        holders = torch.zeros(p, dtype=torch.bool)
-        for j in js:
-            senders |= held[j][1] > 0
-            holders |= held[j][0] > 0
-        senders[o] = holders[o] = False
-        peers["recv1"][o] = int(senders.sum())
-        peers["send1"] += senders
-        peers["send2"][o] = int(holders.sum())
-        peers["recv2"] += holders
-    v["peers1"] = torch.maximum(peers["send1"], peers["recv1"])
-    v["peers2"] = torch.maximum(peers["send2"], peers["recv2"])
+    v["peers1"], v["peers2"] = peers(p, {o: (torch.stack([held[j][1] > 0 for j in js]).any(0),
+                                             torch.stack([held[j][0] > 0 for j in js]).any(0))
+                                         for o, js in by_owner.items()})
     moves = bool(((v["send1"] - v["self1"]) > 0).any() or ((v["send2"] - v["self2"]) > 0).any())
     return OwnerPlanModel(name, ranks, mats, owners, imbalance(costs, owners, p), moves, v, flops, owned)
 
@@ -500,8 +489,10 @@ def traffic(model: Model, par: Parallel, optimizer: str, settings: Settings = Se
                     run = torch.zeros(R, dtype=torch.bool)
                     run[ranks[first:first + k]] = True
                     calls.add(f"split{k}", "all_reduce", k, run, torch.full((R,), b * norm_bytes, dtype=INT))
-                    calls.add(f"split{k}", "all_reduce", k, run, torch.full((R,), b * min(m, n) ** 2 * settings.ns_bytes,
-                                                                            dtype=INT), count=settings.ns_steps)
+                    a = min(m, n)
+                    for kind, elements in (("all_reduce", a * a), ("all_gather", k * -(-a // k) * a)):
+                        calls.add(f"split{k}", kind, k, run, torch.full((R,), b * elements * settings.ns_bytes, dtype=INT),
+                                  count=settings.ns_steps)
             elif plan.moves and len(ranks) > 1:
                 moves(plan.vectors)
             members = [h for h, _ in entries]

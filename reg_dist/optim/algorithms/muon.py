@@ -22,7 +22,8 @@ def newton_schulz_stage(group: dict) -> Spectral:
     steps, coefficients, dtype, method = (group[k] for k in ("ns_steps", "coefficients", "ns_dtype", "ns_method"))
     check_newton_schulz_args(steps, coefficients, dtype, method)
     return Spectral(lambda x: orthogonalize(x, steps, coefficients, dtype, method),
-                    lambda x, wide, reduce: iterate(x, steps, coefficients, dtype, method, wide=wide, reduce=reduce))
+                    lambda x, wide, run: iterate(x, steps, coefficients, dtype, method, wide=wide, reduce=run.reduce,
+                                                 polynomial=run.polynomial))
 
 
 class Muon(MatrixOptimizer):
