@@ -48,8 +48,8 @@ def gather_holdings(layouts: list[Layout | None], names: list[str], group: dist.
                     group_name: str) -> tuple[list[list[Layout | None]], list[list[int]], list[set[int]]]:
     """Every rank's layout (groups left out; None: holds nothing) of each parameter, gathered over ``group``
     (None: this process alone) and checked; the ranks that hold each parameter, and those that send its
-    pieces (of identical copies, the lowest rank). Raise ValueError if the ranks disagree on a parameter's shape or fused
-    blocks, none holds it, or its distinct pieces do not add up to m·n elements."""
+    pieces (of identical copies, the lowest rank). Raise ValueError if the ranks disagree on a parameter's
+    shape or fused blocks, none holds it, or its distinct pieces do not add up to m·n elements."""
     size = dist.get_world_size(group) if group is not None else 1
     mine = [_geometry(lay) for lay in layouts]
     everyone = [mine] if group is None else [None] * size

@@ -1,8 +1,8 @@
 """Newton–Schulz split over a few ranks, for matrices whose transform alone would outweigh a rank's share.
 
 A matrix X (m × n; a = min(m, n), b = max(m, n)) split over k ranks is cut along its long side into k
-blocks X_p (rows ``[p·b // k, (p+1)·b // k)`` of a tall X, columns of a wide or square one), block p on rank p of an
-aligned run of k ranks of the owner plan's group (ranks ``s … s+k−1``, k dividing the group's size, so
+blocks X_p (rows ``[p·b // k, (p+1)·b // k)`` of a tall X, columns of a wide or square one), block p on
+rank p of an aligned run of k ranks of the owner plan's group (ranks ``s … s+k−1``, k dividing the group's size, so
 a run of k ≤ GPUs per node stays inside a node). The Newton–Schulz iteration of the wide orientation
 (``ops.newton_schulz``; the tall one is its transpose) is then, per step,
 
@@ -21,7 +21,7 @@ Newton–Schulz to the rounding of the Gram sums. A rank's FLOPs per step fall f
 
 Which matrices are split (``split_degrees``): with ``mode="auto"`` a matrix whose whole cost exceeds the
 group's mean load (the busiest rank's lower bound) is split over the smallest k (a power of two up to
-``most`` that divides the group) whose per-rank cost, FLOPs plus the all-reduces' bytes
+``most`` that divides the group) whose per-rank cost, FLOPs plus the bytes of the run's collectives
 (``split_cost``), fits the mean, else the k that costs least; ``"force"`` splits every matrix over
 ``most`` ranks (those with a long side of at least ``most``); ``"off"`` none. ``place`` then puts the
 matrices, largest per-rank cost first, on the run (or, unsplit, the rank) of least load among those
@@ -47,7 +47,7 @@ from .owner import gather_holdings, newton_schulz_cost
 
 SPLIT_MODES = ("auto", "off", "force")
 SPLIT_GROUP_SIZE = 8  # default: the GPUs of a node, so the per-step all-reduces stay on NVLink
-# A byte sent by a split run's all-reduces counts as this many FLOPs: an H100's bf16 peak (989 TFLOP/s) at
+# A byte sent by a split run's collectives counts as this many FLOPs: an H100's bf16 peak (989 TFLOP/s) at
 # 50 % Newton–Schulz efficiency over its NVLink bandwidth (450 GB/s) is ~1,100.
 FLOPS_PER_BYTE = 1000
 
@@ -77,6 +77,8 @@ def split_degrees(shapes: list[tuple[int, int]], size: int, mode: str, most: int
     """Over how many ranks of a group of ``size`` each matrix of ``shapes`` runs its Newton–Schulz (see
     the module docstring); 1: whole, on one owner."""
     check_split_args(mode, most)
+    if size == 1:
+        return [1] * len(shapes)
     if mode == "force":
         if size % most:
             raise ValueError(f"split_group_size={most} does not divide the {size} ranks of the owner group")
@@ -152,7 +154,8 @@ class Piece(NamedTuple):
         return (self.r1 - self.r0) * (self.c1 - self.c0)
 
     def of(self, flat: Tensor) -> Tensor:
-        return flat[self.start : self.start + self.h * self.w].view(self.h, self.w)[self.r0 : self.r1, self.c0 : self.c1]
+        rect = flat[self.start : self.start + self.h * self.w].view(self.h, self.w)
+        return rect[self.r0 : self.r1, self.c0 : self.c1]
 
 
 def _pieces(rects, wide: bool, lo: int, hi: int) -> list[Piece]:

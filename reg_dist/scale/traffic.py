@@ -491,8 +491,8 @@ def traffic(model: Model, par: Parallel, optimizer: str, settings: Settings = Se
                     calls.add(f"split{k}", "all_reduce", k, run, torch.full((R,), b * norm_bytes, dtype=INT))
                     a = min(m, n)
                     for kind, elements in (("all_reduce", a * a), ("all_gather", k * -(-a // k) * a)):
-                        calls.add(f"split{k}", kind, k, run, torch.full((R,), b * elements * settings.ns_bytes, dtype=INT),
-                                  count=settings.ns_steps)
+                        nbytes = torch.full((R,), b * elements * settings.ns_bytes, dtype=INT)
+                        calls.add(f"split{k}", kind, k, run, nbytes, count=settings.ns_steps)
             elif plan.moves and len(ranks) > 1:
                 moves(plan.vectors)
             members = [h for h, _ in entries]
