@@ -165,7 +165,7 @@ def test_predictions_equal_the_gpt2_small_measurements_in_comm_json():
     for case in result["cases"]:
         model = from_module(_gpt2_small(result["layers"]), tp_plan if case["tp"] > 1 else None)
         par = Parallel(1, case["dp"] * case["tp"], tp=case["tp"], zero=1 if case["dp_sync_measured"] else 3)
-        split = {"ns_split": "force", "split_group_size": case["split"]} if case["split"] else {}
+        split = {"ns_split": "force", "split_group_size": case["split"]} if case.get("split") else {}
         t = traffic(model, par, case["optimizer"].lower(), Settings(iters=result["iters"], **split))
         for r in case["ranks"]:
             assert t.comm_stats(r["rank"]) == r["comm"], f"{case['layout']} {case['optimizer']} rank {r['rank']}"
