@@ -19,6 +19,7 @@ gradients are first averaged onto one owner per tensor and the updated tensors g
 
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -339,8 +340,8 @@ class MatrixOptimizer(Optimizer):
         return self._native.imbalance if self._native is not None else None
 
     def plans(self) -> list[OwnerPlan | SplitPlan]:
-        """The owner plans of the spectral stages over process groups: per group of ranks, the split plan
-        of the parameters with a split matrix (``comm.split``), if any, then the owner plan of the rest."""
+        """The owner plans of the spectral stages over process groups: per group of ranks, its ``OwnerPlan``,
+        or its ``SplitPlan`` where a matrix's Newton–Schulz is split (``comm.split``)."""
         return [plan for entries in self._plans.values() for plan, _ in entries]
 
     def _plan_group(self, group: dict) -> None:
@@ -605,7 +606,8 @@ class MatrixOptimizer(Optimizer):
     def _move_dtype(self, group: dict) -> torch.dtype:
         return self.move_dtype or group.get("ns_dtype", torch.float32)
 
-    def _scaled(self, u: Tensor, group: dict, shape: tuple[int, int] | None = None, reduce=None) -> Tensor:
+    def _scaled(self, u: Tensor, group: dict, shape: tuple[int, int] | None = None,
+                reduce: Callable[[Tensor], None] | None = None) -> Tensor:
         """Whole matrices ``(B, m, n)`` times their scale factors (on the owner); or the blocks of split
         ``shape`` matrices, their squared norms summed by ``reduce`` (``comm.split``)."""
         factors = scale_factors(u, group["scale"], group["rms"], shape, reduce)  # fp32 or wider: u cast once

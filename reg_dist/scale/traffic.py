@@ -10,6 +10,8 @@ It follows the code path by path (no process group is made):
     owner moves  per owner plan whose moves leave a rank, two all-to-alls: every distinct held element
                  to its matrix's owner, every owned matrix back to every holder (in the Newton–Schulz dtype, bf16 by default);
                  "bytes" is the rank's send buffer, "sent" its off-rank part
+    split NS     where the real planner splits a matrix's Newton–Schulz (``comm.split``), the group's
+                 split plan instead: its two all-to-alls, and its runs' collectives (``scale.split``)
     native dp    per bucket of ``bucket_bytes`` of the owners' streams, one reduce-scatter and one
                  all-gather over dp of dp × segment parameter-dtype elements
     world        one int32 all-reduce (the non-finite agreement) once anything is laid out
