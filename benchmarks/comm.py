@@ -6,6 +6,10 @@ GPT-2-small-shaped parameters (``step_time.gpt2_small``: 12 blocks of 768×2304,
     native DP=4      reg_dist's own data parallelism (``mesh=`` of shape (4, 1), no wrapper)
     FSDP2 DP=4       ``fully_shard`` over a 1-D mesh of 4
     TP=2 × FSDP2=2   ``qkv``/``fc`` column-parallel, ``attn_proj``/``fc_proj`` row-parallel, FSDP2 over dp
+    FSDP2 DP=4, split 4   FSDP2 DP=4 with every matrix's Newton–Schulz split over the 4 ranks
+                     (``ns_split="force", split_group_size=4``, ``comm.split``; Muon and MuonEq only): the
+                     per-step Gram all-reduces ("split4") beside the same owner moves. The default
+                     ("auto") splits none of these matrices on 4 ranks: they are too small to be worth it
 
 and for each of REG (``--iters``), Muon and MuonEq (defaults: bf16 owner moves, 5 bf16 Newton–Schulz
 steps), in turn on one model per layout. Every parameter gets a random gradient (seeded per rank, no
@@ -29,7 +33,8 @@ Reported, per rank per step:
 and the owner planner's imbalance on Newton–Schulz cost m·n·min(m, n) (native: ``opt.native_imbalance``;
 FSDP2: the owner plans; target ≤ 10 %), plus REG's per-group table under TP=2 × FSDP2=2.
 
-Run:  .venv/bin/python benchmarks/comm.py [--layers L] [--iters K]    Results: benchmarks/results/comm.json
+Run:  .venv/bin/python benchmarks/comm.py [--layers L] [--iters K] [--layouts NAME …]
+Results: benchmarks/results/comm.json (``--layouts``: only those layouts measured, their cases replaced)
 (4–6 minutes on 2 shared CPU cores at 12 blocks, most of it the native mode's ~1.4 GB per rank per step
 over gloo; the bytes and the imbalance depend on ``--layers``, not on the machine)
 """
@@ -73,10 +78,15 @@ class Layout:
     dp: int
     tp: int
     native: bool  # reg_dist's own data parallelism (mesh=): its DP traffic is in comm_stats
+    split: int = 0  # > 0: every matrix's Newton–Schulz split over this many ranks (Muon, MuonEq)
+
+    def optimizers(self) -> list[str]:
+        return [name for name in OPTIMIZERS if not (self.split and name == "REG")]
 
 
-LAYOUTS = (Layout("native DP=4", 4, 1, True), Layout("FSDP2 DP=4", 4, 1, False), Layout("TP=2 × FSDP2=2", 2, 2, False))
-CASES = [(lay, name) for lay in LAYOUTS for name in OPTIMIZERS]
+LAYOUTS = (Layout("native DP=4", 4, 1, True), Layout("FSDP2 DP=4", 4, 1, False), Layout("TP=2 × FSDP2=2", 2, 2, False),
+           Layout("FSDP2 DP=4, split 4", 4, 1, False, split=4))
+CASES = [(lay, name) for lay in LAYOUTS for name in lay.optimizers()]
 
 
 def shard(model: nn.Module, lay: Layout) -> dict:
@@ -93,7 +103,7 @@ def shard(model: nn.Module, lay: Layout) -> dict:
             parallelize_module(block, tp, TP)
         fully_shard(block, mesh=dp)
     fully_shard(model, mesh=dp)
-    return {}
+    return {"ns_split": "force", "split_group_size": lay.split} if lay.split else {}
 
 
 def replica_bytes(model: nn.Module) -> int:
@@ -144,13 +154,13 @@ def measure_layout(lay: Layout, layers: int, iters: int, rank: int) -> list[dict
     for p in model.parameters():
         p.grad = None
     opt_kwargs = shard(model, lay)
-    return [measure(model, opt_kwargs, name, iters, rank) for name in OPTIMIZERS]
+    return [measure(model, opt_kwargs, name, iters, rank) for name in lay.optimizers()]
 
 
-def rank_main(rank: int, world: int, port: int, layers: int, iters: int, out: str) -> None:
+def rank_main(rank: int, world: int, port: int, layers: int, iters: int, out: str, layouts: tuple[Layout, ...]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    records = [rec for lay in LAYOUTS for rec in measure_layout(lay, layers, iters, rank)]
+    records = [rec for lay in layouts for rec in measure_layout(lay, layers, iters, rank)]
     gathered = [None] * world
     dist.all_gather_object(gathered, records)
     if rank == 0:
@@ -168,7 +178,8 @@ def summarize(lay: Layout, name: str, ranks: list[dict]) -> dict:
         totals.append({"dp_sync": dp_sync, "optimizer": sent - (dp_sync if lay.native else 0)})
         totals[-1]["total"] = totals[-1]["dp_sync"] + totals[-1]["optimizer"]
     most = max(t["total"] for t in totals)
-    return {"layout": lay.name, "dp": lay.dp, "tp": lay.tp, "optimizer": name, "zero1_adamw_bytes": zero1,
+    return {"layout": lay.name, "dp": lay.dp, "tp": lay.tp, "split": lay.split, "optimizer": name,
+            "zero1_adamw_bytes": zero1,
             "dp_sync_measured": lay.native, "sent_per_rank": totals, "total_rank0": totals[0]["total"],
             "total_max": most, "ratio_rank0": totals[0]["total"] / zero1, "ratio_max": most / zero1,
             "imbalance": ranks[0]["imbalance"], "plans": ranks[0]["plans"], "ranks": ranks}
@@ -189,13 +200,13 @@ def print_reg_table(case: dict, grad_bytes: int, iters: int) -> None:
 
 def print_comparison(cases: list[dict], layers: int) -> None:
     print(f"\nBytes sent per rank per step (MB = 1e6 bytes), GPT-2-small shapes ({layers} blocks), 4 gloo ranks")
-    print(f"{'layout':<16}{'optimizer':<10}{'ZeRO-1':>9}{'DP sync':>10}{'optim.':>9}{'total r0':>10}{'total max':>11}"
+    print(f"{'layout':<20}{'optimizer':<10}{'ZeRO-1':>9}{'DP sync':>10}{'optim.':>9}{'total r0':>10}{'total max':>11}"
           f"{'× ZeRO-1 r0':>13}{'× max':>8}{'NS imbalance':>14}")
     for c in cases:
         t0 = c["sent_per_rank"][0]
         imb = "-" if c["imbalance"] is None else f"{100 * c['imbalance']:.1f} %"
         sync = f"{t0['dp_sync'] / MB:.2f}" + ("" if c["dp_sync_measured"] else "*")
-        print(f"{c['layout']:<16}{c['optimizer']:<10}{c['zero1_adamw_bytes'] / MB:>9.2f}{sync:>10}"
+        print(f"{c['layout']:<20}{c['optimizer']:<10}{c['zero1_adamw_bytes'] / MB:>9.2f}{sync:>10}"
               f"{t0['optimizer'] / MB:>9.2f}{c['total_rank0'] / MB:>10.2f}{c['total_max'] / MB:>11.2f}"
               f"{c['ratio_rank0']:>13.3f}{c['ratio_max']:>8.3f}{imb:>14}")
     print("ZeRO-1: AdamW's reduce-scatter of fp32 grads + all-gather of fp32 params over DP, ring: 2·(DP−1)/DP ×\n"
@@ -218,19 +229,33 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=LAYERS, help=f"transformer blocks (default {LAYERS})")
     ap.add_argument("--iters", type=int, default=1, help="REG's RACS iterations")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "comm.json"))
+    ap.add_argument("--layouts", nargs="+", choices=[lay.name for lay in LAYOUTS], metavar="LAYOUT",
+                    help="measure only these layouts and replace their cases in --out (same --layers and --iters)")
     args = ap.parse_args()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    layouts = tuple(lay for lay in LAYOUTS if args.layouts is None or lay.name in args.layouts)
     tmp = args.out + ".ranks"
-    mp.spawn(rank_main, args=(WORLD, free_port(), args.layers, args.iters, tmp), nprocs=WORLD)
+    mp.spawn(rank_main, args=(WORLD, free_port(), args.layers, args.iters, tmp, layouts), nprocs=WORLD)
     ranks = json.loads(Path(tmp).read_text())
     os.remove(tmp)
-    cases = [summarize(lay, name, [r[i] for r in ranks]) for i, (lay, name) in enumerate(CASES)]
-    grad_bytes = ranks[0][0]["grad_bytes"]
-    print_reg_table(cases[CASES.index((LAYOUTS[2], "REG"))], grad_bytes, args.iters)
-    print_comparison(cases, args.layers)
-    result = {"command": shlex.join([sys.executable, *sys.argv]), "layers": args.layers, "iters": args.iters,
-              "world": WORLD, "grad_bytes": grad_bytes, "target_ratio": TARGET_RATIO,
+    run = [(lay, name) for lay, name in CASES if lay in layouts]
+    cases = [summarize(lay, name, [r[i] for r in ranks]) for i, (lay, name) in enumerate(run)]
+    command = shlex.join([sys.executable, *sys.argv])
+    result = {"command": command, "layers": args.layers, "iters": args.iters, "world": WORLD,
+              "grad_bytes": ranks[0][0]["grad_bytes"], "target_ratio": TARGET_RATIO,
               "target_imbalance": TARGET_IMBALANCE, "cases": cases}
+    if args.layouts is not None:  # the other layouts' cases from the last run of them
+        last = json.loads(Path(args.out).read_text())
+        if (last["layers"], last["iters"]) != (args.layers, args.iters):
+            raise SystemExit(f"{args.out} holds --layers {last['layers']} --iters {last['iters']}: run every layout")
+        kept = {(c["layout"], c["optimizer"]): c for c in last["cases"]}
+        kept.update({(c["layout"], c["optimizer"]): c for c in cases})
+        result.update(command=last["command"], cases=[kept[(lay.name, name)] for lay, name in CASES if
+                                                      (lay.name, name) in kept],
+                      updated=[*last.get("updated", []), {"command": command, "layouts": args.layouts}])
+    if (LAYOUTS[2], "REG") in run:
+        print_reg_table(cases[run.index((LAYOUTS[2], "REG"))], result["grad_bytes"], args.iters)
+    print_comparison(result["cases"], args.layers)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")
 

@@ -3,7 +3,7 @@ AdamW (ZeRO-1), from the scale model (``reg_dist.scale``), with its calibration 
 anchors it must agree with.
 
     1. calibration   the model's bytes, wire bytes and calls per group against the measured
-                     benchmarks/results/comm.json (GPT-2-small shapes, 4 gloo ranks, 9 cases)
+                     benchmarks/results/comm.json (GPT-2-small shapes, 4 gloo ranks, 11 cases)
                      — tests/test_scale_calibration.py does the same, and runs the small layouts live
     2. sweep         LLaMA 7B (tp 1), 70B and 405B (tp 8 inside a node), FSDP2 (zero 3), on H100
                      nodes of 8 GPUs, 8 … 16,384 GPUs: optimizer time as a % of forward+backward,
@@ -66,7 +66,8 @@ def calibration() -> dict:
     for case in measured["cases"]:
         model = from_module(net, tp_plan if case["tp"] > 1 else None, name="gpt2-small")
         par = Parallel(1, case["dp"] * case["tp"], tp=case["tp"], zero=1 if case["dp_sync_measured"] else 3)
-        t = traffic(model, par, case["optimizer"].lower(), Settings(iters=measured["iters"]))
+        split = {"ns_split": "force", "split_group_size": case["split"]} if case.get("split") else {}
+        t = traffic(model, par, case["optimizer"].lower(), Settings(iters=measured["iters"], **split))
         same = [t.comm_stats(r["rank"]) == r["comm"] for r in case["ranks"]]
         exact += all(same)
         r0 = case["ranks"][0]["comm"]

@@ -1,6 +1,6 @@
 """The scale model (``reg_dist.scale``) against measured runs: on every layout the tests can run here
 (gloo, forked ranks: FSDP2 dp 2 and 4, tensor parallel 2, FSDP2 × TP 2 × 2, replicated 2 × TP 2,
-native (2, 1) and (2, 2)),
+native (2, 1) and (2, 2), and Newton–Schulz split over runs of 2 and 4 ranks),
 its predicted bytes, wire bytes ("sent") and calls per process group equal ``opt.comm_stats()`` of
 REG, Muon and MuonEq exactly, on every rank, and its owner plans are the optimizer's own. The same
 holds, without running anything, for the GPT-2-small measurements in benchmarks/results/comm.json.
@@ -28,11 +28,19 @@ OPTIMIZERS = {name: entry.cls for name, entry in ALGORITHMS.items()}  # every al
 TP_PLAN = {"up": "colwise", "down": "rowwise", "qkv": "colwise", "proj": "rowwise"}  # sharded._tp_plan (fused)
 
 
-def _wrapper(fn):
+def _wrapper(fn, **kwargs):
     def shard(model, rank, world):
         dp_rank, dp_size = fn(model, rank, world)
-        return {}, dp_rank, dp_size
+        return dict(kwargs), dp_rank, dp_size
     return shard
+
+
+def _split(shard, size):
+    """``shard``, and a Newton–Schulz split over runs of ``size`` ranks forced (comm.split)."""
+    def split(model, rank, world):
+        kwargs, dp_rank, dp_size = shard(model, rank, world)
+        return {**kwargs, "ns_split": "force", "split_group_size": size}, dp_rank, dp_size
+    return split
 
 
 def _replicated_x_tp(model, rank, world):
@@ -52,7 +60,21 @@ LAYOUTS = {
     "replicated 2 × TP 2": (_replicated_x_tp, Parallel(1, 4, tp=2, zero=0), True, TP_PLAN),
     "native (2, 1)": (native(2, 1), Parallel(1, 2, tp=1, zero=1), True, {}),
     "native (2, 2)": (native(2, 2), Parallel(1, 4, tp=2, zero=1), True, {"up": "colwise", "down": "rowwise"}),
+    "FSDP2 dp=4, NS split 2": (_split(_wrapper(fsdp), 2), Parallel(1, 4, zero=3), True, {}),
+    "FSDP2 2 × TP 2, NS split 4": (_split(_wrapper(fsdp_x_tp), 4), Parallel(1, 4, tp=2, zero=3), True, TP_PLAN),
+    "native (2, 2), NS split 2": (_split(native(2, 2), 2), Parallel(1, 4, tp=2, zero=1), True,
+                                  {"up": "colwise", "down": "rowwise"}),
 }
+
+
+def _settings(layout) -> Settings:
+    """The scale model's settings for ``layout``: the split the optimizer was given, if any."""
+    return Settings(ns_split="force", split_group_size=int(layout[-1])) if "NS split" in layout else Settings()
+
+
+def _options(cls, kwargs):
+    """``kwargs`` less the split options for an algorithm without a Newton–Schulz (REG)."""
+    return kwargs if cls.moves else {k: v for k, v in kwargs.items() if k not in ("ns_split", "split_group_size")}
 
 
 def _measure(layout):
@@ -76,7 +98,7 @@ def _measure(layout):
             per = len(data()[0]) // dp_size
             model.zero_grad(set_to_none=True)
             loss_of(model, data()[0][dp_rank * per:(dp_rank + 1) * per]).backward()
-            opt = cls(model, **kwargs)
+            opt = cls(model, **_options(cls, kwargs))
             opt.step()
             plans = [(p.group_name, len(p.matrices), list(p.owners), p.imbalance) for p in opt.plans()] \
                 if name != "reg" else []
@@ -101,8 +123,10 @@ def _model(layout):
 def test_predicted_bytes_and_calls_equal_comm_stats_on_every_rank(layout):
     measured = _measure(layout)
     model, par = _model(layout)
+    if "NS split" in layout:  # the split runs' all-reduces were made, and are predicted with the rest
+        assert f"split{layout[-1]}" in measured[0]["muon"]["comm"]
     for name in OPTIMIZERS:
-        predicted = traffic(model, par, name)
+        predicted = traffic(model, par, name, _settings(layout))
         for rank, m in enumerate(measured):
             assert predicted.comm_stats(rank) == m[name]["comm"], f"{layout}, {name}, rank {rank}"
         # the owner plans are the optimizer's own (the real planner on the same costs and candidates)
@@ -133,21 +157,23 @@ def _gpt2_small(layers=12):
 
 
 def test_predictions_equal_the_gpt2_small_measurements_in_comm_json():
-    """benchmarks/comm.py's run (4 gloo ranks, 124M parameters, 9 layout × optimizer cases): every
+    """benchmarks/comm.py's run (4 gloo ranks, 124M parameters, 11 layout × optimizer cases): every
     rank's comm_stats, the ZeRO-1 figure and the planner's imbalance, predicted exactly."""
     result = json.loads((ROOT / "benchmarks" / "results" / "comm.json").read_text())
     tp_plan = {"qkv": "colwise", "fc": "colwise", "attn_proj": "rowwise", "fc_proj": "rowwise"}
-    assert len(result["cases"]) == 9
+    assert len(result["cases"]) == 11
     for case in result["cases"]:
         model = from_module(_gpt2_small(result["layers"]), tp_plan if case["tp"] > 1 else None)
         par = Parallel(1, case["dp"] * case["tp"], tp=case["tp"], zero=1 if case["dp_sync_measured"] else 3)
-        t = traffic(model, par, case["optimizer"].lower(), Settings(iters=result["iters"]))
+        split = {"ns_split": "force", "split_group_size": case["split"]} if case.get("split") else {}
+        t = traffic(model, par, case["optimizer"].lower(), Settings(iters=result["iters"], **split))
         for r in case["ranks"]:
             assert t.comm_stats(r["rank"]) == r["comm"], f"{case['layout']} {case['optimizer']} rank {r['rank']}"
         assert (t.imbalance is None) == (case["imbalance"] is None)
         if case["imbalance"] is not None:
             assert t.imbalance == pytest.approx(case["imbalance"])
-        p = predict(model, par, cluster("h100"), case["optimizer"].lower(), settings=Settings(iters=result["iters"]))
+        p = predict(model, par, cluster("h100"), case["optimizer"].lower(),
+                    settings=Settings(iters=result["iters"], **split))
         assert p.zero1_sent == case["zero1_adamw_bytes"]
 
 

@@ -44,6 +44,35 @@ def _geometry(layout: Layout | None) -> Layout | None:
     return dataclasses.replace(layout, groups=())
 
 
+def gather_holdings(layouts: list[Layout | None], names: list[str], group: dist.ProcessGroup | None,
+                    group_name: str) -> tuple[list[list[Layout | None]], list[list[int]], list[set[int]]]:
+    """Every rank's layout (groups left out; None: holds nothing) of each parameter, gathered over ``group``
+    (None: this process alone) and checked; the ranks that hold each parameter, and those that send its
+    pieces (of identical copies, the lowest rank). Raise ValueError if the ranks disagree on a parameter's
+    shape or fused blocks, none holds it, or its distinct pieces do not add up to m·n elements."""
+    size = dist.get_world_size(group) if group is not None else 1
+    mine = [_geometry(lay) for lay in layouts]
+    everyone = [mine] if group is None else [None] * size
+    if group is not None:
+        dist.all_gather_object(everyone, mine, group=group)
+    holders, senders = [], []
+    for i, name in enumerate(names):
+        geoms = {r: theirs[i] for r, theirs in enumerate(everyone) if theirs[i] is not None}
+        if not geoms or len({(g.shape, g.fused) for g in geoms.values()}) != 1:
+            raise ValueError(f"ranks of {group_name!r} disagree on the shape or fused blocks of parameter "
+                             f"{name}, or none holds any of it")
+        distinct = {}  # a replicated piece is sent by its lowest rank
+        for r, g in geoms.items():
+            distinct.setdefault((g.rows, g.cols, g.flat), r)
+        (m, n), total = next(iter(geoms.values())).shape, sum(geoms[r].numel for r in distinct.values())
+        if total != m * n:
+            raise ValueError(f"the layouts of parameter {name} do not add up: the ranks of {group_name!r} "
+                             f"hold {total} distinct elements of its {m}×{n}")
+        holders.append(sorted(geoms))
+        senders.append(set(distinct.values()))
+    return everyone, holders, senders
+
+
 def _elements_per_rank(moves: list[list[tuple[object, tuple[Rect, ...]]]]) -> list[int]:
     return [sum(r.h * r.w for _, rects in per_rank for r in rects) for per_rank in moves]
 
@@ -56,29 +85,13 @@ class OwnerPlan:
         self.group, self.group_name = group, group_name
         self.size = dist.get_world_size(group) if group is not None else 1
         self.rank = dist.get_rank(group) if group is not None else 0
-        mine = [_geometry(lay) for lay in layouts]
-        everyone = [mine] if group is None else [None] * self.size
-        if group is not None:
-            dist.all_gather_object(everyone, mine, group=group)
+        everyone, holders, senders = gather_holdings(layouts, names, group, group_name)
         self.matrices: list[tuple[int, int, tuple[int, int]]] = []  # (parameter, block, (m, n))
-        candidates, senders = [], []
-        for i, name in enumerate(names):
-            geoms = {r: theirs[i] for r, theirs in enumerate(everyone) if theirs[i] is not None}
-            if not geoms or len({(g.shape, g.fused) for g in geoms.values()}) != 1:
-                raise ValueError(f"ranks of {group_name!r} disagree on the shape or fused blocks of parameter "
-                                 f"{name}, or none holds any of it")
-            first = next(iter(geoms.values()))
-            distinct = {}  # a replicated piece is sent by its lowest rank
-            for r, g in geoms.items():
-                distinct.setdefault((g.rows, g.cols, g.flat), r)
-            (m, n), total = first.shape, sum(geoms[r].numel for r in distinct.values())
-            if total != m * n:
-                raise ValueError(f"the layouts of parameter {name} do not add up: the ranks of {group_name!r} "
-                                 f"hold {total} distinct elements of its {m}×{n}")
-            senders.append(set(distinct.values()))
-            for k, block_shape in enumerate(first.block_shapes):
+        candidates = []
+        for i, ranks in enumerate(holders):
+            for k, block_shape in enumerate(everyone[ranks[0]][i].block_shapes):
                 self.matrices.append((i, k, block_shape))
-                candidates.append(sorted(geoms))
+                candidates.append(ranks)
         costs = [newton_schulz_cost(m, n) for _, _, (m, n) in self.matrices]
         self.owners = plan_owners(costs, self.size, candidates)
         self.imbalance = imbalance(costs, self.owners, self.size)

@@ -27,6 +27,7 @@ matrix on the CPU as the trace of X Xᵀ, see ``_normalised_gram``).
 """
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -97,13 +98,24 @@ def _times(P: Tensor, X: Tensor, wide: bool, beta: float | None = None, alpha: f
 
 
 def iterate(x: Tensor, steps: int, coefficients: str, dtype: torch.dtype, method: str,
-             out: Tensor | None = None) -> Tensor:
+             out: Tensor | None = None, wide: bool | None = None, reduce: Callable[[Tensor], None] | None = None,
+             polynomial: Callable[[Tensor, float, float], Tensor] | None = None) -> Tensor:
     """Newton–Schulz of one matrix ``(m, n)`` or a stack ``(B, m, n)``, one (batched) matmul per product,
-    the last one into ``out``: what ``orthogonalize`` runs off the CPU, and on the CPU per matrix."""
-    wide = x.shape[-2] <= x.shape[-1]
+    the last one into ``out``: what ``orthogonalize`` runs off the CPU, and on the CPU per matrix.
+
+    Split over the blocks of the small side's orthogonal dimension (``comm.split``): ``x`` is one block
+    (rows of a tall matrix, ``wide=False``; columns of a wide one, ``wide=True``) and ``reduce`` sums a
+    tensor in place over the blocks. Every Gram matrix and the squared Frobenius norms are then
+    reduced; the rest of the iteration is per block, so the blocks together are the matrix's iteration.
+    ``polynomial(A, b, c)``, where given, forms "standard"'s b·A + c·A² instead of one product here (a
+    split run forms a block of its rows on each rank and gathers them).
+    """
+    wide = x.shape[-2] <= x.shape[-1] if wide is None else wide
     X = x.to(dtype, copy=True)
-    small = (lambda Y: torch.matmul(Y, Y.mT)) if wide else (lambda Y: torch.matmul(Y.mT, Y))
-    A, inv = _normalised_gram(X, small, SAFETY[coefficients], torch.promote_types(acc_dtype(x.dtype), acc_dtype(dtype)))
+    gram = (lambda Y: torch.matmul(Y, Y.mT)) if wide else (lambda Y: torch.matmul(Y.mT, Y))
+    small = gram if reduce is None else (lambda Y: _reduced(gram(Y), reduce))
+    acc = torch.promote_types(acc_dtype(x.dtype), acc_dtype(dtype))
+    A, inv = _normalised_gram(X, small, SAFETY[coefficients], acc, reduce)
     plan = schedule(steps, coefficients)
     if method == "gram" and x.shape[-2] != x.shape[-1]:
         R, Q = A, None  # Q None: the identity
@@ -123,19 +135,31 @@ def iterate(x: Tensor, steps: int, coefficients: str, dtype: torch.dtype, method
         return _times(Q, X, wide, out=out)
     for k, (a, b, c) in enumerate(plan):
         A = A if k == 0 else small(X)
-        B = _addmm(A, A, A, beta=b, alpha=c)
+        B = _addmm(A, A, A, beta=b, alpha=c) if polynomial is None else polynomial(A, b, c)
         X, inv = _times(B, X, wide, beta=a * inv, alpha=inv, out=out if k == len(plan) - 1 else None), 1.0
     return X
 
 
-def _normalised_gram(X: Tensor, small, safety: float, acc: torch.dtype) -> tuple[Tensor, float]:
+def _reduced(x: Tensor, reduce: Callable[[Tensor], None]) -> Tensor:
+    reduce(x)
+    return x
+
+
+def _normalised_gram(X: Tensor, small, safety: float, acc: torch.dtype,
+                     reduce: Callable[[Tensor], None] | None = None) -> tuple[Tensor, float]:
     """The Gram matrix of X / s, s = ||X||_F·(1 + safety) + 1e-7, and the factor 1/s still owed by X.
 
     One matrix on the CPU: ||X||_F² is the trace of the Gram matrix of X itself (accumulated in
     ``acc``), which is then divided by s², and X is left undivided (the first product divides it):
-    two passes over X fewer. A stack, or a norm below 1e-15 (whose square the Gram matrix would lose
-    to underflow): X is divided by its norm (accumulated in ``acc``) first.
+    two passes over X fewer. A stack, a norm below 1e-15 (whose square the Gram matrix would lose
+    to underflow), or a block of a split matrix (``reduce``: its squared norms summed over the blocks):
+    X is divided by its norm (accumulated in ``acc``) first.
     """
+    if reduce is not None:
+        squares = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=acc).square_()
+        reduce(squares)
+        X.div_(squares.sqrt_().mul_(1.0 + safety).add_(1e-7))
+        return small(X), 1.0
     if X.dim() == 2 and X.device.type == "cpu":
         A = small(X)
         norm = math.sqrt(A.diagonal().sum(dtype=acc).item())

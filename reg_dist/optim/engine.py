@@ -19,6 +19,7 @@ gradients are first averaged onto one owner per tensor and the updated tensors g
 
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,6 +33,7 @@ from ..comm.agree import agreement_group, all_agree
 from ..comm.collectives import CommStats, check_layouts_add_up
 from ..comm.native import BUCKET_BYTES, NativeDP
 from ..comm.owner import STACK_BYTES, LocalPlan, OwnerPlan, newton_schulz_cost, stacks
+from ..comm.split import SPLIT_GROUP_SIZE, SplitPlan, check_split_args, split_parameters
 from ..comm.statistics import momentum_partial_row_col, share_statistics, sharded_frobenius_norms
 from ..layout import (FUSED_ATTR, LAYOUT_ATTR, Layout, dim_names, dtensor_layout, local_tensor, mesh_group,
                       whole_layout)
@@ -123,7 +125,8 @@ TAIL = (Hyper("adamw_betas", (0.9, 0.95), tuple[float, float]), Hyper("adamw_eps
 def _layout_keywords(moves: bool) -> tuple[Hyper, ...]:
     """The keyword-only arguments that say how the matrices are laid out, not what is computed."""
     return (Hyper("mesh", None, DeviceMesh | dict[str, dist.ProcessGroup] | None), Hyper("tp_mode", "gather", str),
-            *((Hyper("move_dtype", None, torch.dtype | None),) if moves else ()),
+            *((Hyper("move_dtype", None, torch.dtype | None), Hyper("ns_split", "auto", str),
+               Hyper("split_group_size", SPLIT_GROUP_SIZE, int)) if moves else ()),
             Hyper("bucket_bytes", BUCKET_BYTES, int))
 
 
@@ -143,6 +146,9 @@ class MatrixOptimizer(Optimizer):
     makes each TP block of a DTensor its own matrix (no TP traffic; the update then depends on the TP
     degree). ``move_dtype``: what the owner moves of spectral stages carry (default: the group's
     ``ns_dtype``, so fp32 Newton–Schulz moves fp32 and every layout equals one process).
+    ``ns_split``: "auto" (default) splits the Newton–Schulz of a matrix that would outweigh a rank's mean
+    share over up to ``split_group_size`` ranks of its owner group, "force" splits every matrix over
+    ``split_group_size`` ranks, "off" never splits (``comm.split``; exact either way).
     """
 
     algorithm: str
@@ -160,20 +166,24 @@ class MatrixOptimizer(Optimizer):
                                    MatrixOptimizer._build)
 
     def _build(self, params: Any, values: dict) -> None:
-        layout = {k: values.pop(k) for k in ("mesh", "tp_mode", "move_dtype", "bucket_bytes") if k in values}
+        layout = {k: values.pop(k) for k in ("mesh", "tp_mode", "move_dtype", "ns_split", "split_group_size",
+                                             "bucket_bytes") if k in values}
         nonfinite = values.pop("nonfinite")
         MatrixOptimizer.__init__(self, params, values, nonfinite, **layout)
 
     def __init__(self, params: Any, defaults: dict, nonfinite: str = "skip",
                  mesh: DeviceMesh | dict[str, dist.ProcessGroup] | None = None, tp_mode: str = "gather",
-                 move_dtype: torch.dtype | None = None, bucket_bytes: int = BUCKET_BYTES) -> None:
+                 move_dtype: torch.dtype | None = None, ns_split: str = "auto",
+                 split_group_size: int = SPLIT_GROUP_SIZE, bucket_bytes: int = BUCKET_BYTES) -> None:
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
         if tp_mode not in TP_MODES:
             raise ValueError(f"tp_mode must be one of {TP_MODES}, got {tp_mode!r}")
         if move_dtype is not None and move_dtype not in MOVE_DTYPES:
             raise ValueError(f"move_dtype must be a floating dtype, got {move_dtype!r}")
+        check_split_args(ns_split, split_group_size)
         self.nonfinite, self.tp_mode, self.move_dtype = nonfinite, tp_mode, move_dtype
+        self.ns_split, self.split_group_size = ns_split, split_group_size
         self.blockwise_dims = ("tp",) if tp_mode == "blockwise" else ()
         self.skipped_steps = 0
         self.transformed = 0  # matrices (or matrix pieces) this process has transformed, over all steps
@@ -333,13 +343,15 @@ class MatrixOptimizer(Optimizer):
         """Under ``mesh=``: the data-parallel owner planner's imbalance on its costs (None otherwise)."""
         return self._native.imbalance if self._native is not None else None
 
-    def plans(self) -> list[OwnerPlan]:
-        """The owner plans of the spectral stages over process groups (one per group of ranks)."""
+    def plans(self) -> list[OwnerPlan | SplitPlan]:
+        """The owner plans of the spectral stages over process groups: per group of ranks, its ``OwnerPlan``,
+        or its ``SplitPlan`` where a matrix's Newton–Schulz is split (``comm.split``)."""
         return [plan for entries in self._plans.values() for plan, _ in entries]
 
     def _plan_group(self, group: dict) -> None:
-        """One ``OwnerPlan`` per communicator for the group's collective matrices stepped here (the rest,
-        whole on this process, get a ``LocalPlan`` at each step)."""
+        """One ``OwnerPlan`` per communicator for the group's collective matrices stepped here, or a
+        ``SplitPlan`` where a matrix's Newton–Schulz is split (the rest, whole on this process, get a
+        ``LocalPlan`` at each step)."""
         if group["algorithm"] != self.algorithm or not spectral(self.stages(group)):
             return
         by_ranks: dict[Any, tuple[dist.ProcessGroup | None, str, list[tuple[Tensor, str]]]] = {}
@@ -351,9 +363,22 @@ class MatrixOptimizer(Optimizer):
                 ranks = tuple(dist.get_process_group_ranks(pg)) if pg is not None else None
                 by_ranks.setdefault((ranks, pg_name), (pg, pg_name, []))[2].append((p, name))
         entries = []
+        splittable = next(s for s in self.stages(group) if isinstance(s, Spectral)).split is not None
         for pg, name, pairs in by_ranks.values():
             ps, names = [p for p, _ in pairs], [n for _, n in pairs]
-            plan = OwnerPlan([self._layouts[id(p)] for p in ps], names, pg, name)
+            layouts = [self._layouts[id(p)] for p in ps]
+            split = None
+            if pg is not None and splittable:
+                split = split_parameters([lay.block_shapes for lay in layouts], dist.get_world_size(pg), self.ns_split,
+                                         self.split_group_size, group["ns_steps"], group["ns_dtype"].itemsize)
+            if split is not None:
+                plan = SplitPlan(layouts, names, pg, name, *split)
+                logger.info("%s split Newton–Schulz over %r: %d of %d matrices over runs of %s ranks, imbalance "
+                            "%.1f %%", type(self).__name__, name, sum(k > 1 for k in plan.degrees), len(plan.degrees),
+                            sorted({k for k in plan.degrees if k > 1}), 100 * plan.imbalance)
+                entries.append((plan, ps))
+                continue
+            plan = OwnerPlan(layouts, names, pg, name)
             logger.info("%s owner plan over %r: %d matrices, %d here, imbalance %.1f %%", type(self).__name__,
                         name, len(plan.matrices), plan.owned, 100 * plan.imbalance)
             entries.append((plan, ps))
@@ -550,11 +575,17 @@ class MatrixOptimizer(Optimizer):
                 continue
             squares, last = None, k == len(stages) - 1
             fn = (lambda x, fn=stage.fn: self._scaled(fn(x), group)) if last else stage.fn
+            if last:  # a split matrix's blocks: scaled as the whole matrix (its shape, its norm reduced)
+                split = lambda x, wide, run, shape, f=stage.split: self._scaled(f(x, wide, run), group,  # noqa: E731
+                                                                                shape, run.reduce)
+            else:
+                split = lambda x, wide, run, shape, f=stage.split: f(x, wide, run)  # noqa: E731
             for plan, idx in runs:
                 if not idx and plan.group is None:
                     continue
+                extra = {"split": split} if isinstance(plan, SplitPlan) else {}
                 out = plan.run({j: n[i] for j, i in enumerate(idx)}, fn, self._move_dtype(group),
-                               n[0].dtype, self._comm)
+                               n[0].dtype, self._comm, **extra)
                 for j, i in enumerate(idx):
                     n[i] = out[j] if last else out[j].to(n[i].dtype)  # later stages work in fp32 (or wider)
                 self.transformed += plan.owned
@@ -579,9 +610,11 @@ class MatrixOptimizer(Optimizer):
     def _move_dtype(self, group: dict) -> torch.dtype:
         return self.move_dtype or group.get("ns_dtype", torch.float32)
 
-    def _scaled(self, u: Tensor, group: dict) -> Tensor:
-        """Whole matrices ``(B, m, n)`` times their scale factors (on the owner)."""
-        factors = scale_factors(u, group["scale"], group["rms"])  # fp32 or wider: u cast once, scaled in place
+    def _scaled(self, u: Tensor, group: dict, shape: tuple[int, int] | None = None,
+                reduce: Callable[[Tensor], None] | None = None) -> Tensor:
+        """Whole matrices ``(B, m, n)`` times their scale factors (on the owner); or the blocks of split
+        ``shape`` matrices, their squared norms summed by ``reduce`` (``comm.split``)."""
+        factors = scale_factors(u, group["scale"], group["rms"], shape, reduce)  # fp32 or wider: u cast once
         return u.to(factors.dtype).mul_(factors.view(-1, 1, 1).to(u.device))
 
     def _scale_(self, n: list[Tensor], layouts: list[Layout], group: dict,

@@ -6,6 +6,7 @@
 """
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -19,12 +20,17 @@ def check_scale(scale: str) -> None:
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
 
 
-def scale_factors(u: Tensor, scale: str, rms: float) -> Tensor:
-    """Per-matrix factor ``(B,)`` (fp32 or wider) that multiplies each ``u[b]``."""
-    m, n = u.shape[-2:]
+def scale_factors(u: Tensor, scale: str, rms: float, shape: tuple[int, int] | None = None,
+                  reduce: Callable[[Tensor], None] | None = None) -> Tensor:
+    """Per-matrix factor ``(B,)`` (fp32 or wider) that multiplies each ``u[b]``; of ``shape`` matrices of
+    which ``u`` holds blocks, their squared norms summed in place by ``reduce``, where given."""
+    m, n = u.shape[-2:] if shape is None else shape
     if scale == "rms":
-        return rms_factor(torch.linalg.vector_norm(u, dim=(-2, -1), dtype=torch.promote_types(u.dtype, torch.float32)),
-                          rms, m, n)
+        norm = torch.linalg.vector_norm(u, dim=(-2, -1), dtype=torch.promote_types(u.dtype, torch.float32))
+        if reduce is not None:
+            reduce(norm.square_())
+            norm.sqrt_()
+        return rms_factor(norm, rms, m, n)
     return torch.full(u.shape[:-2], shape_factor(scale, rms, m, n), dtype=torch.promote_types(u.dtype, torch.float32),
                       device=u.device)
 

@@ -11,13 +11,16 @@ its momentum pass where the fused kernel applies and hands them over as ``partia
 ``comm.statistics.partial_row_col``; None for the others, and for every parameter of a later stage). ``passes`` (packed reductions per step) and ``cols`` (whether column sums travel
 beside the row sums) describe that traffic to the scale model.
 
-``Spectral(fn)``: needs whole matrices (Newton–Schulz). ``fn`` maps a stack ``(B, m, n)`` to one of the
-same shape; the engine runs it on each matrix's owner (``comm.owner``), which is this process when it
-holds the matrix whole.
+``Spectral(fn, split)``: needs whole matrices (Newton–Schulz). ``fn`` maps a stack ``(B, m, n)`` to one of
+the same shape; the engine runs it on each matrix's owner (``comm.owner``), which is this process when it
+holds the matrix whole. ``split(x, wide, run)``, where given, is the same transform run on one block of
+each matrix of a stack split over a few ranks (``comm.split``): rows of tall matrices, columns of wide
+ones (``wide``), with the run's collectives (``comm.split.Run``: ``reduce``, ``polynomial``).
 """
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor
 
@@ -36,6 +39,7 @@ class Statistic:
 @dataclass(frozen=True)
 class Spectral:
     fn: Callable[[Tensor], Tensor]
+    split: Callable[[Tensor, bool, Any], Tensor] | None = None
 
 
 def spectral(stages: list[Statistic | Spectral]) -> bool:

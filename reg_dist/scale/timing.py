@@ -35,7 +35,7 @@ class Span:
 
 
 def span(group: str, par: Parallel) -> Span:
-    """The first instance of the group ``group`` ("dp", "tp", "dp×tp", "world") on ``par``'s ranks
+    """The first instance of the group ``group`` ("dp", "tp", "dp×tp", "world", "split{k}") on ``par``'s ranks
     (pp-major, then dp, then tp)."""
     if group == "world":
         ranks = range(par.world)
@@ -45,6 +45,8 @@ def span(group: str, par: Parallel) -> Span:
         ranks = range(0, par.stage_ranks, par.tp)
     elif group in ("dp×tp", "stage"):
         ranks = range(par.stage_ranks)
+    elif group.startswith("split"):  # a split Newton–Schulz run of k consecutive ranks (comm.split)
+        ranks = range(int(group[len("split"):]))
     else:
         raise ValueError(f"unknown group {group!r}")
     per: dict[int, int] = {}

@@ -13,6 +13,8 @@ It follows the code path by path (no process group is made):
     owner moves  per owner plan whose moves leave a rank, two all-to-alls: every distinct held element
                  to its matrix's owner, every owned matrix back to every holder (in the Newton–Schulz dtype, bf16 by default);
                  "bytes" is the rank's send buffer, "sent" its off-rank part
+    split NS     where the real planner splits a matrix's Newton–Schulz (``comm.split``), the group's
+                 split plan instead: its two all-to-alls, and its runs' collectives (``scale.split``)
     native dp    per bucket of ``bucket_bytes`` of the owners' streams, one reduce-scatter and one
                  all-gather over dp of dp × segment parameter-dtype elements
     world        one int32 all-reduce (the non-finite agreement) once anything is laid out
@@ -38,6 +40,7 @@ import torch
 from torch import Tensor
 
 from ..comm.collectives import WIRE
+from ..comm.split import SPLIT_GROUP_SIZE, check_split_args
 from ..comm.native import BUCKET_BYTES, plan_streams, segments
 from ..comm.owner import newton_schulz_cost
 from ..comm.ownership import imbalance, plan_owners
@@ -46,6 +49,7 @@ from ..optim import registry
 from ..optim.scaling import check_scale
 from .parallel import Parallel
 from .shapes import MATRIX, Model, Param
+from .split import SplitPlanModel, peers, split_plan
 
 OPTIMIZERS = tuple(registry.ALGORITHMS)
 INT = torch.int64
@@ -61,12 +65,16 @@ class Settings:
     param_bytes: int = 4  # parameter (and gradient, momentum, AdamW moment) dtype: fp32
     bucket_bytes: int = BUCKET_BYTES  # native mode
     ns_steps: int = 5
+    ns_bytes: int = 2  # Newton–Schulz in bf16 (a split matrix's Gram all-reduces)
+    ns_split: str = "auto"  # comm.split: "auto", "force", "off"
+    split_group_size: int = SPLIT_GROUP_SIZE
 
     def __post_init__(self) -> None:
         for name in ("iters", "ns_steps", "bucket_bytes"):
             check_count(name, getattr(self, name))
         check_scale(self.scale)
-        for name in ("move_bytes", "param_bytes"):
+        check_split_args(self.ns_split, self.split_group_size)
+        for name in ("move_bytes", "param_bytes", "ns_bytes"):
             if getattr(self, name) not in (2, 4, 8):
                 raise ValueError(f"{name} must be 2, 4 or 8 (bf16/fp16, fp32, fp64), got {getattr(self, name)!r}")
 
@@ -99,8 +107,17 @@ class Holding:
     dtensor: bool
     numel: Tensor  # (R,) elements each rank holds
     blocks: Tensor  # (K, R) elements of each fused matrix each rank holds
-    rows: Tensor  # (R,) logical rows each rank holds
-    width: Tensor  # (R,) columns each rank holds
+    extent: Tensor  # (4, R) the logical rows [r0, r1) and columns [c0, c1) each rank's block spans
+
+    @property
+    def rows(self) -> Tensor:
+        """(R,) logical rows each rank holds."""
+        return self.extent[1] - self.extent[0]
+
+    @property
+    def width(self) -> Tensor:
+        """(R,) columns each rank holds."""
+        return self.extent[3] - self.extent[2]
 
     @property
     def laid(self) -> bool:
@@ -181,7 +198,7 @@ def _held(shape: tuple[int, ...], split: int | None, fused, algorithm: str, par:
         overlap = (torch.minimum(row1[None], seg[:, 1:2]) - torch.maximum(row0[None], seg[:, 0:1])).clamp_(min=0)
         blocks.index_add_(0, seg[:, 2], overlap * w[None])
     dtensor = par.zero == 3 or "tp" in dims
-    return tuple(sorted(dims)), dtensor, numel, blocks, (hi - lo) * p.unit_rows, w
+    return tuple(sorted(dims)), dtensor, numel, blocks, torch.stack([lo * p.unit_rows, hi * p.unit_rows, c0, c1])
 
 
 def group_order(model: Model) -> list[int]:
@@ -307,20 +324,9 @@ def owner_plan(entries: list[tuple[Holding, Tensor]], ranks: Tensor, name: str, 
         flops[o] += ns_flops(m, n, settings.ns_steps)
         owned[o] += m * n
         by_owner[o].append(j)
-    peers = {k: z() for k in ("send1", "recv1", "send2", "recv2")}
-    for o, js in by_owner.items():
-        senders = torch.zeros(p, dtype=torch.bool)
-        holders = torch.zeros(p, dtype=torch.bool)
-        for j in js:
-            senders |= held[j][1] > 0
-            holders |= held[j][0] > 0
-        senders[o] = holders[o] = False
-        peers["recv1"][o] = int(senders.sum())
-        peers["send1"] += senders
-        peers["send2"][o] = int(holders.sum())
-        peers["recv2"] += holders
-    v["peers1"] = torch.maximum(peers["send1"], peers["recv1"])
-    v["peers2"] = torch.maximum(peers["send2"], peers["recv2"])
+    v["peers1"], v["peers2"] = peers(p, {o: (torch.stack([held[j][1] > 0 for j in js]).any(0),
+                                             torch.stack([held[j][0] > 0 for j in js]).any(0))
+                                         for o, js in by_owner.items()})
     moves = bool(((v["send1"] - v["self1"]) > 0).any() or ((v["send2"] - v["self2"]) > 0).any())
     return OwnerPlanModel(name, ranks, mats, owners, imbalance(costs, owners, p), moves, v, flops, owned)
 
@@ -369,7 +375,7 @@ class Traffic:
     optimizer: str
     settings: Settings
     calls: list[Call]
-    plans: list[OwnerPlanModel]
+    plans: list[OwnerPlanModel | SplitPlanModel]
     native: NativePlanModel | None
     ns_flops: Tensor  # (R,) float64
     state_bytes: Tensor  # (R,)
@@ -500,29 +506,43 @@ def traffic(model: Model, par: Parallel, optimizer: str, settings: Settings = Se
         for name, ranks, entries in instances:
             if not entries:
                 continue
-            plan = owner_plan(entries, ranks, name, node, settings)
-            plans.append(plan)
-            flops[ranks] += plan.flops
-            owned[ranks] += plan.owned
             part = torch.zeros(R, dtype=torch.bool)
             part[ranks] = True
-            for stage in before:
-                for _ in range(stage.passes):
-                    stats([h for h, _ in entries], floats(stage), part)
-            if plan.moves and len(ranks) > 1:
-                v = plan.vectors
 
-                def spread(x: Tensor, ranks: Tensor = ranks) -> Tensor:
-                    out = torch.zeros(R, dtype=INT)
-                    out[ranks] = x
-                    return out
+            def spread(x: Tensor, ranks: Tensor = ranks) -> Tensor:
+                out = torch.zeros(R, dtype=INT)
+                out[ranks] = x
+                return out
 
+            def moves(v: dict[str, Tensor], name: str = name, ranks: Tensor = ranks, part: Tensor = part) -> None:
                 for a in ("1", "2"):
                     sent = spread((v["send" + a] - v["self" + a]) * mb)
                     far_s, far_r = spread(v["send" + a + "_far"] * mb), spread(v["recv" + a + "_far"] * mb)
                     extra = {"send_far": far_s, "send_near": sent - far_s, "recv_far": far_r,
                              "recv_near": spread(v["recv" + a] * mb) - far_r, "peers": spread(v["peers" + a])}
                     calls.add(name, "all_to_all", len(ranks), part, spread(v["send" + a] * mb), sent=sent, a2a=extra)
+
+            split = split_plan(entries, ranks, name, node, settings) if len(ranks) > 1 else None
+            plan = split if split is not None else owner_plan(entries, ranks, name, node, settings)
+            plans.append(plan)
+            flops[ranks] += plan.flops
+            owned[ranks] += plan.owned
+            for stage in before:
+                for _ in range(stage.passes):
+                    stats([h for h, _ in entries], floats(stage), part)
+            if split is not None:  # always its two all-to-alls, and per run and shape its all-reduces
+                moves(split.vectors)
+                norm_bytes = 8 if 8 in (settings.param_bytes, settings.ns_bytes) else 4
+                for first, k, (m, n), b in split.reductions:
+                    run = torch.zeros(R, dtype=torch.bool)
+                    run[ranks[first:first + k]] = True
+                    calls.add(f"split{k}", "all_reduce", k, run, torch.full((R,), b * norm_bytes, dtype=INT))
+                    a = min(m, n)
+                    for kind, elements in (("all_reduce", a * a), ("all_gather", k * -(-a // k) * a)):
+                        nbytes = torch.full((R,), b * elements * settings.ns_bytes, dtype=INT)
+                        calls.add(f"split{k}", kind, k, run, nbytes, count=settings.ns_steps)
+            elif plan.moves and len(ranks) > 1:
+                moves(plan.vectors)
             members = [h for h, _ in entries]
             for stage in after:
                 for _ in range(stage.passes):

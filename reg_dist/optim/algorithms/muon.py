@@ -7,7 +7,7 @@
 
 import torch
 
-from ...ops.newton_schulz import check_newton_schulz_args, orthogonalize
+from ...ops.newton_schulz import check_newton_schulz_args, iterate, orthogonalize
 from ..engine import MatrixOptimizer
 from ..hyper import Hyper
 from ..stages import Spectral
@@ -21,7 +21,9 @@ def newton_schulz_stage(group: dict) -> Spectral:
     """The Newton–Schulz stage of ``group``'s settings (Muon, MuonEq, NorMuon)."""
     steps, coefficients, dtype, method = (group[k] for k in ("ns_steps", "coefficients", "ns_dtype", "ns_method"))
     check_newton_schulz_args(steps, coefficients, dtype, method)
-    return Spectral(lambda x: orthogonalize(x, steps, coefficients, dtype, method))
+    return Spectral(lambda x: orthogonalize(x, steps, coefficients, dtype, method),
+                    lambda x, wide, run: iterate(x, steps, coefficients, dtype, method, wide=wide, reduce=run.reduce,
+                                                 polynomial=run.polynomial))
 
 
 class Muon(MatrixOptimizer):
