@@ -28,8 +28,8 @@ import functools
 import typing
 
 from .optimizer import (DTYPES, NAMES, Settings, build_distributed, check_settings, hyper_flags,
-                                              rebuild_over_main_params, registry_entries, settings_from,
-                                              uses_distributed_optimizer)
+                        layer_wise_optimizer_class, rebuild_over_main_params, registry_entries, settings_from,
+                        uses_distributed_optimizer)
 from ...ops.equilibrate import MODES
 from ...ops.newton_schulz import COEFFICIENTS, NS_METHODS
 from ...optim.scaling import SCALES
@@ -66,13 +66,16 @@ def register() -> None:
                 return build_distributed(config.optimizer, *args)
             if config.optimizer not in NAMES:
                 return original(*args)
-            have = mcore_optimizer.HAVE_EMERGING_OPTIMIZERS
-            mcore_optimizer.HAVE_EMERGING_OPTIMIZERS = True
+            # Megatron's factory, with our layer-wise optimizer in place of its own
+            patched = {"HAVE_EMERGING_OPTIMIZERS": True, "LayerWiseDistributedOptimizer": layer_wise_optimizer_class()}
+            saved = {k: getattr(mcore_optimizer, k) for k in patched}
+            vars(mcore_optimizer).update(patched)
             try:
                 optimizer = original(*args)
             finally:
-                mcore_optimizer.HAVE_EMERGING_OPTIMIZERS = have
-            rebuild_over_main_params(optimizer)
+                vars(mcore_optimizer).update(saved)
+            if not config.use_layer_wise_distributed_optimizer:  # the layer-wise optimizer rebuilds its own
+                rebuild_over_main_params(optimizer)
             return optimizer
 
         build._reg_dist = True

@@ -197,7 +197,7 @@ class _Builder:
             names = [param_names.get(id(p), f"unnamed{i}") for i, p in enumerate(params)]
             groups.append({**group, "params": params, "param_names": names})
         optimizer = self.cls(groups, **kwargs)
-        optimizer.megatron_kwargs = kwargs  # for rebuild_over_main_params
+        optimizer.megatron_kwargs = kwargs  # for rebuild
         return tag_groups(optimizer)
 
     def __repr__(self) -> str:
@@ -206,19 +206,27 @@ class _Builder:
 
 def rebuild_over_main_params(optimizer) -> None:
     """Under bf16 Megatron's ``Float16OptimizerWithFloat16Params`` swaps each bf16 parameter in our
-    optimizer's groups for its fp32 main copy after we built it: give each main copy its parameter's
-    layout and rebuild ours over them (collective, like the first build)."""
+    optimizer's groups for its fp32 main copy after we built it: rebuild ours over them (``rebuild``)."""
     for wrapper in getattr(optimizer, "chained_optimizers", [optimizer]):
         ours = getattr(wrapper, "optimizer", None)
-        if not isinstance(ours, tuple(NAMES.values())) or not hasattr(wrapper, "fp32_from_float16_groups"):
-            continue
-        for models, mains in zip(wrapper.float16_groups, wrapper.fp32_from_float16_groups):
-            for p, main in zip(models, mains):
-                if hasattr(p, LAYOUT_ATTR):
-                    setattr(main, LAYOUT_ATTR, getattr(p, LAYOUT_ATTR))
-        groups = [{k: v for k, v in g.items()} for g in ours.param_groups]
-        wrapper.optimizer = tag_groups(type(ours)(groups, **ours.megatron_kwargs))
-        wrapper.optimizer.megatron_kwargs = ours.megatron_kwargs
+        if isinstance(ours, tuple(NAMES.values())) and hasattr(wrapper, "fp32_from_float16_groups"):
+            rebuild(wrapper, {id(p): n for g in ours.param_groups for p, n in zip(g["params"], g["param_names"])})
+
+
+def rebuild(wrapper, names: dict[int, str]) -> None:
+    """Rebuild ours (``wrapper.optimizer``, collective like the first build) over the tensors now in its
+    groups, named by ``names`` (id → name): a wrapper narrowed them (the layer-wise optimizer) or swapped bf16
+    parameters for fp32 main copies (``float16_groups`` → ``fp32_from_float16_groups``), which take their
+    parameter's name and layout."""
+    ours = wrapper.optimizer
+    for models, mains in zip(getattr(wrapper, "float16_groups", ()), getattr(wrapper, "fp32_from_float16_groups", ())):
+        for p, main in zip(models, mains):
+            names[id(main)] = names[id(p)]
+            if hasattr(p, LAYOUT_ATTR):
+                setattr(main, LAYOUT_ATTR, getattr(p, LAYOUT_ATTR))
+    groups = [{**g, "param_names": [names[id(p)] for p in g["params"]]} for g in ours.param_groups]
+    wrapper.optimizer = tag_groups(type(ours)(groups, **ours.megatron_kwargs))
+    wrapper.optimizer.megatron_kwargs = ours.megatron_kwargs
 
 
 def tag_groups(optimizer: MatrixOptimizer) -> MatrixOptimizer:
@@ -239,12 +247,7 @@ def uses_distributed_optimizer(config, model_chunks) -> bool:
 
 def _config_to_kwargs(name: str):
     def config_to_kwargs(config, model_chunks, pg_collection=None) -> dict:
-        if config.use_layer_wise_distributed_optimizer:
-            raise NotImplementedError(
-                f"--optimizer {name}: Megatron's layer-wise distributed optimizer is not supported; its "
-                f"validate_args turns --use-distributed-optimizer into it for every optimizer but adam and sgd: "
-                f"parse with reg_dist.megatron.parse_and_validate_args, which keeps the flat distributed optimizer")
-        if uses_distributed_optimizer(config, model_chunks):
+        if uses_distributed_optimizer(config, model_chunks) and not config.use_layer_wise_distributed_optimizer:
             raise ValueError(f"--optimizer {name} with the distributed optimizer is built by the hook "
                              f"reg_dist.megatron.register() installs: call it before get_megatron_optimizer")
         settings = settings_from(config)
@@ -458,18 +461,9 @@ def _distributed_optimizer_class() -> type:
 
         def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, metadata=None, **kwargs):
             name = self.optimizer.name
-            if metadata is not None:
-                if is_loading:
-                    saved = metadata.get(OPTIMIZER_METADATA)
-                    if saved != name:
-                        raise ValueError(
-                            f"--optimizer {name} cannot load this checkpoint's optimizer state: it was saved by "
-                            + (f"--optimizer {saved}" if saved else "an optimizer other than reg_dist's (its "
-                               "metadata names none, e.g. Megatron's adam)")
-                            + "; pass --no-load-optim (or --finetune) to load the weights alone")
-                else:
-                    metadata[OPTIMIZER_METADATA] = name
-                    metadata["distrib_optim_sharding_type"] = "fully_reshardable"  # model space: Megatron may reshard
+            _check_metadata(name, metadata, is_loading)
+            if metadata is not None and not is_loading:
+                metadata["distrib_optim_sharding_type"] = "fully_reshardable"  # model space: Megatron may reshard
             by_param = {sh.data: sh for sh in nested_values(
                 extract_sharded_tensors_and_factories(model_sharded_state_dict)[0])}
             param_state = {}
@@ -505,6 +499,56 @@ def _distributed_optimizer_class() -> type:
             adapter.inner.skipped_steps = steps["skipped_steps"]
 
     return RegDistributedOptimizer
+
+
+@functools.cache
+def layer_wise_optimizer_class() -> type:
+    """``RegLayerWiseOptimizer``: Megatron's ``LayerWiseDistributedOptimizer`` (what its ``validate_args`` makes of
+    ``--use-distributed-optimizer`` for our optimizers; ``--reg-distributed-optimizer layer-wise``) over ours."""
+    from megatron.core.optimizer import FP32Optimizer, LayerWiseDistributedOptimizer, MegatronOptimizer
+
+    class RegLayerWiseOptimizer(LayerWiseDistributedOptimizer):
+        """Each DP rank steps the whole (TP-local) matrices its shard of Megatron's shard-aligned grad buffer holds,
+        with the DP-averaged gradient DDP reduce-scattered there, and the weights are all-gathered after the step:
+        no statistics traffic for REG, no owner moves for Muon / MuonEq beyond TP. Megatron narrows each group
+        to this rank's matrices (and under bf16 swaps in fp32 main copies) after ours was built over all of
+        them: ours is rebuilt over what is left (``rebuild``). megatron-core 0.19.2 chains an fp32 run's torch
+        optimizers unwrapped (no ``prepare_grads``; the chain's config check then fails): each is wrapped in
+        ``FP32Optimizer`` here. The checkpoint's content metadata names the optimizer (``reg_dist_optimizer``)."""
+
+        def __init__(self, optimizers, config, pg_collection=None, init_state_fn_list=None, model_chunks=None):
+            names = {id(p): n for o in optimizers if isinstance(o, tuple(NAMES.values()))
+                     for g in o.param_groups for p, n in zip(g["params"], g["param_names"])}
+            super().__init__(optimizers, config, pg_collection, init_state_fn_list, model_chunks)
+            for i, wrapper in enumerate(self.chained_optimizers):
+                if not isinstance(wrapper, MegatronOptimizer):
+                    init = init_state_fn_list[i] if init_state_fn_list else None
+                    wrapper = self.chained_optimizers[i] = FP32Optimizer(wrapper, config, init)
+                if isinstance(wrapper.optimizer, tuple(NAMES.values())):
+                    rebuild(wrapper, names)
+            self.config, self.name = config, config.optimizer
+
+        def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, **kwargs):
+            _check_metadata(self.name, kwargs.get("metadata"), is_loading)
+            return super().sharded_state_dict(model_sharded_state_dict, is_loading, **kwargs)
+
+    return RegLayerWiseOptimizer
+
+
+def _check_metadata(name: str, metadata: dict | None, is_loading: bool) -> None:
+    """Name ``name`` in a checkpoint's content ``metadata`` when saving; when loading, refuse one that names
+    another optimizer (or none: not reg_dist's) before anything loads."""
+    if metadata is None:
+        return
+    if not is_loading:
+        metadata[OPTIMIZER_METADATA] = name
+        return
+    saved = metadata.get(OPTIMIZER_METADATA)
+    if saved != name:
+        raise ValueError(f"--optimizer {name} cannot load this checkpoint's optimizer state: it was saved by "
+                         + (f"--optimizer {saved}" if saved else "an optimizer other than reg_dist's (its metadata "
+                            "names none, e.g. Megatron's adam)")
+                         + "; pass --no-load-optim (or --finetune) to load the weights alone")
 
 
 def build_distributed(name: str, config, model_chunks, config_overrides=None, pg_collection=None):
