@@ -230,7 +230,9 @@ def _pretrain(argv: list[str], world: int = 2) -> list:
     ("reg_muon", 4, ["--tensor-model-parallel-size", "2"], ("torch", "torch_dist")),
     ("reg", 4, ["--tensor-model-parallel-size", "2", "--use-distributed-optimizer", "--bf16"], ("torch_dist",)),
     ("reg_muon", 4, ["--tensor-model-parallel-size", "2", "--use-distributed-optimizer"], ("torch_dist",)),
-], ids=["reg-dp2", "reg_muon-tp2-dp2", "reg-tp2-dp2-distopt-bf16", "reg_muon-tp2-dp2-distopt"])
+    ("reg", 4, ["--tensor-model-parallel-size", "2", "--use-distributed-optimizer", "--reg-distributed-optimizer",
+                "layer-wise"], ("torch_dist",)),
+], ids=["reg-dp2", "reg_muon-tp2-dp2", "reg-tp2-dp2-distopt-bf16", "reg_muon-tp2-dp2-distopt", "lw"])
 def test_pretrain_gpt_checkpoint_resumes_the_uninterrupted_run(name, world, extra, formats, tmp_path):
     """Megatron's DDP, or its distributed optimizer: 4 iterations saving at 2 (in each of ``formats``), then a
     run with ``--load`` (``--ckpt-step 2``) continuing to 4: its losses and final weights equal the

@@ -27,9 +27,9 @@ import dataclasses
 import functools
 import typing
 
-from .optimizer import (DTYPES, NAMES, Settings, build_distributed, check_settings, hyper_flags,
-                        layer_wise_optimizer_class, rebuild_over_main_params, registry_entries, settings_from,
-                        uses_distributed_optimizer)
+from .optimizer import (DTYPES, NAMES, Settings, build_distributed, chain_layer_wise, check_settings, flat_distributed,
+                        hyper_flags, layer_wise_optimizer_class, rebuild_over_main_params, registry_entries,
+                        settings_from, uses_distributed_optimizer)
 from ...ops.equilibrate import MODES
 from ...ops.newton_schulz import COEFFICIENTS, NS_METHODS
 from ...optim.scaling import SCALES
@@ -66,16 +66,27 @@ def register() -> None:
                 return build_distributed(config.optimizer, *args)
             if config.optimizer not in NAMES:
                 return original(*args)
-            # Megatron's factory, with our layer-wise optimizer in place of its own
-            patched = {"HAVE_EMERGING_OPTIMIZERS": True, "LayerWiseDistributedOptimizer": layer_wise_optimizer_class()}
+            # Megatron's factory, with our layer-wise optimizer in place of its own and, beside it, our flat one
+            # in place of its Adam's DistributedOptimizer
+            by_groups = mcore_optimizer._get_megatron_optimizer_based_on_param_groups
+
+            def flat_or_megatrons(config, model_chunks, param_groups, per_model_buffers=None, **rest):
+                if config.use_distributed_optimizer and per_model_buffers is not None:
+                    return flat_distributed(name, config, model_chunks, param_groups, per_model_buffers, pg_collection)
+                return by_groups(config, model_chunks, param_groups, per_model_buffers, **rest)
+
+            name = config.optimizer
+            patched = {"HAVE_EMERGING_OPTIMIZERS": True, "LayerWiseDistributedOptimizer": layer_wise_optimizer_class(),
+                       "_get_megatron_optimizer_based_on_param_groups": flat_or_megatrons}
             saved = {k: getattr(mcore_optimizer, k) for k in patched}
             vars(mcore_optimizer).update(patched)
             try:
                 optimizer = original(*args)
             finally:
                 vars(mcore_optimizer).update(saved)
-            if not config.use_layer_wise_distributed_optimizer:  # the layer-wise optimizer rebuilds its own
-                rebuild_over_main_params(optimizer)
+            if config.use_layer_wise_distributed_optimizer:  # which rebuilds ours itself
+                return chain_layer_wise(optimizer)
+            rebuild_over_main_params(optimizer)
             return optimizer
 
         build._reg_dist = True
@@ -160,6 +171,10 @@ def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--reg-tp-mode", choices=("gather", "blockwise"), default=d.reg_tp_mode,
                    help="gather: each tensor-parallel matrix whole, exactly (default); blockwise: each TP block "
                         "its own matrix, no TP traffic (the update then depends on the TP degree).")
+    g.add_argument("--reg-distributed-optimizer", choices=("flat", "layer-wise"), default="flat",
+                   help="With --use-distributed-optimizer: 'flat' (default), Megatron's DistributedOptimizer, each DP "
+                        "rank a flat range of every bucket; 'layer-wise', Megatron's LayerWiseDistributedOptimizer, "
+                        "each DP rank whole matrices.")
     g.add_argument("--no-reg-split-qkv", dest="reg_split_qkv", action="store_false",
                    help="Step the fused linear_qkv weight as one matrix instead of q, k, v per query group.")
     for dest, (hyper, takers) in hyper_flags().items():  # the registry's other hyper-parameters
@@ -222,10 +237,11 @@ def _validate_after_parse(parser: argparse.ArgumentParser) -> None:
 
 
 def keep_distributed_optimizer(args: argparse.Namespace) -> argparse.Namespace:
-    """Undo, for our optimizers, what Megatron's ``validate_args`` does to every optimizer but adam and
-    sgd: ``--use-distributed-optimizer`` becomes its layer-wise optimizer, which reg_dist does not
-    support; ours run on the flat distributed optimizer instead."""
-    if getattr(args, "reg_use_distributed_optimizer", False) and args.optimizer in NAMES:
+    """Undo, for our optimizers with ``--reg-distributed-optimizer flat`` (the default), what Megatron's
+    ``validate_args`` does to every optimizer but adam and sgd: ``--use-distributed-optimizer`` becomes its
+    layer-wise optimizer; ``layer-wise`` keeps that."""
+    if getattr(args, "reg_use_distributed_optimizer", False) and args.optimizer in NAMES \
+            and args.reg_distributed_optimizer == "flat":
         args.use_distributed_optimizer, args.use_layer_wise_distributed_optimizer = True, False
     return args
 

@@ -507,6 +507,17 @@ def layer_wise_optimizer_class() -> type:
     ``--use-distributed-optimizer`` for our optimizers; ``--reg-distributed-optimizer layer-wise``) over ours."""
     from megatron.core.optimizer import FP32Optimizer, LayerWiseDistributedOptimizer, MegatronOptimizer
 
+    class NestedFP32Optimizer(FP32Optimizer):
+        """``FP32Optimizer`` whose sharded state dict nests under ``"optimizer"`` as
+        ``Float16OptimizerWithFloat16Params``' does: ``LayerWiseDistributedOptimizer.sharded_state_dict`` reads it
+        there. Its plain ``state_dict`` (``--ckpt-format torch``) stays ``FP32Optimizer``'s."""
+
+        def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, metadata=None):
+            return {"optimizer": super().sharded_state_dict(model_sharded_state_dict, is_loading, metadata)}
+
+        def load_state_dict(self, state_dict):
+            super().load_state_dict(state_dict["optimizer"] if "optimizer" in state_dict else state_dict)
+
     class RegLayerWiseOptimizer(LayerWiseDistributedOptimizer):
         """Each DP rank steps the whole (TP-local) matrices its shard of Megatron's shard-aligned grad buffer holds,
         with the DP-averaged gradient DDP reduce-scattered there, and the weights are all-gathered after the step:
@@ -514,7 +525,7 @@ def layer_wise_optimizer_class() -> type:
         to this rank's matrices (and under bf16 swaps in fp32 main copies) after ours was built over all of
         them: ours is rebuilt over what is left (``rebuild``). megatron-core 0.19.2 chains an fp32 run's torch
         optimizers unwrapped (no ``prepare_grads``; the chain's config check then fails): each is wrapped in
-        ``FP32Optimizer`` here. The checkpoint's content metadata names the optimizer (``reg_dist_optimizer``)."""
+        ``NestedFP32Optimizer`` here. The checkpoint's content metadata names the optimizer (``reg_dist_optimizer``)."""
 
         def __init__(self, optimizers, config, pg_collection=None, init_state_fn_list=None, model_chunks=None):
             names = {id(p): n for o in optimizers if isinstance(o, tuple(NAMES.values()))
@@ -523,7 +534,7 @@ def layer_wise_optimizer_class() -> type:
             for i, wrapper in enumerate(self.chained_optimizers):
                 if not isinstance(wrapper, MegatronOptimizer):
                     init = init_state_fn_list[i] if init_state_fn_list else None
-                    wrapper = self.chained_optimizers[i] = FP32Optimizer(wrapper, config, init)
+                    wrapper = self.chained_optimizers[i] = NestedFP32Optimizer(wrapper, config, init)
                 if isinstance(wrapper.optimizer, tuple(NAMES.values())):
                     rebuild(wrapper, names)
             self.config, self.name = config, config.optimizer
@@ -533,6 +544,28 @@ def layer_wise_optimizer_class() -> type:
             return super().sharded_state_dict(model_sharded_state_dict, is_loading, **kwargs)
 
     return RegLayerWiseOptimizer
+
+
+def chain_layer_wise(optimizer):
+    """Megatron's chain of the layer-wise optimizer and the flat one beside it (``ChainedOptimizer``) as a
+    ``LayerWiseChain``, or ``optimizer`` itself where it is not such a chain."""
+    from megatron.core.optimizer import ChainedOptimizer
+
+    class LayerWiseChain(ChainedOptimizer):
+        """Its checkpoints name the model-space sharding (``distrib_optim_sharding_type = "fully_reshardable"``,
+        which the flat ``RegDistributedOptimizer`` writes) before the chain reads it: Megatron's ``ChainedOptimizer``
+        prefixes its children's keys (``chained_<i>.``) by that sharding type, so a save would otherwise prefix
+        them and the load, reading the type the child wrote, not."""
+
+        def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, **kwargs):
+            metadata = kwargs.get("metadata")
+            if metadata is not None and not is_loading:
+                metadata["distrib_optim_sharding_type"] = "fully_reshardable"
+            return super().sharded_state_dict(model_sharded_state_dict, is_loading, **kwargs)
+
+    if type(optimizer) is not ChainedOptimizer or len(optimizer.chained_optimizers) < 2:
+        return optimizer
+    return LayerWiseChain(optimizer.chained_optimizers)
 
 
 def _check_metadata(name: str, metadata: dict | None, is_loading: bool) -> None:
@@ -554,11 +587,8 @@ def _check_metadata(name: str, metadata: dict | None, is_loading: bool) -> None:
 def build_distributed(name: str, config, model_chunks, config_overrides=None, pg_collection=None):
     """``get_megatron_optimizer`` for our ``name`` under Megatron's distributed optimizer: Megatron's
     ``DistributedOptimizer`` over ``DistOptAdapter`` (dense parameters), in a ``ChainedOptimizer``."""
-    from megatron.core import parallel_state
-    from megatron.core.optimizer import (ChainedOptimizer, ConstantGradScaler, _get_param_groups_and_buffers,
-                                         get_standard_config_overrides)
+    from megatron.core.optimizer import ChainedOptimizer, _get_param_groups_and_buffers, get_standard_config_overrides
     from megatron.core.optimizer.emerging_optimizers import _EMERGING_OPTIMIZERS, _get_qkv_split_shapes
-    from megatron.core.process_groups_config import ProcessGroupCollection
 
     if config.fp16:
         raise ValueError(f"--optimizer {name} does not support --fp16; use --bf16")
@@ -589,6 +619,20 @@ def build_distributed(name: str, config, model_chunks, config_overrides=None, pg
     if any(g["is_expert_parallel"] for g in groups):
         raise NotImplementedError(f"--optimizer {name}: expert-parallel parameters are not supported with the "
                                   f"distributed optimizer yet")
+    return ChainedOptimizer([flat_distributed(name, config, model_chunks, groups, buffers, pg_collection)])
+
+
+def flat_distributed(name: str, config, model_chunks, groups: list[dict], buffers: dict, pg_collection=None):
+    """Megatron's ``DistributedOptimizer`` (``RegDistributedOptimizer``) over ``DistOptAdapter`` for ``NAMES[name]``
+    on Megatron's parameter ``groups`` (those marked ``optimizer="adam"`` step with AdamW) held in the DDP grad
+    ``buffers`` (``{chunk index: [buffer, …]}``). Under the layer-wise optimizer it takes the groups Megatron
+    would give its own Adam's ``DistributedOptimizer`` (whose checkpoints, in megatron-core 0.19.2 without Apex
+    or Transformer Engine, do not load)."""
+    from megatron.core import parallel_state
+    from megatron.core.optimizer import ConstantGradScaler
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    settings = settings_from(config)
     pgs = ProcessGroupCollection.setup_process_groups_for_optimizer(pg_collection, model_chunks,
                                                                     use_gloo_process_groups=pg_collection is None)
     names = {id(p): _strip(n) for chunk in model_chunks for n, p in chunk.named_parameters()}
@@ -604,7 +648,7 @@ def build_distributed(name: str, config, model_chunks, config_overrides=None, pg
     tp = pg_collection.tp if pg_collection is not None else parallel_state.get_tensor_model_parallel_group()
     distopt.tp_group = distopt.expert_tp_group = tp
     adapter.bind(distopt, _tp_dp_group(tp, pgs["intra_dp_cp_group"], pg_collection))
-    return ChainedOptimizer([distopt])
+    return distopt
 
 
 def _tp_dp_group(tp: dist.ProcessGroup, dp: dist.ProcessGroup, pg_collection=None) -> dist.ProcessGroup:
