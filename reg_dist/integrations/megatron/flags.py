@@ -207,16 +207,21 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def _check_checkpoint_format(name: str, args: argparse.Namespace) -> None:
-    """Raise ValueError if Megatron cannot checkpoint ``name``'s state in ``--ckpt-format``: the distributed
-    optimizer's goes through the sharded state dict only (``torch_dist``); under DDP, ``torch_dist`` maps every
-    optimizer tensor to its parameter's shape, which per-row state (NorMuon's) does not have."""
-    distributed, fmt = getattr(args, "use_distributed_optimizer", False), getattr(args, "ckpt_format", None)
-    if distributed and fmt == "torch":
-        raise ValueError(f"--optimizer {name} with --use-distributed-optimizer checkpoints through Megatron's sharded "
-                         f"state dict only: use --ckpt-format torch_dist (the default), not torch")
-    if not distributed and fmt == "torch_dist" and NAMES[name].row_state_keys:
+    """Raise ValueError if Megatron cannot checkpoint ``name``'s per-row state (NorMuon's) in ``--ckpt-format``:
+    Megatron's DDP and layer-wise optimizers map every ``torch_dist`` optimizer tensor to its parameter's shape;
+    the flat distributed optimizer's ``torch`` files hold element-shaped state only."""
+    if not NAMES[name].row_state_keys:
+        return
+    fmt = getattr(args, "ckpt_format", None)
+    flat = getattr(args, "use_distributed_optimizer", False) and getattr(args, "reg_distributed_optimizer",
+                                                                         "flat") == "flat"
+    if fmt == "torch_dist" and not flat:
         raise ValueError(f"--optimizer {name} keeps per-row state, which Megatron's torch_dist checkpoints of its DDP "
-                         f"optimizer cannot hold: use --ckpt-format torch, or --use-distributed-optimizer")
+                         f"and layer-wise optimizers cannot hold: use --ckpt-format torch, or "
+                         f"--use-distributed-optimizer with --reg-distributed-optimizer flat")
+    if fmt == "torch" and flat:
+        raise ValueError(f"--optimizer {name} keeps per-row state, which the flat distributed optimizer checkpoints "
+                         f"in --ckpt-format torch_dist only")
 
 
 def _validate_after_parse(parser: argparse.ArgumentParser) -> None:

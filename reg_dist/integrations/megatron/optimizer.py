@@ -53,6 +53,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.utils._pytree import tree_map_only
 
 from ...layout import LAYOUT_ATTR, Layout
 from ...optim import registry
@@ -482,8 +483,38 @@ def _distributed_optimizer_class() -> type:
             return {"param_state": param_state, "row_state": self._row_state(by_param),
                     "steps": ShardedObject(STEPS_KEY, steps, (1,), (0,), replica_id=int(dist.get_rank() != 0))}
 
+        def state_dict(self) -> dict:
+            """The common part of a ``--ckpt-format torch`` checkpoint (DP rank 0's, not collective): the optimizer's
+            name; ``save_parameter_state`` writes the state."""
+            return {OPTIMIZER_METADATA: self.optimizer.name}
+
+        def parameter_state(self) -> dict:
+            """Every parameter's element-shaped state in model space (collective over the world), the step count
+            and the optimizer's name: what ``load_state_dict`` takes at the same TP × PP layout, any DP degree."""
+            if self.optimizer.cls.row_state_keys:
+                raise NotImplementedError(f"--optimizer {self.optimizer.name} keeps per-row state: use --ckpt-format "
+                                          f"torch_dist")
+            return {"param_state": {i: tensors for i, (_, tensors) in enumerate(self._model_space(False))},
+                    "row_state": {}, "steps": self._steps(), OPTIMIZER_METADATA: self.optimizer.name}
+
+        def save_parameter_state(self, filename: str) -> None:
+            """``--ckpt-format torch``: ``parameter_state()``, written by DP rank 0 (one file per TP × PP rank)."""
+            state = self.parameter_state()
+            if self.data_parallel_group.rank() == 0:
+                torch.save(state, filename)
+
+        def load_parameter_state(self, filename: str, *, update_legacy_format: bool = False) -> None:
+            self.load_state_dict(torch.load(filename, weights_only=False))
+
         @torch.no_grad()
         def load_state_dict(self, state_dict: dict) -> None:
+            """A sharded state dict's (``torch_dist``), a ``parameter_state()``, or a ``--ckpt-format torch``
+            checkpoint's common part (``state_dict()``: only checked, the state follows in
+            ``load_parameter_state``)."""
+            if "param_state" not in state_dict or OPTIMIZER_METADATA in state_dict:
+                _check_metadata(self.optimizer.name, state_dict, is_loading=True)
+                if "param_state" not in state_dict:
+                    return
             adapter = self.optimizer
             _init_state(adapter.inner)
             steps = state_dict["steps"]
@@ -563,9 +594,29 @@ def chain_layer_wise(optimizer):
                 metadata["distrib_optim_sharding_type"] = "fully_reshardable"
             return super().sharded_state_dict(model_sharded_state_dict, is_loading, **kwargs)
 
+        def state_dict(self) -> dict:
+            """What ``--ckpt-format torch`` puts beside the model: the name (the state goes to
+            ``save_state_dict_to_file``'s files, which Megatron loads instead)."""
+            return {OPTIMIZER_METADATA: self.name}
+
+        def save_state_dict_to_file(self, filename: str) -> None:
+            """``--ckpt-format torch`` (one file per rank): the layer-wise optimizer's state dict and the flat
+            one's ``parameter_state()`` (collective)."""
+            chain = [o.parameter_state() if hasattr(o, "parameter_state") else o.state_dict()
+                     for o in self.chained_optimizers]  # detached: main copies carry their layout's groups
+            torch.save({OPTIMIZER_METADATA: self.name, "chain": tree_map_only(Tensor, Tensor.detach, chain)}, filename)
+
+        def load_state_dict_from_file(self, filename: str) -> None:
+            state = torch.load(filename, weights_only=False)
+            _check_metadata(self.name, state if isinstance(state, dict) else {}, is_loading=True)
+            for o, sd in zip(self.chained_optimizers, state["chain"], strict=True):
+                o.load_state_dict(sd)
+
     if type(optimizer) is not ChainedOptimizer or len(optimizer.chained_optimizers) < 2:
         return optimizer
-    return LayerWiseChain(optimizer.chained_optimizers)
+    chain = LayerWiseChain(optimizer.chained_optimizers)
+    chain.name = optimizer.config.optimizer
+    return chain
 
 
 def _check_metadata(name: str, metadata: dict | None, is_loading: bool) -> None:
