@@ -15,8 +15,10 @@ embeddings, the output layer and every non-2-D parameter take Megatron's Adam. S
 ``extra_args_provider(parser)`` adds ``reg``, ``reg_muon``, ``muoneq`` to ``--optimizer``'s choices and
 the flags below; bad values and combinations stop the parse with an argparse error naming them.
 ``--use-distributed-optimizer`` runs ours on Megatron's flat ``DistributedOptimizer`` (see
-``reg_dist.integrations.megatron.optimizer.build_distributed``); Megatron's ``validate_args`` would make
-it the layer-wise optimizer, which ``parse_and_validate_args`` undoes for ours.
+``reg_dist.integrations.megatron.optimizer.build_distributed``), or with ``--reg-distributed-optimizer
+layer-wise`` on its ``LayerWiseDistributedOptimizer`` (``layer_wise_optimizer_class``): Megatron's
+``validate_args`` makes every optimizer but adam and sgd the layer-wise one, which
+``parse_and_validate_args`` undoes for ours unless asked for.
 
 On Python 3.11 importing this module aliases ``typing.override`` to ``typing_extensions.override``
 (``megatron.training`` uses it), if ``typing`` lacks it.

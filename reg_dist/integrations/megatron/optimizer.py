@@ -30,11 +30,16 @@ then holds the fp32 main shards of its range of every grad-buffer bucket: a flat
 on every rank, with ``reg_layout = Layout(TP layout's m × n, rows, cols, flat=(s, e), fused=QKV blocks,
 groups=(("tp_dp", tensor × data parallel group),))`` (``("dp", …)`` for a replicated weight): REG
 reduces its row/column sums over that group, Muon/MuonEq move the pieces to one owner per matrix.
-Megatron's layer-wise optimizer (what its ``validate_args`` makes of ``--use-distributed-optimizer``
-for any optimizer but adam and sgd; ``reg_dist.megatron.parse_and_validate_args`` keeps the flat one)
-is refused, as are expert-parallel parameters and several distributed-optimizer instances. Its checkpoints
-(``--ckpt-format torch_dist``) hold reg_dist's state in model space (``RegDistributedOptimizer``): Megatron
-reshards it to another TP × PP × DP layout as it does the weights; another optimizer's is refused.
+Expert-parallel parameters and several distributed-optimizer instances are refused. Its checkpoints
+hold reg_dist's state in model space (``RegDistributedOptimizer``): in ``torch_dist`` Megatron reshards it to
+another TP × PP × DP layout as it does the weights; in ``torch`` DP rank 0 writes it per TP × PP rank (same
+layout, any DP degree); another optimizer's is refused.
+
+Megatron's layer-wise optimizer (what its ``validate_args`` makes of ``--use-distributed-optimizer`` for any
+optimizer but adam and sgd; ``--reg-distributed-optimizer layer-wise``) is ``RegLayerWiseOptimizer``
+(``layer_wise_optimizer_class``): each DP rank steps whole (TP-local) matrices, ours rebuilt over them,
+beside a flat ``RegDistributedOptimizer`` for Megatron's Adam groups (``flat_distributed``), in a
+``LayerWiseChain`` (``chain_layer_wise``). Its checkpoints are Megatron's layer-wise format (same layout).
 
 Muon/MuonEq always orthogonalise each TP-split matrix whole (``tp_mode="gather"``): reg_dist's
 ``tp_mode="blockwise"`` applies to DTensor parameters only, not to the ``reg_layout`` pieces used here.
@@ -504,6 +509,15 @@ def _distributed_optimizer_class() -> type:
                 torch.save(state, filename)
 
         def load_parameter_state(self, filename: str, *, update_legacy_format: bool = False) -> None:
+            """Load ``save_parameter_state``'s file. megatron-core 0.19.2 names it from the tracker file, not from
+            ``--ckpt-step``: a step other than the tracker's is refused (the model would load one iteration, the
+            optimizer another)."""
+            step = getattr(_megatron_global_args(), "ckpt_step", None)
+            if step is not None and f"iter_{step:07d}" not in str(filename):
+                raise ValueError(f"--optimizer {self.optimizer.name}: Megatron loads the distributed optimizer's "
+                                 f"--ckpt-format torch state from the tracker file's iteration ({filename}), not "
+                                 f"--ckpt-step {step}: use --ckpt-format torch_dist, or name iteration {step} in "
+                                 f"latest_checkpointed_iteration.txt")
             self.load_state_dict(torch.load(filename, weights_only=False))
 
         @torch.no_grad()
