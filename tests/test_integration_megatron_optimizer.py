@@ -524,22 +524,28 @@ def test_pipeline_stages_with_different_parameters_each_step_like_the_single_pro
 
 # ---- bf16: Megatron's fp32 main parameters ------------------------------------------------------
 
-@pytest.mark.parametrize("name, distopt", [("reg", False), ("reg_muon", True), ("muoneq", True)],
-                         ids=["reg-float16-optimizer", "reg_muon-distopt", "muoneq-distopt"])
-def test_bf16_main_params_step_like_the_single_process_optimizer(name, distopt):
+@pytest.mark.parametrize("name, mode", [("reg", "ddp"), ("reg_muon", "flat"), ("muoneq", "flat"),
+                                        ("reg_muon", "layer-wise")],
+                         ids=["reg-float16-optimizer", "reg_muon-distopt", "muoneq-distopt", "reg_muon-layer-wise"])
+def test_bf16_main_params_step_like_the_single_process_optimizer(name, mode):
     """``--bf16``: a bf16 model whose fp32 main parameters (Megatron's Float16OptimizerWithFloat16Params,
-    or the distributed optimizer's fp32 shards) our optimizer steps. The reference steps fp32 copies of
-    the full weights with the same gradients (the DP average of the bf16 model's, gathered over TP): the
-    main parameters must equal them."""
+    the flat distributed optimizer's fp32 shards, or the layer-wise one's main copies of the matrices a DP rank
+    owns) our optimizer steps. The reference steps fp32 copies of the full weights with the same gradients
+    (the DP average of the bf16 model's, gathered over TP): the main parameters must equal them."""
+    distopt = mode != "ddp"
     config = rm.optimizer_config(optimizer=name, lr=0.02, weight_decay=0.1, clip_grad=0.0, bf16=True,
-                                 use_distributed_optimizer=distopt, **SETTINGS[name])
+                                 use_distributed_optimizer=mode == "flat",
+                                 use_layer_wise_distributed_optimizer=mode == "layer-wise", **SETTINGS[name])
     rm.register()
     batches, targets = _data(4)
 
     def body(rank, world):
+        from megatron.training.training import wrap_model_chunks_with_ddp
+
         tc = _setup(bf16=True, params_dtype=torch.bfloat16)
-        model = DistributedDataParallel(config=tc, ddp_config=DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=distopt), module=Tiny(tc))
+        (model,) = wrap_model_chunks_with_ddp([Tiny(tc)], tc, DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=distopt),
+            use_layer_wise_distributed_optimizer=mode == "layer-wise")
         optimizer = get_megatron_optimizer(config, [model])
         dp_group = parallel_state.get_data_parallel_group()
         tp_rank, dp_rank = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_data_parallel_rank()
@@ -573,15 +579,18 @@ def test_bf16_main_params_step_like_the_single_process_optimizer(name, distopt):
                     "proj.weight": ref["proj.weight"].detach()}
         for n, p in params.items():
             local = expected[n].chunk(TP, dim=dims[n])[tp_rank].reshape(-1)
-            if distopt:  # this rank's fp32 shard of the flat local weight, if any
+            if distopt:  # this rank's fp32 shard of the flat local weight, if any (layer-wise: the matrix whole)
                 try:
-                    r = optimizer.chained_optimizers[0]._get_model_param_range_map(p)["param"]
+                    r = optimizer.chained_optimizers[-1]._get_model_param_range_map(p)["param"]
+                    local = local[r.start:r.end]
                 except KeyError:
-                    continue
-                local = local[r.start:r.end]
+                    if mode == "flat" or not hasattr(p, "main_param"):
+                        continue
             assert p.main_param.dtype == torch.float32
             torch.testing.assert_close(p.main_param.reshape(-1), local, rtol=1e-5, atol=1e-6,
                                        msg=lambda msg, n=n: f"{n}: {msg}")
-        return True
+        return sum(hasattr(p, "main_param") for n, p in params.items() if n != "qkv.bias")
 
-    assert all(run_ranks(TP * DP, body))
+    owned = run_ranks(TP * DP, body)
+    if mode == "layer-wise":  # each of the two matrices has fp32 main copies on one DP rank (its two TP ranks)
+        assert owned[0] == owned[1] and owned[2] == owned[3] and owned[0] + owned[2] == 2

@@ -682,8 +682,9 @@ def build_distributed(name: str, config, model_chunks, config_overrides=None, pg
                                                     config_overrides=overrides, filter_fn=lambda g: True,
                                                     buffer_name="buffers")
     if any(g["is_expert_parallel"] for g in groups):
-        raise NotImplementedError(f"--optimizer {name}: expert-parallel parameters are not supported with the "
-                                  f"distributed optimizer yet")
+        raise NotImplementedError(f"--optimizer {name}: expert-parallel parameters are not supported with the flat "
+                                  f"distributed optimizer; use --reg-distributed-optimizer layer-wise (each expert "
+                                  f"whole on one expert-DP rank)")
     return ChainedOptimizer([flat_distributed(name, config, model_chunks, groups, buffers, pg_collection)])
 
 
