@@ -29,13 +29,21 @@ Reported, per rank per step:
 and the owner planner's imbalance on Newton–Schulz cost m·n·min(m, n) (native: ``opt.native_imbalance``;
 FSDP2: the owner plans; target ≤ 10 %), plus REG's per-group table under TP=2 × FSDP2=2.
 
-Run:  .venv/bin/python benchmarks/comm.py [--layers L] [--iters K]    Results: benchmarks/results/comm.json
+``--megatron`` instead compares Megatron's two distributed optimizers over ours (``--reg-distributed-optimizer
+flat`` and ``layer-wise``) for REG, Muon and MuonEq at TP 1 × DP 4 and TP 2 × DP 2: megatron-core's GPTModel with
+these shapes (vocabulary padded to 50304) on 4 gloo ranks under ``launch.megatron_cpu``'s CUDA → CPU shim, random
+gradients in the DDP buffers, one step after a warm-up. Per rank per step: Megatron's gradient reduce-scatter and
+weight all-gather over DP (ring estimate on its padded buffers; the layer-wise buffers are padded so that no
+matrix crosses a DP shard) and reg_dist's measured ``comm_stats`` (results/comm_megatron.json).
+
+Run:  .venv/bin/python benchmarks/comm.py [--layers L] [--iters K] [--megatron]    Results: benchmarks/results/comm.json
 (4–6 minutes on 2 shared CPU cores at 12 blocks, most of it the native mode's ~1.4 GB per rank per step
 over gloo; the bytes and the imbalance depend on ``--layers``, not on the machine)
 """
 
 import argparse
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -272,6 +280,8 @@ def megatron_measure(layers: int, iters: int, tp: int, mode: str) -> list[dict]:
                 comm[group] = {k: comm.get(group, {}).get(k, 0) + v for k, v in e.items()}
         out.append({"optimizer": name, "mode": mode, "tp": tp, "dp": dp, "rank": dist.get_rank(), "ddp_sync": sync,
                     "padding_elements": padding, "comm": comm})
+        del opt, ours  # one optimizer's state at a time
+        gc.collect()
     return out
 
 

@@ -227,7 +227,7 @@ def rebuild(wrapper, names: dict[int, str]) -> None:
     ours = wrapper.optimizer
     for models, mains in zip(getattr(wrapper, "float16_groups", ()), getattr(wrapper, "fp32_from_float16_groups", ())):
         for p, main in zip(models, mains):
-            names[id(main)] = names[id(p)]
+            names.setdefault(id(main), names.get(id(p)))  # named already where ``names`` came from the groups
             if hasattr(p, LAYOUT_ATTR):
                 setattr(main, LAYOUT_ATTR, getattr(p, LAYOUT_ATTR))
     groups = [{**g, "param_names": [names[id(p)] for p in g["params"]]} for g in ours.param_groups]
@@ -596,6 +596,17 @@ def chain_layer_wise(optimizer):
     ``LayerWiseChain``, or ``optimizer`` itself where it is not such a chain."""
     from megatron.core.optimizer import ChainedOptimizer
 
+    if type(optimizer) is not ChainedOptimizer or len(optimizer.chained_optimizers) < 2:
+        return optimizer
+    chain = _layer_wise_chain_class()(optimizer.chained_optimizers)
+    chain.name = optimizer.config.optimizer
+    return chain
+
+
+@functools.cache
+def _layer_wise_chain_class() -> type:
+    from megatron.core.optimizer import ChainedOptimizer
+
     class LayerWiseChain(ChainedOptimizer):
         """Its checkpoints name the model-space sharding (``distrib_optim_sharding_type = "fully_reshardable"``,
         which the flat ``RegDistributedOptimizer`` writes) before the chain reads it: Megatron's ``ChainedOptimizer``
@@ -626,11 +637,7 @@ def chain_layer_wise(optimizer):
             for o, sd in zip(self.chained_optimizers, state["chain"], strict=True):
                 o.load_state_dict(sd)
 
-    if type(optimizer) is not ChainedOptimizer or len(optimizer.chained_optimizers) < 2:
-        return optimizer
-    chain = LayerWiseChain(optimizer.chained_optimizers)
-    chain.name = optimizer.config.optimizer
-    return chain
+    return LayerWiseChain
 
 
 def _check_metadata(name: str, metadata: dict | None, is_loading: bool) -> None:
