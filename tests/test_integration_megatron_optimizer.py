@@ -430,7 +430,7 @@ def test_tp2_dp2_distributed_optimizer_trajectory_equals_the_single_process_opti
         assert len(matrices) == 4  # every rank passes every matrix, empty where it holds none
 
 
-@pytest.mark.parametrize("name", ["reg", "reg_muon", "muoneq"])
+@pytest.mark.parametrize("name", ["reg", "reg_muon", "muoneq", "normuon"])
 def test_tp2_dp2_layer_wise_optimizer_steps_whole_matrices_like_the_single_process_optimizer(name):
     """Megatron's layer-wise distributed optimizer: each DP rank steps whole (TP-local) matrices, its share
     of the four, with the DP-averaged gradient; the bias goes to Megatron's flat distributed optimizer

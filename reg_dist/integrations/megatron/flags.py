@@ -70,14 +70,13 @@ def register() -> None:
                 return original(*args)
             # Megatron's factory, with our layer-wise optimizer in place of its own and, beside it, our flat one
             # in place of its Adam's DistributedOptimizer
-            by_groups = mcore_optimizer._get_megatron_optimizer_based_on_param_groups
+            name, by_groups = config.optimizer, mcore_optimizer._get_megatron_optimizer_based_on_param_groups
 
             def flat_or_megatrons(config, model_chunks, param_groups, per_model_buffers=None, **rest):
                 if config.use_distributed_optimizer and per_model_buffers is not None:
                     return flat_distributed(name, config, model_chunks, param_groups, per_model_buffers, pg_collection)
                 return by_groups(config, model_chunks, param_groups, per_model_buffers, **rest)
 
-            name = config.optimizer
             patched = {"HAVE_EMERGING_OPTIMIZERS": True, "LayerWiseDistributedOptimizer": layer_wise_optimizer_class(),
                        "_get_megatron_optimizer_based_on_param_groups": flat_or_megatrons}
             saved = {k: getattr(mcore_optimizer, k) for k in patched}

@@ -58,7 +58,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
-from torch.utils._pytree import tree_map_only
 
 from ...layout import LAYOUT_ATTR, Layout
 from ...optim import registry
@@ -605,6 +604,7 @@ def chain_layer_wise(optimizer):
 
 @functools.cache
 def _layer_wise_chain_class() -> type:
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_outplace
     from megatron.core.optimizer import ChainedOptimizer
 
     class LayerWiseChain(ChainedOptimizer):
@@ -629,7 +629,8 @@ def _layer_wise_chain_class() -> type:
             one's ``parameter_state()`` (collective)."""
             chain = [o.parameter_state() if hasattr(o, "parameter_state") else o.state_dict()
                      for o in self.chained_optimizers]  # detached: main copies carry their layout's groups
-            torch.save({OPTIMIZER_METADATA: self.name, "chain": tree_map_only(Tensor, Tensor.detach, chain)}, filename)
+            plain = dict_list_map_outplace(lambda v: v.detach() if isinstance(v, Tensor) else v, chain)
+            torch.save({OPTIMIZER_METADATA: self.name, "chain": plain}, filename)
 
         def load_state_dict_from_file(self, filename: str) -> None:
             state = torch.load(filename, weights_only=False)
