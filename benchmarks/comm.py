@@ -33,7 +33,14 @@ Reported, per rank per step:
 and the owner planner's imbalance on Newton–Schulz cost m·n·min(m, n) (native: ``opt.native_imbalance``;
 FSDP2: the owner plans; target ≤ 10 %), plus REG's per-group table under TP=2 × FSDP2=2.
 
-Run:  .venv/bin/python benchmarks/comm.py [--layers L] [--iters K] [--layouts NAME …]
+``--megatron`` instead compares Megatron's two distributed optimizers over ours (``--reg-distributed-optimizer
+flat`` and ``layer-wise``) for REG, Muon and MuonEq at TP 1 × DP 4 and TP 2 × DP 2: megatron-core's GPTModel with
+these shapes (vocabulary padded to 50304) on 4 gloo ranks under ``launch.megatron_cpu``'s CUDA → CPU shim, random
+gradients in the DDP buffers, one step after a warm-up. Per rank per step: Megatron's gradient reduce-scatter and
+weight all-gather over DP (ring estimate on its padded buffers; the layer-wise buffers are padded so that no
+matrix crosses a DP shard) and reg_dist's measured ``comm_stats`` (results/comm_megatron.json).
+
+Run:  .venv/bin/python benchmarks/comm.py [--layers L] [--iters K] [--layouts NAME …] [--megatron]
 Results: benchmarks/results/comm.json (``--layouts``: only those layouts measured, their cases replaced)
 (4–6 minutes on 2 shared CPU cores at 12 blocks, most of it the native mode's ~1.4 GB per rank per step
 over gloo; the bytes and the imbalance depend on ``--layers``, not on the machine)
@@ -41,6 +48,7 @@ over gloo; the bytes and the imbalance depend on ``--layers``, not on the machin
 
 import argparse
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -218,6 +226,146 @@ def print_comparison(cases: list[dict], layers: int) -> None:
           f"≤ {100 * TARGET_IMBALANCE:.0f} %.")
 
 
+# ---- Megatron: its flat distributed optimizer against its layer-wise one -------------------------------------
+
+MEGATRON_OPTIMIZERS = {"REG": "reg", "Muon": "reg_muon", "MuonEq": "muoneq"}  # --optimizer names
+MEGATRON_MODES = ("flat", "layer-wise")  # --reg-distributed-optimizer
+MEGATRON_TP = (1, 2)
+
+
+def megatron_gpt(layers: int):
+    """megatron-core's GPTModel (local layers, CPU init) with GPT-2-small shapes and ``layers`` blocks, on the
+    current parallel state."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron.core import parallel_state
+    from step_time import D, VOCAB
+
+    config = TransformerConfig(num_layers=layers, hidden_size=D, num_attention_heads=12, ffn_hidden_size=4 * D,
+                               tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+                               use_cpu_initialization=True)
+    vocab = -(-VOCAB // 128) * 128  # padded as Megatron's --make-vocab-size-divisible-by 128 does: 50304
+    return GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=vocab,
+                    max_sequence_length=1024), config
+
+
+def megatron_measure(layers: int, iters: int, tp: int, mode: str) -> list[dict]:
+    """Each optimizer in turn on one GPTModel wrapped for ``mode``: random gradients in the DDP buffers, a warm-up
+    step, then one measured: the DDP buffers' sizes (its gradient reduce-scatter and parameter all-gather) and
+    every reg_dist optimizer's ``comm_stats()`` in the chain."""
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import get_megatron_optimizer
+    from megatron.training.training import wrap_model_chunks_with_ddp
+
+    import reg_dist.megatron as rm
+    from reg_dist.integrations.megatron.optimizer import NAMES
+
+    model, config = megatron_gpt(layers)
+    if mode == "layer-wise":
+        (ddp,) = wrap_model_chunks_with_ddp([model], config, DistributedDataParallelConfig(),
+                                            use_layer_wise_distributed_optimizer=True)
+    else:
+        ddp = DistributedDataParallel(config=config, module=model,
+                                      ddp_config=DistributedDataParallelConfig(use_distributed_optimizer=True))
+    dp = parallel_state.get_data_parallel_world_size()
+    buffers = [b for b in ddp.buffers + ddp.expert_parallel_buffers]
+    sync = sum(b.numel * (b.param_dtype.itemsize + b.grad_dtype.itemsize) for b in buffers) * (dp - 1) // dp
+    padding = sum(b.numel - b.numel_unpadded for b in buffers)
+    gen = torch.Generator().manual_seed(dist.get_rank())
+    out = []
+    for name, megatron_name in MEGATRON_OPTIMIZERS.items():
+        opt = get_megatron_optimizer(rm.optimizer_config(
+            optimizer=megatron_name, lr=1e-3, weight_decay=0.1, clip_grad=0.0, reg_iters=iters,
+            use_distributed_optimizer=mode == "flat", use_layer_wise_distributed_optimizer=mode == "layer-wise"), [ddp])
+        for _ in range(2):  # warm-up, then the measured step
+            for p in ddp.parameters():
+                p.main_grad.normal_(generator=gen)
+            opt.step()
+        ours = [o for o in _megatron_leaves(opt) if isinstance(o, tuple(NAMES.values()))]
+        comm: dict = {}
+        for o in ours:
+            for group, e in o.comm_stats().items():
+                comm[group] = {k: comm.get(group, {}).get(k, 0) + v for k, v in e.items()}
+        out.append({"optimizer": name, "mode": mode, "tp": tp, "dp": dp, "rank": dist.get_rank(), "ddp_sync": sync,
+                    "padding_elements": padding, "comm": comm})
+        del opt, ours  # one optimizer's state at a time
+        gc.collect()
+    return out
+
+
+def _megatron_leaves(optimizer) -> list:
+    """The torch optimizers inside Megatron's wrappers (flat: the adapter's ``inner``)."""
+    leaves = []
+    for o in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if hasattr(o, "chained_optimizers"):
+            leaves += _megatron_leaves(o)
+        else:
+            leaves.append(getattr(o.optimizer, "inner", o.optimizer))
+    return leaves
+
+
+def megatron_rank_main(rank: int, world: int, port: int, layers: int, iters: int, out: str) -> None:
+    import logging
+    import warnings
+
+    warnings.simplefilter("ignore")
+    logging.disable(logging.WARNING)
+    torch.set_num_threads(1)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from launch import megatron_cpu
+    import reg_dist.megatron as rm  # noqa: F401  the typing.override alias megatron.training needs
+    from megatron.core import parallel_state, tensor_parallel
+
+    megatron_cpu.install()
+    rm.register()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    records = []
+    for tp in MEGATRON_TP:
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+        tensor_parallel.model_parallel_cuda_manual_seed(0)
+        for mode in MEGATRON_MODES:
+            records += megatron_measure(layers, iters, tp, mode)
+        parallel_state.destroy_model_parallel()
+    gathered = [None] * world
+    dist.all_gather_object(gathered, records)
+    if rank == 0:
+        Path(out).write_text(json.dumps(gathered))
+    dist.destroy_process_group()
+
+
+def megatron_summary(ranks: list[list[dict]]) -> list[dict]:
+    """Per (TP, mode, optimizer): bytes sent per rank per step, DDP sync (ring estimate on the padded buffers) and
+    reg_dist's own (measured), on rank 0 and the most on any rank."""
+    cases = []
+    for i, r0 in enumerate(ranks[0]):
+        per_rank = [r[i] for r in ranks]
+        totals = [r["ddp_sync"] + sum(e["sent"] for e in r["comm"].values()) for r in per_rank]
+        cases.append({**{k: r0[k] for k in ("optimizer", "mode", "tp", "dp", "ddp_sync", "padding_elements")},
+                      "optimizer_sent_rank0": sum(e["sent"] for e in r0["comm"].values()),
+                      "optimizer_sent_max": max(sum(e["sent"] for e in r["comm"].values()) for r in per_rank),
+                      "total_rank0": totals[0], "total_max": max(totals), "comm_rank0": r0["comm"]})
+    return cases
+
+
+def print_megatron(cases: list[dict], layers: int) -> None:
+    print(f"\nMegatron's distributed optimizers, bytes sent per rank per step (MB = 1e6 bytes), GPT-2-small shapes "
+          f"({layers} blocks), 4 gloo ranks")
+    print(f"{'layout':<14}{'optimizer':<10}{'mode':<12}{'DDP sync':>10}{'padding':>10}{'optim. r0':>11}"
+          f"{'optim. max':>12}{'total max':>11}{'groups (rank 0)':>18}")
+    for c in cases:
+        groups = ",".join(sorted(g for g, e in c["comm_rank0"].items() if e["sent"])) or "-"
+        print(f"{'TP=%d × DP=%d' % (c['tp'], c['dp']):<14}{c['optimizer']:<10}{c['mode']:<12}"
+              f"{c['ddp_sync'] / MB:>10.2f}{c['padding_elements']:>10,}{c['optimizer_sent_rank0'] / MB:>11.3f}"
+              f"{c['optimizer_sent_max'] / MB:>12.3f}{c['total_max'] / MB:>11.2f}{groups:>18}")
+    print("DDP sync: Megatron's gradient reduce-scatter + parameter all-gather over DP, ring: (DP−1)/DP × the padded\n"
+          "  buffers' fp32 bytes, twice (the layer-wise buffers are padded so that no matrix crosses a DP shard;\n"
+          "  padding: elements of it). optim.: reg_dist's comm_stats 'sent' (REG's statistics, Muon/MuonEq's owner\n"
+          "  moves, the non-finite agreement), on rank 0 and the most on any rank.")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -228,11 +376,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=LAYERS, help=f"transformer blocks (default {LAYERS})")
     ap.add_argument("--iters", type=int, default=1, help="REG's RACS iterations")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "comm.json"))
     ap.add_argument("--layouts", nargs="+", choices=[lay.name for lay in LAYOUTS], metavar="LAYOUT",
                     help="measure only these layouts and replace their cases in --out (same --layers and --iters)")
+    ap.add_argument("--megatron", action="store_true",
+                    help="instead: Megatron's flat and layer-wise distributed optimizers at TP 1 and 2 "
+                         "(results/comm_megatron.json unless --out)")
+    ap.add_argument("--out", default=None, help="results/comm.json (or comm_megatron.json)")
     args = ap.parse_args()
+    results = Path(__file__).resolve().parent / "results"
+    args.out = args.out or str(results / ("comm_megatron.json" if args.megatron else "comm.json"))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    if args.megatron:
+        return megatron_main(args)
     layouts = tuple(lay for lay in LAYOUTS if args.layouts is None or lay.name in args.layouts)
     tmp = args.out + ".ranks"
     mp.spawn(rank_main, args=(WORLD, free_port(), args.layers, args.iters, tmp, layouts), nprocs=WORLD)
@@ -257,6 +412,18 @@ def main() -> None:
         print_reg_table(cases[run.index((LAYOUTS[2], "REG"))], result["grad_bytes"], args.iters)
     print_comparison(result["cases"], args.layers)
     Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}")
+
+
+def megatron_main(args) -> None:
+    tmp = args.out + ".ranks"
+    mp.spawn(megatron_rank_main, args=(WORLD, free_port(), args.layers, args.iters, tmp), nprocs=WORLD)
+    ranks = json.loads(Path(tmp).read_text())
+    os.remove(tmp)
+    cases = megatron_summary(ranks)
+    print_megatron(cases, args.layers)
+    Path(args.out).write_text(json.dumps({"command": shlex.join([sys.executable, *sys.argv]), "layers": args.layers,
+                                          "iters": args.iters, "world": WORLD, "cases": cases}, indent=1))
     print(f"wrote {args.out}")
 
 

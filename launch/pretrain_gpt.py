@@ -19,7 +19,8 @@ Megatron's ``NullTokenizer`` by default), the ``val`` split for validation; ``--
 --no-gradient-accumulation-fusion``) or ``transformer_engine`` (the default, needs Transformer Engine).
 ``--use-distributed-optimizer`` runs ours on Megatron's flat distributed optimizer
 (``reg_dist.megatron.parse_and_validate_args`` keeps it: Megatron's ``validate_args`` would switch
-optimizers other than adam and sgd to its layer-wise one).
+optimizers other than adam and sgd to its layer-wise one), or with ``--reg-distributed-optimizer
+layer-wise`` on that layer-wise one.
 
 ``--cpu``: a dry run of the same ``pretrain`` on CPU ranks (gloo), to check a configuration, its flags and a
 checkpoint round trip before spending GPU hours; slow (a tiny model only), never the default. It installs

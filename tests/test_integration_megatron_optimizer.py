@@ -206,22 +206,6 @@ def test_get_megatron_optimizer_builds_ours_from_parsed_flags(name, split, monke
         assert others == ["AdamW"]  # the bias: Megatron's Adam (torch AdamW without Apex / TE)
 
 
-def test_megatrons_layer_wise_optimizer_is_refused_with_the_way_out():
-    """Megatron's validate_args makes --use-distributed-optimizer its layer-wise optimizer for every
-    optimizer but adam and sgd; ours refuse it and name reg_dist.megatron.parse_and_validate_args."""
-    config = rm.optimizer_config(optimizer="reg", use_layer_wise_distributed_optimizer=True)
-    rm.register()
-
-    def body(rank, world):
-        model = _ddp(tc := _setup(), Tiny(tc))
-        with pytest.raises(NotImplementedError, match="layer-wise distributed optimizer is not supported.*"
-                                                      "reg_dist.megatron.parse_and_validate_args"):
-            get_megatron_optimizer(config, [model])
-        return True
-
-    assert all(run_ranks(TP, body))
-
-
 # ---- TP 2 × DP 2 trajectory ----------------------------------------------------------------------
 
 REFERENCE = {"reg": optim.REG, "reg_muon": optim.Muon, "muoneq": optim.MuonEq, "normuon": optim.NorMuon}
@@ -357,24 +341,29 @@ def _deeper_reference(w: dict, x):
     return torch.tanh(y @ w["fc1.weight"].T) @ w["fc2.weight"].T
 
 
-@pytest.mark.parametrize("name, split", [("reg", True), ("reg_muon", True), ("muoneq", True), ("normuon", True),
-                                         ("reg_muon", False)],
-                         ids=["reg", "reg_muon", "muoneq", "normuon", "reg_muon-qkv-whole"])
-def test_tp2_dp2_distributed_optimizer_trajectory_equals_the_single_process_optimizer(name, split):
-    """Megatron's DistributedOptimizer hands each DP rank flat ranges of the grad buffer (``HELD``): the
-    QKV weight and fc1 are cut mid-row between the two DP ranks (QKV inside its k block), fc2 and proj
-    lie wholly on one DP rank, with an empty shard on the other."""
+def _deeper_trajectory(name: str, split: bool, layer_wise: bool = False) -> list:
+    """``Deeper`` on TP 2 × DP 2 under Megatron's flat distributed optimizer (DDP buckets of ``BUCKET``) or its
+    layer-wise one (DDP wrapped as ``megatron.training`` does for it), 3 steps checked against the
+    single-process optimizer on the full weights; per rank: ``(flat range of each parameter held, or None,
+    our matrices, our optimizer's last-step collectives)``."""
     config = rm.optimizer_config(optimizer=name, lr=0.02, weight_decay=0.1, clip_grad=0.0, reg_split_qkv=split,
-                                 use_distributed_optimizer=True, **SETTINGS[name])
+                                 use_distributed_optimizer=not layer_wise,
+                                 use_layer_wise_distributed_optimizer=layer_wise, **SETTINGS[name])
     rm.register()
     batches, targets = _data(2, WIDE)
 
     def body(rank, world):
+        from megatron.training.training import wrap_model_chunks_with_ddp
+
         tc = _setup()
-        model = DistributedDataParallel(config=tc, ddp_config=DistributedDataParallelConfig(
-            use_distributed_optimizer=True, overlap_grad_reduce=True, bucket_size=BUCKET), module=Deeper(tc))
+        if layer_wise:
+            (model,) = wrap_model_chunks_with_ddp([Deeper(tc)], tc, DistributedDataParallelConfig(),
+                                                  use_layer_wise_distributed_optimizer=True)
+        else:
+            model = DistributedDataParallel(config=tc, ddp_config=DistributedDataParallelConfig(
+                use_distributed_optimizer=True, overlap_grad_reduce=True, bucket_size=BUCKET), module=Deeper(tc))
         optimizer = get_megatron_optimizer(config, [model])
-        (distopt,) = optimizer.chained_optimizers
+        distopt = optimizer.chained_optimizers[-1]  # layer-wise: ours, then the flat one for Adam
         dp_rank = parallel_state.get_data_parallel_rank()
         m = model.module
         params = {"qkv.weight": m.linear_qkv.weight, "qkv.bias": m.linear_qkv.bias, "proj.weight": m.linear_proj.weight,
@@ -412,12 +401,49 @@ def test_tp2_dp2_distributed_optimizer_trajectory_equals_the_single_process_opti
                     **{n: ref[n].detach() for n in ref if "qkv" not in n}}
         for n in params:
             torch.testing.assert_close(full(n), expected[n], rtol=1e-5, atol=1e-6, msg=lambda msg, n=n: f"{n}: {msg}")
-        return held, len(local_matrices(optimizer))
+        inner = _ours(optimizer)
+        return held, sorted(n for g in inner.param_groups if g["algorithm"] != "adamw" for n in g["param_names"]), \
+            inner.comm_stats()
 
-    results = run_ranks(TP * DP, body)
-    for rank, (held, matrices) in enumerate(results):
+    return run_ranks(TP * DP, body)
+
+
+def _ours(optimizer):
+    """Our torch optimizer in a Megatron optimizer chain (flat: inside ``DistOptAdapter``)."""
+    for o in optimizer.chained_optimizers:
+        for child in getattr(o, "chained_optimizers", [o]):
+            inner = getattr(child.optimizer, "inner", child.optimizer)
+            if isinstance(inner, tuple(NAMES.values())):
+                return inner
+    raise AssertionError("no reg_dist optimizer in the chain")
+
+
+@pytest.mark.parametrize("name, split", [("reg", True), ("reg_muon", True), ("muoneq", True), ("normuon", True),
+                                         ("reg_muon", False)],
+                         ids=["reg", "reg_muon", "muoneq", "normuon", "reg_muon-qkv-whole"])
+def test_tp2_dp2_distributed_optimizer_trajectory_equals_the_single_process_optimizer(name, split):
+    """Megatron's DistributedOptimizer hands each DP rank flat ranges of the grad buffer (``HELD``): the
+    QKV weight and fc1 are cut mid-row between the two DP ranks (QKV inside its k block), fc2 and proj
+    lie wholly on one DP rank, with an empty shard on the other."""
+    for rank, (held, matrices, _) in enumerate(_deeper_trajectory(name, split)):
         assert held == {n: ranges[rank // TP] for n, ranges in HELD.items()}
-        assert matrices == 4  # every rank passes every matrix, empty where it holds none
+        assert len(matrices) == 4  # every rank passes every matrix, empty where it holds none
+
+
+@pytest.mark.parametrize("name", ["reg", "reg_muon", "muoneq", "normuon"])
+def test_tp2_dp2_layer_wise_optimizer_steps_whole_matrices_like_the_single_process_optimizer(name):
+    """Megatron's layer-wise distributed optimizer: each DP rank steps whole (TP-local) matrices, its share
+    of the four, with the DP-averaged gradient; the bias goes to Megatron's flat distributed optimizer
+    (Adam). Our collectives are over the TP group alone: REG's row/column sums, Muon's and MuonEq's
+    moves of TP blocks to one owner, no DP traffic."""
+    results = _deeper_trajectory(name, True, layer_wise=True)
+    owned = [set(matrices) for _, matrices, _ in results]
+    assert owned[0] == owned[1] and owned[2] == owned[3]  # the TP ranks of a DP rank own the same matrices
+    assert owned[0].isdisjoint(owned[2]) and owned[0] | owned[2] == {"linear_qkv.weight", "linear_proj.weight",
+                                                                      "linear_fc1.weight", "linear_fc2.weight"}
+    for held, _, comm in results:
+        assert all(r is None for n, r in held.items() if n != "qkv.bias")  # the flat optimizer: the bias only
+        assert set(comm) <= {"tp", "world"}, comm
 
 
 # ---- pipeline parallelism: the stages hold different parameters ------------------------------------
@@ -498,22 +524,28 @@ def test_pipeline_stages_with_different_parameters_each_step_like_the_single_pro
 
 # ---- bf16: Megatron's fp32 main parameters ------------------------------------------------------
 
-@pytest.mark.parametrize("name, distopt", [("reg", False), ("reg_muon", True), ("muoneq", True)],
-                         ids=["reg-float16-optimizer", "reg_muon-distopt", "muoneq-distopt"])
-def test_bf16_main_params_step_like_the_single_process_optimizer(name, distopt):
+@pytest.mark.parametrize("name, mode", [("reg", "ddp"), ("reg_muon", "flat"), ("muoneq", "flat"),
+                                        ("reg_muon", "layer-wise")],
+                         ids=["reg-float16-optimizer", "reg_muon-distopt", "muoneq-distopt", "reg_muon-layer-wise"])
+def test_bf16_main_params_step_like_the_single_process_optimizer(name, mode):
     """``--bf16``: a bf16 model whose fp32 main parameters (Megatron's Float16OptimizerWithFloat16Params,
-    or the distributed optimizer's fp32 shards) our optimizer steps. The reference steps fp32 copies of
-    the full weights with the same gradients (the DP average of the bf16 model's, gathered over TP): the
-    main parameters must equal them."""
+    the flat distributed optimizer's fp32 shards, or the layer-wise one's main copies of the matrices a DP rank
+    owns) our optimizer steps. The reference steps fp32 copies of the full weights with the same gradients
+    (the DP average of the bf16 model's, gathered over TP): the main parameters must equal them."""
+    distopt = mode != "ddp"
     config = rm.optimizer_config(optimizer=name, lr=0.02, weight_decay=0.1, clip_grad=0.0, bf16=True,
-                                 use_distributed_optimizer=distopt, **SETTINGS[name])
+                                 use_distributed_optimizer=mode == "flat",
+                                 use_layer_wise_distributed_optimizer=mode == "layer-wise", **SETTINGS[name])
     rm.register()
     batches, targets = _data(4)
 
     def body(rank, world):
+        from megatron.training.training import wrap_model_chunks_with_ddp
+
         tc = _setup(bf16=True, params_dtype=torch.bfloat16)
-        model = DistributedDataParallel(config=tc, ddp_config=DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=distopt), module=Tiny(tc))
+        (model,) = wrap_model_chunks_with_ddp([Tiny(tc)], tc, DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=distopt),
+            use_layer_wise_distributed_optimizer=mode == "layer-wise")
         optimizer = get_megatron_optimizer(config, [model])
         dp_group = parallel_state.get_data_parallel_group()
         tp_rank, dp_rank = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_data_parallel_rank()
@@ -547,15 +579,18 @@ def test_bf16_main_params_step_like_the_single_process_optimizer(name, distopt):
                     "proj.weight": ref["proj.weight"].detach()}
         for n, p in params.items():
             local = expected[n].chunk(TP, dim=dims[n])[tp_rank].reshape(-1)
-            if distopt:  # this rank's fp32 shard of the flat local weight, if any
+            if distopt:  # this rank's fp32 shard of the flat local weight, if any (layer-wise: the matrix whole)
                 try:
-                    r = optimizer.chained_optimizers[0]._get_model_param_range_map(p)["param"]
+                    r = optimizer.chained_optimizers[-1]._get_model_param_range_map(p)["param"]
+                    local = local[r.start:r.end]
                 except KeyError:
-                    continue
-                local = local[r.start:r.end]
+                    if mode == "flat" or getattr(p, "main_param", None) is None:
+                        continue
             assert p.main_param.dtype == torch.float32
             torch.testing.assert_close(p.main_param.reshape(-1), local, rtol=1e-5, atol=1e-6,
                                        msg=lambda msg, n=n: f"{n}: {msg}")
-        return True
+        return sum(getattr(p, "main_param", None) is not None for n, p in params.items() if n != "qkv.bias")
 
-    assert all(run_ranks(TP * DP, body))
+    owned = run_ranks(TP * DP, body)
+    if mode == "layer-wise":  # each of the two matrices has fp32 main copies on one DP rank (its two TP ranks)
+        assert owned[0] == owned[1] and owned[2] == owned[3] and owned[0] + owned[2] == 2

@@ -59,6 +59,11 @@ def test_pretrain_gpt_parses_our_flags_into_megatrons_config_container():
                                "--bf16"], read)
     # Megatron's validate_args alone would have made it its layer-wise optimizer
     assert got == ("reg", True, False, "reg", True, True, True, 0.02, 3.0, 2, True)
+    layer_wise = _in_a_fresh_process(["--optimizer", "reg", "--use-distributed-optimizer",
+                                      "--reg-distributed-optimizer", "layer-wise"],
+                                     lambda args, cfg, module: (args.use_distributed_optimizer,
+                                                                cfg.optimizer.use_layer_wise_distributed_optimizer))
+    assert layer_wise == (False, True)  # Megatron's layer-wise optimizer, as its validate_args makes it
 
 
 def test_pretrain_gpt_byte_data_gives_megatron_samples():
@@ -79,14 +84,14 @@ def test_pretrain_gpt_rejects_bad_reg_flags_with_argparses_message(capfd):
         _in_a_fresh_process(["--optimizer", "muoneq", "--muoneq-phase", "2"], lambda *a: None)
     assert "--optimizer muoneq: phase applies only to mode='rowcol'" in capfd.readouterr().err
     with pytest.raises(AssertionError, match="SystemExit: 2"):
-        _in_a_fresh_process(["--optimizer", "reg", "--use-distributed-optimizer", "--ckpt-format", "torch",
+        _in_a_fresh_process(["--optimizer", "normuon", "--use-distributed-optimizer", "--ckpt-format", "torch",
                              "--save", "ckpt"], lambda *a: None)
-    assert "--use-distributed-optimizer checkpoints through Megatron's sharded state dict only: use --ckpt-format " \
-           "torch_dist" in capfd.readouterr().err
+    assert "--optimizer normuon keeps per-row state, which the flat distributed optimizer checkpoints in " \
+           "--ckpt-format torch_dist only" in capfd.readouterr().err
     with pytest.raises(AssertionError, match="SystemExit: 2"):
         _in_a_fresh_process(["--optimizer", "normuon", "--load", "ckpt"], lambda *a: None)
-    assert "--optimizer normuon keeps per-row state, which Megatron's torch_dist checkpoints of its DDP optimizer " \
-           "cannot hold: use --ckpt-format torch" in capfd.readouterr().err
+    assert "--optimizer normuon keeps per-row state, which Megatron's torch_dist checkpoints of its DDP and " \
+           "layer-wise optimizers cannot hold: use --ckpt-format torch" in capfd.readouterr().err
 
 
 CPU = list(megatron_cpu.CPU_ARGS)  # gloo, megatron-core's own layers, no fused CUDA kernels
@@ -225,32 +230,63 @@ def _pretrain(argv: list[str], world: int = 2) -> list:
     return run_ranks(world, body, init_group=False)
 
 
+DISTOPT_BF16 = ["--tensor-model-parallel-size", "2", "--use-distributed-optimizer", "--bf16"]
+
+
 @pytest.mark.parametrize("name, world, extra, formats", [
     ("reg", 2, [], ("torch", "torch_dist")),
     ("reg_muon", 4, ["--tensor-model-parallel-size", "2"], ("torch", "torch_dist")),
-    ("reg", 4, ["--tensor-model-parallel-size", "2", "--use-distributed-optimizer", "--bf16"], ("torch_dist",)),
-    ("reg_muon", 4, ["--tensor-model-parallel-size", "2", "--use-distributed-optimizer"], ("torch_dist",)),
-], ids=["reg-dp2", "reg_muon-tp2-dp2", "reg-tp2-dp2-distopt-bf16", "reg_muon-tp2-dp2-distopt"])
+    ("reg", 4, DISTOPT_BF16, ("torch_dist", "torch")),
+    ("reg_muon", 4, DISTOPT_BF16, ("torch_dist",)),
+    ("reg_muon", 4, [*DISTOPT_BF16, "--reg-distributed-optimizer", "layer-wise"], ("torch_dist", "torch")),
+], ids=["reg-dp2", "reg_muon-tp2-dp2", "reg-tp2-dp2-distopt-bf16", "reg_muon-tp2-dp2-distopt-bf16",
+        "reg_muon-tp2-dp2-layer-wise-bf16"])
 def test_pretrain_gpt_checkpoint_resumes_the_uninterrupted_run(name, world, extra, formats, tmp_path):
-    """Megatron's DDP, or its distributed optimizer: 4 iterations saving at 2 (in each of ``formats``), then a
-    run with ``--load`` (``--ckpt-step 2``) continuing to 4: its losses and final weights equal the
-    uninterrupted run's (at TP 2, the owner plans of the TP-split matrices survive the load; under the
-    distributed optimizer reg_dist's state and fp32 main shards come back from its sharded state). Dropout off:
-    under ``--cpu`` Megatron's "CUDA" generator is the CPU one, which the resumed run's data loader draws
-    from after the RNG state is restored."""
+    """Megatron's DDP, its flat distributed optimizer or its layer-wise one: 4 iterations saving at 2 (in each of
+    ``formats``), then a run with ``--load`` from iteration 2 (the tracker file names it, as after a crash at 3)
+    continuing to 4: its losses and final weights equal the uninterrupted run's (at TP 2, the owner plans of the
+    TP-split matrices survive the load; under a distributed optimizer reg_dist's state and fp32 main copies come
+    back). Dropout off: under ``--cpu`` Megatron's "CUDA" generator is the CPU one, which the resumed run's data
+    loader draws from after the RNG state is restored."""
     run = [*BASE[:-4], "--train-iters", "4", "--lr", "0.01", "--global-batch-size", "4", "--eval-iters", "0",
            "--eval-interval", "10", "--hidden-dropout", "0", "--attention-dropout", "0", "--optimizer", name,
            "--reg-ns-dtype", "fp32", *extra]
     for fmt in formats:
-        ckpt = str(tmp_path / fmt)
-        whole = _pretrain([*run, "--ckpt-format", fmt, "--save", ckpt, "--save-interval", "2"], world)
-        resumed = _pretrain([*run, "--ckpt-format", fmt, "--load", ckpt, "--ckpt-step", "2"], world)
+        ckpt = tmp_path / fmt
+        whole = _pretrain([*run, "--ckpt-format", fmt, "--save", str(ckpt), "--save-interval", "2"], world)
+        (ckpt / "latest_checkpointed_iteration.txt").write_text("2")
+        resumed = _pretrain([*run, "--ckpt-format", fmt, "--load", str(ckpt)], world)
         for (losses, weights, _), (tail, resumed_weights, _) in zip(whole, resumed):
             assert len(losses) == 4 and tail == losses[2:], fmt
             assert weights.keys() == resumed_weights.keys()
             for n, w in weights.items():
                 assert (w == resumed_weights[n]).all(), (fmt, n)
 
+
+def test_pretrain_gpt_moe_experts_under_the_layer_wise_optimizer_step_like_ddp_and_resume(tmp_path):
+    """4 experts (SequentialMLP: each expert's fc1 and fc2 matrices of their own), EP 2 × DP 2 on 4 ranks, gloo's
+    allgather token dispatcher, under Megatron's layer-wise distributed optimizer: each expert matrix is stepped
+    whole on one rank of its expert-DP group, and the losses and final weights equal Megatron's DDP run, where
+    every rank steps every matrix it holds whole (the single-process optimizer on the same experts), within
+    fp32 rounding (the gradients are reduced in another order); a checkpoint
+    saved at iteration 2 resumes to the same iteration 4."""
+    run = [*BASE[:-4], "--train-iters", "4", "--lr", "0.01", "--global-batch-size", "8", "--eval-iters", "0",
+           "--eval-interval", "10", "--hidden-dropout", "0", "--attention-dropout", "0", "--optimizer", "reg_muon",
+           "--reg-ns-dtype", "fp32", "--num-experts", "4", "--expert-model-parallel-size", "2",
+           "--moe-token-dispatcher-type", "allgather", "--disable-bias-linear"]
+    layer_wise = [*run, "--use-distributed-optimizer", "--reg-distributed-optimizer", "layer-wise"]
+    ddp = _pretrain(run, 4)
+    ckpt = tmp_path / "ckpt"
+    whole = _pretrain([*layer_wise, "--save", str(ckpt), "--save-interval", "2"], 4)
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("2")
+    resumed = _pretrain([*layer_wise, "--load", str(ckpt)], 4)
+    for (ddp_losses, ddp_weights, _), (losses, weights, _), (tail, resumed_weights, _) in zip(ddp, whole, resumed):
+        assert sum("local_experts" in n for n in weights) == 2 * 2 * 2  # 2 layers × 2 local experts × fc1, fc2
+        np.testing.assert_allclose(losses, ddp_losses, rtol=1e-6)
+        assert len(losses) == 4 and tail == losses[2:]
+        for n, w in weights.items():
+            np.testing.assert_allclose(w, ddp_weights[n], rtol=1e-5, atol=1e-6, err_msg=n)
+            assert (resumed_weights[n] == w).all(), n
 
 
 def _whole(ranks: list, tp: int, iters: int) -> tuple[np.ndarray, dict]:

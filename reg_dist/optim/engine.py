@@ -263,7 +263,9 @@ class MatrixOptimizer(Optimizer):
             raise ValueError(
                 f"algorithm must be one of {(self.algorithm, ADAMW)} for {type(self).__name__}, got {requested!r}"
             )
-        split: dict[str, tuple[list, list]] = {}
+        # a group naming its algorithm stays a group when empty (a wrapper that narrows groups per rank, like
+        # Megatron's layer-wise optimizer, needs one group structure on every rank)
+        split: dict[str, tuple[list, list]] = {requested: ([], [])} if requested is not None and not tensors else {}
         routes = []
         for t, name in zip(tensors, names):
             if not isinstance(t, Tensor):

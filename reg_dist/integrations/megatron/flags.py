@@ -15,8 +15,10 @@ embeddings, the output layer and every non-2-D parameter take Megatron's Adam. S
 ``extra_args_provider(parser)`` adds ``reg``, ``reg_muon``, ``muoneq`` to ``--optimizer``'s choices and
 the flags below; bad values and combinations stop the parse with an argparse error naming them.
 ``--use-distributed-optimizer`` runs ours on Megatron's flat ``DistributedOptimizer`` (see
-``reg_dist.integrations.megatron.optimizer.build_distributed``); Megatron's ``validate_args`` would make
-it the layer-wise optimizer, which ``parse_and_validate_args`` undoes for ours.
+``reg_dist.integrations.megatron.optimizer.build_distributed``), or with ``--reg-distributed-optimizer
+layer-wise`` on its ``LayerWiseDistributedOptimizer`` (``layer_wise_optimizer_class``): Megatron's
+``validate_args`` makes every optimizer but adam and sgd the layer-wise one, which
+``parse_and_validate_args`` undoes for ours unless asked for.
 
 On Python 3.11 importing this module aliases ``typing.override`` to ``typing_extensions.override``
 (``megatron.training`` uses it), if ``typing`` lacks it.
@@ -27,9 +29,9 @@ import dataclasses
 import functools
 import typing
 
-from .optimizer import (DTYPES, NAMES, Settings, build_distributed, check_settings, hyper_flags,
-                                              rebuild_over_main_params, registry_entries, settings_from,
-                                              uses_distributed_optimizer)
+from .optimizer import (DTYPES, NAMES, Settings, build_distributed, chain_layer_wise, check_settings, flat_distributed,
+                        hyper_flags, layer_wise_optimizer_class, rebuild_over_main_params, registry_entries,
+                        settings_from, uses_distributed_optimizer)
 from ...ops.equilibrate import MODES
 from ...ops.newton_schulz import COEFFICIENTS, NS_METHODS
 from ...optim.scaling import SCALES
@@ -66,12 +68,25 @@ def register() -> None:
                 return build_distributed(config.optimizer, *args)
             if config.optimizer not in NAMES:
                 return original(*args)
-            have = mcore_optimizer.HAVE_EMERGING_OPTIMIZERS
-            mcore_optimizer.HAVE_EMERGING_OPTIMIZERS = True
+            # Megatron's factory, with our layer-wise optimizer in place of its own and, beside it, our flat one
+            # in place of its Adam's DistributedOptimizer
+            name, by_groups = config.optimizer, mcore_optimizer._get_megatron_optimizer_based_on_param_groups
+
+            def flat_or_megatrons(config, model_chunks, param_groups, per_model_buffers=None, **rest):
+                if config.use_distributed_optimizer and per_model_buffers is not None:
+                    return flat_distributed(name, config, model_chunks, param_groups, per_model_buffers, pg_collection)
+                return by_groups(config, model_chunks, param_groups, per_model_buffers, **rest)
+
+            patched = {"HAVE_EMERGING_OPTIMIZERS": True, "LayerWiseDistributedOptimizer": layer_wise_optimizer_class(),
+                       "_get_megatron_optimizer_based_on_param_groups": flat_or_megatrons}
+            saved = {k: getattr(mcore_optimizer, k) for k in patched}
+            vars(mcore_optimizer).update(patched)
             try:
                 optimizer = original(*args)
             finally:
-                mcore_optimizer.HAVE_EMERGING_OPTIMIZERS = have
+                vars(mcore_optimizer).update(saved)
+            if config.use_layer_wise_distributed_optimizer:  # which rebuilds ours itself
+                return chain_layer_wise(optimizer)
             rebuild_over_main_params(optimizer)
             return optimizer
 
@@ -157,6 +172,10 @@ def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--reg-tp-mode", choices=("gather", "blockwise"), default=d.reg_tp_mode,
                    help="gather: each tensor-parallel matrix whole, exactly (default); blockwise: each TP block "
                         "its own matrix, no TP traffic (the update then depends on the TP degree).")
+    g.add_argument("--reg-distributed-optimizer", choices=("flat", "layer-wise"), default="flat",
+                   help="With --use-distributed-optimizer: 'flat' (default), Megatron's DistributedOptimizer, each DP "
+                        "rank a flat range of every bucket; 'layer-wise', Megatron's LayerWiseDistributedOptimizer, "
+                        "each DP rank whole matrices.")
     g.add_argument("--no-reg-split-qkv", dest="reg_split_qkv", action="store_false",
                    help="Step the fused linear_qkv weight as one matrix instead of q, k, v per query group.")
     for dest, (hyper, takers) in hyper_flags().items():  # the registry's other hyper-parameters
@@ -189,16 +208,21 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def _check_checkpoint_format(name: str, args: argparse.Namespace) -> None:
-    """Raise ValueError if Megatron cannot checkpoint ``name``'s state in ``--ckpt-format``: the distributed
-    optimizer's goes through the sharded state dict only (``torch_dist``); under DDP, ``torch_dist`` maps every
-    optimizer tensor to its parameter's shape, which per-row state (NorMuon's) does not have."""
-    distributed, fmt = getattr(args, "use_distributed_optimizer", False), getattr(args, "ckpt_format", None)
-    if distributed and fmt == "torch":
-        raise ValueError(f"--optimizer {name} with --use-distributed-optimizer checkpoints through Megatron's sharded "
-                         f"state dict only: use --ckpt-format torch_dist (the default), not torch")
-    if not distributed and fmt == "torch_dist" and NAMES[name].row_state_keys:
+    """Raise ValueError if Megatron cannot checkpoint ``name``'s per-row state (NorMuon's) in ``--ckpt-format``:
+    Megatron's DDP and layer-wise optimizers map every ``torch_dist`` optimizer tensor to its parameter's shape;
+    the flat distributed optimizer's ``torch`` files hold element-shaped state only."""
+    if not NAMES[name].row_state_keys:
+        return
+    fmt = getattr(args, "ckpt_format", None)
+    flat = getattr(args, "use_distributed_optimizer", False) and getattr(args, "reg_distributed_optimizer",
+                                                                         "flat") == "flat"
+    if fmt == "torch_dist" and not flat:
         raise ValueError(f"--optimizer {name} keeps per-row state, which Megatron's torch_dist checkpoints of its DDP "
-                         f"optimizer cannot hold: use --ckpt-format torch, or --use-distributed-optimizer")
+                         f"and layer-wise optimizers cannot hold: use --ckpt-format torch, or "
+                         f"--use-distributed-optimizer with --reg-distributed-optimizer flat")
+    if fmt == "torch" and flat:
+        raise ValueError(f"--optimizer {name} keeps per-row state, which the flat distributed optimizer checkpoints "
+                         f"in --ckpt-format torch_dist only")
 
 
 def _validate_after_parse(parser: argparse.ArgumentParser) -> None:
@@ -219,10 +243,11 @@ def _validate_after_parse(parser: argparse.ArgumentParser) -> None:
 
 
 def keep_distributed_optimizer(args: argparse.Namespace) -> argparse.Namespace:
-    """Undo, for our optimizers, what Megatron's ``validate_args`` does to every optimizer but adam and
-    sgd: ``--use-distributed-optimizer`` becomes its layer-wise optimizer, which reg_dist does not
-    support; ours run on the flat distributed optimizer instead."""
-    if getattr(args, "reg_use_distributed_optimizer", False) and args.optimizer in NAMES:
+    """Undo, for our optimizers with ``--reg-distributed-optimizer flat`` (the default), what Megatron's
+    ``validate_args`` does to every optimizer but adam and sgd: ``--use-distributed-optimizer`` becomes its
+    layer-wise optimizer; ``layer-wise`` keeps that."""
+    if getattr(args, "reg_use_distributed_optimizer", False) and args.optimizer in NAMES \
+            and args.reg_distributed_optimizer == "flat":
         args.use_distributed_optimizer, args.use_layer_wise_distributed_optimizer = True, False
     return args
 

@@ -30,11 +30,16 @@ then holds the fp32 main shards of its range of every grad-buffer bucket: a flat
 on every rank, with ``reg_layout = Layout(TP layout's m × n, rows, cols, flat=(s, e), fused=QKV blocks,
 groups=(("tp_dp", tensor × data parallel group),))`` (``("dp", …)`` for a replicated weight): REG
 reduces its row/column sums over that group, Muon/MuonEq move the pieces to one owner per matrix.
-Megatron's layer-wise optimizer (what its ``validate_args`` makes of ``--use-distributed-optimizer``
-for any optimizer but adam and sgd; ``reg_dist.megatron.parse_and_validate_args`` keeps the flat one)
-is refused, as are expert-parallel parameters and several distributed-optimizer instances. Its checkpoints
-(``--ckpt-format torch_dist``) hold reg_dist's state in model space (``RegDistributedOptimizer``): Megatron
-reshards it to another TP × PP × DP layout as it does the weights; another optimizer's is refused.
+Expert-parallel parameters and several distributed-optimizer instances are refused. Its checkpoints
+hold reg_dist's state in model space (``RegDistributedOptimizer``): in ``torch_dist`` Megatron reshards it to
+another TP × PP × DP layout as it does the weights; in ``torch`` DP rank 0 writes it per TP × PP rank (same
+layout, any DP degree); another optimizer's is refused.
+
+Megatron's layer-wise optimizer (what its ``validate_args`` makes of ``--use-distributed-optimizer`` for any
+optimizer but adam and sgd; ``--reg-distributed-optimizer layer-wise``) is ``RegLayerWiseOptimizer``
+(``layer_wise_optimizer_class``): each DP rank steps whole (TP-local) matrices, ours rebuilt over them,
+beside a flat ``RegDistributedOptimizer`` for Megatron's Adam groups (``flat_distributed``), in a
+``LayerWiseChain`` (``chain_layer_wise``). Its checkpoints are Megatron's layer-wise format (same layout).
 
 Muon/MuonEq always orthogonalise each TP-split matrix whole (``tp_mode="gather"``): reg_dist's
 ``tp_mode="blockwise"`` applies to DTensor parameters only, not to the ``reg_layout`` pieces used here.
@@ -197,7 +202,7 @@ class _Builder:
             names = [param_names.get(id(p), f"unnamed{i}") for i, p in enumerate(params)]
             groups.append({**group, "params": params, "param_names": names})
         optimizer = self.cls(groups, **kwargs)
-        optimizer.megatron_kwargs = kwargs  # for rebuild_over_main_params
+        optimizer.megatron_kwargs = kwargs  # for rebuild
         return tag_groups(optimizer)
 
     def __repr__(self) -> str:
@@ -206,19 +211,27 @@ class _Builder:
 
 def rebuild_over_main_params(optimizer) -> None:
     """Under bf16 Megatron's ``Float16OptimizerWithFloat16Params`` swaps each bf16 parameter in our
-    optimizer's groups for its fp32 main copy after we built it: give each main copy its parameter's
-    layout and rebuild ours over them (collective, like the first build)."""
+    optimizer's groups for its fp32 main copy after we built it: rebuild ours over them (``rebuild``)."""
     for wrapper in getattr(optimizer, "chained_optimizers", [optimizer]):
         ours = getattr(wrapper, "optimizer", None)
-        if not isinstance(ours, tuple(NAMES.values())) or not hasattr(wrapper, "fp32_from_float16_groups"):
-            continue
-        for models, mains in zip(wrapper.float16_groups, wrapper.fp32_from_float16_groups):
-            for p, main in zip(models, mains):
-                if hasattr(p, LAYOUT_ATTR):
-                    setattr(main, LAYOUT_ATTR, getattr(p, LAYOUT_ATTR))
-        groups = [{k: v for k, v in g.items()} for g in ours.param_groups]
-        wrapper.optimizer = tag_groups(type(ours)(groups, **ours.megatron_kwargs))
-        wrapper.optimizer.megatron_kwargs = ours.megatron_kwargs
+        if isinstance(ours, tuple(NAMES.values())) and hasattr(wrapper, "fp32_from_float16_groups"):
+            rebuild(wrapper, {id(p): n for g in ours.param_groups for p, n in zip(g["params"], g["param_names"])})
+
+
+def rebuild(wrapper, names: dict[int, str]) -> None:
+    """Rebuild ours (``wrapper.optimizer``, collective like the first build) over the tensors now in its
+    groups, named by ``names`` (id → name): a wrapper narrowed them (the layer-wise optimizer) or swapped bf16
+    parameters for fp32 main copies (``float16_groups`` → ``fp32_from_float16_groups``), which take their
+    parameter's name and layout."""
+    ours = wrapper.optimizer
+    for models, mains in zip(getattr(wrapper, "float16_groups", ()), getattr(wrapper, "fp32_from_float16_groups", ())):
+        for p, main in zip(models, mains):
+            names.setdefault(id(main), names.get(id(p)))  # named already where ``names`` came from the groups
+            if hasattr(p, LAYOUT_ATTR):
+                setattr(main, LAYOUT_ATTR, getattr(p, LAYOUT_ATTR))
+    groups = [{**g, "param_names": [names[id(p)] for p in g["params"]]} for g in ours.param_groups]
+    wrapper.optimizer = tag_groups(type(ours)(groups, **ours.megatron_kwargs))
+    wrapper.optimizer.megatron_kwargs = ours.megatron_kwargs
 
 
 def tag_groups(optimizer: MatrixOptimizer) -> MatrixOptimizer:
@@ -239,12 +252,7 @@ def uses_distributed_optimizer(config, model_chunks) -> bool:
 
 def _config_to_kwargs(name: str):
     def config_to_kwargs(config, model_chunks, pg_collection=None) -> dict:
-        if config.use_layer_wise_distributed_optimizer:
-            raise NotImplementedError(
-                f"--optimizer {name}: Megatron's layer-wise distributed optimizer is not supported; its "
-                f"validate_args turns --use-distributed-optimizer into it for every optimizer but adam and sgd: "
-                f"parse with reg_dist.megatron.parse_and_validate_args, which keeps the flat distributed optimizer")
-        if uses_distributed_optimizer(config, model_chunks):
+        if uses_distributed_optimizer(config, model_chunks) and not config.use_layer_wise_distributed_optimizer:
             raise ValueError(f"--optimizer {name} with the distributed optimizer is built by the hook "
                              f"reg_dist.megatron.register() installs: call it before get_megatron_optimizer")
         settings = settings_from(config)
@@ -458,18 +466,9 @@ def _distributed_optimizer_class() -> type:
 
         def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, metadata=None, **kwargs):
             name = self.optimizer.name
-            if metadata is not None:
-                if is_loading:
-                    saved = metadata.get(OPTIMIZER_METADATA)
-                    if saved != name:
-                        raise ValueError(
-                            f"--optimizer {name} cannot load this checkpoint's optimizer state: it was saved by "
-                            + (f"--optimizer {saved}" if saved else "an optimizer other than reg_dist's (its "
-                               "metadata names none, e.g. Megatron's adam)")
-                            + "; pass --no-load-optim (or --finetune) to load the weights alone")
-                else:
-                    metadata[OPTIMIZER_METADATA] = name
-                    metadata["distrib_optim_sharding_type"] = "fully_reshardable"  # model space: Megatron may reshard
+            _check_metadata(name, metadata, is_loading)
+            if metadata is not None and not is_loading:
+                metadata["distrib_optim_sharding_type"] = "fully_reshardable"  # model space: Megatron may reshard
             by_param = {sh.data: sh for sh in nested_values(
                 extract_sharded_tensors_and_factories(model_sharded_state_dict)[0])}
             param_state = {}
@@ -488,8 +487,47 @@ def _distributed_optimizer_class() -> type:
             return {"param_state": param_state, "row_state": self._row_state(by_param),
                     "steps": ShardedObject(STEPS_KEY, steps, (1,), (0,), replica_id=int(dist.get_rank() != 0))}
 
+        def state_dict(self) -> dict:
+            """The common part of a ``--ckpt-format torch`` checkpoint (DP rank 0's, not collective): the optimizer's
+            name; ``save_parameter_state`` writes the state."""
+            return {OPTIMIZER_METADATA: self.optimizer.name}
+
+        def parameter_state(self) -> dict:
+            """Every parameter's element-shaped state in model space (collective over the world), the step count
+            and the optimizer's name: what ``load_state_dict`` takes at the same TP × PP layout, any DP degree."""
+            if self.optimizer.cls.row_state_keys:
+                raise NotImplementedError(f"--optimizer {self.optimizer.name} keeps per-row state: use --ckpt-format "
+                                          f"torch_dist")
+            return {"param_state": {i: tensors for i, (_, tensors) in enumerate(self._model_space(False))},
+                    "row_state": {}, "steps": self._steps(), OPTIMIZER_METADATA: self.optimizer.name}
+
+        def save_parameter_state(self, filename: str) -> None:
+            """``--ckpt-format torch``: ``parameter_state()``, written by DP rank 0 (one file per TP × PP rank)."""
+            state = self.parameter_state()
+            if self.data_parallel_group.rank() == 0:
+                torch.save(state, filename)
+
+        def load_parameter_state(self, filename: str, *, update_legacy_format: bool = False) -> None:
+            """Load ``save_parameter_state``'s file. megatron-core 0.19.2 names it from the tracker file, not from
+            ``--ckpt-step``: a step other than the tracker's is refused (the model would load one iteration, the
+            optimizer another)."""
+            step = getattr(_megatron_global_args(), "ckpt_step", None)
+            if step is not None and f"iter_{step:07d}" not in str(filename):
+                raise ValueError(f"--optimizer {self.optimizer.name}: Megatron loads the distributed optimizer's "
+                                 f"--ckpt-format torch state from the tracker file's iteration ({filename}), not "
+                                 f"--ckpt-step {step}: use --ckpt-format torch_dist, or name iteration {step} in "
+                                 f"latest_checkpointed_iteration.txt")
+            self.load_state_dict(torch.load(filename, weights_only=False))
+
         @torch.no_grad()
         def load_state_dict(self, state_dict: dict) -> None:
+            """A sharded state dict's (``torch_dist``), a ``parameter_state()``, or a ``--ckpt-format torch``
+            checkpoint's common part (``state_dict()``: only checked, the state follows in
+            ``load_parameter_state``)."""
+            if "param_state" not in state_dict or OPTIMIZER_METADATA in state_dict:
+                _check_metadata(self.optimizer.name, state_dict, is_loading=True)
+                if "param_state" not in state_dict:
+                    return
             adapter = self.optimizer
             _init_state(adapter.inner)
             steps = state_dict["steps"]
@@ -507,14 +545,123 @@ def _distributed_optimizer_class() -> type:
     return RegDistributedOptimizer
 
 
+@functools.cache
+def layer_wise_optimizer_class() -> type:
+    """``RegLayerWiseOptimizer``: Megatron's ``LayerWiseDistributedOptimizer`` (what its ``validate_args`` makes of
+    ``--use-distributed-optimizer`` for our optimizers; ``--reg-distributed-optimizer layer-wise``) over ours."""
+    from megatron.core.optimizer import FP32Optimizer, LayerWiseDistributedOptimizer, MegatronOptimizer
+
+    class NestedFP32Optimizer(FP32Optimizer):
+        """``FP32Optimizer`` whose sharded state dict nests under ``"optimizer"`` as
+        ``Float16OptimizerWithFloat16Params``' does: ``LayerWiseDistributedOptimizer.sharded_state_dict`` reads it
+        there. Its plain ``state_dict`` (``--ckpt-format torch``) stays ``FP32Optimizer``'s."""
+
+        def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, metadata=None):
+            return {"optimizer": super().sharded_state_dict(model_sharded_state_dict, is_loading, metadata)}
+
+        def load_state_dict(self, state_dict):
+            super().load_state_dict(state_dict["optimizer"] if "optimizer" in state_dict else state_dict)
+
+    class RegLayerWiseOptimizer(LayerWiseDistributedOptimizer):
+        """Each DP rank steps the whole (TP-local) matrices its shard of Megatron's shard-aligned grad buffer holds,
+        with the DP-averaged gradient DDP reduce-scattered there, and the weights are all-gathered after the step:
+        no statistics traffic for REG, no owner moves for Muon / MuonEq beyond TP. Megatron narrows each group
+        to this rank's matrices (and under bf16 swaps in fp32 main copies) after ours was built over all of
+        them: ours is rebuilt over what is left (``rebuild``). megatron-core 0.19.2 chains an fp32 run's torch
+        optimizers unwrapped (no ``prepare_grads``; the chain's config check then fails): each is wrapped in
+        ``NestedFP32Optimizer`` here. The checkpoint's content metadata names the optimizer (``reg_dist_optimizer``)."""
+
+        def __init__(self, optimizers, config, pg_collection=None, init_state_fn_list=None, model_chunks=None):
+            names = {id(p): n for o in optimizers if isinstance(o, tuple(NAMES.values()))
+                     for g in o.param_groups for p, n in zip(g["params"], g["param_names"])}
+            super().__init__(optimizers, config, pg_collection, init_state_fn_list, model_chunks)
+            for i, wrapper in enumerate(self.chained_optimizers):
+                if not isinstance(wrapper, MegatronOptimizer):
+                    init = init_state_fn_list[i] if init_state_fn_list else None
+                    wrapper = self.chained_optimizers[i] = NestedFP32Optimizer(wrapper, config, init)
+                if isinstance(wrapper.optimizer, tuple(NAMES.values())):
+                    rebuild(wrapper, names)
+            self.config, self.name = config, config.optimizer
+
+        def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, **kwargs):
+            _check_metadata(self.name, kwargs.get("metadata"), is_loading)
+            return super().sharded_state_dict(model_sharded_state_dict, is_loading, **kwargs)
+
+    return RegLayerWiseOptimizer
+
+
+def chain_layer_wise(optimizer):
+    """Megatron's chain of the layer-wise optimizer and the flat one beside it (``ChainedOptimizer``) as a
+    ``LayerWiseChain``, or ``optimizer`` itself where it is not such a chain."""
+    from megatron.core.optimizer import ChainedOptimizer
+
+    if type(optimizer) is not ChainedOptimizer or len(optimizer.chained_optimizers) < 2:
+        return optimizer
+    chain = _layer_wise_chain_class()(optimizer.chained_optimizers)
+    chain.name = optimizer.config.optimizer
+    return chain
+
+
+@functools.cache
+def _layer_wise_chain_class() -> type:
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_outplace
+    from megatron.core.optimizer import ChainedOptimizer
+
+    class LayerWiseChain(ChainedOptimizer):
+        """Its checkpoints name the model-space sharding (``distrib_optim_sharding_type = "fully_reshardable"``,
+        which the flat ``RegDistributedOptimizer`` writes) before the chain reads it: Megatron's ``ChainedOptimizer``
+        prefixes its children's keys (``chained_<i>.``) by that sharding type, so a save would otherwise prefix
+        them and the load, reading the type the child wrote, not."""
+
+        def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, **kwargs):
+            metadata = kwargs.get("metadata")
+            if metadata is not None and not is_loading:
+                metadata["distrib_optim_sharding_type"] = "fully_reshardable"
+            return super().sharded_state_dict(model_sharded_state_dict, is_loading, **kwargs)
+
+        def state_dict(self) -> dict:
+            """What ``--ckpt-format torch`` puts beside the model: the name (the state goes to
+            ``save_state_dict_to_file``'s files, which Megatron loads instead)."""
+            return {OPTIMIZER_METADATA: self.name}
+
+        def save_state_dict_to_file(self, filename: str) -> None:
+            """``--ckpt-format torch`` (one file per rank): the layer-wise optimizer's state dict and the flat
+            one's ``parameter_state()`` (collective)."""
+            chain = [o.parameter_state() if hasattr(o, "parameter_state") else o.state_dict()
+                     for o in self.chained_optimizers]  # detached: main copies carry their layout's groups
+            plain = dict_list_map_outplace(lambda v: v.detach() if isinstance(v, Tensor) else v, chain)
+            torch.save({OPTIMIZER_METADATA: self.name, "chain": plain}, filename)
+
+        def load_state_dict_from_file(self, filename: str) -> None:
+            state = torch.load(filename, weights_only=False)
+            _check_metadata(self.name, state if isinstance(state, dict) else {}, is_loading=True)
+            for o, sd in zip(self.chained_optimizers, state["chain"], strict=True):
+                o.load_state_dict(sd)
+
+    return LayerWiseChain
+
+
+def _check_metadata(name: str, metadata: dict | None, is_loading: bool) -> None:
+    """Name ``name`` in a checkpoint's content ``metadata`` when saving; when loading, refuse one that names
+    another optimizer (or none: not reg_dist's) before anything loads."""
+    if metadata is None:
+        return
+    if not is_loading:
+        metadata[OPTIMIZER_METADATA] = name
+        return
+    saved = metadata.get(OPTIMIZER_METADATA)
+    if saved != name:
+        raise ValueError(f"--optimizer {name} cannot load this checkpoint's optimizer state: it was saved by "
+                         + (f"--optimizer {saved}" if saved else "an optimizer other than reg_dist's (its metadata "
+                            "names none, e.g. Megatron's adam)")
+                         + "; pass --no-load-optim (or --finetune) to load the weights alone")
+
+
 def build_distributed(name: str, config, model_chunks, config_overrides=None, pg_collection=None):
     """``get_megatron_optimizer`` for our ``name`` under Megatron's distributed optimizer: Megatron's
     ``DistributedOptimizer`` over ``DistOptAdapter`` (dense parameters), in a ``ChainedOptimizer``."""
-    from megatron.core import parallel_state
-    from megatron.core.optimizer import (ChainedOptimizer, ConstantGradScaler, _get_param_groups_and_buffers,
-                                         get_standard_config_overrides)
+    from megatron.core.optimizer import ChainedOptimizer, _get_param_groups_and_buffers, get_standard_config_overrides
     from megatron.core.optimizer.emerging_optimizers import _EMERGING_OPTIMIZERS, _get_qkv_split_shapes
-    from megatron.core.process_groups_config import ProcessGroupCollection
 
     if config.fp16:
         raise ValueError(f"--optimizer {name} does not support --fp16; use --bf16")
@@ -543,8 +690,23 @@ def build_distributed(name: str, config, model_chunks, config_overrides=None, pg
                                                     config_overrides=overrides, filter_fn=lambda g: True,
                                                     buffer_name="buffers")
     if any(g["is_expert_parallel"] for g in groups):
-        raise NotImplementedError(f"--optimizer {name}: expert-parallel parameters are not supported with the "
-                                  f"distributed optimizer yet")
+        raise NotImplementedError(f"--optimizer {name}: expert-parallel parameters are not supported with the flat "
+                                  f"distributed optimizer; use --reg-distributed-optimizer layer-wise (each expert "
+                                  f"whole on one expert-DP rank)")
+    return ChainedOptimizer([flat_distributed(name, config, model_chunks, groups, buffers, pg_collection)])
+
+
+def flat_distributed(name: str, config, model_chunks, groups: list[dict], buffers: dict, pg_collection=None):
+    """Megatron's ``DistributedOptimizer`` (``RegDistributedOptimizer``) over ``DistOptAdapter`` for ``NAMES[name]``
+    on Megatron's parameter ``groups`` (those marked ``optimizer="adam"`` step with AdamW) held in the DDP grad
+    ``buffers`` (``{chunk index: [buffer, …]}``). Under the layer-wise optimizer it takes the groups Megatron
+    would give its own Adam's ``DistributedOptimizer`` (whose checkpoints, in megatron-core 0.19.2 without Apex
+    or Transformer Engine, do not load)."""
+    from megatron.core import parallel_state
+    from megatron.core.optimizer import ConstantGradScaler
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    settings = settings_from(config)
     pgs = ProcessGroupCollection.setup_process_groups_for_optimizer(pg_collection, model_chunks,
                                                                     use_gloo_process_groups=pg_collection is None)
     names = {id(p): _strip(n) for chunk in model_chunks for n, p in chunk.named_parameters()}
@@ -560,7 +722,7 @@ def build_distributed(name: str, config, model_chunks, config_overrides=None, pg
     tp = pg_collection.tp if pg_collection is not None else parallel_state.get_tensor_model_parallel_group()
     distopt.tp_group = distopt.expert_tp_group = tp
     adapter.bind(distopt, _tp_dp_group(tp, pgs["intra_dp_cp_group"], pg_collection))
-    return ChainedOptimizer([distopt])
+    return distopt
 
 
 def _tp_dp_group(tp: dist.ProcessGroup, dp: dist.ProcessGroup, pg_collection=None) -> dist.ProcessGroup:
