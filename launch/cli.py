@@ -117,6 +117,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, flag in OPTIMIZER_FLAGS.items():
         p.add_argument(f"--{name.replace('_', '-')}", type=flag.type, choices=flag.choices, default=None,
                        help=f"{flag.help} (default: {flag.default})")
+    p.add_argument("--matrix-embeddings", action="store_true",
+                   help="the embeddings and the tied output head to the matrix optimizer too (by default AdamW "
+                        "updates them, the hybrid the REG paper recommends)")
     p.add_argument("--steps", type=int, default=400, help="optimizer steps of the run")
     p.add_argument("--batch-size", type=int, default=None,
                    help="global batch (windows per step), split over dp (default: 16; with --deepspeed: the config's)")
@@ -195,9 +198,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(str(e))
     if args.deepspeed is not None:
         check_deepspeed_args(p, args, decided=("optimizer", "lr", "weight_decay", "clip", "betas", *OPTIMIZER_FLAGS))
-        if args.init is not None or args.eval_also:
-            p.error("--init and --eval-also are not supported with --deepspeed yet")
+        if args.init is not None or args.eval_also or args.matrix_embeddings:
+            p.error("--init, --eval-also and --matrix-embeddings are not supported with --deepspeed yet")
     else:
+        if args.matrix_embeddings and args.optimizer not in MATRIX_OPTIMIZERS:
+            p.error(f"--matrix-embeddings applies to --optimizer {' or '.join(MATRIX_OPTIMIZERS)}, not {args.optimizer}")
         check_hyper_parameters(p, args)
         args.batch_size = 16 if args.batch_size is None else args.batch_size
     check_parallel(p, args)
