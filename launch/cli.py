@@ -62,7 +62,12 @@ OPTIMIZER_FLAGS = {
     "momentum": _flag("momentum", "momentum of the matrix update", check="unit"),
     "rms": _flag("rms", "update RMS, matched to AdamW's", check="positive"),
     "reg_p": _flag("p", "the RACS norm exponent p", check="positive"),
-    "reg_iters": _flag("iters", "RACS iterations", check="count"),
+    "reg_iters": _flag("iters", "RACS iterations (with --tol: at most)", check="count"),
+    "tol": _flag("tol", "iterate RACS until the row and column norms agree within this (max/min - 1); 0: exactly "
+                        "--reg-iters times"),
+    "stats": _flag("stats", "what RACS's first statistics are of", choices=("momentum", "gradient")),
+    "stats_beta": _flag("stats_beta", "running average of RACS's statistics over steps (0: this step's)", check="unit"),
+    "exponent": _flag("exponent", "the scaling's power per side (-0.5: a symmetric Ruiz step; -1: full normalisation)"),
     "ns_steps": _flag("ns_steps", "Newton-Schulz steps", check="count"),
     "ns_method": _flag("ns_method", "Newton-Schulz iteration ('gram': on X X^T)", choices=NS_METHODS),
     "muoneq_mode": _flag("mode", "the equilibration before Newton-Schulz", choices=("row", "col", "rowcol")),
