@@ -155,12 +155,15 @@ def _reorder_state(opt, params: dict[str, Tensor], rows: dict[str, Tensor], inve
         for key, value in list(state.items()):
             if not isinstance(value, Tensor) or value.ndim == 0:
                 continue
-            if value.shape != p.shape and tuple(value.shape) != (p.shape[0],):  # per element, or per row
+            m = p.shape[0]
+            # per element; or a vector of one value per row, then (REG's averaged statistics) per column
+            if value.shape != p.shape and not (value.ndim == 1 and value.shape[0] >= m):
                 raise ValueError(f"optimizer state {key!r} of {name} has shape {list(value.shape)}, neither the "
-                                 f"parameter's {list(p.shape)} nor one per row: its rows cannot be reordered")
+                                 f"parameter's {list(p.shape)} nor a vector of one value per row first: its rows "
+                                 f"cannot be reordered")
             index = (torch.argsort(order) if inverse else order).to(value.device)
             swapped.append((state, key, value))
-            state[key] = value[index]
+            state[key] = value[index] if value.shape == p.shape else torch.cat((value[:m][index], value[m:]))
     return swapped
 
 

@@ -62,7 +62,12 @@ OPTIMIZER_FLAGS = {
     "momentum": _flag("momentum", "momentum of the matrix update", check="unit"),
     "rms": _flag("rms", "update RMS, matched to AdamW's", check="positive"),
     "reg_p": _flag("p", "the RACS norm exponent p", check="positive"),
-    "reg_iters": _flag("iters", "RACS iterations", check="count"),
+    "reg_iters": _flag("iters", "RACS iterations (with --tol: at most)", check="count"),
+    "tol": _flag("tol", "iterate RACS until the row and column norms agree within this (max/min - 1); 0: exactly "
+                        "--reg-iters times"),
+    "stats": _flag("stats", "what RACS's first statistics are of", choices=("momentum", "gradient")),
+    "stats_beta": _flag("stats_beta", "running average of RACS's statistics over steps (0: this step's)", check="unit"),
+    "exponent": _flag("exponent", "the scaling's power per side (-0.5: a symmetric Ruiz step; -1: full normalisation)"),
     "ns_steps": _flag("ns_steps", "Newton-Schulz steps", check="count"),
     "ns_method": _flag("ns_method", "Newton-Schulz iteration ('gram': on X X^T)", choices=NS_METHODS),
     "muoneq_mode": _flag("mode", "the equilibration before Newton-Schulz", choices=("row", "col", "rowcol")),
@@ -117,6 +122,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, flag in OPTIMIZER_FLAGS.items():
         p.add_argument(f"--{name.replace('_', '-')}", type=flag.type, choices=flag.choices, default=None,
                        help=f"{flag.help} (default: {flag.default})")
+    p.add_argument("--matrix-embeddings", action="store_true",
+                   help="the embeddings and the tied output head to the matrix optimizer too (by default AdamW "
+                        "updates them, the hybrid the REG paper recommends)")
     p.add_argument("--steps", type=int, default=400, help="optimizer steps of the run")
     p.add_argument("--batch-size", type=int, default=None,
                    help="global batch (windows per step), split over dp (default: 16; with --deepspeed: the config's)")
@@ -195,9 +203,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(str(e))
     if args.deepspeed is not None:
         check_deepspeed_args(p, args, decided=("optimizer", "lr", "weight_decay", "clip", "betas", *OPTIMIZER_FLAGS))
-        if args.init is not None or args.eval_also:
-            p.error("--init and --eval-also are not supported with --deepspeed yet")
+        if args.init is not None or args.eval_also or args.matrix_embeddings:
+            p.error("--init, --eval-also and --matrix-embeddings are not supported with --deepspeed yet")
     else:
+        if args.matrix_embeddings and args.optimizer not in MATRIX_OPTIMIZERS:
+            p.error(f"--matrix-embeddings applies to --optimizer {' or '.join(MATRIX_OPTIMIZERS)}, not {args.optimizer}")
         check_hyper_parameters(p, args)
         args.batch_size = 16 if args.batch_size is None else args.batch_size
     check_parallel(p, args)

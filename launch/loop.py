@@ -24,22 +24,31 @@ from launch.job import Clock, done_line, evaluate, lr_factor, saves_at, write_js
 from launch.model import GPT
 from launch.ranks import Parallel, all_reduce_mean_, die, prepare_rank, world_env
 from launch.tensor_parallel import clip_grad_norm, local, parallelize
+from reg_dist.optim.routing import module_param_info
 
 
 def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float,
                     mesh: DeviceMesh | None = None, betas: tuple[float, float] = (0.9, 0.95),
-                    **hyper) -> torch.optim.Optimizer:
-    """REG/Muon/MuonEq on the model (hidden matrices; the rest to their internal AdamW) with their
-    keyword arguments ``hyper``, and ``mesh=`` (native data parallelism) under torchrun; or plain AdamW
-    (TP shards in a group of their own)."""
+                    matrix_embeddings: bool = False, **hyper) -> torch.optim.Optimizer:
+    """REG/Muon/MuonEq on the model (hidden matrices; the rest to their internal AdamW; with
+    ``matrix_embeddings`` the embeddings and the tied output head too) with their keyword arguments
+    ``hyper``, and ``mesh=`` (native data parallelism) under torchrun; or plain AdamW (TP shards in a
+    group of their own)."""
     if name == "adamw":
         params = list(model.parameters())
         groups = [g for g in ([p for p in params if isinstance(p, DTensor)],
                               [p for p in params if not isinstance(p, DTensor)]) if g]
         return torch.optim.AdamW([{"params": g} for g in groups], lr=lr, betas=betas,
                                  weight_decay=weight_decay, fused=True)
-    return MATRIX_OPTIMIZERS[name](model, lr=lr, weight_decay=weight_decay, mesh=mesh,
-                                   **{"adamw_betas": betas, **hyper})
+    cls = MATRIX_OPTIMIZERS[name]
+    params: nn.Module | list[dict] = model
+    if matrix_embeddings:
+        pairs = module_param_info(model)
+        params = [{"params": [t for t, i in pairs if i.embedding == embedding],
+                   "param_names": [i.names[0] for t, i in pairs if i.embedding == embedding],
+                   "param_infos": [i for t, i in pairs if i.embedding == embedding],
+                   **({"algorithm": cls.algorithm} if embedding else {})} for embedding in (False, True)]
+    return cls(params, lr=lr, weight_decay=weight_decay, mesh=mesh, **{"adamw_betas": betas, **hyper})
 
 
 def routing_text(opt: torch.optim.Optimizer, model: nn.Module) -> str:
@@ -75,7 +84,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.tp > 1:
         parallelize(model, par.mesh["tp"])
     opt = build_optimizer(args.optimizer, model, args.lr, args.weight_decay, par.mesh, tuple(args.betas),
-                          **args.hyper)
+                          args.matrix_embeddings, **args.hyper)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(args.warmup, args.steps))
     params = list(model.parameters())
     routing = routing_text(opt, model)

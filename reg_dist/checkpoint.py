@@ -131,17 +131,23 @@ class LoadPlanner(DefaultLoadPlanner):
             super().load_bytes(read_item, value)
 
 
-def _keys(opt: MatrixOptimizer, group: dict) -> tuple[str, ...]:
-    return ADAMW_KEYS if group["algorithm"] == ADAMW else (*opt.state_keys, *opt.row_state_keys)
+def _vectors(opt: MatrixOptimizer, group: dict, p: Tensor) -> dict[str, int]:
+    return {} if group["algorithm"] == ADAMW else opt.vector_state(group, opt.layout(p))
 
 
-def _form(opt: MatrixOptimizer, p: Tensor, key: str, part: slice | None) -> tuple[tuple[int, int], Layout]:
+def _keys(opt: MatrixOptimizer, group: dict, p: Tensor) -> tuple[str, ...]:
+    return ADAMW_KEYS if group["algorithm"] == ADAMW else (*opt.state_keys, *_vectors(opt, group, p))
+
+
+def _form(opt: MatrixOptimizer, group: dict, p: Tensor, key: str,
+          part: slice | None) -> tuple[tuple[int, int], Layout]:
     """The stored 2-D shape of state ``key`` of ``p`` and the rectangle of it this rank holds: a
     parameter-shaped tensor as ``holding`` (an integration's piece as its ``reg_layout`` says); a
-    per-row one (``row_state_keys``, kept whole by every rank holding a piece of the matrix) as the
-    ``(rows, 1)`` column of its logical matrix."""
-    if key in opt.row_state_keys:
-        rows = opt.layout(p).shape[0]
+    vector (``vector_state``, kept whole by every rank holding a piece of the matrix) as a
+    ``(length, 1)`` column."""
+    vectors = _vectors(opt, group, p)
+    if key in vectors:
+        rows = vectors[key]
         return (rows, 1), Layout((rows, 1), (0, rows), (0, 1))
     laid = getattr(p, LAYOUT_ATTR, None)
     if laid is not None:  # an integration's piece of a parameter (a DeepSpeed flat partition's slice)
@@ -161,8 +167,8 @@ def optimizer_state_dict(opt: MatrixOptimizer) -> dict:
             held, part = opt.holding(p)
             stepped = bool(state) and held
             sd[f"{name}/step"] = Pieces((1, 1), state["step"].float(), STEP) if stepped else Pieces((1, 1))
-            for key in _keys(opt, group):
-                shape, layout = _form(opt, p, key, part)
+            for key in _keys(opt, group, p):
+                shape, layout = _form(opt, group, p, key, part)
                 value = state[key] if stepped else None
                 local = value.to_local() if isinstance(value, DTensor) else value
                 sd[f"{name}/{key}"] = Pieces(shape, local.contiguous(), layout) if stepped else Pieces(shape)
@@ -207,8 +213,8 @@ def load(opt: MatrixOptimizer, path: str | Path) -> None:
                 stateless.append(p)
                 continue
             held, part = opt.holding(p)
-            for key in _keys(opt, group):
-                shape, layout = _form(opt, p, key, part)
+            for key in _keys(opt, group, p):
+                shape, layout = _form(opt, group, p, key, part)
                 if f"{name}/{key}" not in saved:
                     raise ValueError(f"checkpoint {path} has no {key!r} for parameter {name}: "
                                      f"saved by another optimizer or algorithm?")
@@ -218,17 +224,18 @@ def load(opt: MatrixOptimizer, path: str | Path) -> None:
                                      f"is {list(shape)} in its logical form")
             if not held:
                 target[f"{name}/step"] = Pieces((1, 1))
-                target.update({f"{name}/{key}": Pieces(_form(opt, p, key, part)[0]) for key in _keys(opt, group)})
+                target.update({f"{name}/{key}": Pieces(_form(opt, group, p, key, part)[0]) for key in _keys(opt, group, p)})
                 continue
             local = p.to_local() if isinstance(p, DTensor) else p
             state = {"step": torch.zeros((), dtype=torch.float32)}
             target[f"{name}/step"] = Pieces((1, 1), state["step"], STEP)
-            for key in _keys(opt, group):
-                shape, layout = _form(opt, p, key, part)
-                dtype = acc_dtype(local.dtype) if key in opt.row_state_keys else local.dtype
+            for key in _keys(opt, group, p):
+                shape, layout = _form(opt, group, p, key, part)
+                vector = key in _vectors(opt, group, p)
+                dtype = acc_dtype(local.dtype) if vector else local.dtype
                 x = torch.zeros(layout.numel, dtype=dtype, device=local.device)
                 target[f"{name}/{key}"] = Pieces(shape, x, layout)
-                if key in opt.row_state_keys or part is not None:
+                if vector or part is not None:
                     state[key] = x
                 elif isinstance(p, DTensor):
                     state[key] = DTensor.from_local(x.view(local.shape), p.device_mesh, p.placements, run_check=False,

@@ -69,15 +69,60 @@ def scale_ref(u: torch.Tensor, scale: str, rms: float) -> torch.Tensor:
     return u * math.sqrt(max(1.0, m / n))
 
 
+def racs_variant_ref(p: float = 2.0, iters: int = 1, eps: float = 1e-8, exponent: float = -0.5, tol: float = 0.0,
+                     stats: str = "momentum", beta: float = 0.0):
+    """REG's transform with its variants as a ``transform(N, t, G)`` for ``matrix_steps_ref`` (which then
+    passes the raw gradient G), keeping its running averages across calls: ``iters`` times
+    X ← diag((r + eps)^exponent) · X · diag((c + eps)^exponent) with r, c the row and column p-norms of X,
+    except that the first time they come from the p-th power sums of G (``stats="gradient"``) and, with
+    ``beta > 0``, from their average a ← beta·a + (1 − beta)·s over steps; with ``tol > 0`` it stops as
+    soon as the non-zero row norms agree within max/min − 1 <= tol and the column norms too.
+    ``transform.steps`` lists the scalings it made at each call."""
+    state = {"steps": []}
+
+    def powers(S: torch.Tensor, dim: int) -> torch.Tensor:
+        return S.abs().amax(dim=dim) if p == math.inf else (S.abs() ** p).sum(dim=dim)
+
+    def roots(s: torch.Tensor) -> torch.Tensor:
+        return s if p == math.inf else s ** (1.0 / p)
+
+    def spread(v: torch.Tensor) -> float:
+        v = v[v > 0]
+        return float(v.max() / v.min() - 1) if len(v) else 0.0
+
+    def transform(N: torch.Tensor, t: int, G: torch.Tensor) -> torch.Tensor:
+        X = N.double().clone()
+        done = 0
+        for k in range(iters):
+            S = G.double() if k == 0 and stats == "gradient" else X
+            r, c = powers(S, 1), powers(S, 0)
+            if k == 0 and beta > 0:
+                state["r"] = beta * state.get("r", torch.zeros_like(r)) + (1 - beta) * r
+                state["c"] = beta * state.get("c", torch.zeros_like(c)) + (1 - beta) * c
+                r, c = state["r"], state["c"]
+            r, c = roots(r), roots(c)
+            if tol > 0 and max(spread(r), spread(c)) <= tol:
+                break
+            X = torch.diag((r + eps) ** exponent) @ X @ torch.diag((c + eps) ** exponent)
+            done += 1
+        state["steps"].append(done)
+        return X
+
+    transform.gradient = True
+    transform.steps = state["steps"]
+    return transform
+
+
 def matrix_steps_ref(w0, grads, transform, lr, momentum, nesterov, weight_decay, scale, rms):
-    """ALGORITHMS.md §4 on one matrix; ``transform(N, t)`` gets the step index t = 0, 1, …"""
+    """ALGORITHMS.md §4 on one matrix; ``transform(N, t)`` gets the step index t = 0, 1, … (and the raw
+    gradient, ``transform(N, t, G)``, where it has the attribute ``gradient``)."""
     W = w0.double().clone()
     M = torch.zeros_like(W)
     for t, G in enumerate(grads):
         G = G.double()
         M = momentum * M + G
         N = G + momentum * M if nesterov else M
-        U = scale_ref(transform(N, t), scale, rms)
+        U = scale_ref(transform(N, t, G) if getattr(transform, "gradient", False) else transform(N, t), scale, rms)
         W = W * (1 - lr * weight_decay) - lr * U
     return W
 

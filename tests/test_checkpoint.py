@@ -19,6 +19,7 @@ ALGORITHMS = {  # sharded class, single-process class, their hyper-parameters, t
     "muon": (Muon, optim.Muon, {**KWARGS, "ns_dtype": torch.float32}, EXACT_MOVES),
     "muoneq": (MuonEq, optim.MuonEq, {**KWARGS, "ns_dtype": torch.float32, "mode": "rowcol", "phase": 2}, EXACT_MOVES),
 }
+VARIANTS = {"reg_averaged": (REG, optim.REG, {**KWARGS, "stats_beta": 0.9, "stats": "gradient"}, {})}
 
 
 def _fsdp(model, rank, world):
@@ -43,7 +44,7 @@ def _steps(model, opt, batches, dp_rank, dp):
 
 
 def _save_then_resume(tmp_path, algorithm, saved_at, resumed_at):
-    cls, single, kwargs, sharded = ALGORITHMS[algorithm]
+    cls, single, kwargs, sharded = {**ALGORITHMS, **VARIANTS}[algorithm]
     expected = reference(single, kwargs)
     kwargs = {**kwargs, **sharded}
     path = str(tmp_path / "ckpt")
@@ -86,6 +87,10 @@ def test_state_saved_at_dp4_resumes_in_another_layout(tmp_path, algorithm, resum
 
 def test_fsdp2_state_resumes_in_the_native_mode(tmp_path):
     _save_then_resume(tmp_path, "muon", "fsdp_4", "native_2x1")
+
+
+def test_reg_running_averages_of_the_statistics_resume_in_another_layout(tmp_path):
+    _save_then_resume(tmp_path, "reg_averaged", "fsdp_4", "native_2x2")
 
 
 def _saved_once(tmp_path, cls=REG):

@@ -31,6 +31,21 @@ def test_fsdp2_reg_with_iterated_racs_and_inf_norm_equals_single_process():
     _run_sharded(4, fsdp, {"lr": 0.02, "p": float("inf"), "iters": 3})
 
 
+VARIANTS = {"exponent": {"exponent": -1.0}, "tolerance": {"iters": 6, "tol": 0.2}, "gradient": {"stats": "gradient"},
+            "averaged": {"stats_beta": 0.9, "p": float("inf")}}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("world,shard", [(4, fsdp), (4, fsdp_x_tp)], ids=["fsdp4", "fsdp2xtp2"])
+def test_reg_variants_equal_single_process(world, shard, variant):
+    _run_sharded(world, shard, {"lr": 0.02, **VARIANTS[variant]})
+
+
+def test_reg_variants_together_on_fused_qkv_and_expert_stacks_equal_separate_matrices():
+    _run_sharded(4, fsdp_x_tp, {"lr": 0.02, **{k: v for variant in VARIANTS.values() for k, v in variant.items()}},
+                 fused=True)
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_tensor_parallel_reg_equals_single_process(world):
     _run_sharded(world, tp, {"lr": 0.02})

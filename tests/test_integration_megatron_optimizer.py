@@ -174,7 +174,8 @@ def test_our_names_join_megatrons_choices_and_compose_with_a_users_provider(monk
     (["--optimizer", "reg_muon", "--reg-ns-dtype", "int8"], "argument --reg-ns-dtype: invalid choice: 'int8'"),
     (["--optimizer", "reg_muon", "--reg-ns-method", "fast"], "argument --reg-ns-method: invalid choice: 'fast'"),
     (["--optimizer", "regg"], "argument --optimizer: invalid choice: 'regg'"),
-], ids=["iters", "p", "mode", "phase-mode", "phase-optimizer", "fsdp", "ns-dtype", "ns-method", "name"])
+    (["--optimizer", "reg", "--reg-stats-beta", "0.9"], "--reg-stats-beta > 0 keeps a running average"),
+], ids=["iters", "p", "mode", "phase-mode", "phase-optimizer", "fsdp", "ns-dtype", "ns-method", "name", "stats-beta"])
 def test_bad_flags_stop_the_parse_with_a_clear_message(argv, message, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         _parse(argv, monkeypatch=monkeypatch)

@@ -7,6 +7,8 @@ import shutil
 import pytest
 
 from launch.data import build_corpus, pydoc_topics, split_of
+from launch.loop import build_optimizer
+from launch.model import GPT, GPTConfig
 from launch.train import complete_checkpoints, main, parse_args
 
 TINY = ["--steps", "4", "--depth", "1", "--width", "32", "--heads", "2", "--seq-len", "32", "--batch-size", "4",
@@ -93,6 +95,8 @@ def test_resuming_on_another_domain_is_refused(data_dir, pretrained, tmp_path, c
 
 @pytest.mark.parametrize("optimizer, flags, keyword, value", [
     ("reg", ["--reg-p", "3", "--reg-iters", "2"], "p", 3.0),
+    ("reg", ["--reg-iters", "4", "--tol", "0.1", "--stats", "gradient", "--stats-beta", "0.9", "--exponent", "-1"],
+     "stats_beta", 0.9),
     ("muon", ["--ns-steps", "3", "--rms", "0.3"], "ns_steps", 3),
     ("muoneq", ["--muoneq-mode", "rowcol", "--momentum", "0.9"], "mode", "rowcol"),
     ("normuon", ["--beta2", "0.9", "--ns-dtype", "float32"], "beta2", 0.9),  # every registry algorithm and its flags
@@ -127,8 +131,24 @@ def test_ns_method_flag_reaches_the_newton_schulz_optimizers(optimizer):
     (["--optimizer", "muon", "--coefficients", "newton"], "--coefficients: coefficients must be one of"),
     (["--optimizer", "normuon", "--beta2", "1.5"], "--beta2: beta2 must be a finite number in [0.0, 1.0)"),
     (["--optimizer", "normuon", "--eps", "-1"], "--eps: eps must be a finite number >= 0.0"),
+    (["--optimizer", "reg", "--stats-beta", "1"], "--stats-beta must be in [0, 1)"),
+    (["--optimizer", "reg", "--exponent", "0.5"], "--exponent: exponent must be a finite number < 0"),
+    (["--optimizer", "reg", "--stats", "adam"], "argument --stats: invalid choice: 'adam'"),
+    (["--optimizer", "adamw", "--matrix-embeddings"], "--matrix-embeddings applies to --optimizer reg or"),
 ])
 def test_bad_hyper_parameters_exit_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         parse_args([*TINY, *argv])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_matrix_embeddings_puts_the_embeddings_and_the_tied_head_on_the_matrix_optimizer():
+    model = GPT(GPTConfig(depth=1, width=32, heads=2, seq_len=32))
+    default = {r.name: r.algorithm for r in build_optimizer("reg", model, 0.01, 0.0).routes}
+    routes = {r.name: (r.algorithm, r.reason) for r in build_optimizer("reg", model, 0.01, 0.0,
+                                                                        matrix_embeddings=True).routes}
+    embeddings = [name for name in routes if "wte" in name or "wpe" in name]
+    assert len(embeddings) == 2 and any("lm_head" in name for name in embeddings)  # the head is tied to wte
+    assert all(default[name] == "adamw" and routes[name] == ("reg", "group says reg") for name in embeddings)
+    assert {name: algorithm for name, (algorithm, _) in routes.items() if name not in embeddings} == \
+        {name: algorithm for name, algorithm in default.items() if name not in embeddings}

@@ -1,18 +1,24 @@
 """Three steps of REG, Muon and MuonEq with fixed gradients against ALGORITHMS.md §4 by hand."""
 
+from functools import partial
+
 import pytest
 import torch
 
 from conftest import fixed_grads
-from reference import adamw_steps_ref, equilibrate_ref, matrix_steps_ref, newton_schulz_ref, racs_ref
+from reference import adamw_steps_ref, equilibrate_ref, matrix_steps_ref, newton_schulz_ref, racs_ref, racs_variant_ref
 from reg_dist import REG, Muon, MuonEq
 
 SHAPES = [(6, 6), (10, 4), (4, 7)]
 
-# name -> (optimizer class, extra kwargs, reference transform(N, step))
+# name -> (optimizer class, extra kwargs, reference transform(N, step), or a partial making a fresh one per matrix)
 ALGORITHMS = {
     "reg": (REG, {}, lambda N, t: racs_ref(N)),
     "reg_p3_iters2": (REG, {"p": 3.0, "iters": 2}, lambda N, t: racs_ref(N, 3.0, 2)),
+    "reg_exponent_minus1": (REG, {"exponent": -1.0}, lambda N, t: racs_variant_ref(exponent=-1.0)(N, t, N)),
+    "reg_tol_iters10": (REG, {"iters": 10, "tol": 0.05}, lambda N, t: racs_variant_ref(iters=10, tol=0.05)(N, t, N)),
+    "reg_gradient_stats": (REG, {"stats": "gradient"}, partial(racs_variant_ref, stats="gradient")),
+    "reg_stats_beta_inf": (REG, {"stats_beta": 0.9, "p": float("inf")}, partial(racs_variant_ref, p=float("inf"), beta=0.9)),
     "muon": (Muon, {}, lambda N, t: newton_schulz_ref(N)),
     "muon_polar_express": (
         Muon, {"coefficients": "polar_express", "ns_steps": 6}, lambda N, t: newton_schulz_ref(N, 6, "polar_express")
@@ -51,7 +57,8 @@ def test_three_steps_match_hand_reference(algorithm, scale, nesterov, weight_dec
     steps = [fixed_grads(params, seed=10 + t) for t in range(3)]
     _run(cls, kwargs, params, steps)
     for i, (w, p) in enumerate(zip(w0, params)):
-        expected = matrix_steps_ref(w, [s[i] for s in steps], transform, **hp)
+        fresh = transform() if isinstance(transform, partial) else transform
+        expected = matrix_steps_ref(w, [s[i] for s in steps], fresh, **hp)
         torch.testing.assert_close(p.detach(), expected, rtol=1e-10, atol=1e-10)
 
 
@@ -108,3 +115,15 @@ def test_bf16_parameters_step_in_fp32_and_stay_bf16(cls):
         opts[-1].step()
     assert low.dtype == opts[0].state[low]["momentum_buffer"].dtype == torch.bfloat16
     torch.testing.assert_close(low.float(), high.detach(), rtol=2e-2, atol=2e-2)
+
+
+def test_reg_balancing_stops_at_its_tolerance_and_reports_the_steps_taken():
+    w0 = torch.randn(12, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    p = w0.clone().requires_grad_()
+    steps = [fixed_grads([p], seed=t) for t in range(2)]
+    opt = _run(REG, {"lr": 0.02, "iters": 10, "tol": 0.1, "weight_decay": 0.0}, [p], steps)
+    transform = racs_variant_ref(iters=10, tol=0.1)
+    expected = matrix_steps_ref(w0, [s[0] for s in steps], transform, 0.02, 0.95, True, 0.0, "rms", 0.2)
+    torch.testing.assert_close(p.detach(), expected, rtol=1e-10, atol=1e-10)
+    assert 1 < transform.steps[-1] < 10
+    assert opt.balance_steps() == {"param0": [transform.steps[-1]]}

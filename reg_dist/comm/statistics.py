@@ -261,20 +261,75 @@ def scale_local_(local: Tensor, layout: Layout, row: Tensor | None, col: Tensor 
     return sq
 
 
+def block_rows(layout: Layout) -> Tensor:
+    """``(m,)`` the fused matrix each logical row of the parameter belongs to."""
+    index = torch.empty(layout.shape[0], dtype=torch.long)
+    for start, end, k in layout.segments:
+        index[start:end] = k
+    return index
+
+
+def imbalance(r: Tensor, c: Tensor, rows: Tensor) -> Tensor:
+    """``(K,)`` how far each fused matrix is from balanced: the largest of max/min − 1 over its non-zero
+    row norms ``r (m,)`` (``rows``: each row's matrix) and over its non-zero column norms ``c (K, n)``;
+    0 for a matrix whose norms are all equal (or all zero)."""
+    def spread(v: Tensor, dim: int, mask: Tensor) -> Tensor:
+        high = torch.where(mask, v, 0).amax(dim)
+        low = torch.where(mask, v, math.inf).amin(dim)
+        return torch.where(mask.any(dim), high / low - 1, 0)
+
+    k, index = c.shape[0], torch.arange(r.shape[0], device=r.device)
+    rows = rows.to(r.device)
+    per_row = torch.zeros(k, r.shape[0], dtype=r.dtype, device=r.device)
+    per_row[rows, index] = r
+    owned = torch.zeros_like(per_row, dtype=torch.bool)
+    owned[rows, index] = True
+    return torch.maximum(spread(per_row, 1, owned & (per_row > 0)), spread(c, 1, c > 0))
+
+
 def sharded_racs_(locals_: list[Tensor], layouts: list[Layout], p: float = 2.0, iters: int = 1,
                   eps: float = 1e-8, stats: CommStats | None = None, squares: bool = False,
-                  partials: list[Tensor | None] | None = None) -> list[Tensor] | None:
-    """RACS (ops.racs) of every sharded matrix, in place on the local elements; with ``squares``, the
-    ``(K,)`` local sums of squares of each result's fused matrices (``sharded_frobenius_norms``' input).
-    ``partials``: the first iteration's local sums where they are known (``row_col_stats``)."""
+                  partials: list[Tensor | None] | None = None, exponent: float = -0.5, tol: float = 0.0,
+                  averages: list[Tensor] | None = None, beta: float = 0.0) -> tuple[list[Tensor] | None, list[Tensor]]:
+    """RACS (ops.racs) of every sharded matrix, in place on the local elements: ``iters`` times
+    ``x_ij ← (r_i + eps)^exponent · x_ij · (c_j + eps)^exponent``. Returns, with ``squares``, the ``(K,)``
+    local sums of squares of each result's fused matrices (``sharded_frobenius_norms``' input; else None),
+    and the ``(K,)`` balancing steps each fused matrix took.
+
+    ``partials``: the first iteration's local sums where they are known (``row_col_stats``; the engine
+    gives the raw gradient's for ``stats="gradient"``). ``averages``: each parameter's ``(m + K·n,)``
+    running average of the first iteration's reduced sums, ``a ← beta·a + (1 − beta)·s``, whose value is
+    used in their place. ``tol > 0``: a fused matrix whose row and column norms agree within ``tol``
+    (``imbalance``) is left as it is from then on; the reductions still run ``iters`` times where a
+    layout is split over ranks (every rank of a group reduces the same vectors), and stop early where
+    none is."""
     check_racs_args(p, iters, eps)
+    steps = [torch.zeros(len(lay.block_shapes), dtype=torch.long) for lay in layouts]
+    rows = [block_rows(lay) for lay in layouts] if tol > 0 else []
+    split = any(lay.groups for lay in layouts)
+    out = None
     for it in range(iters):
         last = squares and it == iters - 1
         sums = row_col_stats(locals_, layouts, p, stats, partials=partials if it == 0 else None)
-        out = [scale_local_(x, lay, pow_sums_to_norms_(r, p).add_(eps).rsqrt_(),
-                            pow_sums_to_norms_(c, p).add_(eps).rsqrt_(), squares=last)
-               for x, lay, (r, c) in zip(locals_, layouts, sums)]
-    return out if squares else None
+        if it == 0 and averages is not None:
+            sums = [(a.lerp_(torch.cat((r, c.reshape(-1))), 1.0 - beta)[: r.shape[0]].clone(),
+                     a[r.shape[0] :].view_as(c).clone()) for a, (r, c) in zip(averages, sums)]
+        norms = [(pow_sums_to_norms_(r, p), pow_sums_to_norms_(c, p)) for r, c in sums]
+        active = [torch.ones(len(lay.block_shapes), dtype=torch.bool) for lay in layouts]
+        if tol > 0:
+            active = [imbalance(r, c, rw) > tol for (r, c), rw in zip(norms, rows)]
+            if not split and not any(a.any() for a in active):
+                return ([scale_local_(x, lay, None, None, squares=True) for x, lay in zip(locals_, layouts)]
+                        if squares else None), steps
+        out = []
+        for x, lay, (r, c), on, rw, n in zip(locals_, layouts, norms, active, rows or [None] * len(norms), steps):
+            r, c = r.add_(eps), c.add_(eps)
+            r, c = (r.rsqrt_(), c.rsqrt_()) if exponent == -0.5 else (r.pow_(exponent), c.pow_(exponent))
+            if not on.all():
+                r[~on[rw.to(on.device)]], c[~on] = 1.0, 1.0
+            n += on.cpu()
+            out.append(scale_local_(x, lay, r, c, squares=last))
+    return (out if squares else None), steps
 
 
 def sharded_equilibrate_(locals_: list[Tensor], layouts: list[Layout], mode: str = "row",

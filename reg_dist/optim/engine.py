@@ -34,7 +34,7 @@ from ..comm.collectives import CommStats, check_layouts_add_up
 from ..comm.native import BUCKET_BYTES, NativeDP
 from ..comm.owner import STACK_BYTES, LocalPlan, OwnerPlan, newton_schulz_cost, stacks
 from ..comm.split import SPLIT_GROUP_SIZE, SplitPlan, check_split_args, split_parameters
-from ..comm.statistics import momentum_partial_row_col, share_statistics, sharded_frobenius_norms
+from ..comm.statistics import momentum_partial_row_col, partial_row_col, share_statistics, sharded_frobenius_norms
 from ..layout import (FUSED_ATTR, LAYOUT_ATTR, Layout, dim_names, dtensor_layout, local_tensor, mesh_group,
                       whole_layout)
 from ..ops import fused
@@ -211,8 +211,9 @@ class MatrixOptimizer(Optimizer):
             laid = [(p, name) for g in self.param_groups for p, name in zip(g["params"], g["param_names"])
                     if id(p) in self._collective]
             check_layouts_add_up([self._layouts[id(p)] for p, _ in laid], [name for _, name in laid])
-            if any(isinstance(s, Statistic) for g in self.param_groups if g["algorithm"] == self.algorithm
-                   for s in self.stages(g)):  # statistics travel only where another rank touches them
+            mine = [g for g in self.param_groups if g["algorithm"] == self.algorithm]
+            if (any(isinstance(s, Statistic) for g in mine for s in self.stages(g))
+                    and all(self.local_statistics(g) for g in mine)):  # only entries another rank touches travel
                 for (p, _), lay in zip(laid, share_statistics([self._layouts[id(p)] for p, _ in laid])):
                     self._layouts[id(p)] = lay
         if mesh is not None:
@@ -491,35 +492,50 @@ class MatrixOptimizer(Optimizer):
                 init_adamw_state(views[-1], self.state[p])
         adamw_step(views, grads, [self.state[p] for p in params], group)
 
-    def matrix_state(self, p: Tensor) -> dict:
-        """The state of matrix parameter ``p``, made on first use: a step count, the momentum buffer
-        and the algorithm's per-row state (``row_state_keys``: zeros, fp32 or wider)."""
+    def local_statistics(self, group: dict) -> bool:
+        """Whether ``group``'s statistics are read only where this rank holds elements, so that only the
+        entries another rank touches need travel (``comm.statistics.share_statistics``): not where a vector
+        state keeps them whole on every holder (``row_state_keys``)."""
+        return not self.row_state_keys
+
+    def vector_state(self, group: dict, layout: Layout) -> dict[str, int]:
+        """The matrix state of ``group`` kept as one vector per parameter, whole on every rank holding a piece
+        of it (per-row or per-column statistics): key → length (``row_state_keys``: one value per logical row)."""
+        return dict.fromkeys(self.row_state_keys, layout.shape[0])
+
+    def matrix_state(self, p: Tensor, group: dict) -> dict:
+        """The state of matrix parameter ``p`` of ``group``, made on first use: a step count, the momentum
+        buffer and the algorithm's vector state (``vector_state``: zeros, fp32 or wider)."""
         state = self.state[p]
         if not state:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            rows = self._layouts[id(p)].shape[0]
-            for key in self.row_state_keys:
-                state[key] = torch.zeros(rows, dtype=acc_dtype(p.dtype), device=local_tensor(p).device)
+            for key, size in self.vector_state(group, self._layouts[id(p)]).items():
+                state[key] = torch.zeros(size, dtype=acc_dtype(p.dtype), device=local_tensor(p).device)
         return state
 
     def _momentum(self, params: list[Tensor], group: dict,
                   first: Statistic | None) -> tuple[list[Tensor], list[Tensor | None]]:
         """``N`` of every parameter's local elements (fp32 or wider, contiguous; no gradient counts as 0),
         and, for a ``first`` stage that names its ``p``, the local row/column sums of N from the same pass
-        where the fused kernel applies (None elsewhere; see ``stages``)."""
+        where the fused kernel applies (None elsewhere; the raw gradient's for a ``first`` stage whose
+        ``source`` is "gradient"; see ``stages``)."""
         locals_ = [local_tensor(p) for p in params]
         n = [torch.empty_like(x, dtype=acc_dtype(x.dtype), memory_format=torch.contiguous_format) for x in locals_]
         grads = [local_tensor(p.grad) if p.grad is not None else torch.zeros_like(x) for p, x in zip(params, locals_)]
-        bufs = [local_tensor(self.matrix_state(p)["momentum_buffer"]) for p in params]
+        bufs = [local_tensor(self.matrix_state(p, group)["momentum_buffer"]) for p in params]
         mu, nesterov = group["momentum"], group["nesterov"]
         partials: list[Tensor | None] = [None] * len(params)
         for i, p in enumerate(params):
-            if first is not None and first.p is not None and not self._transposed(p):
+            if first is not None and first.source == "gradient":
+                g = as_matrix(grads[i], self._info[id(p)]).contiguous() if self._transposed(p) else grads[i]
+                partials[i] = partial_row_col(g, self._layouts[id(p)], first.p, first.cols)
+            elif first is not None and first.p is not None and not self._transposed(p):
                 partials[i] = momentum_partial_row_col(grads[i], bufs[i], n[i], self._layouts[id(p)], first.p,
                                                        first.cols, mu, nesterov)
-            if partials[i] is None:
-                momentum_into_([grads[i]], [bufs[i]], [n[i]], mu, nesterov)
+                if partials[i] is not None:
+                    continue
+            momentum_into_([grads[i]], [bufs[i]], [n[i]], mu, nesterov)
         # a weight stored transposed (Conv1D): its matrix, contiguous, as its layout describes it
         n = [as_matrix(x, self._info[id(p)]).contiguous() if self._transposed(p) else x for x, p in zip(n, params)]
         return n, partials

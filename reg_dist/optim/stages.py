@@ -8,7 +8,8 @@ parameter's state. It returns None, or the ``(K,)`` local sums of squares of eac
 matrices when it had them from its last pass (the "rms" scale then needs no pass of its own). A first
 stage whose first reduction is the sums of ``|N|^p`` says so with ``p``: the engine then sums them in
 its momentum pass where the fused kernel applies and hands them over as ``partials[i]`` (the local
-``comm.statistics.partial_row_col``; None for the others, and for every parameter of a later stage). ``passes`` (packed reductions per step) and ``cols`` (whether column sums travel
+``comm.statistics.partial_row_col``; None for the others, and for every parameter of a later stage);
+with ``source="gradient"`` they are the raw gradient's, given for every parameter. ``passes`` (packed reductions per step) and ``cols`` (whether column sums travel
 beside the row sums) describe that traffic to the scale model.
 
 ``Spectral(fn, split)``: needs whole matrices (Newton–Schulz). ``fn`` maps a stack ``(B, m, n)`` to one of
@@ -34,6 +35,7 @@ class Statistic:
     passes: int = 1
     cols: bool = True
     p: float | None = None
+    source: str = "momentum"
 
 
 @dataclass(frozen=True)

@@ -167,7 +167,12 @@ def blockwise(settings) -> bool:
 def check_settings(name: str, settings: Settings) -> None:
     """Raise ValueError with the optimizer's own message if ``settings`` are invalid for ``name``:
     the optimizer is built once on a throw-away 2 × 2 matrix (no layout, so no collectives)."""
-    NAMES[name]([("w", torch.zeros(2, 2))], **optimizer_kwargs(name, settings, lr=0.0, weight_decay=0.0))
+    kwargs = optimizer_kwargs(name, settings, lr=0.0, weight_decay=0.0)
+    NAMES[name]([("w", torch.zeros(2, 2))], **kwargs)
+    if kwargs.get("stats_beta", 0.0) > 0:
+        raise ValueError(f"--{flag_dest('stats_beta').replace('_', '-')} > 0 keeps a running average of every matrix's "
+                         f"row and column statistics, which reg_dist's Megatron checkpoints do not hold: use it with "
+                         f"launch/train.py, FSDP2 or DeepSpeed")
 
 
 def _strip(name: str) -> str:
@@ -184,7 +189,7 @@ def _init_state(opt, config=None) -> None:
                 if not opt.state[p]:
                     init_adamw_state(p, opt.state[p])
             else:
-                opt.matrix_state(p)
+                opt.matrix_state(p, group)
 
 
 class _Builder:
