@@ -304,8 +304,8 @@ def markdown(pre: dict, var: dict, ft: dict, long: dict, wide: dict, scale: dict
         if o == "base":
             continue
         edge = " (grid edge)" if r["best_lr_at_grid_edge"] else ""
-        for label, lr, x in ((o, f"{r['best_lr']:g}{edge}", r), *(((f"{o} at {HOT}× its best", f"{r['hot']['lr']:g}",
-                                                                      r["hot"]),) if "hot" in r else ())):
+        hot = [(f"{o} at {HOT}× its best", f"{r['hot']['lr']:g}", r["hot"])] if "hot" in r else []
+        for label, lr, x in [(o, f"{r['best_lr']:g}{edge}", r), *hot]:
             lines.append(f"| {label} | {lr} | {x['pydoc_val_mean']:.4f} ± {x['pydoc_val_spread']:.4f} | "
                          f"{x['stdlib_val_mean']:.4f} ± {x['stdlib_val_spread']:.4f} | {x['forgetting_mean']:+.4f} |")
     steps, width = (scale[k][scale[k].index(flag) + 1] for k, flag in (("long", "--steps"), ("wide", "--width")))
@@ -368,8 +368,10 @@ def plot(study: Study, pre: dict, ft: dict, scaled_best: dict, results: Path, pr
     for ax, stage, title in ((axes[0], "long", "longer run (stdlib val)"), (axes[1], "wide", "wider model (stdlib val)")):
         for o, lr in scaled_best.items():
             log = study.logs[name_of(stage, o, lr, seed0)]
-            ax.plot([v["step"] for v in log["val"]], [v["loss"] for v in log["val"]], marker=".", label=f"{o} (lr {lr:g})")
-        lows = [v["loss"] for o, lr in scaled_best.items() for v in study.logs[name_of(stage, o, lr, seed0)]["val"][1:]]
+            ax.plot([v["step"] for v in log["val"]], [v["loss"] for v in log["val"]], marker=".",
+                    label=f"{o} (lr {lr:g})")
+        lows = [v["loss"] for o, lr in scaled_best.items()
+                for v in study.logs[name_of(stage, o, lr, seed0)]["val"][1:]]
         ax.set(xlabel="step", ylabel="validation loss", title=title, ylim=(min(lows) - 0.05, min(lows) + 1.5))
         ax.legend(), ax.grid(alpha=0.3)
     fig.tight_layout(), fig.savefig(paths[3], dpi=110), plt.close(fig)

@@ -207,7 +207,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error("--init, --eval-also and --matrix-embeddings are not supported with --deepspeed yet")
     else:
         if args.matrix_embeddings and args.optimizer not in MATRIX_OPTIMIZERS:
-            p.error(f"--matrix-embeddings applies to --optimizer {' or '.join(MATRIX_OPTIMIZERS)}, not {args.optimizer}")
+            p.error(f"--matrix-embeddings applies to --optimizer {' or '.join(MATRIX_OPTIMIZERS)}, "
+                    f"not {args.optimizer}")
         check_hyper_parameters(p, args)
         args.batch_size = 16 if args.batch_size is None else args.batch_size
     check_parallel(p, args)

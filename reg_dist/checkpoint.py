@@ -224,7 +224,8 @@ def load(opt: MatrixOptimizer, path: str | Path) -> None:
                                      f"is {list(shape)} in its logical form")
             if not held:
                 target[f"{name}/step"] = Pieces((1, 1))
-                target.update({f"{name}/{key}": Pieces(_form(opt, group, p, key, part)[0]) for key in _keys(opt, group, p)})
+                target.update({f"{name}/{key}": Pieces(_form(opt, group, p, key, part)[0])
+                               for key in _keys(opt, group, p)})
                 continue
             local = p.to_local() if isinstance(p, DTensor) else p
             state = {"step": torch.zeros((), dtype=torch.float32)}

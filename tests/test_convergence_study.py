@@ -44,7 +44,8 @@ def test_quick_study_sweeps_each_optimizer_then_seeds_it_at_its_best_lr(study):
     # each at the 3 lrs of the grid (and one beyond it where its best was at an end), then a second seed: every
     # optimizer of stage 1 and of fine-tuning, and the best of REG's variants (the others keep the first seed)
     seeded = [name for name, row in var.items() if len(row["val_loss_per_seed"]) == 2]
-    assert len(seeded) == 1 and all(len(row["val_loss_per_seed"]) == 1 for name, row in var.items() if name not in seeded)
+    assert len(seeded) == 1
+    assert all(len(row["val_loss_per_seed"]) == 1 for name, row in var.items() if name not in seeded)
     assert all(len(row["val_loss_per_seed"]) == 2 for row in pre.values())
     sweeps = {"pre": [row["val_loss_per_lr"] for row in (*pre.values(), *var.values())],
               "ft": [row["pydoc_val_per_lr"] for name, row in ft.items() if name != "base"]}
@@ -52,7 +53,8 @@ def test_quick_study_sweeps_each_optimizer_then_seeds_it_at_its_best_lr(study):
     for stage, per_lr in sweeps.items():
         assert all(len(lrs) in (3, 4) for lrs in per_lr), per_lr
     assert sum(name.startswith("pre-") for name in runs) == sum(map(len, sweeps["pre"])) + len(pre) + 1
-    assert sum(name.startswith("ft-") for name in runs) == sum(map(len, sweeps["ft"])) + len(sweeps["ft"]) + 2 * len(hot)
+    seeds_and_hot = len(sweeps["ft"]) + 2 * len(hot)
+    assert sum(name.startswith("ft-") for name in runs) == sum(map(len, sweeps["ft"])) + seeds_and_hot
     assert result["reg_best"] in ("reg", *seeded) and len(hot) == 3
 
 

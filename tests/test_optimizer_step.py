@@ -18,7 +18,8 @@ ALGORITHMS = {
     "reg_exponent_minus1": (REG, {"exponent": -1.0}, lambda N, t: racs_variant_ref(exponent=-1.0)(N, t, N)),
     "reg_tol_iters10": (REG, {"iters": 10, "tol": 0.05}, lambda N, t: racs_variant_ref(iters=10, tol=0.05)(N, t, N)),
     "reg_gradient_stats": (REG, {"stats": "gradient"}, partial(racs_variant_ref, stats="gradient")),
-    "reg_stats_beta_inf": (REG, {"stats_beta": 0.9, "p": float("inf")}, partial(racs_variant_ref, p=float("inf"), beta=0.9)),
+    "reg_stats_beta_inf": (REG, {"stats_beta": 0.9, "p": float("inf")},
+                           partial(racs_variant_ref, p=float("inf"), beta=0.9)),
     "muon": (Muon, {}, lambda N, t: newton_schulz_ref(N)),
     "muon_polar_express": (
         Muon, {"coefficients": "polar_express", "ns_steps": 6}, lambda N, t: newton_schulz_ref(N, 6, "polar_express")
