@@ -49,15 +49,16 @@ sys.path.insert(0, str(ROOT))
 # name: train.py arguments of the optimizer
 PRETRAIN = {"adamw": ["--optimizer", "adamw"], "muon": ["--optimizer", "muon"],
             "muoneq-r": ["--optimizer", "muoneq", "--muoneq-mode", "row"],
-            "muoneq-rc": ["--optimizer", "muoneq", "--muoneq-mode", "rowcol"], "reg": ["--optimizer", "reg"]}
+            "muoneq-rc": ["--optimizer", "muoneq", "--muoneq-mode", "rowcol"],
+            "reg": ["--optimizer", "reg", "--exponent", "-0.5"]}  # ALGORITHMS.md §1: REG's default before the study
 FINETUNE = {name: PRETRAIN[name] for name in ("adamw", "muon", "muoneq-r", "reg")}
 BASE = "adamw"  # the optimizer the fine-tuning base is pretrained with
 # REG's variants (``reg_dist.REG``'s keyword-only hyper-parameters, and the embeddings on REG too)
-VARIANTS = {"reg-balanced": ["--optimizer", "reg", "--reg-iters", "10", "--tol", "0.05"],
-            "reg-gradient": ["--optimizer", "reg", "--stats", "gradient"],
-            "reg-averaged": ["--optimizer", "reg", "--stats-beta", "0.95"],
-            "reg-exponent1": ["--optimizer", "reg", "--exponent", "-1"],
-            "reg-embeddings": ["--optimizer", "reg", "--matrix-embeddings"]}
+VARIANTS = {"reg-balanced": ["--optimizer", "reg", "--reg-iters", "10", "--tol", "0.05", "--exponent", "-0.5"],
+            "reg-gradient": ["--optimizer", "reg", "--stats", "gradient", "--exponent", "-0.5"],
+            "reg-averaged": ["--optimizer", "reg", "--stats-beta", "0.95", "--exponent", "-0.5"],
+            "reg-exponent1": ["--optimizer", "reg", "--exponent", "-1"],  # REG's default since the study
+            "reg-embeddings": ["--optimizer", "reg", "--matrix-embeddings", "--exponent", "-0.5"]}
 SCALED = ("adamw", "muon", "muoneq-r")  # besides the best REG setting, at the longer run and the wider model
 HOT = 3  # the fine-tuning lr multiple of each one's best at which a fine-tuning degradation would show first
 

@@ -252,6 +252,7 @@ def load(opt: MatrixOptimizer, path: str | Path) -> None:
         raise ValueError(f"checkpoint {path} groups its parameters otherwise than this optimizer")
     for group, saved_group in zip(opt.param_groups, meta["groups"]):
         group.update({k: v for k, v in saved_group.items() if k != "param_names"})
+        opt.fill_missing_hyper(group, set(saved_group))
     opt.skipped_steps = meta["skipped_steps"]
     for group in opt.param_groups:
         for p in group["params"]:

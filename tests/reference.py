@@ -23,14 +23,14 @@ def _pnorm(v: torch.Tensor, p: float) -> torch.Tensor:
     return (v.abs() ** p).sum() ** (1.0 / p)
 
 
-def racs_ref(x: torch.Tensor, p: float = 2.0, iters: int = 1, eps: float = 1e-8) -> torch.Tensor:
-    """One matrix (m, n), fp64."""
+def racs_ref(x: torch.Tensor, p: float = 2.0, iters: int = 1, eps: float = 1e-8, exponent: float = -0.5) -> torch.Tensor:
+    """One matrix (m, n), fp64 (``exponent``: the power of each side's scaling; REG's default is −1)."""
     X = x.double().clone()
     m, n = X.shape
     for _ in range(iters):
         r = torch.stack([_pnorm(X[i, :], p) for i in range(m)])
         c = torch.stack([_pnorm(X[:, j], p) for j in range(n)])
-        X = torch.diag((r + eps) ** -0.5) @ X @ torch.diag((c + eps) ** -0.5)
+        X = torch.diag((r + eps) ** exponent) @ X @ torch.diag((c + eps) ** exponent)
     return X
 
 
@@ -69,7 +69,7 @@ def scale_ref(u: torch.Tensor, scale: str, rms: float) -> torch.Tensor:
     return u * math.sqrt(max(1.0, m / n))
 
 
-def racs_variant_ref(p: float = 2.0, iters: int = 1, eps: float = 1e-8, exponent: float = -0.5, tol: float = 0.0,
+def racs_variant_ref(p: float = 2.0, iters: int = 1, eps: float = 1e-8, exponent: float = -1.0, tol: float = 0.0,
                      stats: str = "momentum", beta: float = 0.0):
     """REG's transform with its variants as a ``transform(N, t, G)`` for ``matrix_steps_ref`` (which then
     passes the raw gradient G), keeping its running averages across calls: ``iters`` times

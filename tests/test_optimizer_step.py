@@ -13,9 +13,9 @@ SHAPES = [(6, 6), (10, 4), (4, 7)]
 
 # name -> (optimizer class, extra kwargs, reference transform(N, step), or a partial making a fresh one per matrix)
 ALGORITHMS = {
-    "reg": (REG, {}, lambda N, t: racs_ref(N)),
-    "reg_p3_iters2": (REG, {"p": 3.0, "iters": 2}, lambda N, t: racs_ref(N, 3.0, 2)),
-    "reg_exponent_minus1": (REG, {"exponent": -1.0}, lambda N, t: racs_variant_ref(exponent=-1.0)(N, t, N)),
+    "reg": (REG, {}, lambda N, t: racs_ref(N, exponent=-1.0)),
+    "reg_p3_iters2": (REG, {"p": 3.0, "iters": 2}, lambda N, t: racs_ref(N, 3.0, 2, exponent=-1.0)),
+    "reg_exponent_half": (REG, {"exponent": -0.5}, lambda N, t: racs_variant_ref(exponent=-0.5)(N, t, N)),
     "reg_tol_iters10": (REG, {"iters": 10, "tol": 0.05}, lambda N, t: racs_variant_ref(iters=10, tol=0.05)(N, t, N)),
     "reg_gradient_stats": (REG, {"stats": "gradient"}, partial(racs_variant_ref, stats="gradient")),
     "reg_stats_beta_inf": (REG, {"stats_beta": 0.9, "p": float("inf")},
@@ -70,7 +70,7 @@ def test_fp32_parameters_match_fp64_reference(cls):
     steps = [fixed_grads([p], seed=t) for t in range(3)]
     kwargs = {} if cls is REG else {"ns_dtype": torch.float32}
     _run(cls, {"lr": 0.02, **kwargs}, [p], steps)
-    transform = {REG: lambda N, t: racs_ref(N), Muon: lambda N, t: newton_schulz_ref(N),
+    transform = {REG: lambda N, t: racs_ref(N, exponent=-1.0), Muon: lambda N, t: newton_schulz_ref(N),
                  MuonEq: lambda N, t: newton_schulz_ref(equilibrate_ref(N))}[cls]
     scale = "rms" if cls is REG else "match_rms_adamw"
     expected = matrix_steps_ref(w0, [s[0] for s in steps], transform, 0.02, 0.95, True, 0.1, scale, 0.2)
@@ -100,7 +100,7 @@ def test_rms_scale_gives_update_of_requested_rms():
     w = torch.zeros(32, 16, dtype=torch.float64, requires_grad=True)
     w.grad = torch.randn(32, 16, dtype=torch.float64)
     REG([w], lr=1.0, weight_decay=0.0, rms=0.2).step()
-    assert abs(w.detach().square().mean().sqrt().item() - 0.2) < 1e-9
+    assert abs(w.detach().square().mean().sqrt().item() - 0.2) < 1e-7  # to the eps (1e-8) of the norm
 
 
 @pytest.mark.parametrize("cls", [REG, Muon, MuonEq])

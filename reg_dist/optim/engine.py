@@ -156,6 +156,9 @@ class MatrixOptimizer(Optimizer):
     keyword_hyper: tuple[Hyper, ...] = ()
     default_scale = "match_rms_adamw"
     moves = False
+    # a hyper-parameter added after checkpoints were written: the value those checkpoints ran with, where it
+    # is not today's default (a checkpoint without the key resumes with it, not with the new default)
+    legacy_hyper: dict[str, Any] = {}
     state_keys: tuple[str, ...] = ("momentum_buffer",)  # matrix state shaped like the parameter
     row_state_keys: tuple[str, ...] = ()  # matrix state of one value per logical row, whole on every holder
 
@@ -667,5 +670,15 @@ class MatrixOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)
         skipped = state_dict.pop("skipped_steps", 0)
+        saved = [set(g) for g in state_dict["param_groups"]]
         super().load_state_dict(state_dict)
+        for group, keys in zip(self.param_groups, saved):
+            self.fill_missing_hyper(group, keys)
         self.skipped_steps = skipped
+
+    def fill_missing_hyper(self, group: dict, saved: set[str]) -> None:
+        """After loading a param group saved without some hyper-parameters (an older checkpoint): each missing
+        one takes the value such checkpoints ran with (``legacy_hyper``), else this optimizer's default."""
+        for key, value in self.defaults.items():
+            if key not in saved:
+                group[key] = self.legacy_hyper.get(key, value) if group["algorithm"] == self.algorithm else value

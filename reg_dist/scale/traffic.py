@@ -441,7 +441,12 @@ def traffic(model: Model, par: Parallel, optimizer: str, settings: Settings = Se
     before, after = stages[:first], stages[first + 1:]  # statistic stages before and after the owner moves
     norms = settings.scale == "rms" and not registry.scaled_on_owner(stages)
 
+    whole = bool(registry.get(optimizer).cls.row_state_keys)  # its statistics kept whole: never shared
+
     def floats(stage: registry.Statistic):
+        if whole:
+            return lambda h, g: torch.full_like(h.numel, h.param.logical[0] + stage.cols * len(h.param.blocks)
+                                                * h.param.logical[1])
         return lambda h, g: h.shared_floats(g, stage.cols, par)
 
     if par.zero == 1:
