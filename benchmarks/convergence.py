@@ -62,7 +62,7 @@ VARIANTS = {"reg-balanced": ["--optimizer", "reg", "--reg-iters", "10", "--tol",
 SCALED = ("adamw", "muon", "muoneq-r")  # besides the best REG setting, at the longer run and the wider model
 HOT = 3  # the fine-tuning lr multiple of each one's best at which a fine-tuning degradation would show first
 
-# the study's scale: the full one (<= 60 min on 2 cores) and --quick (a smoke test, <= 3 min)
+# the study's scale: the full one (<= 2 h on 2 cores) and --quick (a smoke test, <= 3 min)
 SCALES = {
     "full": {"model": ["--depth", "4", "--width", "128", "--heads", "4", "--seq-len", "128", "--batch-size", "16"],
              "pretrain": ["--steps", "500", "--warmup", "25", "--eval-every", "50", "--eval-batches", "8"],
