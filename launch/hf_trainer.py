@@ -84,3 +84,6 @@ def main(argv: list[str] | None = None) -> Trainer:
 
 if __name__ == "__main__":
     main()
+    if torch.distributed.is_initialized():  # a clean teardown: exiting with gloo's threads alive can abort a rank
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
