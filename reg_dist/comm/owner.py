@@ -5,14 +5,17 @@ rank's ``Layout``, exchanged once at construction), every fused matrix j gets on
 ranks that hold some of it (``plan_owners``, longest-processing-time first on the Newton–Schulz cost
 m·n·min(m, n)). A step then runs
 
-    send       one all-to-all: every element travels from one rank holding it to owner(j)
-               (a replicated piece is sent once, by its lowest rank), in ``move_dtype``
+    send       every element travels from one rank holding it to owner(j) (a replicated piece is
+               sent once, by its lowest rank in the owner's group), in ``move_dtype``
     transform  the owner stacks same-shape matrices ``(B, m, n)`` and calls ``fn`` once per stack
-    return     one all-to-all: every rank holding elements of j receives them from owner(j)
+    return     every rank holding elements of j receives them from owner(j)
 
+Each move is one all-to-all over the group, or, with owner groups of g ranks, two (``hops.TwoHop``)
+of at most max(g, P/g) ranks each. Where every group holds every matrix (HSDP's replicas), a plan may
+instead repeat the work in each group ("repeat": owners per group, no traffic across groups).
 Split sizes are fixed by the layouts, so uneven and empty pieces need no padding and every rank
-calls both collectives (possibly with nothing to send) in the same order: nothing can hang. A plan
-whose moves all stay on their rank (each matrix whole on its only holder) makes no collective.
+calls the same collectives (possibly with nothing to send) in the same order: nothing can hang. A
+hop whose moves all stay on their rank (each matrix whole on its only holder) makes no collective.
 """
 
 import dataclasses
@@ -24,8 +27,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..layout import Layout, Rect
-from .collectives import CommStats, count
-from .ownership import imbalance, plan_owners
+from .collectives import CommStats
+from .hops import Run, TwoHop
+from .ownership import REPLICAS, choose_replicas, imbalance, loads, plan_owners
 
 
 def newton_schulz_cost(m: int, n: int) -> int:
@@ -44,97 +48,153 @@ def _geometry(layout: Layout | None) -> Layout | None:
     return dataclasses.replace(layout, groups=())
 
 
-def _elements_per_rank(moves: list[list[tuple[object, tuple[Rect, ...]]]]) -> list[int]:
-    return [sum(r.h * r.w for _, rects in per_rank for r in rects) for per_rank in moves]
-
-
 class OwnerPlan:
-    """The static moves of one group's matrices over ``group`` (None: this process alone)."""
+    """The static moves of one group's matrices over ``group`` (None: this process alone).
+
+    ``group_size`` g (default: the whole group) cuts the group's ranks into inner groups of g consecutive
+    ranks; the moves then run in two hops (``hops.TwoHop``): no all-to-all has more than max(g, P/g) − 1
+    peers. Where every inner group holds every matrix whole (HSDP's shard groups: one replica each),
+    ``replicas`` says how they share the work: "share" (each matrix transformed once, by an owner
+    anywhere, pieces sent from its own group's replica, results fanned out to every replica), "repeat"
+    (each group transforms every matrix on its own ranks: no traffic across groups) or "auto" (the one
+    ``ownership.choose_replicas`` predicts faster); ``self.replicas`` is the choice (None: one group).
+    """
 
     def __init__(self, layouts: list[Layout | None], names: list[str], group: dist.ProcessGroup | None,
-                 group_name: str) -> None:
+                 group_name: str, group_size: int | None = None, replicas: str = "auto", move_bytes: int = 2) -> None:
         self.group, self.group_name = group, group_name
         self.size = dist.get_world_size(group) if group is not None else 1
         self.rank = dist.get_rank(group) if group is not None else 0
+        g = self.size if group_size is None else group_size
+        if replicas not in REPLICAS:
+            raise ValueError(f"owner_replicas must be one of {REPLICAS}, got {replicas!r}")
+        if not isinstance(g, int) or isinstance(g, bool) or g < 1 or self.size % g:
+            raise ValueError(f"owner_group_size must be a positive integer dividing the {self.size} ranks of "
+                             f"{group_name!r}, got {group_size!r}")
+        self.group_size = g
         mine = [_geometry(lay) for lay in layouts]
         everyone = [mine] if group is None else [None] * self.size
         if group is not None:
             dist.all_gather_object(everyone, mine, group=group)
+        inner = [r // g for r in range(self.size)]  # each rank's inner group
         self.matrices: list[tuple[int, int, tuple[int, int]]] = []  # (parameter, block, (m, n))
-        candidates, senders = [], []
+        holders: list[dict[int, object]] = []  # per matrix: holder rank -> the class of its piece
         for i, name in enumerate(names):
             geoms = {r: theirs[i] for r, theirs in enumerate(everyone) if theirs[i] is not None}
-            if not geoms or len({(g.shape, g.fused) for g in geoms.values()}) != 1:
+            if not geoms or len({(geo.shape, geo.fused) for geo in geoms.values()}) != 1:
                 raise ValueError(f"ranks of {group_name!r} disagree on the shape or fused blocks of parameter "
                                  f"{name}, or none holds any of it")
             first = next(iter(geoms.values()))
-            distinct = {}  # a replicated piece is sent by its lowest rank
-            for r, g in geoms.items():
-                distinct.setdefault((g.rows, g.cols, g.flat), r)
-            (m, n), total = first.shape, sum(geoms[r].numel for r in distinct.values())
+            classes = {r: (geo.rows, geo.cols, geo.flat) for r, geo in geoms.items()}
+            (m, n) = first.shape
+            total = sum(geoms[min(r for r in geoms if classes[r] == c)].numel for c in set(classes.values()))
             if total != m * n:
                 raise ValueError(f"the layouts of parameter {name} do not add up: the ranks of {group_name!r} "
                                  f"hold {total} distinct elements of its {m}×{n}")
-            senders.append(set(distinct.values()))
             for k, block_shape in enumerate(first.block_shapes):
                 self.matrices.append((i, k, block_shape))
-                candidates.append(sorted(geoms))
+                holders.append(classes)
         costs = [newton_schulz_cost(m, n) for _, _, (m, n) in self.matrices]
-        self.owners = plan_owners(costs, self.size, candidates)
-        self.imbalance = imbalance(costs, self.owners, self.size)
 
-        def rects(r: int, i: int, k: int) -> tuple[Rect, ...]:
+        def rects(r: int, j: int) -> tuple[Rect, ...]:
+            i, k, _ = self.matrices[j]
             return tuple(x for x in everyone[r][i].rects if x.block == k) if everyone[r][i] is not None else ()
+
+        groups = self.size // g
+        whole = groups > 1 and all(  # every inner group holds every matrix whole
+            sum(sum(x.h * x.w for x in rects(min(r for r in hs if inner[r] == G and hs[r] == c), j))
+                for c in {hs[r] for r in hs if inner[r] == G}) == m * n
+            for j, (hs, (_, _, (m, n))) in enumerate(zip(holders, self.matrices)) for G in range(groups))
+        if replicas == "repeat" and not whole:
+            raise ValueError(f"owner_replicas='repeat' needs every group of {g} ranks of {group_name!r} to hold "
+                             f"every matrix whole (HSDP's shard groups); these do not")
+        share = plan_owners(costs, self.size, [sorted(hs) for hs in holders])
+        per_group = [plan_owners(costs, self.size, [[r for r in sorted(hs) if inner[r] == G] for hs in holders])
+                     for G in range(groups)] if whole else []
+        choice = replicas if replicas != "auto" else "share"
+        if replicas == "auto" and whole:
+            across = [0] * self.size  # elements each rank receives from other groups under "share"
+            for j, o in enumerate(share):
+                for r in holders[j]:
+                    if inner[r] != inner[o]:
+                        across[r] += sum(x.h * x.w for x in rects(r, j))
+            choice = choose_replicas(max(loads(costs, share, self.size)),
+                                     max(max(loads(costs, owners, self.size)) for owners in per_group),
+                                     max(across), groups, move_bytes)
+        self.replicas = choice if whole else None
+        # transformers: (owner, its domain of ranks) of every matrix, one per group when repeating
+        if self.replicas == "repeat":
+            mine_g = inner[self.rank]
+            transformers = [[(per_group[G][j], list(range(G * g, G * g + g))) for G in range(groups)]
+                            for j in range(len(costs))]
+            self.owners = per_group[mine_g]
+            self.imbalance = imbalance(costs, [o - mine_g * g for o in self.owners], g)
+        else:
+            transformers = [[(o, list(range(self.size)))] for o in share]
+            self.owners = share
+            self.imbalance = imbalance(costs, share, self.size)
 
         # slots: the owned matrices, grouped by shape into stacks
         self.stacks: dict[tuple[int, int], list[int]] = defaultdict(list)
         slot: dict[int, tuple[tuple[int, int], int]] = {}
-        for j, ((i, k, shape), owner) in enumerate(zip(self.matrices, self.owners)):
-            if owner == self.rank:
+        for j, (_, _, shape) in enumerate(self.matrices):
+            if any(o == self.rank for o, _ in transformers[j]):
                 slot[j] = (shape, len(self.stacks[shape]))
                 self.stacks[shape].append(j)
+        # the runs of every (source, destination) pair, and this rank's packing and unpacking of its own
+        fwd: dict[tuple[int, int], list[Run]] = defaultdict(list)
+        back: dict[tuple[int, int], list[Run]] = defaultdict(list)
         self.send: list[list[Move]] = [[] for _ in range(self.size)]
         self.recv: list[list[Slot]] = [[] for _ in range(self.size)]
         self.back_send: list[list[Slot]] = [[] for _ in range(self.size)]
         self.back_recv: list[list[Move]] = [[] for _ in range(self.size)]
-        for j, ((i, k, _), owner) in enumerate(zip(self.matrices, self.owners)):
-            for r in range(self.size):
-                held_r = rects(r, i, k)
-                if not held_r:
-                    continue
-                if r == self.rank:
-                    self.back_recv[owner].append((i, held_r))
-                    if r in senders[i]:
-                        self.send[owner].append((i, held_r))
-                if owner == self.rank:
-                    self.back_send[r].append((slot[j], held_r))
-                    if r in senders[i]:
-                        self.recv[r].append((slot[j], held_r))
-        sizes = _elements_per_rank
-        self.send_sizes, self.recv_sizes = sizes(self.send), sizes(self.recv)
-        self.back_send_sizes, self.back_recv_sizes = sizes(self.back_send), sizes(self.back_recv)
-        off_rank = sum(s for r, s in enumerate(self.send_sizes) if r != self.rank)
-        off_rank += sum(s for r, s in enumerate(self.back_send_sizes) if r != self.rank)
-        flag = torch.tensor([off_rank > 0], dtype=torch.int32)
+        for j, (i, _, _) in enumerate(self.matrices):
+            hs = holders[j]
+            for owner, domain in transformers[j]:
+                here = [r for r in domain if r in hs]
+                near = [r for r in here if inner[r] == inner[owner]]  # a piece's copy in the owner's group sends
+                senders = {min((r for r in (near if any(hs[q] == c for q in near) else here) if hs[r] == c))
+                           for c in {hs[r] for r in here}}
+                for r in here:
+                    held_r = rects(r, j)
+                    key = tuple((j, x.brow, x.col, x.h, x.w) for x in held_r)
+                    back[(owner, r)].extend((k, x.h * x.w) for k, x in zip(key, held_r))
+                    if r in senders:
+                        fwd[(r, owner)].extend((k, x.h * x.w) for k, x in zip(key, held_r))
+                    if r == self.rank:
+                        self.back_recv[owner].append((i, held_r))
+                        if r in senders:
+                            self.send[owner].append((i, held_r))
+                    if owner == self.rank:
+                        self.back_send[r].append((slot[j], held_r))
+                        if r in senders:
+                            self.recv[r].append((slot[j], held_r))
+        groups_pg: dict[str, dist.ProcessGroup | None] = {"inner": group, "outer": None}
+        names = {"inner": group_name, "outer": group_name}
+        if 1 < g < self.size:
+            granks = dist.get_process_group_ranks(group)
+            me_g, me_s = divmod(self.rank, g)
+            groups_pg = {"inner": dist.new_group([granks[me_g * g + t] for t in range(g)], use_local_synchronization=True),
+                         "outer": dist.new_group([granks[G * g + me_s] for G in range(groups)],
+                                                 use_local_synchronization=True)}
+            names = {"inner": f"{group_name}:group", "outer": f"{group_name}:across"}
+        elif g == 1:
+            groups_pg = {"inner": None, "outer": group}
+        # there: outer hop first (a far gather lands on every rank of the owner's group); back: inner first
+        # (each result crosses the owner's group once, then fans out to its replicas)
+        self.there = TwoHop(fwd, self.size, g, self.rank, "outer", groups_pg, names)
+        self.back = TwoHop(back, self.size, g, self.rank, "inner", groups_pg, names)
+        flags = torch.tensor([*self.there.off_rank(), *self.back.off_rank()], dtype=torch.int32)
         if group is not None:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-        self.moves_data = bool(flag.item())  # False: every move stays on its rank, no collective needed
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+        for hop, flag in zip((self.there.hop1, self.there.hop2, self.back.hop1, self.back.hop2), flags.tolist()):
+            hop.off_rank = bool(flag)
+        self.moves_data = bool(flags.any())  # False: every move stays on its rank, no collective needed
 
     @property
     def owned(self) -> int:
         """How many matrices this rank transforms per step."""
         return sum(len(js) for js in self.stacks.values())
-
-    def _exchange(self, send: Tensor, send_sizes: list[int], recv_sizes: list[int],
-                  stats: CommStats | None) -> Tensor:
-        recv = send.new_empty(sum(recv_sizes))
-        if not self.moves_data:
-            recv.copy_(send)  # everything is this rank's own
-            return recv
-        dist.all_to_all_single(recv, send, recv_sizes, send_sizes, group=self.group)
-        count(stats, self.group_name, send, "all_to_all",
-              sent=(send.numel() - send_sizes[self.rank]) * send.element_size())
-        return recv
 
     def run(self, locals_: dict[int, Tensor], fn: Callable[[Tensor], Tensor], move_dtype: torch.dtype,
             work_dtype: torch.dtype, stats: CommStats | None = None) -> dict[int, Tensor]:
@@ -148,12 +208,12 @@ class OwnerPlan:
         flats = {i: x.reshape(-1) for i, x in locals_.items()}
         parts = [flats[i][r.start : r.start + r.h * r.w] for moves in self.send for i, rs in moves for r in rs]
         send = torch.cat(parts).to(move_dtype) if parts else torch.empty(0, dtype=move_dtype, device=device)
-        recv = self._exchange(send, self.send_sizes, self.recv_sizes, stats)
+        recv = self.there.run(send, stats)
 
         mats = {shape: torch.zeros(len(js), *shape, dtype=work_dtype, device=device)
                 for shape, js in self.stacks.items()}
-        at = 0
-        for moves in self.recv:
+        for src, moves in enumerate(self.recv):
+            at = self.there.offsets.get(src, 0)
             for (shape, b), rs in moves:
                 for r in rs:
                     mats[shape][b, r.brow : r.brow + r.h, r.col : r.col + r.w] = recv[at : at + r.h * r.w].view(r.h, r.w)
@@ -163,11 +223,11 @@ class OwnerPlan:
         parts = [done[shape][b, r.brow : r.brow + r.h, r.col : r.col + r.w].reshape(-1)
                  for moves in self.back_send for (shape, b), rs in moves for r in rs]
         send = torch.cat(parts).to(move_dtype) if parts else torch.empty(0, dtype=move_dtype, device=device)
-        back = self._exchange(send, self.back_send_sizes, self.back_recv_sizes, stats)
+        back = self.back.run(send, stats)
 
         out = {i: torch.empty(x.numel(), dtype=move_dtype, device=device) for i, x in locals_.items()}
-        at = 0
-        for moves in self.back_recv:
+        for src, moves in enumerate(self.back_recv):
+            at = self.back.offsets.get(src, 0)
             for i, rs in moves:
                 for r in rs:
                     out[i][r.start : r.start + r.h * r.w] = back[at : at + r.h * r.w]

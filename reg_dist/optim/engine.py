@@ -32,6 +32,7 @@ from ..comm.agree import agreement_group, all_agree
 from ..comm.collectives import CommStats, check_layouts_add_up
 from ..comm.native import BUCKET_BYTES, NativeDP
 from ..comm.owner import STACK_BYTES, LocalPlan, OwnerPlan, newton_schulz_cost, stacks
+from ..comm.ownership import REPLICAS
 from ..comm.statistics import momentum_partial_row_col, sharded_frobenius_norms
 from ..layout import (FUSED_ATTR, LAYOUT_ATTR, Layout, dim_names, dtensor_layout, local_tensor, mesh_group,
                       whole_layout)
@@ -123,7 +124,8 @@ TAIL = (Hyper("adamw_betas", (0.9, 0.95), tuple[float, float]), Hyper("adamw_eps
 def _layout_keywords(moves: bool) -> tuple[Hyper, ...]:
     """The keyword-only arguments that say how the matrices are laid out, not what is computed."""
     return (Hyper("mesh", None, DeviceMesh | dict[str, dist.ProcessGroup] | None), Hyper("tp_mode", "gather", str),
-            *((Hyper("move_dtype", None, torch.dtype | None),) if moves else ()),
+            *((Hyper("move_dtype", None, torch.dtype | None), Hyper("owner_group_size", None, int | None),
+               Hyper("owner_replicas", "auto", str)) if moves else ()),
             Hyper("bucket_bytes", BUCKET_BYTES, int))
 
 
@@ -143,6 +145,12 @@ class MatrixOptimizer(Optimizer):
     makes each TP block of a DTensor its own matrix (no TP traffic; the update then depends on the TP
     degree). ``move_dtype``: what the owner moves of spectral stages carry (default: the group's
     ``ns_dtype``, so fp32 Newton–Schulz moves fp32 and every layout equals one process).
+    ``owner_group_size``: the owner moves run in two hops over groups of this many consecutive ranks
+    (a node; HSDP's shard group), so no all-to-all has more than max(g, P/g) − 1 peers (default: one
+    all-to-all over all P ranks holding the matrices). ``owner_replicas`` ("auto", "share", "repeat"):
+    where every such group holds every matrix (HSDP), whether each matrix is transformed once and the
+    result sent to every replica, or by every group; "auto" takes the one predicted faster
+    (``comm.ownership.choose_replicas``); ``plans()`` says which (``OwnerPlan.replicas``).
     """
 
     algorithm: str
@@ -160,20 +168,28 @@ class MatrixOptimizer(Optimizer):
                                    MatrixOptimizer._build)
 
     def _build(self, params: Any, values: dict) -> None:
-        layout = {k: values.pop(k) for k in ("mesh", "tp_mode", "move_dtype", "bucket_bytes") if k in values}
+        layout = {k: values.pop(k) for k in ("mesh", "tp_mode", "move_dtype", "owner_group_size", "owner_replicas",
+                                             "bucket_bytes") if k in values}
         nonfinite = values.pop("nonfinite")
         MatrixOptimizer.__init__(self, params, values, nonfinite, **layout)
 
     def __init__(self, params: Any, defaults: dict, nonfinite: str = "skip",
                  mesh: DeviceMesh | dict[str, dist.ProcessGroup] | None = None, tp_mode: str = "gather",
-                 move_dtype: torch.dtype | None = None, bucket_bytes: int = BUCKET_BYTES) -> None:
+                 move_dtype: torch.dtype | None = None, owner_group_size: int | None = None,
+                 owner_replicas: str = "auto", bucket_bytes: int = BUCKET_BYTES) -> None:
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
         if tp_mode not in TP_MODES:
             raise ValueError(f"tp_mode must be one of {TP_MODES}, got {tp_mode!r}")
         if move_dtype is not None and move_dtype not in MOVE_DTYPES:
             raise ValueError(f"move_dtype must be a floating dtype, got {move_dtype!r}")
+        if owner_group_size is not None and (not isinstance(owner_group_size, int) or isinstance(owner_group_size, bool)
+                                             or owner_group_size < 1):
+            raise ValueError(f"owner_group_size must be None or an integer >= 1, got {owner_group_size!r}")
+        if owner_replicas not in REPLICAS:
+            raise ValueError(f"owner_replicas must be one of {REPLICAS}, got {owner_replicas!r}")
         self.nonfinite, self.tp_mode, self.move_dtype = nonfinite, tp_mode, move_dtype
+        self.owner_group_size, self.owner_replicas = owner_group_size, owner_replicas
         self.blockwise_dims = ("tp",) if tp_mode == "blockwise" else ()
         self.skipped_steps = 0
         self.transformed = 0  # matrices (or matrix pieces) this process has transformed, over all steps
@@ -349,9 +365,11 @@ class MatrixOptimizer(Optimizer):
         entries = []
         for pg, name, pairs in by_ranks.values():
             ps, names = [p for p, _ in pairs], [n for _, n in pairs]
-            plan = OwnerPlan([self._layouts[id(p)] for p in ps], names, pg, name)
-            logger.info("%s owner plan over %r: %d matrices, %d here, imbalance %.1f %%", type(self).__name__,
-                        name, len(plan.matrices), plan.owned, 100 * plan.imbalance)
+            plan = OwnerPlan([self._layouts[id(p)] for p in ps], names, pg, name, self.owner_group_size,
+                             self.owner_replicas, self._move_dtype(group).itemsize)
+            logger.info("%s owner plan over %r: %d matrices, %d here, imbalance %.1f %%, groups of %d (%s)",
+                        type(self).__name__, name, len(plan.matrices), plan.owned, 100 * plan.imbalance,
+                        plan.group_size, plan.replicas or "one group")
             entries.append((plan, ps))
         self._plans[_key(group)] = entries
 
