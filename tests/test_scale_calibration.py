@@ -21,7 +21,7 @@ from reg_dist import mark_fused
 from reg_dist.optim.registry import ALGORITHMS
 from reg_dist.scale import Cluster, Model, Param, Parallel, Settings, cluster, predict, preset, traffic
 from reg_dist.scale.shapes import from_module
-from sharded import QKV, Net, data, fsdp, fsdp_x_tp, loss_of, native, tp
+from sharded import QKV, Net, data, fsdp, fsdp_x_tp, hsdp, loss_of, native, tp
 
 ROOT = Path(__file__).resolve().parent.parent
 OPTIMIZERS = {name: entry.cls for name, entry in ALGORITHMS.items()}  # every algorithm of the registry
@@ -43,7 +43,7 @@ def _replicated_x_tp(model, rank, world):
     return {}, rank // 2, 2
 
 
-# name: (shard, Parallel, fused Net, TP plan the model sees)
+# name: (shard, Parallel, fused Net, TP plan the model sees[, owner groups: Settings fields, passed to Muon & co.])
 LAYOUTS = {
     "FSDP2 dp=2": (_wrapper(fsdp), Parallel(1, 2, zero=3), True, {}),
     "FSDP2 dp=4": (_wrapper(fsdp), Parallel(1, 4, zero=3), True, {}),
@@ -52,11 +52,24 @@ LAYOUTS = {
     "replicated 2 × TP 2": (_replicated_x_tp, Parallel(1, 4, tp=2, zero=0), True, TP_PLAN),
     "native (2, 1)": (native(2, 1), Parallel(1, 2, tp=1, zero=1), True, {}),
     "native (2, 2)": (native(2, 2), Parallel(1, 4, tp=2, zero=1), True, {"up": "colwise", "down": "rowwise"}),
+    "FSDP2 dp=4, owner groups of 2": (_wrapper(fsdp), Parallel(1, 4, zero=3), True, {}, {"owner_group_size": 2}),
+    "HSDP 2 × 2, share": (_wrapper(hsdp), Parallel(1, 4, zero=3, shard=2), True, {},
+                          {"owner_group_size": 2, "owner_replicas": "share"}),
+    "HSDP 2 × 2, repeat": (_wrapper(hsdp), Parallel(1, 4, zero=3, shard=2), True, {},
+                           {"owner_group_size": 2, "owner_replicas": "repeat"}),
+    "HSDP 2 × 2, one group": (_wrapper(hsdp), Parallel(1, 4, zero=3, shard=2), True, {}),
+    "FSDP2 2 × TP 2, owner groups of 2": (_wrapper(fsdp_x_tp), Parallel(1, 4, tp=2, zero=3), True, TP_PLAN,
+                                          {"owner_group_size": 2}),
 }
 
 
+def _groups(layout):
+    """The owner-group options of ``layout`` (none: one group)."""
+    return LAYOUTS[layout][4] if len(LAYOUTS[layout]) > 4 else {}
+
+
 def _measure(layout):
-    shard, par, fused, _ = LAYOUTS[layout]
+    shard, par, fused = LAYOUTS[layout][:3]
 
     def build(rank, world):
         torch.manual_seed(0)
@@ -76,9 +89,9 @@ def _measure(layout):
             per = len(data()[0]) // dp_size
             model.zero_grad(set_to_none=True)
             loss_of(model, data()[0][dp_rank * per:(dp_rank + 1) * per]).backward()
-            opt = cls(model, **kwargs)
+            opt = cls(model, **kwargs, **(_groups(layout) if cls.moves else {}))
             opt.step()
-            plans = [(p.group_name, len(p.matrices), list(p.owners), p.imbalance) for p in opt.plans()] \
+            plans = [(p.group_name, len(p.matrices), list(p.owners), p.replicas, p.imbalance) for p in opt.plans()] \
                 if name != "reg" else []
             native = (opt._native.imbalance, sorted(n for g in opt.param_groups for p, n in
                                                     zip(g["params"], g["param_names"]) if id(p) in opt._native._owned)) \
@@ -90,7 +103,7 @@ def _measure(layout):
 
 
 def _model(layout):
-    _, par, fused, plan = LAYOUTS[layout]
+    _, par, fused, plan = LAYOUTS[layout][:4]
     net = Net(fused=fused)
     if fused:
         mark_fused(net.qkv.weight, QKV)
@@ -102,13 +115,14 @@ def test_predicted_bytes_and_calls_equal_comm_stats_on_every_rank(layout):
     measured = _measure(layout)
     model, par = _model(layout)
     for name in OPTIMIZERS:
-        predicted = traffic(model, par, name)
+        predicted = traffic(model, par, name, Settings(**_groups(layout)))
         for rank, m in enumerate(measured):
             assert predicted.comm_stats(rank) == m[name]["comm"], f"{layout}, {name}, rank {rank}"
         # the owner plans are the optimizer's own (the real planner on the same costs and candidates)
         for rank, m in enumerate(measured):
-            got = [(g, n, o) for g, n, o, _ in m[name]["plans"] if g != "local"]
-            want = [(p.name, len(p.matrices), p.owners) for p in predicted.plans if rank in p.ranks.tolist()]
+            got = [(g, n, o, r) for g, n, o, r, _ in m[name]["plans"] if g != "local"]
+            want = [(p.name, len(p.matrices), p.owners, p.replicas) for p in predicted.plans
+                    if rank in p.ranks.tolist()]
             assert got == want, f"{layout}, {name}, rank {rank}"
             assert [i for g, *_, i in m[name]["plans"] if g != "local"] == pytest.approx(
                 [p.imbalance for p in predicted.plans if rank in p.ranks.tolist()])

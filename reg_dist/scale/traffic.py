@@ -10,6 +10,8 @@ It follows the code path by path (no process group is made):
     owner moves  per owner plan whose moves leave a rank, two all-to-alls: every distinct held element
                  to its matrix's owner, every owned matrix back to every holder (in the Newton–Schulz dtype, bf16 by default);
                  "bytes" is the rank's send buffer, "sent" its off-rank part
+                 (``owner_group_size``: two hops each way, ``grouped_plan``, with HSDP's replica groups
+                 sharing the work or repeating it as the real planner chooses)
     native dp    per bucket of ``bucket_bytes`` of the owners' streams, one reduce-scatter and one
                  all-gather over dp of dp × segment parameter-dtype elements
     world        one int32 all-reduce (the non-finite agreement) once anything is laid out
@@ -37,7 +39,7 @@ from torch import Tensor
 from ..comm.collectives import WIRE
 from ..comm.native import BUCKET_BYTES, plan_streams, segments
 from ..comm.owner import newton_schulz_cost
-from ..comm.ownership import imbalance, plan_owners
+from ..comm.ownership import REPLICAS, choose_replicas, imbalance, loads, plan_owners
 from ..ops.stats import check_count
 from ..optim import registry
 from ..optim.scaling import check_scale
@@ -58,10 +60,16 @@ class Settings:
     param_bytes: int = 4  # parameter (and gradient, momentum, AdamW moment) dtype: fp32
     bucket_bytes: int = BUCKET_BYTES  # native mode
     ns_steps: int = 5
+    owner_group_size: int | None = None  # owner moves in two hops over groups of this many ranks (None: one)
+    owner_replicas: str = "auto"  # HSDP replica groups: "share", "repeat" or the planner's choice
 
     def __post_init__(self) -> None:
         for name in ("iters", "ns_steps", "bucket_bytes"):
             check_count(name, getattr(self, name))
+        if self.owner_group_size is not None:
+            check_count("owner_group_size", self.owner_group_size)
+        if self.owner_replicas not in REPLICAS:
+            raise ValueError(f"owner_replicas must be one of {REPLICAS}, got {self.owner_replicas!r}")
         check_scale(self.scale)
         for name in ("move_bytes", "param_bytes"):
             if getattr(self, name) not in (2, 4, 8):
@@ -96,6 +104,7 @@ class Holding:
     dtensor: bool
     numel: Tensor  # (R,) elements each rank holds
     blocks: Tensor  # (K, R) elements of each fused matrix each rank holds
+    piece: Tensor  # (R,) which piece each rank holds: equal ids, identical elements (copies)
 
     @property
     def laid(self) -> bool:
@@ -130,10 +139,13 @@ def _held(shape: tuple[int, ...], split: int | None, fused, algorithm: str, par:
             lo, hi = _chunk(hi, tp, t)
         else:
             c0, c1 = _chunk(c1, tp, t)
-    if par.zero == 3:  # FSDP2: dim 0 of the (TP-local) tensor over dp
-        dims.append("dp")
-        a, b = _chunk(hi - lo, dp, d)
+    piece = t if "tp" in dims else torch.zeros(R, dtype=INT)
+    if par.zero == 3:  # FSDP2: dim 0 of the (TP-local) tensor over dp (HSDP: over the shard group)
+        parts = par.shard or dp
+        dims.append("shard" if par.hsdp else "dp")
+        a, b = _chunk(hi - lo, parts, d % parts)
         lo, hi = lo + a, lo + b
+        piece = piece + tp * (d % parts)
     w = c1 - c0
     numel = (hi - lo) * (p.shape[1] if len(p.shape) == 3 else 1) * w
     blocks = torch.zeros(len(p.blocks), R, dtype=INT)
@@ -143,7 +155,7 @@ def _held(shape: tuple[int, ...], split: int | None, fused, algorithm: str, par:
         overlap = (torch.minimum(row1[None], seg[:, 1:2]) - torch.maximum(row0[None], seg[:, 0:1])).clamp_(min=0)
         blocks.index_add_(0, seg[:, 2], overlap * w[None])
     dtensor = par.zero == 3 or "tp" in dims
-    return tuple(sorted(dims)), dtensor, numel, blocks
+    return tuple(sorted(dims)), dtensor, numel, blocks, piece
 
 
 def group_order(model: Model) -> list[int]:
@@ -221,6 +233,8 @@ class OwnerPlanModel:
     vectors: dict[str, Tensor]  # per group rank, elements: send1/self1/send2/self2, *_far, peers1/peers2
     flops: Tensor  # (p,) Newton–Schulz FLOPs of the owned matrices
     owned: Tensor  # (p,) elements of the owned matrices
+    group_size: int | None = None  # owner groups (``grouped_plan``)
+    replicas: str | None = None  # "share" or "repeat" where every owner group holds every matrix
 
 
 def owner_plan(entries: list[tuple[Holding, Tensor]], ranks: Tensor, name: str, node: Tensor,
@@ -287,10 +301,130 @@ def owner_plan(entries: list[tuple[Holding, Tensor]], ranks: Tensor, name: str, 
     return OwnerPlanModel(name, ranks, mats, owners, imbalance(costs, owners, p), moves, v, flops, owned)
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=1024)
 def _plan(costs: tuple[int, ...], ranks: int, candidates: tuple) -> tuple[int, ...]:
     """The real planner (``ownership.plan_owners``), remembered: Muon and MuonEq plan alike."""
     return tuple(plan_owners(list(costs), ranks, list(candidates)))
+
+
+class _Hop:
+    """What one hop of a ``grouped_plan`` moves, summed over its flows (plan ranks)."""
+
+    def __init__(self, p: int, node: Tensor) -> None:
+        self.p, self.node = p, node
+        z = lambda: torch.zeros(p, dtype=INT)  # noqa: E731
+        self.buf, self.sent, self.recv, self.send_far, self.recv_far = z(), z(), z(), z(), z()
+        self.pairs: list[Tensor] = []
+
+    def add(self, src: Tensor, dst: Tensor, elements: Tensor) -> None:
+        keep = elements > 0
+        src, dst, el = src[keep], dst[keep], elements[keep]
+        self.buf.index_add_(0, src, el)
+        off = src != dst
+        src, dst, el = src[off], dst[off], el[off]
+        far = self.node[src] != self.node[dst]
+        self.sent.index_add_(0, src, el)
+        self.recv.index_add_(0, dst, el)
+        self.send_far.index_add_(0, src[far], el[far])
+        self.recv_far.index_add_(0, dst[far], el[far])
+        self.pairs.append(src * self.p + dst)
+
+    def peers(self) -> Tensor:
+        """(p,) the larger of the ranks each rank sends to and receives from."""
+        pairs = torch.cat(self.pairs).unique() if self.pairs else torch.zeros(0, dtype=INT)
+        out = torch.bincount(pairs // self.p, minlength=self.p)
+        return torch.maximum(out, torch.bincount(pairs % self.p, minlength=self.p))
+
+
+def _first_of_each(piece: Tensor, held: Tensor, dim: int) -> Tensor:
+    """Along ``dim`` of the (groups, g) grids ``piece``/``held``: the elements of the distinct pieces."""
+    order = piece.sort(dim=dim, stable=True)
+    first = torch.ones_like(piece, dtype=torch.bool)
+    if dim == 0:
+        first[1:] = order.values[1:] != order.values[:-1]
+    else:
+        first[:, 1:] = order.values[:, 1:] != order.values[:, :-1]
+    return (held.gather(dim, order.indices) * first).sum(dim)
+
+
+def grouped_plan(members: list[Holding], ranks: Tensor, name: str, node: Tensor, settings: Settings,
+                 g: int) -> tuple[list[OwnerPlanModel], Tensor, Tensor, list[tuple[str, int, _Hop]]]:
+    """``OwnerPlan`` with ``group_size=g`` over the group ``ranks``: its plan(s) (one per owner group
+    when the replicas repeat the work), the Newton–Schulz FLOPs and owned elements per group rank, and
+    its four hops (name, group size, flows): there outer then inner, back inner (one copy of each
+    piece per mid rank) then outer, as ``comm.hops.TwoHop`` routes them."""
+    p = len(ranks)
+    if p % g:
+        raise ValueError(f"owner_group_size must be a positive integer dividing the {p} ranks of {name!r}, got {g}")
+    groups = p // g
+    idx = torch.arange(p, dtype=INT)
+    G, S = idx // g, idx % g
+    mats, cands, held, piece = [], [], [], []
+    for h in members:
+        mine = (h.numel[ranks] > 0).nonzero().flatten().tolist()
+        if not mine:
+            raise ValueError(f"no rank of group {name!r} holds any of parameter {h.param.name}")
+        for k, shape in enumerate(h.param.blocks):
+            hk = h.blocks[k][ranks]
+            mats.append((h.index, k, shape))
+            cands.append(tuple(mine))
+            held.append(hk)
+            piece.append(torch.where(hk > 0, h.piece[ranks], -1))
+    costs = tuple(newton_schulz_cost(m, n) for _, _, (m, n) in mats)
+    share = list(_plan(costs, p, tuple(cands)))
+    whole = groups > 1 and all(
+        bool((_first_of_each(pc.view(groups, g), hk.view(groups, g), 1) == m * n).all())
+        for pc, hk, (_, _, (m, n)) in zip(piece, held, mats))
+    if settings.owner_replicas == "repeat" and not whole:
+        raise ValueError(f"owner_replicas='repeat' needs every group of {g} ranks of {name!r} to hold every matrix "
+                         f"whole (HSDP's shard groups); these do not")
+    per_group = [list(_plan(costs, p, tuple(tuple(r for r in c if r // g == q) for c in cands)))
+                 for q in range(groups)] if whole else []
+    choice = settings.owner_replicas if settings.owner_replicas != "auto" else "share"
+    if settings.owner_replicas == "auto" and whole:
+        across = torch.zeros(p, dtype=INT)
+        for hk, o in zip(held, share):
+            across += hk * (G != o // g)
+        choice = choose_replicas(max(loads(list(costs), share, p)),
+                                 max(max(loads(list(costs), owners, p)) for owners in per_group),
+                                 int(across.max()), groups, settings.move_bytes)
+    replicas = choice if whole else None
+    everyone = torch.ones(p, dtype=torch.bool)
+    if replicas == "repeat":
+        transformers = [[(per_group[q][j], G == q) for q in range(groups)] for j in range(len(mats))]
+    else:
+        transformers = [[(o, everyone)] for o in share]
+    gnode = node[ranks]
+    hops = [_Hop(p, gnode) for _ in range(4)]  # there: outer, inner; back: inner, outer
+    flops, owned = torch.zeros(p, dtype=torch.float64), torch.zeros(p, dtype=INT)
+    big = 2 * p
+    for (hk, pc, (_, _, (m, n))), ts in zip(zip(held, piece, mats), transformers):
+        for o, domain in ts:
+            h = hk * domain
+            holders = h > 0
+            pcs = torch.where(holders, pc, -1)
+            key = torch.where(holders, idx + p * (G != o // g), big)  # a copy in the owner's group sends
+            first = torch.full((int(pcs.max()) + 2,), big, dtype=INT).scatter_reduce(0, pcs + 1, key, "amin")
+            sent = h * (holders & (key == first[pcs + 1]))
+            mids = (o // g) * g + torch.arange(g, dtype=INT)
+            hops[0].add(idx, (o // g) * g + S, sent)
+            hops[1].add(mids, torch.full((g,), o, dtype=INT), sent.view(groups, g).sum(0))
+            hops[2].add(torch.full((g,), o, dtype=INT), mids, _first_of_each(pcs.view(groups, g), h.view(groups, g), 0))
+            hops[3].add((o // g) * g + S, idx, h)
+            flops[o] += ns_flops(m, n, settings.ns_steps)
+            owned[o] += m * n
+    names = (f"{name}:across", f"{name}:group") if 1 < g < p else (name, name)
+    sizes = (groups, g)
+    hop_list = [(names[a], sizes[a], hop) for a, hop in zip((0, 1, 1, 0), hops)]
+    if replicas == "repeat":
+        plans = [OwnerPlanModel(name, ranks[q * g:(q + 1) * g], mats, per_group[q],
+                                imbalance(list(costs), [o - q * g for o in per_group[q]], g), False, {},
+                                flops[q * g:(q + 1) * g], owned[q * g:(q + 1) * g], g, replicas)
+                 for q in range(groups)]
+    else:
+        plans = [OwnerPlanModel(name, ranks, mats, share, imbalance(list(costs), share, p), False, {}, flops, owned,
+                                g, replicas)]
+    return plans, flops, owned, hop_list
 
 
 @dataclass
@@ -422,7 +556,7 @@ def traffic(model: Model, par: Parallel, optimizer: str, settings: Settings = Se
             for h in members:
                 if h.dtensor and g in h.dims:
                     elems += floats(h) * (steps[h.index] & part)
-            calls.add(g, "all_reduce", dp if g == "dp" else tp, elems > 0, elems * sb)
+            calls.add(g, "all_reduce", {"dp": dp, "shard": par.shard, "tp": tp}[g], elems > 0, elems * sb)
 
     plans: list[OwnerPlanModel] = []
     flops = torch.zeros(R, dtype=torch.float64)
@@ -440,13 +574,15 @@ def traffic(model: Model, par: Parallel, optimizer: str, settings: Settings = Se
             out = h.numel > 0
             if "dp" in dims and "dp" not in h.dims:
                 out = out & (d_of == 0)
+            if "replicate" in dims:  # HSDP: every parameter a copy on each replica
+                out = out & (d_of < par.shard)
             if "tp" in dims and "tp" not in h.dims:
                 out = out & (t_of == 0)
             return out
 
         instances, local = [], []  # (name, group ranks, entries); single-process matrices
         if par.zero == 3:  # every matrix a DTensor on the root mesh: one plan over all of it
-            dims = ("dp",) if tp == 1 else ("dp", "tp")
+            dims = par.dp_dims + (("tp",) if tp > 1 else ())
             instances.append(("×".join(dims), r, [(h, sender(h, dims)) for h in matrices]))
         elif tp == 1:
             local = matrices
@@ -462,23 +598,38 @@ def traffic(model: Model, par: Parallel, optimizer: str, settings: Settings = Se
         for name, ranks, entries in instances:
             if not entries:
                 continue
-            plan = owner_plan(entries, ranks, name, node, settings)
-            plans.append(plan)
-            flops[ranks] += plan.flops
-            owned[ranks] += plan.owned
             part = torch.zeros(R, dtype=torch.bool)
             part[ranks] = True
+
+            def spread(x: Tensor, ranks: Tensor = ranks) -> Tensor:
+                out = torch.zeros(R, dtype=INT)
+                out[ranks] = x
+                return out
+
             for stage in before:
                 for _ in range(stage.passes):
                     stats([h for h, _ in entries], floats(stage), part)
-            if plan.moves and len(ranks) > 1:
+            g = settings.owner_group_size
+            if g is not None and g != len(ranks):  # owner groups: two hops each way (``grouped_plan``)
+                group_plans, plan_flops, plan_owned, hops = grouped_plan([h for h, _ in entries], ranks, name, node,
+                                                                         settings, g)
+                plans.extend(group_plans)
+                flops[ranks] += plan_flops
+                owned[ranks] += plan_owned
+                for hop_name, size, hop in hops:
+                    if not bool((hop.sent > 0).any()):
+                        continue  # everything stays on its rank: no collective
+                    far_s, far_r, sent = spread(hop.send_far * mb), spread(hop.recv_far * mb), spread(hop.sent * mb)
+                    extra = {"send_far": far_s, "send_near": sent - far_s, "recv_far": far_r,
+                             "recv_near": spread(hop.recv * mb) - far_r, "peers": spread(hop.peers())}
+                    calls.add(hop_name, "all_to_all", size, part, spread(hop.buf * mb), sent=sent, a2a=extra)
+            else:
+                plan = owner_plan(entries, ranks, name, node, settings)
+                plans.append(plan)
+                flops[ranks] += plan.flops
+                owned[ranks] += plan.owned
+            if (g is None or g == len(ranks)) and plan.moves and len(ranks) > 1:
                 v = plan.vectors
-
-                def spread(x: Tensor, ranks: Tensor = ranks) -> Tensor:
-                    out = torch.zeros(R, dtype=INT)
-                    out[ranks] = x
-                    return out
-
                 for a in ("1", "2"):
                     sent = spread((v["send" + a] - v["self" + a]) * mb)
                     far_s, far_r = spread(v["send" + a + "_far"] * mb), spread(v["recv" + a + "_far"] * mb)
