@@ -241,3 +241,19 @@ def test_owner_groups_that_do_not_divide_the_ranks_or_repeat_without_whole_group
     run_ranks(4, body)
     with pytest.raises(ValueError, match="owner_replicas must be one of"):
         Muon(Net(), owner_replicas="twice")
+
+
+@pytest.mark.parametrize("shard, extra", [(fsdp, {}), (fsdp, {"owner_group_size": 2}),
+                                          (hsdp, {"owner_group_size": 2, "owner_replicas": "share"})])
+@pytest.mark.parametrize("algorithm", ["muon", "muoneq_rowcol_phase"])
+def test_overlapped_moves_equal_single_process_one_round_per_shape(algorithm, shard, extra):
+    def rounds(model, opt):
+        (plan,) = opt.plans()
+        return opt.transformed, (len(plan.rounds), len({shape for *_, shape in plan.matrices})), opt.comm_stats()
+
+    out = _run(4, shard, algorithm, owner_overlap=True, check=rounds, **extra)
+    assert sum(w for w, *_ in out) == STEPS * MATRICES
+    assert all(rounds == shapes == 8 for _, (rounds, shapes), _ in out)  # k and v share 6 × 18
+    moves = {name: e["calls"] for name, e in out[0][2].items() if name not in ("world", "shard") and
+             not (name == "dp" and algorithm != "muon")}
+    assert all(c > 2 for c in moves.values())  # more than one round there and back

@@ -54,16 +54,40 @@ class Hop:
     recv_sizes: list[int]
     off_rank: bool = False
 
-    def run(self, buf: Tensor, stats: CommStats | None) -> Tensor:
+    def start(self, buf: Tensor, stats: CommStats | None) -> tuple[dist.Work | None, Tensor]:
+        """The all-to-all of ``buf`` launched (its work, None where nothing leaves any rank) and its output."""
         parts = [_slices(buf, ranges) for ranges in self.send]
         send = torch.cat(parts) if len(parts) > 1 else parts[0]
         if not self.off_rank:
-            return send  # everything is this rank's own (one peer: itself)
+            return None, send  # everything is this rank's own (one peer: itself)
         recv = send.new_empty(sum(self.recv_sizes))
         send_sizes = [p.numel() for p in parts]
-        dist.all_to_all_single(recv, send, self.recv_sizes, send_sizes, group=self.group)
+        work = dist.all_to_all_single(recv, send, self.recv_sizes, send_sizes, group=self.group, async_op=True)
         count(stats, self.name, send, "all_to_all", sent=(send.numel() - send_sizes[self.rank]) * send.element_size())
-        return recv
+        return work, recv
+
+
+class InFlight:
+    """A ``TwoHop`` exchange under way: its first hop launched. ``advance`` launches the second once the
+    first has landed; ``wait`` returns the output. Every rank calls them at the same points, so the
+    collectives of several exchanges in flight are issued in one order everywhere."""
+
+    def __init__(self, hop2: Hop, stats: CommStats | None, work: dist.Work | None, buf: Tensor) -> None:
+        self.hop2, self.stats, self.work, self.buf, self.second = hop2, stats, work, buf, False
+
+    def advance(self) -> None:
+        if not self.second:
+            if self.work is not None:
+                self.work.wait()
+            self.work, self.buf = self.hop2.start(self.buf, self.stats)
+            self.second = True
+
+    def wait(self) -> Tensor:
+        self.advance()
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        return self.buf
 
 
 class TwoHop:
@@ -141,6 +165,6 @@ class TwoHop:
         """Whether each hop moves anything off this rank."""
         return [any(n for q, ranges in enumerate(h.send) if q != h.rank for _, n in ranges) for h in (self.hop1, self.hop2)]
 
-    def run(self, send: Tensor, stats: CommStats | None = None) -> Tensor:
-        """The output buffer (see the class) of this rank's input ``send``."""
-        return self.hop2.run(self.hop1.run(send, stats), stats)
+    def start(self, send: Tensor, stats: CommStats | None = None) -> InFlight:
+        """The exchange of this rank's input ``send`` launched; its ``wait()`` is the output (see the class)."""
+        return InFlight(self.hop2, stats, *self.hop1.start(send, stats))

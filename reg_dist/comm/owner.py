@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ..layout import Layout, Rect
 from .collectives import CommStats
-from .hops import Run, TwoHop
+from .hops import InFlight, Run, TwoHop
 from .ownership import REPLICAS, choose_replicas, imbalance, loads, plan_owners
 
 
@@ -58,10 +58,13 @@ class OwnerPlan:
     anywhere, pieces sent from its own group's replica, results fanned out to every replica), "repeat"
     (each group transforms every matrix on its own ranks: no traffic across groups) or "auto" (the one
     ``ownership.choose_replicas`` predicts faster); ``self.replicas`` is the choice (None: one group).
+    ``overlap``: one round of moves per matrix shape (``rounds``), the next round's in flight while
+    one is transformed (asynchronous all-to-alls); otherwise one round.
     """
 
     def __init__(self, layouts: list[Layout | None], names: list[str], group: dist.ProcessGroup | None,
-                 group_name: str, group_size: int | None = None, replicas: str = "auto", move_bytes: int = 2) -> None:
+                 group_name: str, group_size: int | None = None, replicas: str = "auto", move_bytes: int = 2,
+                 overlap: bool = False) -> None:
         self.group, self.group_name = group, group_name
         self.size = dist.get_world_size(group) if group is not None else 1
         self.rank = dist.get_rank(group) if group is not None else 0
@@ -134,22 +137,24 @@ class OwnerPlan:
             self.owners = share
             self.imbalance = imbalance(costs, share, self.size)
 
-        # slots: the owned matrices, grouped by shape into stacks
-        self.stacks: dict[tuple[int, int], list[int]] = defaultdict(list)
+        # rounds: one exchange there and back each (with ``overlap``, one per matrix shape, costliest first,
+        # so that a round's moves are in flight while the one before is transformed); the owned matrices
+        # of each round grouped by shape into stacks
+        shapes = sorted({shape for *_, shape in self.matrices}, key=lambda sh: (-newton_schulz_cost(*sh),
+                        next(j for j, (*_, s) in enumerate(self.matrices) if s == sh)))
+        round_of = [shapes.index(shape) if overlap else 0 for *_, shape in self.matrices]
+        self.rounds = [_Round(self.size) for _ in range(max(round_of, default=0) + 1)]
         slot: dict[int, tuple[tuple[int, int], int]] = {}
         for j, (_, _, shape) in enumerate(self.matrices):
             if any(o == self.rank for o, _ in transformers[j]):
-                slot[j] = (shape, len(self.stacks[shape]))
-                self.stacks[shape].append(j)
+                stack = self.rounds[round_of[j]].stacks[shape]
+                slot[j] = (shape, len(stack))
+                stack.append(j)
         # the runs of every (source, destination) pair, and this rank's packing and unpacking of its own
-        fwd: dict[tuple[int, int], list[Run]] = defaultdict(list)
-        back: dict[tuple[int, int], list[Run]] = defaultdict(list)
-        self.send: list[list[Move]] = [[] for _ in range(self.size)]
-        self.recv: list[list[Slot]] = [[] for _ in range(self.size)]
-        self.back_send: list[list[Slot]] = [[] for _ in range(self.size)]
-        self.back_recv: list[list[Move]] = [[] for _ in range(self.size)]
+        fwd: list[dict[tuple[int, int], list[Run]]] = [defaultdict(list) for _ in self.rounds]
+        back: list[dict[tuple[int, int], list[Run]]] = [defaultdict(list) for _ in self.rounds]
         for j, (i, _, _) in enumerate(self.matrices):
-            hs = holders[j]
+            hs, rnd, k = holders[j], self.rounds[round_of[j]], round_of[j]
             for owner, domain in transformers[j]:
                 here = [r for r in domain if r in hs]
                 near = [r for r in here if inner[r] == inner[owner]]  # a piece's copy in the owner's group sends
@@ -158,17 +163,17 @@ class OwnerPlan:
                 for r in here:
                     held_r = rects(r, j)
                     key = tuple((j, x.brow, x.col, x.h, x.w) for x in held_r)
-                    back[(owner, r)].extend((k, x.h * x.w) for k, x in zip(key, held_r))
+                    back[k][(owner, r)].extend((key_x, x.h * x.w) for key_x, x in zip(key, held_r))
                     if r in senders:
-                        fwd[(r, owner)].extend((k, x.h * x.w) for k, x in zip(key, held_r))
+                        fwd[k][(r, owner)].extend((key_x, x.h * x.w) for key_x, x in zip(key, held_r))
                     if r == self.rank:
-                        self.back_recv[owner].append((i, held_r))
+                        rnd.back_recv[owner].append((i, held_r))
                         if r in senders:
-                            self.send[owner].append((i, held_r))
+                            rnd.send[owner].append((i, held_r))
                     if owner == self.rank:
-                        self.back_send[r].append((slot[j], held_r))
+                        rnd.back_send[r].append((slot[j], held_r))
                         if r in senders:
-                            self.recv[r].append((slot[j], held_r))
+                            rnd.recv[r].append((slot[j], held_r))
         groups_pg: dict[str, dist.ProcessGroup | None] = {"inner": group, "outer": None}
         names = {"inner": group_name, "outer": group_name}
         if 1 < g < self.size:
@@ -182,19 +187,22 @@ class OwnerPlan:
             groups_pg = {"inner": None, "outer": group}
         # there: outer hop first (a far gather lands on every rank of the owner's group); back: inner first
         # (each result crosses the owner's group once, then fans out to its replicas)
-        self.there = TwoHop(fwd, self.size, g, self.rank, "outer", groups_pg, names)
-        self.back = TwoHop(back, self.size, g, self.rank, "inner", groups_pg, names)
-        flags = torch.tensor([*self.there.off_rank(), *self.back.off_rank()], dtype=torch.int32)
+        for rnd, there_runs, back_runs in zip(self.rounds, fwd, back):
+            rnd.there = TwoHop(there_runs, self.size, g, self.rank, "outer", groups_pg, names)
+            rnd.back = TwoHop(back_runs, self.size, g, self.rank, "inner", groups_pg, names)
+        hops = [h for rnd in self.rounds for two in (rnd.there, rnd.back) for h in (two.hop1, two.hop2)]
+        flags = torch.tensor([f for rnd in self.rounds for f in (*rnd.there.off_rank(), *rnd.back.off_rank())],
+                             dtype=torch.int32)
         if group is not None:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
-        for hop, flag in zip((self.there.hop1, self.there.hop2, self.back.hop1, self.back.hop2), flags.tolist()):
+        for hop, flag in zip(hops, flags.tolist()):
             hop.off_rank = bool(flag)
         self.moves_data = bool(flags.any())  # False: every move stays on its rank, no collective needed
 
     @property
     def owned(self) -> int:
         """How many matrices this rank transforms per step."""
-        return sum(len(js) for js in self.stacks.values())
+        return sum(len(js) for rnd in self.rounds for js in rnd.stacks.values())
 
     def run(self, locals_: dict[int, Tensor], fn: Callable[[Tensor], Tensor], move_dtype: torch.dtype,
             work_dtype: torch.dtype, stats: CommStats | None = None) -> dict[int, Tensor]:
@@ -202,37 +210,61 @@ class OwnerPlan:
         its local elements of the result (``move_dtype``, shaped like ``locals_[i]``).
 
         ``locals_`` maps parameter index to this rank's contiguous elements of it; ``fn`` takes a
-        ``(B, m, n)`` stack in ``work_dtype`` and returns one of the same shape.
+        ``(B, m, n)`` stack in ``work_dtype`` and returns one of the same shape. Round k + 1's moves are
+        launched before round k is transformed, and round k's results before round k + 1's arrive.
         """
         device = next(iter(locals_.values())).device if locals_ else torch.device("cpu")
         flats = {i: x.reshape(-1) for i, x in locals_.items()}
-        parts = [flats[i][r.start : r.start + r.h * r.w] for moves in self.send for i, rs in moves for r in rs]
-        send = torch.cat(parts).to(move_dtype) if parts else torch.empty(0, dtype=move_dtype, device=device)
-        recv = self.there.run(send, stats)
 
-        mats = {shape: torch.zeros(len(js), *shape, dtype=work_dtype, device=device)
-                for shape, js in self.stacks.items()}
-        for src, moves in enumerate(self.recv):
-            at = self.there.offsets.get(src, 0)
-            for (shape, b), rs in moves:
-                for r in rs:
-                    mats[shape][b, r.brow : r.brow + r.h, r.col : r.col + r.w] = recv[at : at + r.h * r.w].view(r.h, r.w)
-                    at += r.h * r.w
-        done = {shape: fn(x) for shape, x in mats.items()}
-
-        parts = [done[shape][b, r.brow : r.brow + r.h, r.col : r.col + r.w].reshape(-1)
-                 for moves in self.back_send for (shape, b), rs in moves for r in rs]
-        send = torch.cat(parts).to(move_dtype) if parts else torch.empty(0, dtype=move_dtype, device=device)
-        back = self.back.run(send, stats)
+        def launch(rnd: _Round) -> InFlight:
+            parts = [flats[i][r.start : r.start + r.h * r.w] for moves in rnd.send for i, rs in moves for r in rs]
+            send = torch.cat(parts).to(move_dtype) if parts else torch.empty(0, dtype=move_dtype, device=device)
+            return rnd.there.start(send, stats)
 
         out = {i: torch.empty(x.numel(), dtype=move_dtype, device=device) for i, x in locals_.items()}
-        for src, moves in enumerate(self.back_recv):
-            at = self.back.offsets.get(src, 0)
-            for i, rs in moves:
-                for r in rs:
-                    out[i][r.start : r.start + r.h * r.w] = back[at : at + r.h * r.w]
-                    at += r.h * r.w
+        there, back = [launch(self.rounds[0])], []
+        for k, rnd in enumerate(self.rounds):
+            recv = there[k].wait()
+            if k + 1 < len(self.rounds):
+                there.append(launch(self.rounds[k + 1]))  # in flight while this round is transformed
+            mats = {shape: torch.zeros(len(js), *shape, dtype=work_dtype, device=device)
+                    for shape, js in rnd.stacks.items()}
+            for src, moves in enumerate(rnd.recv):
+                at = rnd.there.offsets.get(src, 0)
+                for (shape, b), rs in moves:
+                    for r in rs:
+                        mats[shape][b, r.brow : r.brow + r.h, r.col : r.col + r.w] = \
+                            recv[at : at + r.h * r.w].view(r.h, r.w)
+                        at += r.h * r.w
+            done = {shape: fn(x) for shape, x in mats.items()}
+            for pending in (*there[k + 1:], *back):
+                pending.advance()  # first hops landed during the transform: their second hops go
+            parts = [done[shape][b, r.brow : r.brow + r.h, r.col : r.col + r.w].reshape(-1)
+                     for moves in rnd.back_send for (shape, b), rs in moves for r in rs]
+            send = torch.cat(parts).to(move_dtype) if parts else torch.empty(0, dtype=move_dtype, device=device)
+            back.append(rnd.back.start(send, stats))
+        for rnd, pending in zip(self.rounds, back):
+            buf = pending.wait()
+            for src, moves in enumerate(rnd.back_recv):
+                at = rnd.back.offsets.get(src, 0)
+                for i, rs in moves:
+                    for r in rs:
+                        out[i][r.start : r.start + r.h * r.w] = buf[at : at + r.h * r.w]
+                        at += r.h * r.w
         return {i: out[i].view(locals_[i].shape) for i in out}
+
+
+class _Round:
+    """One exchange of an ``OwnerPlan``: this rank's moves per peer there and back, and its stacks."""
+
+    def __init__(self, size: int) -> None:
+        self.send: list[list[Move]] = [[] for _ in range(size)]
+        self.recv: list[list[Slot]] = [[] for _ in range(size)]
+        self.back_send: list[list[Slot]] = [[] for _ in range(size)]
+        self.back_recv: list[list[Move]] = [[] for _ in range(size)]
+        self.stacks: dict[tuple[int, int], list[int]] = defaultdict(list)
+        self.there: TwoHop | None = None
+        self.back: TwoHop | None = None
 
 
 # A local stack of same-shape matrices holds at most this many bytes (always at least one parameter). It

@@ -125,7 +125,7 @@ def _layout_keywords(moves: bool) -> tuple[Hyper, ...]:
     """The keyword-only arguments that say how the matrices are laid out, not what is computed."""
     return (Hyper("mesh", None, DeviceMesh | dict[str, dist.ProcessGroup] | None), Hyper("tp_mode", "gather", str),
             *((Hyper("move_dtype", None, torch.dtype | None), Hyper("owner_group_size", None, int | None),
-               Hyper("owner_replicas", "auto", str)) if moves else ()),
+               Hyper("owner_replicas", "auto", str), Hyper("owner_overlap", False, bool)) if moves else ()),
             Hyper("bucket_bytes", BUCKET_BYTES, int))
 
 
@@ -151,6 +151,8 @@ class MatrixOptimizer(Optimizer):
     where every such group holds every matrix (HSDP), whether each matrix is transformed once and the
     result sent to every replica, or by every group; "auto" takes the one predicted faster
     (``comm.ownership.choose_replicas``); ``plans()`` says which (``OwnerPlan.replicas``).
+    ``owner_overlap``: the moves run in one round per matrix shape, the next round's all-to-alls in
+    flight while the current stack is orthogonalised (the same bytes, more calls).
     """
 
     algorithm: str
@@ -169,14 +171,14 @@ class MatrixOptimizer(Optimizer):
 
     def _build(self, params: Any, values: dict) -> None:
         layout = {k: values.pop(k) for k in ("mesh", "tp_mode", "move_dtype", "owner_group_size", "owner_replicas",
-                                             "bucket_bytes") if k in values}
+                                             "owner_overlap", "bucket_bytes") if k in values}
         nonfinite = values.pop("nonfinite")
         MatrixOptimizer.__init__(self, params, values, nonfinite, **layout)
 
     def __init__(self, params: Any, defaults: dict, nonfinite: str = "skip",
                  mesh: DeviceMesh | dict[str, dist.ProcessGroup] | None = None, tp_mode: str = "gather",
                  move_dtype: torch.dtype | None = None, owner_group_size: int | None = None,
-                 owner_replicas: str = "auto", bucket_bytes: int = BUCKET_BYTES) -> None:
+                 owner_replicas: str = "auto", owner_overlap: bool = False, bucket_bytes: int = BUCKET_BYTES) -> None:
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
         if tp_mode not in TP_MODES:
@@ -189,7 +191,9 @@ class MatrixOptimizer(Optimizer):
         if owner_replicas not in REPLICAS:
             raise ValueError(f"owner_replicas must be one of {REPLICAS}, got {owner_replicas!r}")
         self.nonfinite, self.tp_mode, self.move_dtype = nonfinite, tp_mode, move_dtype
-        self.owner_group_size, self.owner_replicas = owner_group_size, owner_replicas
+        if not isinstance(owner_overlap, bool):
+            raise ValueError(f"owner_overlap must be True or False, got {owner_overlap!r}")
+        self.owner_group_size, self.owner_replicas, self.owner_overlap = owner_group_size, owner_replicas, owner_overlap
         self.blockwise_dims = ("tp",) if tp_mode == "blockwise" else ()
         self.skipped_steps = 0
         self.transformed = 0  # matrices (or matrix pieces) this process has transformed, over all steps
@@ -366,7 +370,7 @@ class MatrixOptimizer(Optimizer):
         for pg, name, pairs in by_ranks.values():
             ps, names = [p for p, _ in pairs], [n for _, n in pairs]
             plan = OwnerPlan([self._layouts[id(p)] for p in ps], names, pg, name, self.owner_group_size,
-                             self.owner_replicas, self._move_dtype(group).itemsize)
+                             self.owner_replicas, self._move_dtype(group).itemsize, self.owner_overlap)
             logger.info("%s owner plan over %r: %d matrices, %d here, imbalance %.1f %%, groups of %d (%s)",
                         type(self).__name__, name, len(plan.matrices), plan.owned, 100 * plan.imbalance,
                         plan.group_size, plan.replicas or "one group")
