@@ -60,6 +60,13 @@ LAYOUTS = {
     "HSDP 2 × 2, one group": (_wrapper(hsdp), Parallel(1, 4, zero=3, shard=2), True, {}),
     "FSDP2 2 × TP 2, owner groups of 2": (_wrapper(fsdp_x_tp), Parallel(1, 4, tp=2, zero=3), True, TP_PLAN,
                                           {"owner_group_size": 2}),
+    "FSDP2 dp=4, overlapped": (_wrapper(fsdp), Parallel(1, 4, zero=3), True, {}, {"owner_overlap": True}),
+    "HSDP 2 × 2, share, overlapped": (_wrapper(hsdp), Parallel(1, 4, zero=3, shard=2), True, {},
+                                      {"owner_group_size": 2, "owner_replicas": "share", "owner_overlap": True}),
+    "replicated 2 × TP 2, overlapped": (_replicated_x_tp, Parallel(1, 4, tp=2, zero=0), True, TP_PLAN,
+                                        {"owner_overlap": True}),
+    "native (2, 2), overlapped": (native(2, 2), Parallel(1, 4, tp=2, zero=1), True, {"up": "colwise", "down": "rowwise"},
+                                  {"owner_overlap": True}),
 }
 
 

@@ -62,6 +62,7 @@ class Settings:
     ns_steps: int = 5
     owner_group_size: int | None = None  # owner moves in two hops over groups of this many ranks (None: one)
     owner_replicas: str = "auto"  # HSDP replica groups: "share", "repeat" or the planner's choice
+    owner_overlap: bool = False  # one round of moves per matrix shape, the next in flight during the transform
 
     def __post_init__(self) -> None:
         for name in ("iters", "ns_steps", "bucket_bytes"):
@@ -185,6 +186,7 @@ class Call:
     bytes: Tensor  # (R,)
     sent: Tensor  # (R,)
     a2a: dict[str, Tensor] | None = None
+    phase: tuple[int, str] | None = None  # overlapped owner moves: (round, "there" | "back")
 
 
 class _Calls:
@@ -192,13 +194,15 @@ class _Calls:
         self.ranks, self.slots = ranks, {}
 
     def add(self, group: str, kind: str, size: int, part: Tensor, nbytes: Tensor, count: int = 1,
-            sent: Tensor | None = None, a2a: dict[str, Tensor] | None = None) -> None:
+            sent: Tensor | None = None, a2a: dict[str, Tensor] | None = None,
+            phase: tuple[int, str] | None = None) -> None:
         """``count`` calls on the ranks of ``part``, each of ``nbytes`` (per rank) with ``sent`` (default:
-        the ring estimate, rounded per call as ``stats.count`` does)."""
+        the ring estimate, rounded per call as ``stats.count`` does); ``phase``: an overlapped move's."""
         if sent is None:
             sent = _ring_sent(kind, size, nbytes)
         z = lambda: torch.zeros(self.ranks, dtype=INT)  # noqa: E731
-        slot = self.slots.setdefault((group, kind), Call(group, kind, size, z(), z(), z(), {} if a2a else None))
+        slot = self.slots.setdefault((group, kind, phase),
+                                     Call(group, kind, size, z(), z(), z(), {} if a2a else None, phase))
         if slot.size != size:
             raise AssertionError(f"group {group!r} with two sizes")
         part = part.to(INT)
@@ -348,11 +352,13 @@ def _first_of_each(piece: Tensor, held: Tensor, dim: int) -> Tensor:
 
 
 def grouped_plan(members: list[Holding], ranks: Tensor, name: str, node: Tensor, settings: Settings,
-                 g: int) -> tuple[list[OwnerPlanModel], Tensor, Tensor, list[tuple[str, int, _Hop]]]:
-    """``OwnerPlan`` with ``group_size=g`` over the group ``ranks``: its plan(s) (one per owner group
-    when the replicas repeat the work), the Newton–Schulz FLOPs and owned elements per group rank, and
-    its four hops (name, group size, flows): there outer then inner, back inner (one copy of each
-    piece per mid rank) then outer, as ``comm.hops.TwoHop`` routes them."""
+                 g: int) -> tuple[list[OwnerPlanModel], Tensor, Tensor, list[tuple[str, int, int, str, _Hop]]]:
+    """``OwnerPlan`` with ``group_size=g`` (and ``overlap``) over the group ``ranks``: its plan(s) (one per
+    owner group when the replicas repeat the work), the Newton–Schulz FLOPs per round and group rank
+    (one round, or one per matrix shape with ``owner_overlap``), the owned elements per group rank,
+    and every round's four hops (name, group size, round, "there" | "back", flows): there outer then
+    inner, back inner (one copy of each piece per mid rank) then outer, as ``comm.hops.TwoHop`` routes
+    them. With g = P this is the one-group plan (one hop of each pair stays on its rank)."""
     p = len(ranks)
     if p % g:
         raise ValueError(f"owner_group_size must be a positive integer dividing the {p} ranks of {name!r}, got {g}")
@@ -395,10 +401,14 @@ def grouped_plan(members: list[Holding], ranks: Tensor, name: str, node: Tensor,
     else:
         transformers = [[(o, everyone)] for o in share]
     gnode = node[ranks]
-    hops = [_Hop(p, gnode) for _ in range(4)]  # there: outer, inner; back: inner, outer
-    flops, owned = torch.zeros(p, dtype=torch.float64), torch.zeros(p, dtype=INT)
+    shapes = sorted({shape for *_, shape in mats}, key=lambda sh: (-newton_schulz_cost(*sh),
+                    next(j for j, (*_, s) in enumerate(mats) if s == sh)))  # the runtime's rounds
+    round_of = [shapes.index(shape) if settings.owner_overlap else 0 for *_, shape in mats]
+    rounds = max(round_of) + 1
+    hops = [[_Hop(p, gnode) for _ in range(4)] for _ in range(rounds)]  # there: outer, inner; back: inner, outer
+    flops, owned = torch.zeros(rounds, p, dtype=torch.float64), torch.zeros(p, dtype=INT)
     big = 2 * p
-    for (hk, pc, (_, _, (m, n))), ts in zip(zip(held, piece, mats), transformers):
+    for (hk, pc, (_, _, (m, n))), ts, k in zip(zip(held, piece, mats), transformers, round_of):
         for o, domain in ts:
             h = hk * domain
             holders = h > 0
@@ -407,22 +417,25 @@ def grouped_plan(members: list[Holding], ranks: Tensor, name: str, node: Tensor,
             first = torch.full((int(pcs.max()) + 2,), big, dtype=INT).scatter_reduce(0, pcs + 1, key, "amin")
             sent = h * (holders & (key == first[pcs + 1]))
             mids = (o // g) * g + torch.arange(g, dtype=INT)
-            hops[0].add(idx, (o // g) * g + S, sent)
-            hops[1].add(mids, torch.full((g,), o, dtype=INT), sent.view(groups, g).sum(0))
-            hops[2].add(torch.full((g,), o, dtype=INT), mids, _first_of_each(pcs.view(groups, g), h.view(groups, g), 0))
-            hops[3].add((o // g) * g + S, idx, h)
-            flops[o] += ns_flops(m, n, settings.ns_steps)
+            hops[k][0].add(idx, (o // g) * g + S, sent)
+            hops[k][1].add(mids, torch.full((g,), o, dtype=INT), sent.view(groups, g).sum(0))
+            hops[k][2].add(torch.full((g,), o, dtype=INT), mids,
+                           _first_of_each(pcs.view(groups, g), h.view(groups, g), 0))
+            hops[k][3].add((o // g) * g + S, idx, h)
+            flops[k, o] += ns_flops(m, n, settings.ns_steps)
             owned[o] += m * n
     names = (f"{name}:across", f"{name}:group") if 1 < g < p else (name, name)
     sizes = (groups, g)
-    hop_list = [(names[a], sizes[a], hop) for a, hop in zip((0, 1, 1, 0), hops)]
+    hop_list = [(names[a], sizes[a], k, phase, hop) for k in range(rounds)
+                for a, phase, hop in zip((0, 1, 1, 0), ("there", "there", "back", "back"), hops[k])]
+    total = flops.sum(0)
     if replicas == "repeat":
         plans = [OwnerPlanModel(name, ranks[q * g:(q + 1) * g], mats, per_group[q],
                                 imbalance(list(costs), [o - q * g for o in per_group[q]], g), False, {},
-                                flops[q * g:(q + 1) * g], owned[q * g:(q + 1) * g], g, replicas)
+                                total[q * g:(q + 1) * g], owned[q * g:(q + 1) * g], g, replicas)
                  for q in range(groups)]
     else:
-        plans = [OwnerPlanModel(name, ranks, mats, share, imbalance(list(costs), share, p), False, {}, flops, owned,
+        plans = [OwnerPlanModel(name, ranks, mats, share, imbalance(list(costs), share, p), False, {}, total, owned,
                                 g, replicas)]
     return plans, flops, owned, hop_list
 
@@ -473,6 +486,7 @@ class Traffic:
     adamw_elements: Tensor  # (R,) elements AdamW steps here
     owned_elements: Tensor  # (R,) elements of the whole matrices this rank transforms
     laid_elements: Tensor  # (R,) held elements of the laid-out matrices (statistics, moves)
+    ns_rounds: Tensor | None = None  # owner_overlap: (rounds, R) Newton–Schulz FLOPs of each round's stacks
 
     def comm_stats(self, rank: int) -> dict[str, dict[str, int]]:
         """What ``opt.comm_stats()`` returns on stage rank ``rank`` after a step."""
@@ -559,6 +573,7 @@ def traffic(model: Model, par: Parallel, optimizer: str, settings: Settings = Se
             calls.add(g, "all_reduce", {"dp": dp, "shard": par.shard, "tp": tp}[g], elems > 0, elems * sb)
 
     plans: list[OwnerPlanModel] = []
+    ns_rounds: list[Tensor] = []  # overlapped plans: (rounds, R) Newton–Schulz FLOPs
     flops = torch.zeros(R, dtype=torch.float64)
     owned = torch.zeros(R, dtype=INT)
     if not spectral:
@@ -609,26 +624,31 @@ def traffic(model: Model, par: Parallel, optimizer: str, settings: Settings = Se
             for stage in before:
                 for _ in range(stage.passes):
                     stats([h for h, _ in entries], floats(stage), part)
-            g = settings.owner_group_size
-            if g is not None and g != len(ranks):  # owner groups: two hops each way (``grouped_plan``)
+            g = settings.owner_group_size or len(ranks)
+            if g != len(ranks) or settings.owner_overlap:  # owner groups, rounds: ``grouped_plan``
                 group_plans, plan_flops, plan_owned, hops = grouped_plan([h for h, _ in entries], ranks, name, node,
                                                                          settings, g)
                 plans.extend(group_plans)
-                flops[ranks] += plan_flops
+                flops[ranks] += plan_flops.sum(0)
                 owned[ranks] += plan_owned
-                for hop_name, size, hop in hops:
+                if settings.owner_overlap:
+                    rounds = torch.zeros(len(plan_flops), R, dtype=torch.float64)
+                    rounds[:, ranks] = plan_flops
+                    ns_rounds.append(rounds)
+                for hop_name, size, k, phase, hop in hops:
                     if not bool((hop.sent > 0).any()):
                         continue  # everything stays on its rank: no collective
                     far_s, far_r, sent = spread(hop.send_far * mb), spread(hop.recv_far * mb), spread(hop.sent * mb)
                     extra = {"send_far": far_s, "send_near": sent - far_s, "recv_far": far_r,
                              "recv_near": spread(hop.recv * mb) - far_r, "peers": spread(hop.peers())}
-                    calls.add(hop_name, "all_to_all", size, part, spread(hop.buf * mb), sent=sent, a2a=extra)
+                    calls.add(hop_name, "all_to_all", size, part, spread(hop.buf * mb), sent=sent, a2a=extra,
+                              phase=(k, phase) if settings.owner_overlap else None)
             else:
                 plan = owner_plan(entries, ranks, name, node, settings)
                 plans.append(plan)
                 flops[ranks] += plan.flops
                 owned[ranks] += plan.owned
-            if (g is None or g == len(ranks)) and plan.moves and len(ranks) > 1:
+            if g == len(ranks) and not settings.owner_overlap and plan.moves and len(ranks) > 1:
                 v = plan.vectors
                 for a in ("1", "2"):
                     sent = spread((v["send" + a] - v["self" + a]) * mb)
@@ -661,8 +681,13 @@ def traffic(model: Model, par: Parallel, optimizer: str, settings: Settings = Se
         for t, give in native.give.items():
             adam_el[t_of == t] = torch.tensor(give, dtype=INT)[d_of[t_of == t]]
     state = mat_el * pb + adam_el * 2 * pb
+    rounds = None
+    if ns_rounds:  # plans over disjoint ranks (native tp groups) may have different numbers of rounds
+        rounds = torch.zeros(max(len(x) for x in ns_rounds), R, dtype=torch.float64)
+        for x in ns_rounds:
+            rounds[: len(x)] += x
     return Traffic(model, par, optimizer, settings, calls.list(), plans, native, flops, state, mat_el, adam_el,
-                   owned, laid_el)
+                   owned, laid_el, rounds)
 
 
 def _counts(values: list[int]) -> dict[int, int]:
