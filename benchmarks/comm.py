@@ -29,7 +29,13 @@ Reported, per rank per step:
 and the owner planner's imbalance on Newton–Schulz cost m·n·min(m, n) (native: ``opt.native_imbalance``;
 FSDP2: the owner plans; target ≤ 10 %), plus REG's per-group table under TP=2 × FSDP2=2.
 
-Run:  .venv/bin/python benchmarks/comm.py [--layers L] [--iters K]    Results: benchmarks/results/comm.json
+Then the owner path's modes for Muon and MuonEq, beside FSDP2 DP=4's one all-to-all each way over the
+4 ranks: owner groups of 2 (``owner_group_size=2``: two hops each way, at most 1 peer per all-to-all),
+overlapped moves (``owner_overlap=True``: one round per matrix shape), and HSDP (``fully_shard`` on
+a (replicate 2, shard 2) mesh, owner groups = the shard groups) with the replicas sharing the work
+or repeating it: per process group, calls and bytes sent (rank 0, and the most on any rank).
+
+Run:  .venv/bin/python benchmarks/comm.py [--layers L] [--iters K] [--modes-only]    Results: benchmarks/results/comm.json
 (4–6 minutes on 2 shared CPU cores at 12 blocks, most of it the native mode's ~1.4 GB per rank per step
 over gloo; the bytes and the imbalance depend on ``--layers``, not on the machine)
 """
@@ -73,17 +79,26 @@ class Layout:
     dp: int
     tp: int
     native: bool  # reg_dist's own data parallelism (mesh=): its DP traffic is in comm_stats
+    shard: int | None = None  # HSDP: fully_shard on a (replicate, shard) mesh
+    owner: tuple[tuple[str, object], ...] = ()  # the owner path's options (Muon, MuonEq)
 
 
 LAYOUTS = (Layout("native DP=4", 4, 1, True), Layout("FSDP2 DP=4", 4, 1, False), Layout("TP=2 × FSDP2=2", 2, 2, False))
 CASES = [(lay, name) for lay in LAYOUTS for name in OPTIMIZERS]
+MODES = (Layout("FSDP2 DP=4, groups of 2", 4, 1, False, owner=(("owner_group_size", 2),)),
+         Layout("FSDP2 DP=4, overlapped", 4, 1, False, owner=(("owner_overlap", True),)),
+         Layout("HSDP 2×2, share", 4, 1, False, 2, (("owner_group_size", 2), ("owner_replicas", "share"))),
+         Layout("HSDP 2×2, repeat", 4, 1, False, 2, (("owner_group_size", 2), ("owner_replicas", "repeat"))))
+MODE_CASES = [(lay, name) for lay in MODES for name in ("Muon", "MuonEq")]
 
 
 def shard(model: nn.Module, lay: Layout) -> dict:
     """Lay ``model`` out as ``lay`` says; returns the optimizer's extra keyword arguments."""
     if lay.native:
         return {"mesh": init_device_mesh("cpu", (lay.dp, lay.tp), mesh_dim_names=("dp", "tp"))}
-    if lay.tp == 1:
+    if lay.shard is not None:
+        dp, tp = init_device_mesh("cpu", (lay.dp // lay.shard, lay.shard), mesh_dim_names=("replicate", "shard")), None
+    elif lay.tp == 1:
         dp, tp = init_device_mesh("cpu", (lay.dp,), mesh_dim_names=("dp",)), None
     else:
         mesh = init_device_mesh("cpu", (lay.dp, lay.tp), mesh_dim_names=("dp", "tp"))
@@ -138,19 +153,20 @@ def measure(model: nn.Module, opt_kwargs: dict, name: str, iters: int, rank: int
             "local_grad_bytes": local, "replica_bytes": replica_bytes(model), **planner(opt)}
 
 
-def measure_layout(lay: Layout, layers: int, iters: int, rank: int) -> list[dict]:
-    """Every optimizer in turn on one model laid out as ``lay`` (its values do not change the bytes)."""
+def measure_layout(lay: Layout, layers: int, iters: int, rank: int, names: tuple[str, ...] = tuple(OPTIMIZERS)) -> list[dict]:
+    """Every optimizer of ``names`` in turn on one model laid out as ``lay`` (its values do not change the bytes)."""
     model = gpt2_small(layers, torch.device("cpu"))
     for p in model.parameters():
         p.grad = None
     opt_kwargs = shard(model, lay)
-    return [measure(model, opt_kwargs, name, iters, rank) for name in OPTIMIZERS]
+    return [measure(model, {**opt_kwargs, **dict(lay.owner)}, name, iters, rank) for name in names]
 
 
-def rank_main(rank: int, world: int, port: int, layers: int, iters: int, out: str) -> None:
+def rank_main(rank: int, world: int, port: int, layers: int, iters: int, out: str, modes_only: bool) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    records = [rec for lay in LAYOUTS for rec in measure_layout(lay, layers, iters, rank)]
+    records = [] if modes_only else [rec for lay in LAYOUTS for rec in measure_layout(lay, layers, iters, rank)]
+    records += [rec for lay in MODES for rec in measure_layout(lay, layers, iters, rank, ("Muon", "MuonEq"))]
     gathered = [None] * world
     dist.all_gather_object(gathered, records)
     if rank == 0:
@@ -207,6 +223,20 @@ def print_comparison(cases: list[dict], layers: int) -> None:
           f"≤ {100 * TARGET_IMBALANCE:.0f} %.")
 
 
+def print_modes(modes: list[dict], baseline: list[dict], layers: int) -> None:
+    print(f"\nThe owner path's modes, GPT-2-small shapes ({layers} blocks), 4 gloo ranks: per process group, calls and "
+          f"MB sent per step\n(rank 0 / the most on any rank), statistics all-reduces and the agreement included")
+    print(f"{'layout':<26}{'optimizer':<10}{'group':<24}{'calls':>6}{'sent r0':>10}{'sent max':>10}")
+    for c in baseline + modes:
+        for group in sorted(c["ranks"][0]["comm"]):
+            e = c["ranks"][0]["comm"][group]
+            most = max(r["comm"].get(group, {"sent": 0})["sent"] for r in c["ranks"])
+            print(f"{c['layout']:<26}{c['optimizer']:<10}{group:<24}{e['calls']:>6}{e['sent'] / MB:>10.2f}"
+                  f"{most / MB:>10.2f}")
+    print("<name>:group / <name>:across: the two hops of owner groups (inside a group of 2 / between the groups);\n"
+          "MuonEq's one 'dp' or 'shard' call is its equilibration's statistics all-reduce.")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -218,19 +248,29 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=LAYERS, help=f"transformer blocks (default {LAYERS})")
     ap.add_argument("--iters", type=int, default=1, help="REG's RACS iterations")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "comm.json"))
+    ap.add_argument("--modes-only", action="store_true",
+                    help="measure only the owner path's modes; keep the other cases of --out (same --layers, --iters)")
     args = ap.parse_args()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    kept = json.loads(Path(args.out).read_text()) if args.modes_only else None
+    if kept is not None and (kept["layers"], kept["iters"]) != (args.layers, args.iters):
+        raise SystemExit(f"--modes-only: {args.out} was measured with --layers {kept['layers']} --iters {kept['iters']}")
     tmp = args.out + ".ranks"
-    mp.spawn(rank_main, args=(WORLD, free_port(), args.layers, args.iters, tmp), nprocs=WORLD)
+    mp.spawn(rank_main, args=(WORLD, free_port(), args.layers, args.iters, tmp, args.modes_only), nprocs=WORLD)
     ranks = json.loads(Path(tmp).read_text())
     os.remove(tmp)
-    cases = [summarize(lay, name, [r[i] for r in ranks]) for i, (lay, name) in enumerate(CASES)]
-    grad_bytes = ranks[0][0]["grad_bytes"]
+    first = 0 if args.modes_only else len(CASES)
+    cases = kept["cases"] if kept else [summarize(lay, name, [r[i] for r in ranks]) for i, (lay, name) in enumerate(CASES)]
+    modes = [summarize(lay, name, [r[first + i] for r in ranks]) | {"options": dict(lay.owner), "shard": lay.shard}
+             for i, (lay, name) in enumerate(MODE_CASES)]
+    grad_bytes = ranks[0][first]["grad_bytes"]
     print_reg_table(cases[CASES.index((LAYOUTS[2], "REG"))], grad_bytes, args.iters)
     print_comparison(cases, args.layers)
-    result = {"command": shlex.join([sys.executable, *sys.argv]), "layers": args.layers, "iters": args.iters,
+    print_modes(modes, [c for c in cases if c["layout"] == "FSDP2 DP=4" and c["optimizer"] != "REG"], args.layers)
+    command = shlex.join([sys.executable, *sys.argv])
+    result = {"command": kept["command"] if kept else command, "layers": args.layers, "iters": args.iters,
               "world": WORLD, "grad_bytes": grad_bytes, "target_ratio": TARGET_RATIO,
-              "target_imbalance": TARGET_IMBALANCE, "cases": cases}
+              "target_imbalance": TARGET_IMBALANCE, "cases": cases, "owner_modes": modes, "owner_modes_command": command}
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")
 

@@ -154,8 +154,9 @@ def _gpt2_small(layers=12):
 
 
 def test_predictions_equal_the_gpt2_small_measurements_in_comm_json():
-    """benchmarks/comm.py's run (4 gloo ranks, 124M parameters, 9 layout × optimizer cases): every
-    rank's comm_stats, the ZeRO-1 figure and the planner's imbalance, predicted exactly."""
+    """benchmarks/comm.py's run (4 gloo ranks, 124M parameters, 9 layout × optimizer cases and 8 of the
+    owner path's modes): every rank's comm_stats, the ZeRO-1 figure and the planner's imbalance, predicted
+    exactly."""
     result = json.loads((ROOT / "benchmarks" / "results" / "comm.json").read_text())
     tp_plan = {"qkv": "colwise", "fc": "colwise", "attn_proj": "rowwise", "fc_proj": "rowwise"}
     assert len(result["cases"]) == 9
@@ -170,6 +171,15 @@ def test_predictions_equal_the_gpt2_small_measurements_in_comm_json():
             assert t.imbalance == pytest.approx(case["imbalance"])
         p = predict(model, par, cluster("h100"), case["optimizer"].lower(), settings=Settings(iters=result["iters"]))
         assert p.zero1_sent == case["zero1_adamw_bytes"]
+    # the owner path's modes (owner groups of 2, overlapped moves, HSDP 2 × 2 sharing or repeating)
+    assert len(result["owner_modes"]) == 8
+    model = from_module(_gpt2_small(result["layers"]))
+    for case in result["owner_modes"]:
+        par = Parallel(1, 4, zero=3, shard=case["shard"])
+        t = traffic(model, par, case["optimizer"].lower(), Settings(iters=result["iters"], **case["options"]))
+        for r in case["ranks"]:
+            assert t.comm_stats(r["rank"]) == r["comm"], f"{case['layout']} {case['optimizer']} rank {r['rank']}"
+        assert t.imbalance == pytest.approx(case["imbalance"])
 
 
 # ---- bad input ---------------------------------------------------------------------------------------

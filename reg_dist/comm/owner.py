@@ -116,14 +116,18 @@ class OwnerPlan:
                      for G in range(groups)] if whole else []
         choice = replicas if replicas != "auto" else "share"
         if replicas == "auto" and whole:
-            across = [0] * self.size  # elements each rank receives from other groups under "share"
+            # elements each rank receives from other groups under "share", and sends to them (the owner's
+            # group's rank of the same index fans each result out)
+            received, sent = [0] * self.size, [0] * self.size
             for j, o in enumerate(share):
                 for r in holders[j]:
                     if inner[r] != inner[o]:
-                        across[r] += sum(x.h * x.w for x in rects(r, j))
+                        size = sum(x.h * x.w for x in rects(r, j))
+                        received[r] += size
+                        sent[inner[o] * g + r % g] += size
             choice = choose_replicas(max(loads(costs, share, self.size)),
                                      max(max(loads(costs, owners, self.size)) for owners in per_group),
-                                     max(across), groups, move_bytes)
+                                     max(received + sent), groups, move_bytes)
         self.replicas = choice if whole else None
         # transformers: (owner, its domain of ranks) of every matrix, one per group when repeating
         if self.replicas == "repeat":

@@ -51,8 +51,8 @@ REPLICAS = ("auto", "share", "repeat")
 def choose_replicas(share_load: int, repeat_load: int, across: int, groups: int, move_bytes: int) -> str:
     """"share" (each matrix transformed once, results sent to the other replica groups) or "repeat"
     (every group transforms every matrix), whichever is predicted faster on the busiest rank: the
-    busiest loads (cost units) under each plan, ``across`` the most elements one rank receives from
-    other groups under "share", over ``groups`` replica groups (two hops, one latency per peer each)."""
+    busiest loads (cost units) under each plan, ``across`` the most elements one rank receives from or
+    sends to other groups under "share", over ``groups`` replica groups (two hops, one latency per peer each)."""
     share = (share_load * FLOPS_PER_COST / NS_FLOPS_PER_S + across * move_bytes / LINK_BYTES_PER_S
              + 2 * (groups - 1) * LINK_LATENCY_S)
     return "share" if share < repeat_load * FLOPS_PER_COST / NS_FLOPS_PER_S else "repeat"

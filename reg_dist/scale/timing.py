@@ -46,6 +46,8 @@ def span(group: str, par: Parallel, size: int | None = None) -> Span:
         ranks = list(range(par.stage_ranks))
     else:
         dims = set(base.split("×"))
+        if par.hsdp and "dp" in dims:  # all of data parallelism: both of HSDP's dims
+            dims = dims - {"dp"} | {"replicate", "shard"}
 
         def coords(r: int) -> dict[str, int]:
             d, t = divmod(r, par.tp)

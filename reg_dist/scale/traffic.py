@@ -312,32 +312,32 @@ def _plan(costs: tuple[int, ...], ranks: int, candidates: tuple) -> tuple[int, .
 
 
 class _Hop:
-    """What one hop of a ``grouped_plan`` moves, summed over its flows (plan ranks)."""
+    """What one hop of a ``grouped_plan`` moves, summed over its flows (plan ranks); ``peer(r)``: rank
+    r's index in the hop's group (its inner group's index for a hop across, its own within a group)."""
 
-    def __init__(self, p: int, node: Tensor) -> None:
-        self.p, self.node = p, node
+    def __init__(self, p: int, node: Tensor, peers: int, peer) -> None:
+        self.node, self.peer = node, peer
         z = lambda: torch.zeros(p, dtype=INT)  # noqa: E731
         self.buf, self.sent, self.recv, self.send_far, self.recv_far = z(), z(), z(), z(), z()
-        self.pairs: list[Tensor] = []
+        self.talks = torch.zeros(2, p, peers, dtype=torch.bool)  # [sends to, receives from] × rank × peer index
 
     def add(self, src: Tensor, dst: Tensor, elements: Tensor) -> None:
-        keep = elements > 0
-        src, dst, el = src[keep], dst[keep], elements[keep]
-        self.buf.index_add_(0, src, el)
-        off = src != dst
-        src, dst, el = src[off], dst[off], el[off]
-        far = self.node[src] != self.node[dst]
+        self.buf.index_add_(0, src, elements)
+        i = ((elements > 0) & (src != dst)).nonzero().squeeze(1)
+        src, dst, el = src[i], dst[i], elements[i]
+        far = (self.node[src] != self.node[dst]).to(INT)
         self.sent.index_add_(0, src, el)
         self.recv.index_add_(0, dst, el)
-        self.send_far.index_add_(0, src[far], el[far])
-        self.recv_far.index_add_(0, dst[far], el[far])
-        self.pairs.append(src * self.p + dst)
+        self.send_far.index_add_(0, src, el * far)
+        self.recv_far.index_add_(0, dst, el * far)
+        _, p, peers = self.talks.shape
+        flat = self.talks.view(-1)
+        flat.index_fill_(0, src * peers + self.peer(dst), True)
+        flat.index_fill_(0, p * peers + dst * peers + self.peer(src), True)
 
     def peers(self) -> Tensor:
         """(p,) the larger of the ranks each rank sends to and receives from."""
-        pairs = torch.cat(self.pairs).unique() if self.pairs else torch.zeros(0, dtype=INT)
-        out = torch.bincount(pairs // self.p, minlength=self.p)
-        return torch.maximum(out, torch.bincount(pairs % self.p, minlength=self.p))
+        return self.talks.sum(2).max(0).values
 
 
 def _first_of_each(piece: Tensor, held: Tensor, dim: int) -> Tensor:
@@ -388,12 +388,14 @@ def grouped_plan(members: list[Holding], ranks: Tensor, name: str, node: Tensor,
                  for q in range(groups)] if whole else []
     choice = settings.owner_replicas if settings.owner_replicas != "auto" else "share"
     if settings.owner_replicas == "auto" and whole:
-        across = torch.zeros(p, dtype=INT)
+        received, sent = torch.zeros(p, dtype=INT), torch.zeros(p, dtype=INT)
         for hk, o in zip(held, share):
-            across += hk * (G != o // g)
+            out = hk * (G != o // g)
+            received += out
+            sent[(o // g) * g: (o // g + 1) * g] += out.view(groups, g).sum(0)
         choice = choose_replicas(max(loads(list(costs), share, p)),
                                  max(max(loads(list(costs), owners, p)) for owners in per_group),
-                                 int(across.max()), groups, settings.move_bytes)
+                                 int(torch.maximum(received, sent).max()), groups, settings.move_bytes)
     replicas = choice if whole else None
     everyone = torch.ones(p, dtype=torch.bool)
     if replicas == "repeat":
@@ -405,7 +407,9 @@ def grouped_plan(members: list[Holding], ranks: Tensor, name: str, node: Tensor,
                     next(j for j, (*_, s) in enumerate(mats) if s == sh)))  # the runtime's rounds
     round_of = [shapes.index(shape) if settings.owner_overlap else 0 for *_, shape in mats]
     rounds = max(round_of) + 1
-    hops = [[_Hop(p, gnode) for _ in range(4)] for _ in range(rounds)]  # there: outer, inner; back: inner, outer
+    outer, inner = (groups, lambda r: r // g), (g, lambda r: r % g)  # a hop's peers, and each rank's index there
+    hops = [[_Hop(p, gnode, *axis) for axis in (outer, inner, inner, outer)]
+            for _ in range(rounds)]  # there: outer, inner; back: inner, outer
     flops, owned = torch.zeros(rounds, p, dtype=torch.float64), torch.zeros(p, dtype=INT)
     big = 2 * p
     for (hk, pc, (_, _, (m, n))), ts, k in zip(zip(held, piece, mats), transformers, round_of):
