@@ -58,6 +58,7 @@ LAYOUTS = {
     "HSDP 2 × 2, repeat": (_wrapper(hsdp), Parallel(1, 4, zero=3, shard=2), True, {},
                            {"owner_group_size": 2, "owner_replicas": "repeat"}),
     "HSDP 2 × 2, one group": (_wrapper(hsdp), Parallel(1, 4, zero=3, shard=2), True, {}),
+    "HSDP 2 × 2, auto": (_wrapper(hsdp), Parallel(1, 4, zero=3, shard=2), True, {}, {"owner_group_size": 2}),
     "FSDP2 2 × TP 2, owner groups of 2": (_wrapper(fsdp_x_tp), Parallel(1, 4, tp=2, zero=3), True, TP_PLAN,
                                           {"owner_group_size": 2}),
     "FSDP2 dp=4, overlapped": (_wrapper(fsdp), Parallel(1, 4, zero=3), True, {}, {"owner_overlap": True}),
