@@ -239,9 +239,8 @@ def _predict_stage(full: Model, model: Model, par: Parallel, cluster: Cluster, o
         if max_peers > 1024:
             a = cluster.ib_latency_s
             notes.append(f"all-to-all latency: up to {max_peers} peers per rank per move, ~{max_peers * a * 1e3:.0f} ms "
-                         f"per all-to-all at {a * 1e6:.0f} µs each. Mitigation: two-level moves (gather inside the "
-                         f"node over NVLink, one message per node pair), or owner groups of a few hundred ranks "
-                         f"(HSDP-style shard groups)")
+                         f"per all-to-all at {a * 1e6:.0f} µs each. Mitigation: owner groups (owner_group_size: "
+                         f"two-hop moves, at most max(g, P/g) − 1 peers per all-to-all)")
     if passes:
         stats = sum(int(c.bytes.max()) for c in tr.calls if c.kind == "all_reduce" and c.group != "world")
         shard_bytes = int(laid.max()) * pb
