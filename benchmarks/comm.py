@@ -35,7 +35,8 @@ overlapped moves (``owner_overlap=True``: one round per matrix shape), and HSDP 
 a (replicate 2, shard 2) mesh, owner groups = the shard groups) with the replicas sharing the work
 or repeating it: per process group, calls and bytes sent (rank 0, and the most on any rank).
 
-Run:  .venv/bin/python benchmarks/comm.py [--layers L] [--iters K] [--modes-only]    Results: benchmarks/results/comm.json
+Run:  .venv/bin/python benchmarks/comm.py [--layers L] [--iters K] [--modes-only]
+Results: benchmarks/results/comm.json
 (4–6 minutes on 2 shared CPU cores at 12 blocks, most of it the native mode's ~1.4 GB per rank per step
 over gloo; the bytes and the imbalance depend on ``--layers``, not on the machine)
 """
@@ -153,7 +154,8 @@ def measure(model: nn.Module, opt_kwargs: dict, name: str, iters: int, rank: int
             "local_grad_bytes": local, "replica_bytes": replica_bytes(model), **planner(opt)}
 
 
-def measure_layout(lay: Layout, layers: int, iters: int, rank: int, names: tuple[str, ...] = tuple(OPTIMIZERS)) -> list[dict]:
+def measure_layout(lay: Layout, layers: int, iters: int, rank: int,
+                   names: tuple[str, ...] = tuple(OPTIMIZERS)) -> list[dict]:
     """Every optimizer of ``names`` in turn on one model laid out as ``lay`` (its values do not change the bytes)."""
     model = gpt2_small(layers, torch.device("cpu"))
     for p in model.parameters():
@@ -254,13 +256,15 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     kept = json.loads(Path(args.out).read_text()) if args.modes_only else None
     if kept is not None and (kept["layers"], kept["iters"]) != (args.layers, args.iters):
-        raise SystemExit(f"--modes-only: {args.out} was measured with --layers {kept['layers']} --iters {kept['iters']}")
+        raise SystemExit(f"--modes-only: {args.out} was measured with --layers {kept['layers']} "
+                         f"--iters {kept['iters']}")
     tmp = args.out + ".ranks"
     mp.spawn(rank_main, args=(WORLD, free_port(), args.layers, args.iters, tmp, args.modes_only), nprocs=WORLD)
     ranks = json.loads(Path(tmp).read_text())
     os.remove(tmp)
     first = 0 if args.modes_only else len(CASES)
-    cases = kept["cases"] if kept else [summarize(lay, name, [r[i] for r in ranks]) for i, (lay, name) in enumerate(CASES)]
+    cases = kept["cases"] if kept else [summarize(lay, name, [r[i] for r in ranks])
+                                        for i, (lay, name) in enumerate(CASES)]
     modes = [summarize(lay, name, [r[first + i] for r in ranks]) | {"options": dict(lay.owner), "shard": lay.shard}
              for i, (lay, name) in enumerate(MODE_CASES)]
     grad_bytes = ranks[0][first]["grad_bytes"]
@@ -270,7 +274,8 @@ def main() -> None:
     command = shlex.join([sys.executable, *sys.argv])
     result = {"command": kept["command"] if kept else command, "layers": args.layers, "iters": args.iters,
               "world": WORLD, "grad_bytes": grad_bytes, "target_ratio": TARGET_RATIO,
-              "target_imbalance": TARGET_IMBALANCE, "cases": cases, "owner_modes": modes, "owner_modes_command": command}
+              "target_imbalance": TARGET_IMBALANCE, "cases": cases, "owner_modes": modes,
+              "owner_modes_command": command}
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")
 
