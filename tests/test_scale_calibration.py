@@ -235,6 +235,8 @@ def test_predictions_equal_the_gpt2_small_measurements_in_comm_json():
     (lambda: Model("m", (Param("a", (2, 2)),), 1, 2, heads=6, kv_heads=4), "4 key/value heads do not divide 6"),
     (lambda: Settings(iters=0), "iters must be an integer >= 1"),
     (lambda: Settings(move_bytes=3), "move_bytes must be 2, 4 or 8"),
+    (lambda: traffic(preset("gpt-125m"), Parallel(1, 8), "muon", Settings(ns_split="force", owner_group_size=2)),
+     r"ns_split='force' splits .* cannot be combined with owner_group_size=2"),
     (lambda: Cluster("c", 8, 1e15, 1e12, 8e10, -1.0, 0, 5e10, 0, 0), "nvlink_bytes_per_s must be a positive"),
     (lambda: predict(preset("llama-7b"), Parallel(1, 8), cluster("h100"), "adam"), "optimizer must be one of"),
     (lambda: predict(preset("llama-7b"), Parallel(2, 16), cluster("h100"), "reg"), "16 GPUs per node"),
