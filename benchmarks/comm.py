@@ -174,7 +174,8 @@ def measure(model: nn.Module, opt_kwargs: dict, name: str, iters: int, rank: int
 
 def measure_layout(lay: Layout, layers: int, iters: int, rank: int,
                    names: tuple[str, ...] = ()) -> list[dict]:
-    """Every optimizer of ``names`` (default: the layout's) in turn on one model laid out as ``lay`` (its values do not change the bytes)."""
+    """Every optimizer of ``names`` (default: the layout's) in turn on one model laid out as ``lay`` (its
+    values do not change the bytes)."""
     model = gpt2_small(layers, torch.device("cpu"))
     for p in model.parameters():
         p.grad = None
