@@ -33,6 +33,12 @@ Reported, per rank per step:
 and the owner planner's imbalance on Newton–Schulz cost m·n·min(m, n) (native: ``opt.native_imbalance``;
 FSDP2: the owner plans; target ≤ 10 %), plus REG's per-group table under TP=2 × FSDP2=2.
 
+Then the owner path's modes for Muon and MuonEq, beside FSDP2 DP=4's one all-to-all each way over the
+4 ranks: owner groups of 2 (``owner_group_size=2``: two hops each way, at most 1 peer per all-to-all),
+overlapped moves (``owner_overlap=True``: one round per matrix shape), and HSDP (``fully_shard`` on
+a (replicate 2, shard 2) mesh, owner groups = the shard groups) with the replicas sharing the work
+or repeating it: per process group, calls and bytes sent (rank 0, and the most on any rank).
+
 ``--megatron`` instead compares Megatron's two distributed optimizers over ours (``--reg-distributed-optimizer
 flat`` and ``layer-wise``) for REG, Muon and MuonEq at TP 1 × DP 4 and TP 2 × DP 2: megatron-core's GPTModel with
 these shapes (vocabulary padded to 50304) on 4 gloo ranks under ``launch.megatron_cpu``'s CUDA → CPU shim, random
@@ -40,8 +46,9 @@ gradients in the DDP buffers, one step after a warm-up. Per rank per step: Megat
 weight all-gather over DP (ring estimate on its padded buffers; the layer-wise buffers are padded so that no
 matrix crosses a DP shard) and reg_dist's measured ``comm_stats`` (results/comm_megatron.json).
 
-Run:  .venv/bin/python benchmarks/comm.py [--layers L] [--iters K] [--layouts NAME …] [--megatron]
-Results: benchmarks/results/comm.json (``--layouts``: only those layouts measured, their cases replaced)
+Run:  .venv/bin/python benchmarks/comm.py [--layers L] [--iters K] [--layouts NAME …] [--modes-only] [--megatron]
+Results: benchmarks/results/comm.json (``--layouts``: only those layouts measured, their cases replaced;
+``--modes-only``: only the owner modes)
 (4–6 minutes on 2 shared CPU cores at 12 blocks, most of it the native mode's ~1.4 GB per rank per step
 over gloo; the bytes and the imbalance depend on ``--layers``, not on the machine)
 """
@@ -86,6 +93,8 @@ class Layout:
     dp: int
     tp: int
     native: bool  # reg_dist's own data parallelism (mesh=): its DP traffic is in comm_stats
+    shard: int | None = None  # HSDP: fully_shard on a (replicate, shard) mesh
+    owner: tuple[tuple[str, object], ...] = ()  # the owner path's options (Muon, MuonEq)
     split: int = 0  # > 0: every matrix's Newton–Schulz split over this many ranks (Muon, MuonEq)
 
     def optimizers(self) -> list[str]:
@@ -95,13 +104,20 @@ class Layout:
 LAYOUTS = (Layout("native DP=4", 4, 1, True), Layout("FSDP2 DP=4", 4, 1, False), Layout("TP=2 × FSDP2=2", 2, 2, False),
            Layout("FSDP2 DP=4, split 4", 4, 1, False, split=4))
 CASES = [(lay, name) for lay in LAYOUTS for name in lay.optimizers()]
+MODES = (Layout("FSDP2 DP=4, groups of 2", 4, 1, False, owner=(("owner_group_size", 2),)),
+         Layout("FSDP2 DP=4, overlapped", 4, 1, False, owner=(("owner_overlap", True),)),
+         Layout("HSDP 2×2, share", 4, 1, False, 2, (("owner_group_size", 2), ("owner_replicas", "share"))),
+         Layout("HSDP 2×2, repeat", 4, 1, False, 2, (("owner_group_size", 2), ("owner_replicas", "repeat"))))
+MODE_CASES = [(lay, name) for lay in MODES for name in ("Muon", "MuonEq")]
 
 
 def shard(model: nn.Module, lay: Layout) -> dict:
     """Lay ``model`` out as ``lay`` says; returns the optimizer's extra keyword arguments."""
     if lay.native:
         return {"mesh": init_device_mesh("cpu", (lay.dp, lay.tp), mesh_dim_names=("dp", "tp"))}
-    if lay.tp == 1:
+    if lay.shard is not None:
+        dp, tp = init_device_mesh("cpu", (lay.dp // lay.shard, lay.shard), mesh_dim_names=("replicate", "shard")), None
+    elif lay.tp == 1:
         dp, tp = init_device_mesh("cpu", (lay.dp,), mesh_dim_names=("dp",)), None
     else:
         mesh = init_device_mesh("cpu", (lay.dp, lay.tp), mesh_dim_names=("dp", "tp"))
@@ -156,19 +172,24 @@ def measure(model: nn.Module, opt_kwargs: dict, name: str, iters: int, rank: int
             "local_grad_bytes": local, "replica_bytes": replica_bytes(model), **planner(opt)}
 
 
-def measure_layout(lay: Layout, layers: int, iters: int, rank: int) -> list[dict]:
-    """Every optimizer in turn on one model laid out as ``lay`` (its values do not change the bytes)."""
+def measure_layout(lay: Layout, layers: int, iters: int, rank: int,
+                   names: tuple[str, ...] = ()) -> list[dict]:
+    """Every optimizer of ``names`` (default: the layout's) in turn on one model laid out as ``lay`` (its
+    values do not change the bytes)."""
     model = gpt2_small(layers, torch.device("cpu"))
     for p in model.parameters():
         p.grad = None
     opt_kwargs = shard(model, lay)
-    return [measure(model, opt_kwargs, name, iters, rank) for name in lay.optimizers()]
+    return [measure(model, {**opt_kwargs, **dict(lay.owner)}, name, iters, rank) for name in names or lay.optimizers()]
 
 
-def rank_main(rank: int, world: int, port: int, layers: int, iters: int, out: str, layouts: tuple[Layout, ...]) -> None:
+def rank_main(rank: int, world: int, port: int, layers: int, iters: int, out: str, layouts: tuple[Layout, ...],
+              modes: bool) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     records = [rec for lay in layouts for rec in measure_layout(lay, layers, iters, rank)]
+    if modes:
+        records += [rec for lay in MODES for rec in measure_layout(lay, layers, iters, rank, ("Muon", "MuonEq"))]
     gathered = [None] * world
     dist.all_gather_object(gathered, records)
     if rank == 0:
@@ -366,6 +387,20 @@ def print_megatron(cases: list[dict], layers: int) -> None:
           "  moves, the non-finite agreement), on rank 0 and the most on any rank.")
 
 
+def print_modes(modes: list[dict], baseline: list[dict], layers: int) -> None:
+    print(f"\nThe owner path's modes, GPT-2-small shapes ({layers} blocks), 4 gloo ranks: per process group, calls and "
+          f"MB sent per step\n(rank 0 / the most on any rank), statistics all-reduces and the agreement included")
+    print(f"{'layout':<26}{'optimizer':<10}{'group':<24}{'calls':>6}{'sent r0':>10}{'sent max':>10}")
+    for c in baseline + modes:
+        for group in sorted(c["ranks"][0]["comm"]):
+            e = c["ranks"][0]["comm"][group]
+            most = max(r["comm"].get(group, {"sent": 0})["sent"] for r in c["ranks"])
+            print(f"{c['layout']:<26}{c['optimizer']:<10}{group:<24}{e['calls']:>6}{e['sent'] / MB:>10.2f}"
+                  f"{most / MB:>10.2f}")
+    print("<name>:group / <name>:across: the two hops of owner groups (inside a group of 2 / between the groups);\n"
+          "MuonEq's one 'dp' or 'shard' call is its equilibration's statistics all-reduce.")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -382,35 +417,45 @@ def main() -> None:
                     help="instead: Megatron's flat and layer-wise distributed optimizers at TP 1 and 2 "
                          "(results/comm_megatron.json unless --out)")
     ap.add_argument("--out", default=None, help="results/comm.json (or comm_megatron.json)")
+    ap.add_argument("--modes-only", action="store_true",
+                    help="measure only the owner path's modes; keep the other cases of --out (same --layers, --iters)")
     args = ap.parse_args()
     results = Path(__file__).resolve().parent / "results"
     args.out = args.out or str(results / ("comm_megatron.json" if args.megatron else "comm.json"))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     if args.megatron:
         return megatron_main(args)
-    layouts = tuple(lay for lay in LAYOUTS if args.layouts is None or lay.name in args.layouts)
+    layouts = () if args.modes_only else tuple(lay for lay in LAYOUTS if args.layouts is None or lay.name in args.layouts)
+    with_modes = args.modes_only or args.layouts is None
+    last = json.loads(Path(args.out).read_text()) if (args.modes_only or args.layouts is not None) else None
+    if last is not None and (last["layers"], last["iters"]) != (args.layers, args.iters):
+        raise SystemExit(f"{args.out} holds --layers {last['layers']} --iters {last['iters']}: run every layout")
     tmp = args.out + ".ranks"
-    mp.spawn(rank_main, args=(WORLD, free_port(), args.layers, args.iters, tmp, layouts), nprocs=WORLD)
+    mp.spawn(rank_main, args=(WORLD, free_port(), args.layers, args.iters, tmp, layouts, with_modes), nprocs=WORLD)
     ranks = json.loads(Path(tmp).read_text())
     os.remove(tmp)
     run = [(lay, name) for lay, name in CASES if lay in layouts]
     cases = [summarize(lay, name, [r[i] for r in ranks]) for i, (lay, name) in enumerate(run)]
+    modes = [summarize(lay, name, [r[len(run) + i] for r in ranks]) | {"options": dict(lay.owner), "shard": lay.shard}
+             for i, (lay, name) in enumerate(MODE_CASES)] if with_modes else last["owner_modes"]
     command = shlex.join([sys.executable, *sys.argv])
     result = {"command": command, "layers": args.layers, "iters": args.iters, "world": WORLD,
               "grad_bytes": ranks[0][0]["grad_bytes"], "target_ratio": TARGET_RATIO,
-              "target_imbalance": TARGET_IMBALANCE, "cases": cases}
-    if args.layouts is not None:  # the other layouts' cases from the last run of them
-        last = json.loads(Path(args.out).read_text())
-        if (last["layers"], last["iters"]) != (args.layers, args.iters):
-            raise SystemExit(f"{args.out} holds --layers {last['layers']} --iters {last['iters']}: run every layout")
+              "target_imbalance": TARGET_IMBALANCE, "cases": cases, "owner_modes": modes,
+              "owner_modes_command": command if with_modes else last["owner_modes_command"]}
+    if last is not None:  # the other layouts' cases from the last run of them
         kept = {(c["layout"], c["optimizer"]): c for c in last["cases"]}
         kept.update({(c["layout"], c["optimizer"]): c for c in cases})
         result.update(command=last["command"], cases=[kept[(lay.name, name)] for lay, name in CASES if
-                                                      (lay.name, name) in kept],
-                      updated=[*last.get("updated", []), {"command": command, "layouts": args.layouts}])
+                                                      (lay.name, name) in kept])
+        if args.layouts is not None:
+            result["updated"] = [*last.get("updated", []), {"command": command, "layouts": args.layouts}]
     if (LAYOUTS[2], "REG") in run:
         print_reg_table(cases[run.index((LAYOUTS[2], "REG"))], result["grad_bytes"], args.iters)
     print_comparison(result["cases"], args.layers)
+    if with_modes:
+        print_modes(modes, [c for c in result["cases"] if c["layout"] == "FSDP2 DP=4" and c["optimizer"] != "REG"],
+                    args.layers)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")
 

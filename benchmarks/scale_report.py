@@ -12,6 +12,8 @@ anchors it must agree with.
                      AI's 5·d/B, Megatron's layer-wise Muon (632 → 157 ms at 32 GPUs)
     4. limits        where the design stops scaling, and the mitigation (from the model's notes,
                      plus a tensor-parallel group spanning two nodes)
+    5. owner modes   Muon with owner groups (two-hop moves), overlapped moves and HSDP replicas, on
+                     llama-7b at 1,024 GPUs (target: ≤ 3 % of forward+backward)
 
 Assumptions (flags): forward+backward at --mfu of the BF16 peak (6·N·B FLOPs, no attention FLOPs),
 Newton–Schulz at --ns-efficiency of it, tokens per step = the model's reference batch (LLaMA 2: 4M,
@@ -63,11 +65,13 @@ def calibration() -> dict:
         net.h = nn.ModuleList(Block() for _ in range(measured["layers"]))
         net.ln_f = nn.LayerNorm(D)
     rows, exact = [], 0
-    for case in measured["cases"]:
+    for case in measured["cases"] + measured["owner_modes"]:
         model = from_module(net, tp_plan if case["tp"] > 1 else None, name="gpt2-small")
-        par = Parallel(1, case["dp"] * case["tp"], tp=case["tp"], zero=1 if case["dp_sync_measured"] else 3)
+        par = Parallel(1, case["dp"] * case["tp"], tp=case["tp"], zero=1 if case["dp_sync_measured"] else 3,
+                       shard=case.get("shard"))
         split = {"ns_split": "force", "split_group_size": case["split"]} if case.get("split") else {}
-        t = traffic(model, par, case["optimizer"].lower(), Settings(iters=measured["iters"], **split))
+        t = traffic(model, par, case["optimizer"].lower(),
+                    Settings(iters=measured["iters"], **split, **case.get("options", {})))
         same = [t.comm_stats(r["rank"]) == r["comm"] for r in case["ranks"]]
         exact += all(same)
         r0 = case["ranks"][0]["comm"]
@@ -260,6 +264,50 @@ def _ranges(values: list[int]) -> str:
     return ", ".join(f"{r[0]:,}" if len(r) == 1 else f"{r[0]:,}–{r[-1]:,}" for r in out)
 
 
+# ---- 5. owner modes ----------------------------------------------------------------------------------
+
+# (label, Settings fields, HSDP shard group or None); the split Newton–Schulz off throughout (it does not
+# combine with owner groups or rounds), so that every row moves whole matrices
+OWNER_MODES = (("one group (default)", {}, None),
+               ("groups of 8 (a node)", {"owner_group_size": 8}, None),
+               ("groups of 8, overlapped", {"owner_group_size": 8, "owner_overlap": True}, None),
+               ("groups of 64 (8 nodes)", {"owner_group_size": 64}, None),
+               ("overlapped, one group", {"owner_overlap": True}, None),
+               ("HSDP shard 8, groups of 8, auto", {"owner_group_size": 8}, 8))
+OWNER_CASES = (("llama-7b", 1, 1024, OWNER_MODES),)  # 405b at 16,384: > 10 min per grouped row on 2 CPU cores
+
+
+def owner_modes(hw, mfu: float, ns_eff: float) -> list[dict]:
+    """Muon's step under each owner mode (``Settings``, ``ns_split="off"``): the real planner's groups, hops
+    and rounds."""
+    rows = []
+    for name, tp, gpus, modes in OWNER_CASES:
+        for label, options, shard in modes:
+            par = Parallel(gpus // hw.gpus_per_node, hw.gpus_per_node, tp=tp, shard=shard)
+            settings = Settings(ns_split="off", **options)
+            p = predict(preset(name), par, hw, "muon", settings=settings, mfu=mfu, ns_efficiency=ns_eff)
+            replicas = sorted({plan.replicas for plan in traffic(preset(name), par, "muon", settings).plans}
+                              - {None}) if shard else []
+            rows.append({"model": name, "gpus": gpus, "tp": tp, "mode": label, "options": options, "shard": shard,
+                         "replicas": replicas, "overhead": p.overhead, "optimizer_ms": 1e3 * p.optimizer_s,
+                         "ns_ms": 1e3 * p.ns_s, "comm_ms": 1e3 * p.comm_s, "memory_ms": 1e3 * p.memory_s,
+                         "max_a2a_peers": p.max_a2a_peers, "optimizer_sent": p.optimizer_sent, "fits": p.fits})
+            print(f"  {name} {gpus:>6} GPUs, {label:<34}: Muon {100 * p.overhead:.2f} % (NS {1e3 * p.ns_s:.1f} ms, "
+                  f"exposed collectives {1e3 * p.comm_s:.1f} ms, ≤ {p.max_a2a_peers} peers)", flush=True)
+    return rows
+
+
+def owner_table(rows: list[dict]) -> str:
+    lines = ["| model, GPUs | owner mode | Muon % of fwd+bwd | step (ms) | NS busiest (ms) | collectives exposed (ms) "
+             "| most peers per all-to-all | sent by the busiest rank (MB) |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mode = r["mode"] + (f" → {'/'.join(r['replicas'])}" if r["replicas"] else "")
+        lines.append(f"| {r['model']}, {r['gpus']:,} (tp {r['tp']}) | {mode} | {100 * r['overhead']:.2f} % | "
+                     f"{r['optimizer_ms']:.1f} | {r['ns_ms']:.1f} | {r['comm_ms']:.1f} | {r['max_a2a_peers']:,} | "
+                     f"{r['optimizer_sent'] / 1e6:,.0f} |")
+    return "\n".join(lines)
+
+
 # ---- the plot -----------------------------------------------------------------------------------------
 
 def series(rows: list[dict], mfu: float, ns_eff: float) -> dict:
@@ -352,7 +400,7 @@ def write_png(data: dict, path: Path) -> bool:
     return True
 
 
-def markdown(cal: dict, rows: list[dict], groups: str, anchors: dict, lim: dict, args) -> str:
+def markdown(cal: dict, rows: list[dict], groups: str, anchors: dict, lim: dict, args, owners: list[dict]) -> str:
     out = [f"## Calibration: {cal['cases_exact']} of {cal['cases_total']} measured cases exact on every rank "
            f"({cal['source']})", "",
            "| layout | optimizer | ranks exact | calls rank 0 (measured / model) | sent rank 0 (measured / model) |",
@@ -400,6 +448,8 @@ def markdown(cal: dict, rows: list[dict], groups: str, anchors: dict, lim: dict,
             "ones): " + "; ".join(f"{k}: {100 * v['simple_overhead']:.1f} % → {100 * v['ll_overhead']:.1f} % of fwd+bwd "
                                   f"(collectives {v['simple_comm_ms']:.0f} → {v['ll_comm_ms']:.0f} ms)"
                                   for k, v in lim["a2a_latency_sensitivity_muon"].items())]
+    out += ["", "## Owner modes: Muon with owner groups, overlapped moves, HSDP (FSDP2 unless HSDP)", "",
+            owner_table(owners)]
     return "\n".join(out)
 
 
@@ -421,7 +471,9 @@ def main() -> None:
     anchors = {"moonlight": moonlight(hw, args.mfu, args.ns_efficiency),
                "essential_ai": essential(hw, args.mfu, args.ns_efficiency), "megatron": megatron(hw, args.ns_efficiency)}
     lim = limits(rows, hw, args.mfu, args.ns_efficiency)
-    report = markdown(cal, rows, group_table(hw, args.mfu, args.ns_efficiency), anchors, lim, args)
+    print("owner modes …", flush=True)
+    owners = owner_modes(hw, args.mfu, args.ns_efficiency)
+    report = markdown(cal, rows, group_table(hw, args.mfu, args.ns_efficiency), anchors, lim, args, owners)
     print("\n" + report)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -435,7 +487,8 @@ def main() -> None:
                               "layout": "FSDP2 (zero 3); tp 1 for 7B, 8 (inside a node) for 70B and 405B; pp 1; "
                                         "plus llama-7b in the native mode (zero 1)",
                               "fits": "parameters + gradients + state + step scratch ≤ HBM, activations not counted"},
-              "calibration": cal, "sweep": rows, "anchors": anchors, "limits": lim, "markdown": report,
+              "calibration": cal, "sweep": rows, "anchors": anchors, "limits": lim, "owner_modes": owners,
+              "markdown": report,
               "plot": {"svg": out.with_suffix(".svg").name, "png": out.with_suffix(".png").name if png else None},
               "seconds": time.perf_counter() - start}
     out.write_text(json.dumps(result, indent=1, default=str))

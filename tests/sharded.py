@@ -168,6 +168,12 @@ def fsdp(model, rank, world):
     return rank, world
 
 
+def hsdp(model, rank, world):
+    """HSDP: replicate 2 × shard world/2 (``fully_shard`` on a 2-D mesh), every rank its own data."""
+    _fully_shard(model, init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard")))
+    return rank, world
+
+
 def tp(model, rank, world):
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
     parallelize_module(model, mesh, _tp_plan(model))

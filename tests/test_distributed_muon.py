@@ -10,7 +10,8 @@ from reg_dist import Muon, MuonEq, NorMuon, optim
 from reg_dist.comm.owner import OwnerPlan
 from reg_dist.layout import Layout
 from reg_dist.ops.newton_schulz import orthogonalize
-from sharded import STEPS, Net, assert_same, data, full_state, run_native, fsdp, fsdp_x_tp, loss_of, reference, run_sharded, tp
+from sharded import (STEPS, Net, assert_same, data, full_state, fsdp, fsdp_x_tp, hsdp, loss_of, reference, run_native,
+                     run_sharded, tp)
 
 EXACT = {"lr": 0.02, "ns_dtype": torch.float32}
 ALGORITHMS = {
@@ -190,3 +191,69 @@ def test_owner_plans_survive_load_state_dict():
 
     for plain, resumed in run_ranks(2, body):
         assert_same(plain, resumed)
+
+
+# ---- owner groups: two-hop moves, HSDP replicas ------------------------------------------------------
+
+def _groups(model, opt):
+    (plan,) = opt.plans()
+    return opt.transformed, plan.replicas, plan.group_size, opt.comm_stats()
+
+
+@pytest.mark.parametrize("algorithm", ["muon", "muoneq_rowcol_phase"])
+def test_owner_groups_of_two_in_a_world_of_four_equal_single_process_in_two_hops(algorithm):
+    out = _run(4, fsdp, algorithm, owner_group_size=2, check=_groups)
+    assert sum(w for w, *_ in out) == STEPS * MATRICES  # each matrix once, though moved in two hops
+    for _, replicas, size, stats in out:
+        assert (replicas, size) == (None, 2)  # FSDP2's groups hold only parts: one owner per matrix
+        assert stats["dp:group"]["calls"] == stats["dp:across"]["calls"] == 2  # there and back, a hop each
+        assert ("dp" in stats) == (algorithm != "muon")  # only MuonEq's statistics reduce over all of dp
+
+
+@pytest.mark.parametrize("replicas", ["share", "repeat"])
+@pytest.mark.parametrize("algorithm", ["muon", "muoneq_rowcol_phase"])
+def test_hsdp_replicas_share_or_repeat_the_work_and_equal_single_process(algorithm, replicas):
+    out = _run(4, hsdp, algorithm, owner_group_size=2, owner_replicas=replicas, check=_groups)
+    copies = 1 if replicas == "share" else 2  # "repeat": each replica group transforms every matrix
+    assert sum(w for w, *_ in out) == copies * STEPS * MATRICES
+    assert {r for _, r, *_ in out} == {replicas}
+    across = [stats.get("replicate×shard:across") for *_, stats in out]
+    # "share": results cross to the other replica; "repeat": nothing leaves a shard group
+    assert all(a is not None for a in across) if replicas == "share" else across == [None] * 4
+
+
+def test_hsdp_auto_takes_the_planners_choice_and_plans_say_which():
+    out = _run(4, hsdp, "muon", owner_group_size=2, check=_groups)
+    chosen = {r for _, r, *_ in out}
+    assert len(chosen) == 1 and chosen <= {"share", "repeat"}
+
+
+def test_owner_groups_that_do_not_divide_the_ranks_or_repeat_without_whole_groups_are_rejected():
+    def body(rank, world):
+        torch.manual_seed(0)
+        model = Net()
+        fsdp(model, rank, world)
+        with pytest.raises(ValueError, match="owner_group_size must be a positive integer dividing the 4 ranks"):
+            Muon(model, owner_group_size=3)
+        with pytest.raises(ValueError, match="needs every group of 2 ranks of 'dp' to hold every matrix whole"):
+            Muon(model, owner_group_size=2, owner_replicas="repeat")
+
+    run_ranks(4, body)
+    with pytest.raises(ValueError, match="owner_replicas must be one of"):
+        Muon(Net(), owner_replicas="twice")
+
+
+@pytest.mark.parametrize("shard, extra", [(fsdp, {}), (fsdp, {"owner_group_size": 2}),
+                                          (hsdp, {"owner_group_size": 2, "owner_replicas": "share"})])
+@pytest.mark.parametrize("algorithm", ["muon", "muoneq_rowcol_phase"])
+def test_overlapped_moves_equal_single_process_one_round_per_shape(algorithm, shard, extra):
+    def rounds(model, opt):
+        (plan,) = opt.plans()
+        return opt.transformed, (len(plan.rounds), len({shape for *_, shape in plan.matrices})), opt.comm_stats()
+
+    out = _run(4, shard, algorithm, owner_overlap=True, check=rounds, **extra)
+    assert sum(w for w, *_ in out) == STEPS * MATRICES
+    assert all(rounds == shapes == 8 for _, (rounds, shapes), _ in out)  # k and v share 6 × 18
+    moves = {name: e["calls"] for name, e in out[0][2].items() if name not in ("world", "shard") and
+             not (name == "dp" and algorithm != "muon")}
+    assert all(c > 2 for c in moves.values())  # more than one round there and back

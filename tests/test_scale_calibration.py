@@ -21,7 +21,7 @@ from reg_dist import mark_fused
 from reg_dist.optim.registry import ALGORITHMS
 from reg_dist.scale import Cluster, Model, Param, Parallel, Settings, cluster, predict, preset, traffic
 from reg_dist.scale.shapes import from_module
-from sharded import QKV, Net, data, fsdp, fsdp_x_tp, loss_of, native, tp
+from sharded import QKV, Net, data, fsdp, fsdp_x_tp, hsdp, loss_of, native, tp
 
 ROOT = Path(__file__).resolve().parent.parent
 OPTIMIZERS = {name: entry.cls for name, entry in ALGORITHMS.items()}  # every algorithm of the registry
@@ -51,7 +51,7 @@ def _replicated_x_tp(model, rank, world):
     return {}, rank // 2, 2
 
 
-# name: (shard, Parallel, fused Net, TP plan the model sees)
+# name: (shard, Parallel, fused Net, TP plan the model sees[, owner groups: Settings fields, passed to Muon & co.])
 LAYOUTS = {
     "FSDP2 dp=2": (_wrapper(fsdp), Parallel(1, 2, zero=3), True, {}),
     "FSDP2 dp=4": (_wrapper(fsdp), Parallel(1, 4, zero=3), True, {}),
@@ -64,21 +64,46 @@ LAYOUTS = {
     "FSDP2 2 × TP 2, NS split 4": (_split(_wrapper(fsdp_x_tp), 4), Parallel(1, 4, tp=2, zero=3), True, TP_PLAN),
     "native (2, 2), NS split 2": (_split(native(2, 2), 2), Parallel(1, 4, tp=2, zero=1), True,
                                   {"up": "colwise", "down": "rowwise"}),
+    "FSDP2 dp=4, owner groups of 2": (_wrapper(fsdp), Parallel(1, 4, zero=3), True, {}, {"owner_group_size": 2}),
+    "HSDP 2 × 2, share": (_wrapper(hsdp), Parallel(1, 4, zero=3, shard=2), True, {},
+                          {"owner_group_size": 2, "owner_replicas": "share"}),
+    "HSDP 2 × 2, repeat": (_wrapper(hsdp), Parallel(1, 4, zero=3, shard=2), True, {},
+                           {"owner_group_size": 2, "owner_replicas": "repeat"}),
+    "HSDP 2 × 2, one group": (_wrapper(hsdp), Parallel(1, 4, zero=3, shard=2), True, {}),
+    "HSDP 2 × 2, auto": (_wrapper(hsdp), Parallel(1, 4, zero=3, shard=2), True, {}, {"owner_group_size": 2}),
+    "FSDP2 2 × TP 2, owner groups of 2": (_wrapper(fsdp_x_tp), Parallel(1, 4, tp=2, zero=3), True, TP_PLAN,
+                                          {"owner_group_size": 2}),
+    "FSDP2 dp=4, overlapped": (_wrapper(fsdp), Parallel(1, 4, zero=3), True, {}, {"owner_overlap": True}),
+    "HSDP 2 × 2, share, overlapped": (_wrapper(hsdp), Parallel(1, 4, zero=3, shard=2), True, {},
+                                      {"owner_group_size": 2, "owner_replicas": "share", "owner_overlap": True}),
+    "replicated 2 × TP 2, overlapped": (_replicated_x_tp, Parallel(1, 4, tp=2, zero=0), True, TP_PLAN,
+                                        {"owner_overlap": True}),
+    "native (2, 2), overlapped": (native(2, 2), Parallel(1, 4, tp=2, zero=1), True, {"up": "colwise", "down": "rowwise"},
+                                  {"owner_overlap": True}),
 }
 
 
+def _groups(layout):
+    """The owner-group options of ``layout`` (none: one group)."""
+    return LAYOUTS[layout][4] if len(LAYOUTS[layout]) > 4 else {}
+
+
 def _settings(layout) -> Settings:
-    """The scale model's settings for ``layout``: the split the optimizer was given, if any."""
-    return Settings(ns_split="force", split_group_size=int(layout[-1])) if "NS split" in layout else Settings()
+    """The scale model's settings for ``layout``: the split or owner modes the optimizer was given."""
+    split = {"ns_split": "force", "split_group_size": int(layout[-1])} if "NS split" in layout else {}
+    return Settings(**split, **_groups(layout))
 
 
-def _options(cls, kwargs):
-    """``kwargs`` less the split options for an algorithm without a Newton–Schulz (REG)."""
-    return kwargs if cls.moves else {k: v for k, v in kwargs.items() if k not in ("ns_split", "split_group_size")}
+def _options(cls, kwargs, layout):
+    """``kwargs`` and the owner modes, less the split and owner options for an algorithm without a
+    Newton–Schulz (REG)."""
+    if not cls.moves:
+        return {k: v for k, v in kwargs.items() if k not in ("ns_split", "split_group_size")}
+    return {**kwargs, **_groups(layout)}
 
 
 def _measure(layout):
-    shard, par, fused, _ = LAYOUTS[layout]
+    shard, par, fused = LAYOUTS[layout][:3]
 
     def build(rank, world):
         torch.manual_seed(0)
@@ -98,9 +123,9 @@ def _measure(layout):
             per = len(data()[0]) // dp_size
             model.zero_grad(set_to_none=True)
             loss_of(model, data()[0][dp_rank * per:(dp_rank + 1) * per]).backward()
-            opt = cls(model, **_options(cls, kwargs))
+            opt = cls(model, **_options(cls, kwargs, layout))
             opt.step()
-            plans = [(p.group_name, len(p.matrices), list(p.owners), p.imbalance) for p in opt.plans()] \
+            plans = [(p.group_name, len(p.matrices), list(p.owners), p.replicas, p.imbalance) for p in opt.plans()] \
                 if name != "reg" else []
             native = (opt._native.imbalance, sorted(n for g in opt.param_groups for p, n in
                                                     zip(g["params"], g["param_names"]) if id(p) in opt._native._owned)) \
@@ -112,7 +137,7 @@ def _measure(layout):
 
 
 def _model(layout):
-    _, par, fused, plan = LAYOUTS[layout]
+    _, par, fused, plan = LAYOUTS[layout][:4]
     net = Net(fused=fused)
     if fused:
         mark_fused(net.qkv.weight, QKV)
@@ -131,8 +156,9 @@ def test_predicted_bytes_and_calls_equal_comm_stats_on_every_rank(layout):
             assert predicted.comm_stats(rank) == m[name]["comm"], f"{layout}, {name}, rank {rank}"
         # the owner plans are the optimizer's own (the real planner on the same costs and candidates)
         for rank, m in enumerate(measured):
-            got = [(g, n, o) for g, n, o, _ in m[name]["plans"] if g != "local"]
-            want = [(p.name, len(p.matrices), p.owners) for p in predicted.plans if rank in p.ranks.tolist()]
+            got = [(g, n, o, r) for g, n, o, r, _ in m[name]["plans"] if g != "local"]
+            want = [(p.name, len(p.matrices), p.owners, p.replicas) for p in predicted.plans
+                    if rank in p.ranks.tolist()]
             assert got == want, f"{layout}, {name}, rank {rank}"
             assert [i for g, *_, i in m[name]["plans"] if g != "local"] == pytest.approx(
                 [p.imbalance for p in predicted.plans if rank in p.ranks.tolist()])
@@ -157,8 +183,9 @@ def _gpt2_small(layers=12):
 
 
 def test_predictions_equal_the_gpt2_small_measurements_in_comm_json():
-    """benchmarks/comm.py's run (4 gloo ranks, 124M parameters, 11 layout × optimizer cases): every
-    rank's comm_stats, the ZeRO-1 figure and the planner's imbalance, predicted exactly."""
+    """benchmarks/comm.py's run (4 gloo ranks, 124M parameters, 11 layout × optimizer cases and 8 of the
+    owner path's modes): every rank's comm_stats, the ZeRO-1 figure and the planner's imbalance, predicted
+    exactly."""
     result = json.loads((ROOT / "benchmarks" / "results" / "comm.json").read_text())
     tp_plan = {"qkv": "colwise", "fc": "colwise", "attn_proj": "rowwise", "fc_proj": "rowwise"}
     assert len(result["cases"]) == 11
@@ -175,6 +202,15 @@ def test_predictions_equal_the_gpt2_small_measurements_in_comm_json():
         p = predict(model, par, cluster("h100"), case["optimizer"].lower(),
                     settings=Settings(iters=result["iters"], **split))
         assert p.zero1_sent == case["zero1_adamw_bytes"]
+    # the owner path's modes (owner groups of 2, overlapped moves, HSDP 2 × 2 sharing or repeating)
+    assert len(result["owner_modes"]) == 8
+    model = from_module(_gpt2_small(result["layers"]))
+    for case in result["owner_modes"]:
+        par = Parallel(1, 4, zero=3, shard=case["shard"])
+        t = traffic(model, par, case["optimizer"].lower(), Settings(iters=result["iters"], **case["options"]))
+        for r in case["ranks"]:
+            assert t.comm_stats(r["rank"]) == r["comm"], f"{case['layout']} {case['optimizer']} rank {r['rank']}"
+        assert t.imbalance == pytest.approx(case["imbalance"])
 
 
 # ---- bad input ---------------------------------------------------------------------------------------
@@ -199,6 +235,8 @@ def test_predictions_equal_the_gpt2_small_measurements_in_comm_json():
     (lambda: Model("m", (Param("a", (2, 2)),), 1, 2, heads=6, kv_heads=4), "4 key/value heads do not divide 6"),
     (lambda: Settings(iters=0), "iters must be an integer >= 1"),
     (lambda: Settings(move_bytes=3), "move_bytes must be 2, 4 or 8"),
+    (lambda: traffic(preset("gpt-125m"), Parallel(1, 8), "muon", Settings(ns_split="force", owner_group_size=2)),
+     r"ns_split='force' splits .* cannot be combined with owner_group_size=2"),
     (lambda: Cluster("c", 8, 1e15, 1e12, 8e10, -1.0, 0, 5e10, 0, 0), "nvlink_bytes_per_s must be a positive"),
     (lambda: predict(preset("llama-7b"), Parallel(1, 8), cluster("h100"), "adam"), "optimizer must be one of"),
     (lambda: predict(preset("llama-7b"), Parallel(2, 16), cluster("h100"), "reg"), "16 GPUs per node"),

@@ -5,14 +5,17 @@ rank's ``Layout``, exchanged once at construction), every fused matrix j gets on
 ranks that hold some of it (``plan_owners``, longest-processing-time first on the Newton–Schulz cost
 m·n·min(m, n)). A step then runs
 
-    send       one all-to-all: every element travels from one rank holding it to owner(j)
-               (a replicated piece is sent once, by its lowest rank), in ``move_dtype``
+    send       every element travels from one rank holding it to owner(j) (a replicated piece is
+               sent once, by its lowest rank in the owner's group), in ``move_dtype``
     transform  the owner stacks same-shape matrices ``(B, m, n)`` and calls ``fn`` once per stack
-    return     one all-to-all: every rank holding elements of j receives them from owner(j)
+    return     every rank holding elements of j receives them from owner(j)
 
+Each move is one all-to-all over the group, or, with owner groups of g ranks, two (``hops.TwoHop``)
+of at most max(g, P/g) ranks each. Where every group holds every matrix (HSDP's replicas), a plan may
+instead repeat the work in each group ("repeat": owners per group, no traffic across groups).
 Split sizes are fixed by the layouts, so uneven and empty pieces need no padding and every rank
-calls both collectives (possibly with nothing to send) in the same order: nothing can hang. A plan
-whose moves all stay on their rank (each matrix whole on its only holder) makes no collective.
+calls the same collectives (possibly with nothing to send) in the same order: nothing can hang. A
+hop whose moves all stay on their rank (each matrix whole on its only holder) makes no collective.
 """
 
 import dataclasses
@@ -24,8 +27,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..layout import Layout, Rect
-from .collectives import CommStats, count
-from .ownership import imbalance, plan_owners
+from .collectives import CommStats
+from .hops import InFlight, Run, TwoHop
+from .ownership import REPLICAS, choose_replicas, imbalance, loads, plan_owners
 
 
 def newton_schulz_cost(m: int, n: int) -> int:
@@ -73,81 +77,152 @@ def gather_holdings(layouts: list[Layout | None], names: list[str], group: dist.
     return everyone, holders, senders
 
 
-def _elements_per_rank(moves: list[list[tuple[object, tuple[Rect, ...]]]]) -> list[int]:
-    return [sum(r.h * r.w for _, rects in per_rank for r in rects) for per_rank in moves]
-
-
 class OwnerPlan:
-    """The static moves of one group's matrices over ``group`` (None: this process alone)."""
+    """The static moves of one group's matrices over ``group`` (None: this process alone).
+
+    ``group_size`` g (default: the whole group) cuts the group's ranks into inner groups of g consecutive
+    ranks; the moves then run in two hops (``hops.TwoHop``): no all-to-all has more than max(g, P/g) − 1
+    peers. Where every inner group holds every matrix whole (HSDP's shard groups: one replica each),
+    ``replicas`` says how they share the work: "share" (each matrix transformed once, by an owner
+    anywhere, pieces sent from its own group's replica, results fanned out to every replica), "repeat"
+    (each group transforms every matrix on its own ranks: no traffic across groups) or "auto" (the one
+    ``ownership.choose_replicas`` predicts faster); ``self.replicas`` is the choice (None: one group).
+    ``overlap``: one round of moves per matrix shape (``rounds``), the next round's in flight while
+    one is transformed (asynchronous all-to-alls); otherwise one round.
+    """
 
     def __init__(self, layouts: list[Layout | None], names: list[str], group: dist.ProcessGroup | None,
-                 group_name: str) -> None:
+                 group_name: str, group_size: int | None = None, replicas: str = "auto", move_bytes: int = 2,
+                 overlap: bool = False) -> None:
         self.group, self.group_name = group, group_name
         self.size = dist.get_world_size(group) if group is not None else 1
         self.rank = dist.get_rank(group) if group is not None else 0
-        everyone, holders, senders = gather_holdings(layouts, names, group, group_name)
+        g = self.size if group_size is None else group_size
+        if replicas not in REPLICAS:
+            raise ValueError(f"owner_replicas must be one of {REPLICAS}, got {replicas!r}")
+        if not isinstance(g, int) or isinstance(g, bool) or g < 1 or self.size % g:
+            raise ValueError(f"owner_group_size must be a positive integer dividing the {self.size} ranks of "
+                             f"{group_name!r}, got {group_size!r}")
+        self.group_size = g
+        everyone, ranks_of, _ = gather_holdings(layouts, names, group, group_name)
+        inner = [r // g for r in range(self.size)]  # each rank's inner group
         self.matrices: list[tuple[int, int, tuple[int, int]]] = []  # (parameter, block, (m, n))
-        candidates = []
-        for i, ranks in enumerate(holders):
+        holders: list[dict[int, object]] = []  # per matrix: holder rank -> the class of its piece
+        for i, ranks in enumerate(ranks_of):
+            classes = {r: (everyone[r][i].rows, everyone[r][i].cols, everyone[r][i].flat) for r in ranks}
             for k, block_shape in enumerate(everyone[ranks[0]][i].block_shapes):
                 self.matrices.append((i, k, block_shape))
-                candidates.append(ranks)
+                holders.append(classes)
         costs = [newton_schulz_cost(m, n) for _, _, (m, n) in self.matrices]
-        self.owners = plan_owners(costs, self.size, candidates)
-        self.imbalance = imbalance(costs, self.owners, self.size)
 
-        def rects(r: int, i: int, k: int) -> tuple[Rect, ...]:
+        def rects(r: int, j: int) -> tuple[Rect, ...]:
+            i, k, _ = self.matrices[j]
             return tuple(x for x in everyone[r][i].rects if x.block == k) if everyone[r][i] is not None else ()
 
-        # slots: the owned matrices, grouped by shape into stacks
-        self.stacks: dict[tuple[int, int], list[int]] = defaultdict(list)
+        groups = self.size // g
+        whole = groups > 1 and all(  # every inner group holds every matrix whole
+            sum(sum(x.h * x.w for x in rects(min(r for r in hs if inner[r] == G and hs[r] == c), j))
+                for c in {hs[r] for r in hs if inner[r] == G}) == m * n
+            for j, (hs, (_, _, (m, n))) in enumerate(zip(holders, self.matrices)) for G in range(groups))
+        if replicas == "repeat" and not whole:
+            raise ValueError(f"owner_replicas='repeat' needs every group of {g} ranks of {group_name!r} to hold "
+                             f"every matrix whole (HSDP's shard groups); these do not")
+        share = plan_owners(costs, self.size, [sorted(hs) for hs in holders])
+        per_group = [plan_owners(costs, self.size, [[r for r in sorted(hs) if inner[r] == G] for hs in holders])
+                     for G in range(groups)] if whole else []
+        choice = replicas if replicas != "auto" else "share"
+        if replicas == "auto" and whole:
+            # elements each rank receives from other groups under "share", and sends to them (the owner's
+            # group's rank of the same index fans each result out)
+            received, sent = [0] * self.size, [0] * self.size
+            for j, o in enumerate(share):
+                for r in holders[j]:
+                    if inner[r] != inner[o]:
+                        size = sum(x.h * x.w for x in rects(r, j))
+                        received[r] += size
+                        sent[inner[o] * g + r % g] += size
+            choice = choose_replicas(max(loads(costs, share, self.size)),
+                                     max(max(loads(costs, owners, self.size)) for owners in per_group),
+                                     max(received + sent), groups, move_bytes)
+        self.replicas = choice if whole else None
+        # transformers: (owner, its domain of ranks) of every matrix, one per group when repeating
+        if self.replicas == "repeat":
+            mine_g = inner[self.rank]
+            transformers = [[(per_group[G][j], list(range(G * g, G * g + g))) for G in range(groups)]
+                            for j in range(len(costs))]
+            self.owners = per_group[mine_g]
+            self.imbalance = imbalance(costs, [o - mine_g * g for o in self.owners], g)
+        else:
+            transformers = [[(o, list(range(self.size)))] for o in share]
+            self.owners = share
+            self.imbalance = imbalance(costs, share, self.size)
+
+        # rounds: one exchange there and back each (with ``overlap``, one per matrix shape, costliest first,
+        # so that a round's moves are in flight while the one before is transformed); the owned matrices
+        # of each round grouped by shape into stacks
+        shapes = sorted({shape for *_, shape in self.matrices}, key=lambda sh: (-newton_schulz_cost(*sh),
+                        next(j for j, (*_, s) in enumerate(self.matrices) if s == sh)))
+        round_of = [shapes.index(shape) if overlap else 0 for *_, shape in self.matrices]
+        self.rounds = [_Round(self.size) for _ in range(max(round_of, default=0) + 1)]
         slot: dict[int, tuple[tuple[int, int], int]] = {}
-        for j, ((i, k, shape), owner) in enumerate(zip(self.matrices, self.owners)):
-            if owner == self.rank:
-                slot[j] = (shape, len(self.stacks[shape]))
-                self.stacks[shape].append(j)
-        self.send: list[list[Move]] = [[] for _ in range(self.size)]
-        self.recv: list[list[Slot]] = [[] for _ in range(self.size)]
-        self.back_send: list[list[Slot]] = [[] for _ in range(self.size)]
-        self.back_recv: list[list[Move]] = [[] for _ in range(self.size)]
-        for j, ((i, k, _), owner) in enumerate(zip(self.matrices, self.owners)):
-            for r in range(self.size):
-                held_r = rects(r, i, k)
-                if not held_r:
-                    continue
-                if r == self.rank:
-                    self.back_recv[owner].append((i, held_r))
-                    if r in senders[i]:
-                        self.send[owner].append((i, held_r))
-                if owner == self.rank:
-                    self.back_send[r].append((slot[j], held_r))
-                    if r in senders[i]:
-                        self.recv[r].append((slot[j], held_r))
-        sizes = _elements_per_rank
-        self.send_sizes, self.recv_sizes = sizes(self.send), sizes(self.recv)
-        self.back_send_sizes, self.back_recv_sizes = sizes(self.back_send), sizes(self.back_recv)
-        off_rank = sum(s for r, s in enumerate(self.send_sizes) if r != self.rank)
-        off_rank += sum(s for r, s in enumerate(self.back_send_sizes) if r != self.rank)
-        flag = torch.tensor([off_rank > 0], dtype=torch.int32)
+        for j, (_, _, shape) in enumerate(self.matrices):
+            if any(o == self.rank for o, _ in transformers[j]):
+                stack = self.rounds[round_of[j]].stacks[shape]
+                slot[j] = (shape, len(stack))
+                stack.append(j)
+        # the runs of every (source, destination) pair, and this rank's packing and unpacking of its own
+        fwd: list[dict[tuple[int, int], list[Run]]] = [defaultdict(list) for _ in self.rounds]
+        back: list[dict[tuple[int, int], list[Run]]] = [defaultdict(list) for _ in self.rounds]
+        for j, (i, _, _) in enumerate(self.matrices):
+            hs, rnd, k = holders[j], self.rounds[round_of[j]], round_of[j]
+            for owner, domain in transformers[j]:
+                here = [r for r in domain if r in hs]
+                near = [r for r in here if inner[r] == inner[owner]]  # a piece's copy in the owner's group sends
+                senders = {min((r for r in (near if any(hs[q] == c for q in near) else here) if hs[r] == c))
+                           for c in {hs[r] for r in here}}
+                for r in here:
+                    held_r = rects(r, j)
+                    key = tuple((j, x.brow, x.col, x.h, x.w) for x in held_r)
+                    back[k][(owner, r)].extend((key_x, x.h * x.w) for key_x, x in zip(key, held_r))
+                    if r in senders:
+                        fwd[k][(r, owner)].extend((key_x, x.h * x.w) for key_x, x in zip(key, held_r))
+                    if r == self.rank:
+                        rnd.back_recv[owner].append((i, held_r))
+                        if r in senders:
+                            rnd.send[owner].append((i, held_r))
+                    if owner == self.rank:
+                        rnd.back_send[r].append((slot[j], held_r))
+                        if r in senders:
+                            rnd.recv[r].append((slot[j], held_r))
+        groups_pg: dict[str, dist.ProcessGroup | None] = {"inner": group, "outer": None}
+        names = {"inner": group_name, "outer": group_name}
+        if 1 < g < self.size:
+            granks = dist.get_process_group_ranks(group)
+            me_g, me_s = divmod(self.rank, g)
+            groups_pg = {"inner": dist.new_group([granks[me_g * g + t] for t in range(g)], use_local_synchronization=True),
+                         "outer": dist.new_group([granks[G * g + me_s] for G in range(groups)],
+                                                 use_local_synchronization=True)}
+            names = {"inner": f"{group_name}:group", "outer": f"{group_name}:across"}
+        elif g == 1:
+            groups_pg = {"inner": None, "outer": group}
+        # there: outer hop first (a far gather lands on every rank of the owner's group); back: inner first
+        # (each result crosses the owner's group once, then fans out to its replicas)
+        for rnd, there_runs, back_runs in zip(self.rounds, fwd, back):
+            rnd.there = TwoHop(there_runs, self.size, g, self.rank, "outer", groups_pg, names)
+            rnd.back = TwoHop(back_runs, self.size, g, self.rank, "inner", groups_pg, names)
+        hops = [h for rnd in self.rounds for two in (rnd.there, rnd.back) for h in (two.hop1, two.hop2)]
+        flags = torch.tensor([f for rnd in self.rounds for f in (*rnd.there.off_rank(), *rnd.back.off_rank())],
+                             dtype=torch.int32)
         if group is not None:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-        self.moves_data = bool(flag.item())  # False: every move stays on its rank, no collective needed
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+        for hop, flag in zip(hops, flags.tolist()):
+            hop.off_rank = bool(flag)
+        self.moves_data = bool(flags.any())  # False: every move stays on its rank, no collective needed
 
     @property
     def owned(self) -> int:
         """How many matrices this rank transforms per step."""
-        return sum(len(js) for js in self.stacks.values())
-
-    def _exchange(self, send: Tensor, send_sizes: list[int], recv_sizes: list[int],
-                  stats: CommStats | None) -> Tensor:
-        recv = send.new_empty(sum(recv_sizes))
-        if not self.moves_data:
-            recv.copy_(send)  # everything is this rank's own
-            return recv
-        dist.all_to_all_single(recv, send, recv_sizes, send_sizes, group=self.group)
-        count(stats, self.group_name, send, "all_to_all",
-              sent=(send.numel() - send_sizes[self.rank]) * send.element_size())
-        return recv
+        return sum(len(js) for rnd in self.rounds for js in rnd.stacks.values())
 
     def run(self, locals_: dict[int, Tensor], fn: Callable[[Tensor], Tensor], move_dtype: torch.dtype,
             work_dtype: torch.dtype, stats: CommStats | None = None) -> dict[int, Tensor]:
@@ -155,37 +230,61 @@ class OwnerPlan:
         its local elements of the result (``move_dtype``, shaped like ``locals_[i]``).
 
         ``locals_`` maps parameter index to this rank's contiguous elements of it; ``fn`` takes a
-        ``(B, m, n)`` stack in ``work_dtype`` and returns one of the same shape.
+        ``(B, m, n)`` stack in ``work_dtype`` and returns one of the same shape. Round k + 1's moves are
+        launched before round k is transformed, and round k's results before round k + 1's arrive.
         """
         device = next(iter(locals_.values())).device if locals_ else torch.device("cpu")
         flats = {i: x.reshape(-1) for i, x in locals_.items()}
-        parts = [flats[i][r.start : r.start + r.h * r.w] for moves in self.send for i, rs in moves for r in rs]
-        send = torch.cat(parts).to(move_dtype) if parts else torch.empty(0, dtype=move_dtype, device=device)
-        recv = self._exchange(send, self.send_sizes, self.recv_sizes, stats)
 
-        mats = {shape: torch.zeros(len(js), *shape, dtype=work_dtype, device=device)
-                for shape, js in self.stacks.items()}
-        at = 0
-        for moves in self.recv:
-            for (shape, b), rs in moves:
-                for r in rs:
-                    mats[shape][b, r.brow : r.brow + r.h, r.col : r.col + r.w] = recv[at : at + r.h * r.w].view(r.h, r.w)
-                    at += r.h * r.w
-        done = {shape: fn(x) for shape, x in mats.items()}
-
-        parts = [done[shape][b, r.brow : r.brow + r.h, r.col : r.col + r.w].reshape(-1)
-                 for moves in self.back_send for (shape, b), rs in moves for r in rs]
-        send = torch.cat(parts).to(move_dtype) if parts else torch.empty(0, dtype=move_dtype, device=device)
-        back = self._exchange(send, self.back_send_sizes, self.back_recv_sizes, stats)
+        def launch(rnd: _Round) -> InFlight:
+            parts = [flats[i][r.start : r.start + r.h * r.w] for moves in rnd.send for i, rs in moves for r in rs]
+            send = torch.cat(parts).to(move_dtype) if parts else torch.empty(0, dtype=move_dtype, device=device)
+            return rnd.there.start(send, stats)
 
         out = {i: torch.empty(x.numel(), dtype=move_dtype, device=device) for i, x in locals_.items()}
-        at = 0
-        for moves in self.back_recv:
-            for i, rs in moves:
-                for r in rs:
-                    out[i][r.start : r.start + r.h * r.w] = back[at : at + r.h * r.w]
-                    at += r.h * r.w
+        there, back = [launch(self.rounds[0])], []
+        for k, rnd in enumerate(self.rounds):
+            recv = there[k].wait()
+            if k + 1 < len(self.rounds):
+                there.append(launch(self.rounds[k + 1]))  # in flight while this round is transformed
+            mats = {shape: torch.zeros(len(js), *shape, dtype=work_dtype, device=device)
+                    for shape, js in rnd.stacks.items()}
+            for src, moves in enumerate(rnd.recv):
+                at = rnd.there.offsets.get(src, 0)
+                for (shape, b), rs in moves:
+                    for r in rs:
+                        mats[shape][b, r.brow : r.brow + r.h, r.col : r.col + r.w] = \
+                            recv[at : at + r.h * r.w].view(r.h, r.w)
+                        at += r.h * r.w
+            done = {shape: fn(x) for shape, x in mats.items()}
+            for pending in (*there[k + 1:], *back):
+                pending.advance()  # first hops landed during the transform: their second hops go
+            parts = [done[shape][b, r.brow : r.brow + r.h, r.col : r.col + r.w].reshape(-1)
+                     for moves in rnd.back_send for (shape, b), rs in moves for r in rs]
+            send = torch.cat(parts).to(move_dtype) if parts else torch.empty(0, dtype=move_dtype, device=device)
+            back.append(rnd.back.start(send, stats))
+        for rnd, pending in zip(self.rounds, back):
+            buf = pending.wait()
+            for src, moves in enumerate(rnd.back_recv):
+                at = rnd.back.offsets.get(src, 0)
+                for i, rs in moves:
+                    for r in rs:
+                        out[i][r.start : r.start + r.h * r.w] = buf[at : at + r.h * r.w]
+                        at += r.h * r.w
         return {i: out[i].view(locals_[i].shape) for i in out}
+
+
+class _Round:
+    """One exchange of an ``OwnerPlan``: this rank's moves per peer there and back, and its stacks."""
+
+    def __init__(self, size: int) -> None:
+        self.send: list[list[Move]] = [[] for _ in range(size)]
+        self.recv: list[list[Slot]] = [[] for _ in range(size)]
+        self.back_send: list[list[Slot]] = [[] for _ in range(size)]
+        self.back_recv: list[list[Move]] = [[] for _ in range(size)]
+        self.stacks: dict[tuple[int, int], list[int]] = defaultdict(list)
+        self.there: TwoHop | None = None
+        self.back: TwoHop | None = None
 
 
 # A local stack of same-shape matrices holds at most this many bytes (always at least one parameter). It

@@ -226,6 +226,7 @@ class SplitPlan:
         self.owners, self.load = place(costs, degrees, self.size, candidates)  # each run's first rank
         mean = sum(self.load) / self.size
         self.imbalance = max(self.load) / mean - 1.0 if mean else 0.0
+        self.replicas = None  # as ``OwnerPlan.replicas``: no owner groups (the engine refuses them with a split)
 
         # this rank's blocks, stacked by (run, k, full shape): slot (key, index in the stack)
         self.stacks: dict[StackKey, list[int]] = defaultdict(list)

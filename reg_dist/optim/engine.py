@@ -33,6 +33,7 @@ from ..comm.agree import agreement_group, all_agree
 from ..comm.collectives import CommStats, check_layouts_add_up
 from ..comm.native import BUCKET_BYTES, NativeDP
 from ..comm.owner import STACK_BYTES, LocalPlan, OwnerPlan, newton_schulz_cost, stacks
+from ..comm.ownership import REPLICAS
 from ..comm.split import SPLIT_GROUP_SIZE, SplitPlan, check_split_args, split_parameters
 from ..comm.statistics import momentum_partial_row_col, partial_row_col, share_statistics, sharded_frobenius_norms
 from ..layout import (FUSED_ATTR, LAYOUT_ATTR, Layout, dim_names, dtensor_layout, local_tensor, mesh_group,
@@ -126,7 +127,8 @@ def _layout_keywords(moves: bool) -> tuple[Hyper, ...]:
     """The keyword-only arguments that say how the matrices are laid out, not what is computed."""
     return (Hyper("mesh", None, DeviceMesh | dict[str, dist.ProcessGroup] | None), Hyper("tp_mode", "gather", str),
             *((Hyper("move_dtype", None, torch.dtype | None), Hyper("ns_split", "auto", str),
-               Hyper("split_group_size", SPLIT_GROUP_SIZE, int)) if moves else ()),
+               Hyper("split_group_size", SPLIT_GROUP_SIZE, int), Hyper("owner_group_size", None, int | None),
+               Hyper("owner_replicas", "auto", str), Hyper("owner_overlap", False, bool)) if moves else ()),
             Hyper("bucket_bytes", BUCKET_BYTES, int))
 
 
@@ -149,6 +151,16 @@ class MatrixOptimizer(Optimizer):
     ``ns_split``: "auto" (default) splits the Newton–Schulz of a matrix that would outweigh a rank's mean
     share over up to ``split_group_size`` ranks of its owner group, "force" splits every matrix over
     ``split_group_size`` ranks, "off" never splits (``comm.split``; exact either way).
+    ``owner_group_size``: the owner moves run in two hops over groups of this many consecutive ranks
+    (a node; HSDP's shard group), so no all-to-all has more than max(g, P/g) − 1 peers (default: one
+    all-to-all over all P ranks holding the matrices). ``owner_replicas`` ("auto", "share", "repeat"):
+    where every such group holds every matrix (HSDP), whether each matrix is transformed once and the
+    result sent to every replica, or by every group; "auto" takes the one predicted faster
+    (``comm.ownership.choose_replicas``); ``plans()`` says which (``OwnerPlan.replicas``).
+    ``owner_overlap``: the moves run in one round per matrix shape, the next round's all-to-alls in
+    flight while the current stack is orthogonalised (the same bytes, more calls).
+    A split Newton–Schulz runs over one all-to-all and its own runs of ranks: it cannot be combined with
+    ``owner_group_size``, ``owner_replicas`` or ``owner_overlap`` (ValueError: pass ``ns_split="off"``).
     """
 
     algorithm: str
@@ -170,14 +182,16 @@ class MatrixOptimizer(Optimizer):
 
     def _build(self, params: Any, values: dict) -> None:
         layout = {k: values.pop(k) for k in ("mesh", "tp_mode", "move_dtype", "ns_split", "split_group_size",
-                                             "bucket_bytes") if k in values}
+                                             "owner_group_size", "owner_replicas", "owner_overlap", "bucket_bytes")
+                  if k in values}
         nonfinite = values.pop("nonfinite")
         MatrixOptimizer.__init__(self, params, values, nonfinite, **layout)
 
     def __init__(self, params: Any, defaults: dict, nonfinite: str = "skip",
                  mesh: DeviceMesh | dict[str, dist.ProcessGroup] | None = None, tp_mode: str = "gather",
                  move_dtype: torch.dtype | None = None, ns_split: str = "auto",
-                 split_group_size: int = SPLIT_GROUP_SIZE, bucket_bytes: int = BUCKET_BYTES) -> None:
+                 split_group_size: int = SPLIT_GROUP_SIZE, owner_group_size: int | None = None,
+                 owner_replicas: str = "auto", owner_overlap: bool = False, bucket_bytes: int = BUCKET_BYTES) -> None:
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
         if tp_mode not in TP_MODES:
@@ -185,8 +199,19 @@ class MatrixOptimizer(Optimizer):
         if move_dtype is not None and move_dtype not in MOVE_DTYPES:
             raise ValueError(f"move_dtype must be a floating dtype, got {move_dtype!r}")
         check_split_args(ns_split, split_group_size)
+        if owner_group_size is not None and (not isinstance(owner_group_size, int) or isinstance(owner_group_size, bool)
+                                             or owner_group_size < 1):
+            raise ValueError(f"owner_group_size must be None or an integer >= 1, got {owner_group_size!r}")
+        if owner_replicas not in REPLICAS:
+            raise ValueError(f"owner_replicas must be one of {REPLICAS}, got {owner_replicas!r}")
+        if not isinstance(owner_overlap, bool):
+            raise ValueError(f"owner_overlap must be True or False, got {owner_overlap!r}")
         self.nonfinite, self.tp_mode, self.move_dtype = nonfinite, tp_mode, move_dtype
         self.ns_split, self.split_group_size = ns_split, split_group_size
+        self.owner_group_size, self.owner_replicas, self.owner_overlap = owner_group_size, owner_replicas, owner_overlap
+        if ns_split == "force" and self._owner_modes():
+            raise ValueError(f"ns_split='force' cannot be combined with {', '.join(self._owner_modes())}: a split "
+                             "Newton–Schulz runs its own runs of ranks, not owner groups or overlapped rounds")
         self.blockwise_dims = ("tp",) if tp_mode == "blockwise" else ()
         self.skipped_steps = 0
         self.transformed = 0  # matrices (or matrix pieces) this process has transformed, over all steps
@@ -377,6 +402,11 @@ class MatrixOptimizer(Optimizer):
             if pg is not None and splittable:
                 split = split_parameters([lay.block_shapes for lay in layouts], dist.get_world_size(pg), self.ns_split,
                                          self.split_group_size, group["ns_steps"], group["ns_dtype"].itemsize)
+            if split is not None and self._owner_modes():
+                raise ValueError(f"ns_split={self.ns_split!r} splits the Newton–Schulz of {sum(k > 1 for k in split[0])} "
+                                 f"matrices over {name!r}, which cannot be combined with "
+                                 f"{', '.join(self._owner_modes())}: pass ns_split='off' to keep the owner modes, "
+                                 "or leave them at their defaults to split")
             if split is not None:
                 plan = SplitPlan(layouts, names, pg, name, *split)
                 logger.info("%s split Newton–Schulz over %r: %d of %d matrices over runs of %s ranks, imbalance "
@@ -384,9 +414,11 @@ class MatrixOptimizer(Optimizer):
                             sorted({k for k in plan.degrees if k > 1}), 100 * plan.imbalance)
                 entries.append((plan, ps))
                 continue
-            plan = OwnerPlan(layouts, names, pg, name)
-            logger.info("%s owner plan over %r: %d matrices, %d here, imbalance %.1f %%", type(self).__name__,
-                        name, len(plan.matrices), plan.owned, 100 * plan.imbalance)
+            plan = OwnerPlan(layouts, names, pg, name, self.owner_group_size, self.owner_replicas,
+                             self._move_dtype(group).itemsize, self.owner_overlap)
+            logger.info("%s owner plan over %r: %d matrices, %d here, imbalance %.1f %%, groups of %d (%s)",
+                        type(self).__name__, name, len(plan.matrices), plan.owned, 100 * plan.imbalance,
+                        plan.group_size, plan.replicas or "one group")
             entries.append((plan, ps))
         self._plans[_key(group)] = entries
 
@@ -627,6 +659,12 @@ class MatrixOptimizer(Optimizer):
             else:  # W − lr·s·U in one pass
                 x.addcmul_(u, s.to(x.device), value=-lr)
             state["step"] += 1
+
+    def _owner_modes(self) -> list[str]:
+        """The owner-move options set away from their defaults (none of them combines with a split plan)."""
+        return [f"{k}={v!r}" for k, v, default in (("owner_group_size", self.owner_group_size, None),
+                                                   ("owner_replicas", self.owner_replicas, "auto"),
+                                                   ("owner_overlap", self.owner_overlap, False)) if v != default]
 
     def _move_dtype(self, group: dict) -> torch.dtype:
         return self.move_dtype or group.get("ns_dtype", torch.float32)

@@ -17,7 +17,8 @@ from .engine import MatrixOptimizer
 from .hyper import Hyper
 from .stages import Spectral, Statistic, scaled_on_owner, spectral
 
-ENGINE_KEYWORDS = ("mesh", "tp_mode", "move_dtype", "ns_split", "split_group_size", "bucket_bytes")  # how it is laid out, not what it computes
+ENGINE_KEYWORDS = ("mesh", "tp_mode", "move_dtype", "ns_split", "split_group_size", "owner_group_size",
+                   "owner_replicas", "owner_overlap", "bucket_bytes")  # how it is laid out, not what it computes
 
 
 @dataclass(frozen=True)

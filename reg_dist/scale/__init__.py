@@ -1,11 +1,12 @@
 """The scale model: what REG, Muon and MuonEq cost per optimizer step at a scale no test machine has.
 
     shapes     model shape presets (GPT-3 125M … 175B, LLaMA 7B … 405B, MoE) and ``from_module``
-    parallel   the layout: nodes × GPUs per node = dp × tp × pp, FSDP2 / native / replicated
+    parallel   the layout: nodes × GPUs per node = dp × tp × pp, FSDP2 (or HSDP) / native / replicated
     cluster    H100 / H200 node presets (figures cited there)
     traffic    reg_dist's collectives per rank per step (equal to ``comm_stats()``: the calibration
                test checks it on every layout the tests can run), the owner plans from the real
-               planner, Newton–Schulz work and optimizer state per rank
+               planner (owner groups, HSDP replicas, overlapped rounds: ``Settings``), Newton–Schulz
+               work and optimizer state per rank
     timing     alpha–beta times of ring / tree all-reduces, reduce-scatters, all-gathers, all-to-alls
     predict    everything per step for AdamW (ZeRO-1), REG, Muon and MuonEq: bytes and calls per
                group, state per rank, Newton–Schulz FLOPs on the busiest rank, RACS memory traffic,

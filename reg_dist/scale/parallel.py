@@ -3,7 +3,8 @@ shards the parameters (the ZeRO stage, in reg_dist's terms).
 
     zero=3   FSDP2 (``fully_shard``): every parameter row-sharded over dp (after tensor parallelism),
              reg_dist steps the shards: statistics path for REG/MuonEq, owner path over the whole
-             dp × tp mesh for Muon/MuonEq
+             dp × tp mesh for Muon/MuonEq. With ``shard`` < dp, HSDP: a (replicate, shard) mesh of
+             dp / shard replicas, each parameter row-sharded over the shard group only
     zero=1   reg_dist's native data parallelism (``REG(model, mesh=(dp, tp))``): whole matrices owned
              over dp (ZeRO-1-like state, gradients reduce-scattered to the owners), owner moves only
              over tp
@@ -35,6 +36,7 @@ class Parallel:
     pp: int = 1
     zero: int = 3
     dp: int | None = None
+    shard: int | None = None  # HSDP's shard group (zero 3): dp = replicas × shard; None: FSDP2 over all dp
 
     def __post_init__(self) -> None:
         for name in ("nodes", "gpus_per_node", "tp", "pp"):
@@ -54,6 +56,20 @@ class Parallel:
             raise ValueError(f"world size {world} is not dp × tp × pp = {self.dp} × {self.tp} × {self.pp} "
                              f"= {self.dp * self.tp * self.pp}")
         object.__setattr__(self, "dp", dp)
+        if self.shard is not None:
+            check_count("shard", self.shard)
+            if self.zero != 3 or dp % self.shard or self.shard == dp:
+                raise ValueError(f"shard={self.shard} must be HSDP's shard group under zero 3: a divisor of dp={dp} "
+                                 f"below it (zero={self.zero})")
+
+    @property
+    def hsdp(self) -> bool:
+        return self.shard is not None
+
+    @property
+    def dp_dims(self) -> tuple[str, ...]:
+        """The data-parallel mesh dims, as the meshes of the calibrated runs name them."""
+        return ("replicate", "shard") if self.hsdp else ("dp",)
 
     @property
     def world(self) -> int:
@@ -70,7 +86,8 @@ class Parallel:
 
     def describe(self) -> str:
         pp = f" × pp {self.pp}" if self.pp > 1 else ""
-        return (f"{self.world} GPUs ({self.nodes}×{self.gpus_per_node}) = dp {self.dp} × tp {self.tp}{pp}, "
+        hsdp = f" (HSDP: {self.dp // self.shard} replicas × shard {self.shard})" if self.hsdp else ""
+        return (f"{self.world} GPUs ({self.nodes}×{self.gpus_per_node}) = dp {self.dp}{hsdp} × tp {self.tp}{pp}, "
                 f"zero {self.zero} ({ZERO_STAGES[self.zero]})")
 
     def check(self, model: Model) -> None:

@@ -169,13 +169,18 @@ def _predict_stage(full: Model, model: Model, par: Parallel, cluster: Cluster, o
     opt_sent = torch.zeros(R, dtype=torch.int64)
     t_comm = torch.zeros(R, dtype=torch.float64)
     max_peers = 0
+    rounds = len(tr.ns_rounds) if tr.ns_rounds is not None else 0
+    moves = torch.zeros(2, rounds + 2, R, dtype=torch.float64)  # overlapped moves: there / back of round k at k + 1
     for c in tr.calls:
         if c.group == "dp" and c.kind in dp_kinds:
             sync += c.sent
             continue
         opt_sent += c.sent
         t, _ = call_time(c, par, cluster)
-        t_comm += t
+        if c.phase is not None:
+            moves[0 if c.phase[1] == "there" else 1, c.phase[0] + 1] += t
+        else:
+            t_comm += t
         if c.a2a is not None:  # peers per all-to-all
             max_peers = max(max_peers, int((c.a2a["peers"] / c.calls.clamp(min=1)).max()))
     excess_s, bucket_scratch = 0.0, 0
@@ -204,6 +209,11 @@ def _predict_stage(full: Model, model: Model, par: Parallel, cluster: Cluster, o
     t_mem = per.to(torch.float64) / cluster.hbm_bytes_per_s
     t_ns = tr.ns_flops / (cluster.bf16_flops * ns_eff)
     t_comm = t_comm + excess_s
+    if rounds:  # round k transformed while round k + 1 arrives and round k − 1 returns: only the rest is exposed
+        n = tr.ns_rounds / (cluster.bf16_flops * ns_eff)
+        there, back = moves[0], moves[1]
+        pipe = there[1] + back[rounds] + torch.maximum(n, there[2:] + back[:rounds]).sum(0)
+        t_comm = t_comm + pipe - n.sum(0)
     t_opt = t_mem + t_ns + t_comm
     busiest = int(torch.argmax(t_opt))
     scratch = mat * pb + (laid * 2 * mb + owned * (mb + 2 * pb) if spectral else 0) + bucket_scratch
@@ -229,9 +239,8 @@ def _predict_stage(full: Model, model: Model, par: Parallel, cluster: Cluster, o
         if max_peers > 1024:
             a = cluster.ib_latency_s
             notes.append(f"all-to-all latency: up to {max_peers} peers per rank per move, ~{max_peers * a * 1e3:.0f} ms "
-                         f"per all-to-all at {a * 1e6:.0f} µs each. Mitigation: two-level moves (gather inside the "
-                         f"node over NVLink, one message per node pair), or owner groups of a few hundred ranks "
-                         f"(HSDP-style shard groups)")
+                         f"per all-to-all at {a * 1e6:.0f} µs each. Mitigation: owner groups (owner_group_size: "
+                         f"two-hop moves, at most max(g, P/g) − 1 peers per all-to-all)")
     if passes:
         stats = sum(int(c.bytes.max()) for c in tr.calls if c.kind == "all_reduce" and c.group != "world")
         shard_bytes = int(laid.max()) * pb

@@ -79,6 +79,7 @@ class SplitPlanModel:
     reductions: list[tuple[int, int, tuple[int, int], int]]  # (first group rank, k, (m, n), B)
     flops: Tensor  # (p,)
     owned: Tensor  # (p,) elements of the blocks this rank transforms
+    replicas: None = None  # as ``traffic.OwnerPlanModel.replicas``: no owner groups with a split
 
 
 @functools.lru_cache(maxsize=32)

@@ -34,20 +34,38 @@ class Span:
     per_node: int  # its most ranks on one node
 
 
-def span(group: str, par: Parallel) -> Span:
-    """The first instance of the group ``group`` ("dp", "tp", "dp×tp", "world", "split{k}") on ``par``'s ranks
-    (pp-major, then dp, then tp)."""
-    if group == "world":
-        ranks = range(par.world)
-    elif group == "tp":
-        ranks = range(par.tp)
-    elif group == "dp":
-        ranks = range(0, par.stage_ranks, par.tp)
-    elif group in ("dp×tp", "stage"):
-        ranks = range(par.stage_ranks)
-    elif group.startswith("split"):  # a split Newton–Schulz run of k consecutive ranks (comm.split)
-        ranks = range(int(group[len("split"):]))
+def span(group: str, par: Parallel, size: int | None = None) -> Span:
+    """The first instance of the group ``group`` on ``par``'s ranks (pp-major, then dp, then tp): "world",
+    "stage", "split{k}" (a split Newton–Schulz run of k consecutive ranks, ``comm.split``), or mesh dims
+    joined by "×" ("dp", "tp", "dp×tp"; HSDP's "replicate", "shard"); an owner group's hops
+    ``<name>:group`` (the first ``size`` ranks of ``<name>``) and ``<name>:across`` (every ``len/size``-th
+    of them)."""
+    base, _, hop = group.partition(":")
+    if base == "world":
+        ranks = list(range(par.world))
+    elif base == "stage":
+        ranks = list(range(par.stage_ranks))
+    elif base.startswith("split"):
+        ranks = list(range(int(base[len("split"):])))
     else:
+        dims = set(base.split("×"))
+        if par.hsdp and "dp" in dims:  # all of data parallelism: both of HSDP's dims
+            dims = dims - {"dp"} | {"replicate", "shard"}
+
+        def coords(r: int) -> dict[str, int]:
+            d, t = divmod(r, par.tp)
+            if par.hsdp:
+                return {"replicate": d // par.shard, "shard": d % par.shard, "tp": t}
+            return {"dp": d, "tp": t}
+
+        if not dims <= set(coords(0)):
+            raise ValueError(f"unknown group {group!r}")
+        ranks = [r for r in range(par.stage_ranks) if all(v == 0 for k, v in coords(r).items() if k not in dims)]
+    if hop == "group":
+        ranks = ranks[:size]
+    elif hop == "across":
+        ranks = ranks[:: len(ranks) // size]
+    elif hop:
         raise ValueError(f"unknown group {group!r}")
     per: dict[int, int] = {}
     for r in ranks:
@@ -84,7 +102,7 @@ def ring_collective(nbytes: float, s: Span, cluster: Cluster) -> float:
 
 def call_time(c: Call, par: Parallel, cluster: Cluster) -> tuple[Tensor, str]:
     """(R,) seconds each rank spends in the calls ``c`` (all of them), and the algorithm."""
-    s = span(c.group, par)
+    s = span(c.group, par, c.size)
     calls = c.calls.to(torch.float64)
     out = torch.zeros(len(calls), dtype=torch.float64)
     algo = "ring"

@@ -14,7 +14,10 @@ It follows the code path by path (no process group is made):
                  to its matrix's owner, every owned matrix back to every holder (in the Newton–Schulz dtype, bf16 by default);
                  "bytes" is the rank's send buffer, "sent" its off-rank part
     split NS     where the real planner splits a matrix's Newton–Schulz (``comm.split``), the group's
-                 split plan instead: its two all-to-alls, and its runs' collectives (``scale.split``)
+                 split plan instead: its two all-to-alls, and its runs' collectives (``scale.split``); refused
+                 (ValueError) with the owner-group settings, as the engine refuses it
+                 (``owner_group_size``: two hops each way, ``grouped_plan``, with HSDP's replica groups
+                 sharing the work or repeating it as the real planner chooses)
     native dp    per bucket of ``bucket_bytes`` of the owners' streams, one reduce-scatter and one
                  all-gather over dp of dp × segment parameter-dtype elements
     world        one int32 all-reduce (the non-finite agreement) once anything is laid out
@@ -43,7 +46,7 @@ from ..comm.collectives import WIRE
 from ..comm.split import SPLIT_GROUP_SIZE, check_split_args
 from ..comm.native import BUCKET_BYTES, plan_streams, segments
 from ..comm.owner import newton_schulz_cost
-from ..comm.ownership import imbalance, plan_owners
+from ..comm.ownership import REPLICAS, choose_replicas, imbalance, loads, plan_owners
 from ..ops.stats import check_count
 from ..optim import registry
 from ..optim.scaling import check_scale
@@ -68,10 +71,17 @@ class Settings:
     ns_bytes: int = 2  # Newton–Schulz in bf16 (a split matrix's Gram all-reduces)
     ns_split: str = "auto"  # comm.split: "auto", "force", "off"
     split_group_size: int = SPLIT_GROUP_SIZE
+    owner_group_size: int | None = None  # owner moves in two hops over groups of this many ranks (None: one)
+    owner_replicas: str = "auto"  # HSDP replica groups: "share", "repeat" or the planner's choice
+    owner_overlap: bool = False  # one round of moves per matrix shape, the next in flight during the transform
 
     def __post_init__(self) -> None:
         for name in ("iters", "ns_steps", "bucket_bytes"):
             check_count(name, getattr(self, name))
+        if self.owner_group_size is not None:
+            check_count("owner_group_size", self.owner_group_size)
+        if self.owner_replicas not in REPLICAS:
+            raise ValueError(f"owner_replicas must be one of {REPLICAS}, got {self.owner_replicas!r}")
         check_scale(self.scale)
         check_split_args(self.ns_split, self.split_group_size)
         for name in ("move_bytes", "param_bytes", "ns_bytes"):
@@ -118,6 +128,7 @@ class Holding:
     def width(self) -> Tensor:
         """(R,) columns each rank holds."""
         return self.extent[3] - self.extent[2]
+    piece: Tensor  # (R,) which piece each rank holds: equal ids, identical elements (copies)
 
     @property
     def laid(self) -> bool:
@@ -126,22 +137,23 @@ class Holding:
 
     def shared_floats(self, group: str, cols: bool, par: Parallel) -> Tensor:
         """(R,) entries of its statistics vector (rows, and with ``cols`` the columns of each fused
-        matrix) that ``group`` ("dp" or "tp", one it is split over) reduces on each rank: the ranks of a
+        matrix) that ``group`` ("dp", HSDP's "shard" or "tp", one it is split over) reduces on each rank: the ranks of a
         group instance hold the same columns and disjoint rows, or ("tp" splitting columns) the same rows
         and disjoint columns, so it shares the held columns of every fused matrix two of them hold rows
         of, or the held rows when two of them hold anything. Where that would not reach every holder
         (``reaches``), the held columns of every fused matrix one of them holds rows of and two ranks
         hold rows of in all."""
-        dp, tp = par.dp, par.tp
+        tp, shard = par.tp, par.shard or par.dp
+        mesh = (par.dp // shard, shard, tp)  # HSDP: (replicate, shard, tp); else (1, dp, tp)
         wider = not self.reaches(par)
-        across = -1 if group == "tp" else -2  # the mesh dim of (…, dp, tp) the group's ranks differ in
+        across = -1 if group == "tp" else -2  # the mesh dim the group's ranks differ in
         if group == "tp" and self.param.tp == 1:
-            holders = (self.numel > 0).view(dp, tp).sum(across, keepdim=True).expand(dp, tp).reshape(-1)
+            holders = (self.numel > 0).view(mesh).sum(across, keepdim=True).expand(mesh).reshape(-1)
             return (holders >= 2) * self.rows
         if not cols:
             return torch.zeros_like(self.numel)
         k = len(self.param.blocks)
-        holders = (self.blocks > 0).view(k, dp, tp).sum(across, keepdim=True).expand(k, dp, tp).reshape(k, -1)
+        holders = (self.blocks > 0).view(k, *mesh).sum(across, keepdim=True).expand(k, *mesh).reshape(k, -1)
         if wider:
             shared = (holders >= 1) & ((self.blocks > 0).sum(1, keepdim=True) >= 2)
         else:
@@ -185,10 +197,13 @@ def _held(shape: tuple[int, ...], split: int | None, fused, algorithm: str, par:
             lo, hi = _chunk(hi, tp, t)
         else:
             c0, c1 = _chunk(c1, tp, t)
-    if par.zero == 3:  # FSDP2: dim 0 of the (TP-local) tensor over dp
-        dims.append("dp")
-        a, b = _chunk(hi - lo, dp, d)
+    piece = t if "tp" in dims else torch.zeros(R, dtype=INT)
+    if par.zero == 3:  # FSDP2: dim 0 of the (TP-local) tensor over dp (HSDP: over the shard group)
+        parts = par.shard or dp
+        dims.append("shard" if par.hsdp else "dp")
+        a, b = _chunk(hi - lo, parts, d % parts)
         lo, hi = lo + a, lo + b
+        piece = piece + tp * (d % parts)
     w = c1 - c0
     numel = (hi - lo) * (p.shape[1] if len(p.shape) == 3 else 1) * w
     blocks = torch.zeros(len(p.blocks), R, dtype=INT)
@@ -198,7 +213,8 @@ def _held(shape: tuple[int, ...], split: int | None, fused, algorithm: str, par:
         overlap = (torch.minimum(row1[None], seg[:, 1:2]) - torch.maximum(row0[None], seg[:, 0:1])).clamp_(min=0)
         blocks.index_add_(0, seg[:, 2], overlap * w[None])
     dtensor = par.zero == 3 or "tp" in dims
-    return tuple(sorted(dims)), dtensor, numel, blocks, torch.stack([lo * p.unit_rows, hi * p.unit_rows, c0, c1])
+    return (tuple(sorted(dims)), dtensor, numel, blocks, torch.stack([lo * p.unit_rows, hi * p.unit_rows, c0, c1]),
+            piece)
 
 
 def group_order(model: Model) -> list[int]:
@@ -228,6 +244,7 @@ class Call:
     bytes: Tensor  # (R,)
     sent: Tensor  # (R,)
     a2a: dict[str, Tensor] | None = None
+    phase: tuple[int, str] | None = None  # overlapped owner moves: (round, "there" | "back")
 
 
 class _Calls:
@@ -235,13 +252,15 @@ class _Calls:
         self.ranks, self.slots = ranks, {}
 
     def add(self, group: str, kind: str, size: int, part: Tensor, nbytes: Tensor, count: int = 1,
-            sent: Tensor | None = None, a2a: dict[str, Tensor] | None = None) -> None:
+            sent: Tensor | None = None, a2a: dict[str, Tensor] | None = None,
+            phase: tuple[int, str] | None = None) -> None:
         """``count`` calls on the ranks of ``part``, each of ``nbytes`` (per rank) with ``sent`` (default:
-        the ring estimate, rounded per call as ``stats.count`` does)."""
+        the ring estimate, rounded per call as ``stats.count`` does); ``phase``: an overlapped move's."""
         if sent is None:
             sent = _ring_sent(kind, size, nbytes)
         z = lambda: torch.zeros(self.ranks, dtype=INT)  # noqa: E731
-        slot = self.slots.setdefault((group, kind), Call(group, kind, size, z(), z(), z(), {} if a2a else None))
+        slot = self.slots.setdefault((group, kind, phase),
+                                     Call(group, kind, size, z(), z(), z(), {} if a2a else None, phase))
         if slot.size != size:
             raise AssertionError(f"group {group!r} with two sizes")
         part = part.to(INT)
@@ -276,6 +295,8 @@ class OwnerPlanModel:
     vectors: dict[str, Tensor]  # per group rank, elements: send1/self1/send2/self2, *_far, peers1/peers2
     flops: Tensor  # (p,) Newton–Schulz FLOPs of the owned matrices
     owned: Tensor  # (p,) elements of the owned matrices
+    group_size: int | None = None  # owner groups (``grouped_plan``)
+    replicas: str | None = None  # "share" or "repeat" where every owner group holds every matrix
 
 
 def owner_plan(entries: list[tuple[Holding, Tensor]], ranks: Tensor, name: str, node: Tensor,
@@ -331,10 +352,143 @@ def owner_plan(entries: list[tuple[Holding, Tensor]], ranks: Tensor, name: str, 
     return OwnerPlanModel(name, ranks, mats, owners, imbalance(costs, owners, p), moves, v, flops, owned)
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=1024)
 def _plan(costs: tuple[int, ...], ranks: int, candidates: tuple) -> tuple[int, ...]:
     """The real planner (``ownership.plan_owners``), remembered: Muon and MuonEq plan alike."""
     return tuple(plan_owners(list(costs), ranks, list(candidates)))
+
+
+class _Hop:
+    """What one hop of a ``grouped_plan`` moves, summed over its flows (plan ranks); ``peer(r)``: rank
+    r's index in the hop's group (its inner group's index for a hop across, its own within a group)."""
+
+    def __init__(self, p: int, node: Tensor, peers: int, peer) -> None:
+        self.node, self.peer = node, peer
+        z = lambda: torch.zeros(p, dtype=INT)  # noqa: E731
+        self.buf, self.sent, self.recv, self.send_far, self.recv_far = z(), z(), z(), z(), z()
+        self.talks = torch.zeros(2, p, peers, dtype=torch.bool)  # [sends to, receives from] × rank × peer index
+
+    def add(self, src: Tensor, dst: Tensor, elements: Tensor) -> None:
+        self.buf.index_add_(0, src, elements)
+        i = ((elements > 0) & (src != dst)).nonzero().squeeze(1)
+        src, dst, el = src[i], dst[i], elements[i]
+        far = (self.node[src] != self.node[dst]).to(INT)
+        self.sent.index_add_(0, src, el)
+        self.recv.index_add_(0, dst, el)
+        self.send_far.index_add_(0, src, el * far)
+        self.recv_far.index_add_(0, dst, el * far)
+        _, p, peers = self.talks.shape
+        flat = self.talks.view(-1)
+        flat.index_fill_(0, src * peers + self.peer(dst), True)
+        flat.index_fill_(0, p * peers + dst * peers + self.peer(src), True)
+
+    def peers(self) -> Tensor:
+        """(p,) the larger of the ranks each rank sends to and receives from."""
+        return self.talks.sum(2).max(0).values
+
+
+def _first_of_each(piece: Tensor, held: Tensor, dim: int) -> Tensor:
+    """Along ``dim`` of the (groups, g) grids ``piece``/``held``: the elements of the distinct pieces."""
+    order = piece.sort(dim=dim, stable=True)
+    first = torch.ones_like(piece, dtype=torch.bool)
+    if dim == 0:
+        first[1:] = order.values[1:] != order.values[:-1]
+    else:
+        first[:, 1:] = order.values[:, 1:] != order.values[:, :-1]
+    return (held.gather(dim, order.indices) * first).sum(dim)
+
+
+def grouped_plan(members: list[Holding], ranks: Tensor, name: str, node: Tensor, settings: Settings,
+                 g: int) -> tuple[list[OwnerPlanModel], Tensor, Tensor, list[tuple[str, int, int, str, _Hop]]]:
+    """``OwnerPlan`` with ``group_size=g`` (and ``overlap``) over the group ``ranks``: its plan(s) (one per
+    owner group when the replicas repeat the work), the Newton–Schulz FLOPs per round and group rank
+    (one round, or one per matrix shape with ``owner_overlap``), the owned elements per group rank,
+    and every round's four hops (name, group size, round, "there" | "back", flows): there outer then
+    inner, back inner (one copy of each piece per mid rank) then outer, as ``comm.hops.TwoHop`` routes
+    them. With g = P this is the one-group plan (one hop of each pair stays on its rank)."""
+    p = len(ranks)
+    if p % g:
+        raise ValueError(f"owner_group_size must be a positive integer dividing the {p} ranks of {name!r}, got {g}")
+    groups = p // g
+    idx = torch.arange(p, dtype=INT)
+    G, S = idx // g, idx % g
+    mats, cands, held, piece = [], [], [], []
+    for h in members:
+        mine = (h.numel[ranks] > 0).nonzero().flatten().tolist()
+        if not mine:
+            raise ValueError(f"no rank of group {name!r} holds any of parameter {h.param.name}")
+        for k, shape in enumerate(h.param.blocks):
+            hk = h.blocks[k][ranks]
+            mats.append((h.index, k, shape))
+            cands.append(tuple(mine))
+            held.append(hk)
+            piece.append(torch.where(hk > 0, h.piece[ranks], -1))
+    costs = tuple(newton_schulz_cost(m, n) for _, _, (m, n) in mats)
+    share = list(_plan(costs, p, tuple(cands)))
+    whole = groups > 1 and all(
+        bool((_first_of_each(pc.view(groups, g), hk.view(groups, g), 1) == m * n).all())
+        for pc, hk, (_, _, (m, n)) in zip(piece, held, mats))
+    if settings.owner_replicas == "repeat" and not whole:
+        raise ValueError(f"owner_replicas='repeat' needs every group of {g} ranks of {name!r} to hold every matrix "
+                         f"whole (HSDP's shard groups); these do not")
+    per_group = [list(_plan(costs, p, tuple(tuple(r for r in c if r // g == q) for c in cands)))
+                 for q in range(groups)] if whole else []
+    choice = settings.owner_replicas if settings.owner_replicas != "auto" else "share"
+    if settings.owner_replicas == "auto" and whole:
+        received, sent = torch.zeros(p, dtype=INT), torch.zeros(p, dtype=INT)
+        for hk, o in zip(held, share):
+            out = hk * (G != o // g)
+            received += out
+            sent[(o // g) * g: (o // g + 1) * g] += out.view(groups, g).sum(0)
+        choice = choose_replicas(max(loads(list(costs), share, p)),
+                                 max(max(loads(list(costs), owners, p)) for owners in per_group),
+                                 int(torch.maximum(received, sent).max()), groups, settings.move_bytes)
+    replicas = choice if whole else None
+    everyone = torch.ones(p, dtype=torch.bool)
+    if replicas == "repeat":
+        transformers = [[(per_group[q][j], G == q) for q in range(groups)] for j in range(len(mats))]
+    else:
+        transformers = [[(o, everyone)] for o in share]
+    gnode = node[ranks]
+    shapes = sorted({shape for *_, shape in mats}, key=lambda sh: (-newton_schulz_cost(*sh),
+                    next(j for j, (*_, s) in enumerate(mats) if s == sh)))  # the runtime's rounds
+    round_of = [shapes.index(shape) if settings.owner_overlap else 0 for *_, shape in mats]
+    rounds = max(round_of) + 1
+    outer, inner = (groups, lambda r: r // g), (g, lambda r: r % g)  # a hop's peers, and each rank's index there
+    hops = [[_Hop(p, gnode, *axis) for axis in (outer, inner, inner, outer)]
+            for _ in range(rounds)]  # there: outer, inner; back: inner, outer
+    flops, owned = torch.zeros(rounds, p, dtype=torch.float64), torch.zeros(p, dtype=INT)
+    big = 2 * p
+    for (hk, pc, (_, _, (m, n))), ts, k in zip(zip(held, piece, mats), transformers, round_of):
+        for o, domain in ts:
+            h = hk * domain
+            holders = h > 0
+            pcs = torch.where(holders, pc, -1)
+            key = torch.where(holders, idx + p * (G != o // g), big)  # a copy in the owner's group sends
+            first = torch.full((int(pcs.max()) + 2,), big, dtype=INT).scatter_reduce(0, pcs + 1, key, "amin")
+            sent = h * (holders & (key == first[pcs + 1]))
+            mids = (o // g) * g + torch.arange(g, dtype=INT)
+            hops[k][0].add(idx, (o // g) * g + S, sent)
+            hops[k][1].add(mids, torch.full((g,), o, dtype=INT), sent.view(groups, g).sum(0))
+            hops[k][2].add(torch.full((g,), o, dtype=INT), mids,
+                           _first_of_each(pcs.view(groups, g), h.view(groups, g), 0))
+            hops[k][3].add((o // g) * g + S, idx, h)
+            flops[k, o] += ns_flops(m, n, settings.ns_steps)
+            owned[o] += m * n
+    names = (f"{name}:across", f"{name}:group") if 1 < g < p else (name, name)
+    sizes = (groups, g)
+    hop_list = [(names[a], sizes[a], k, phase, hop) for k in range(rounds)
+                for a, phase, hop in zip((0, 1, 1, 0), ("there", "there", "back", "back"), hops[k])]
+    total = flops.sum(0)
+    if replicas == "repeat":
+        plans = [OwnerPlanModel(name, ranks[q * g:(q + 1) * g], mats, per_group[q],
+                                imbalance(list(costs), [o - q * g for o in per_group[q]], g), False, {},
+                                total[q * g:(q + 1) * g], owned[q * g:(q + 1) * g], g, replicas)
+                 for q in range(groups)]
+    else:
+        plans = [OwnerPlanModel(name, ranks, mats, share, imbalance(list(costs), share, p), False, {}, total, owned,
+                                g, replicas)]
+    return plans, flops, owned, hop_list
 
 
 @dataclass
@@ -383,6 +537,7 @@ class Traffic:
     adamw_elements: Tensor  # (R,) elements AdamW steps here
     owned_elements: Tensor  # (R,) elements of the whole matrices this rank transforms
     laid_elements: Tensor  # (R,) held elements of the laid-out matrices (statistics, moves)
+    ns_rounds: Tensor | None = None  # owner_overlap: (rounds, R) Newton–Schulz FLOPs of each round's stacks
 
     def comm_stats(self, rank: int) -> dict[str, dict[str, int]]:
         """What ``opt.comm_stats()`` returns on stage rank ``rank`` after a step."""
@@ -471,9 +626,10 @@ def traffic(model: Model, par: Parallel, optimizer: str, settings: Settings = Se
             for h in members:
                 if h.dtensor and g in h.dims:
                     elems += floats(h, g) * (steps[h.index] & part)
-            calls.add(g, "all_reduce", dp if g == "dp" else tp, elems > 0, elems * sb)
+            calls.add(g, "all_reduce", {"dp": dp, "shard": par.shard, "tp": tp}[g], elems > 0, elems * sb)
 
     plans: list[OwnerPlanModel] = []
+    ns_rounds: list[Tensor] = []  # overlapped plans: (rounds, R) Newton–Schulz FLOPs
     flops = torch.zeros(R, dtype=torch.float64)
     owned = torch.zeros(R, dtype=INT)
     if not spectral:
@@ -489,13 +645,15 @@ def traffic(model: Model, par: Parallel, optimizer: str, settings: Settings = Se
             out = h.numel > 0
             if "dp" in dims and "dp" not in h.dims:
                 out = out & (d_of == 0)
+            if "replicate" in dims:  # HSDP: every parameter a copy on each replica
+                out = out & (d_of < par.shard)
             if "tp" in dims and "tp" not in h.dims:
                 out = out & (t_of == 0)
             return out
 
         instances, local = [], []  # (name, group ranks, entries); single-process matrices
         if par.zero == 3:  # every matrix a DTensor on the root mesh: one plan over all of it
-            dims = ("dp",) if tp == 1 else ("dp", "tp")
+            dims = par.dp_dims + (("tp",) if tp > 1 else ())
             instances.append(("×".join(dims), r, [(h, sender(h, dims)) for h in matrices]))
         elif tp == 1:
             local = matrices
@@ -527,14 +685,42 @@ def traffic(model: Model, par: Parallel, optimizer: str, settings: Settings = Se
                              "recv_near": spread(v["recv" + a] * mb) - far_r, "peers": spread(v["peers" + a])}
                     calls.add(name, "all_to_all", len(ranks), part, spread(v["send" + a] * mb), sent=sent, a2a=extra)
 
+            g = settings.owner_group_size or len(ranks)
+            grouped = g != len(ranks) or settings.owner_overlap
             split = split_plan(entries, ranks, name, node, settings) if len(ranks) > 1 else None
-            plan = split if split is not None else owner_plan(entries, ranks, name, node, settings)
-            plans.append(plan)
-            flops[ranks] += plan.flops
-            owned[ranks] += plan.owned
+            owner_modes = [f"{k}={getattr(settings, k)!r}" for k, default in (
+                ("owner_group_size", None), ("owner_replicas", "auto"), ("owner_overlap", False))
+                if getattr(settings, k) != default]
+            if split is not None and owner_modes:
+                raise ValueError(f"ns_split={settings.ns_split!r} splits the Newton–Schulz of matrices over {name!r}, "
+                                 f"which cannot be combined with {', '.join(owner_modes)} (as the engine refuses): "
+                                 "pass ns_split='off' to keep the owner modes")
             for stage in before:
                 for _ in range(stage.passes):
                     stats([h for h, _ in entries], floats(stage), part)
+            if grouped:  # owner groups, rounds: ``grouped_plan``
+                group_plans, plan_flops, plan_owned, hops = grouped_plan([h for h, _ in entries], ranks, name, node,
+                                                                         settings, g)
+                plans.extend(group_plans)
+                flops[ranks] += plan_flops.sum(0)
+                owned[ranks] += plan_owned
+                if settings.owner_overlap:
+                    rounds = torch.zeros(len(plan_flops), R, dtype=torch.float64)
+                    rounds[:, ranks] = plan_flops
+                    ns_rounds.append(rounds)
+                for hop_name, size, k, phase, hop in hops:
+                    if not bool((hop.sent > 0).any()):
+                        continue  # everything stays on its rank: no collective
+                    far_s, far_r, sent = spread(hop.send_far * mb), spread(hop.recv_far * mb), spread(hop.sent * mb)
+                    extra = {"send_far": far_s, "send_near": sent - far_s, "recv_far": far_r,
+                             "recv_near": spread(hop.recv * mb) - far_r, "peers": spread(hop.peers())}
+                    calls.add(hop_name, "all_to_all", size, part, spread(hop.buf * mb), sent=sent, a2a=extra,
+                              phase=(k, phase) if settings.owner_overlap else None)
+            else:
+                plan = split if split is not None else owner_plan(entries, ranks, name, node, settings)
+                plans.append(plan)
+                flops[ranks] += plan.flops
+                owned[ranks] += plan.owned
             if split is not None:  # always its two all-to-alls, and per run and shape its all-reduces
                 moves(split.vectors)
                 norm_bytes = 8 if 8 in (settings.param_bytes, settings.ns_bytes) else 4
@@ -546,7 +732,7 @@ def traffic(model: Model, par: Parallel, optimizer: str, settings: Settings = Se
                     for kind, elements in (("all_reduce", a * a), ("all_gather", k * -(-a // k) * a)):
                         nbytes = torch.full((R,), b * elements * settings.ns_bytes, dtype=INT)
                         calls.add(f"split{k}", kind, k, run, nbytes, count=settings.ns_steps)
-            elif plan.moves and len(ranks) > 1:
+            elif not grouped and plan.moves and len(ranks) > 1:
                 moves(plan.vectors)
             members = [h for h, _ in entries]
             for stage in after:
@@ -573,8 +759,13 @@ def traffic(model: Model, par: Parallel, optimizer: str, settings: Settings = Se
         for t, give in native.give.items():
             adam_el[t_of == t] = torch.tensor(give, dtype=INT)[d_of[t_of == t]]
     state = mat_el * pb + adam_el * 2 * pb
+    rounds = None
+    if ns_rounds:  # plans over disjoint ranks (native tp groups) may have different numbers of rounds
+        rounds = torch.zeros(max(len(x) for x in ns_rounds), R, dtype=torch.float64)
+        for x in ns_rounds:
+            rounds[: len(x)] += x
     return Traffic(model, par, optimizer, settings, calls.list(), plans, native, flops, state, mat_el, adam_el,
-                   owned, laid_el)
+                   owned, laid_el, rounds)
 
 
 def _counts(values: list[int]) -> dict[int, int]:
