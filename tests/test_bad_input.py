@@ -78,6 +78,7 @@ def test_sparse_gradient_is_an_error_naming_the_parameter():
         (lambda: racs(torch.zeros(5)), r"racs: x must be .*\(\.\.\., m, n\)"),
         (lambda: racs(torch.zeros(3, 3, dtype=torch.int64)), "racs: x must be a floating-point"),
         (lambda: racs(torch.zeros(3, 3), p=0), "p must be"),
+        (lambda: racs(torch.zeros(3, 3), exponent=0.5), "exponent must be a finite number < 0"),
         (lambda: equilibrate(torch.zeros(3, 3), mode="rows"), "mode must be one of"),
         (lambda: newton_schulz(torch.zeros(3, 3), coefficients="x"), "coefficients must be one of"),
         (lambda: newton_schulz(torch.zeros(3, 3), steps=-1), "ns_steps must be"),

@@ -19,6 +19,13 @@ def test_racs_matches_reference(shape, p, iters):
     torch.testing.assert_close(racs(x, p=p, iters=iters), racs_ref(x, p, iters), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("exponent", [-1.0, -0.25])
+def test_racs_exponent_matches_reference(exponent):
+    x = torch.randn(9, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    torch.testing.assert_close(racs(x, p=2.0, iters=2, exponent=exponent), racs_ref(x, 2.0, 2, exponent=exponent),
+                               rtol=1e-12, atol=1e-12)
+
+
 def test_racs_fp32_matches_reference():
     x = torch.randn(7, 5, generator=torch.Generator().manual_seed(1))
     out = racs(x)

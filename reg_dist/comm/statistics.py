@@ -303,7 +303,7 @@ def sharded_racs_(locals_: list[Tensor], layouts: list[Layout], p: float = 2.0, 
     (``imbalance``) is left as it is from then on; the reductions still run ``iters`` times where a
     layout is split over ranks (every rank of a group reduces the same vectors), and stop early where
     none is."""
-    check_racs_args(p, iters, eps)
+    check_racs_args(p, iters, eps, exponent)
     steps = [torch.zeros(len(lay.block_shapes), dtype=torch.long) for lay in layouts]
     rows = [block_rows(lay) for lay in layouts] if tol > 0 else []
     split = any(lay.groups for lay in layouts)

@@ -19,7 +19,6 @@ Variants (keyword-only; ALGORITHMS.md §1's definition above is ``exponent=-0.5`
                 ``stats_average`` (m + K·n values, whole on every rank holding a piece of the matrix)
 """
 
-import math
 
 from ...comm.statistics import sharded_racs_
 from ...layout import Layout
@@ -45,10 +44,7 @@ class REG(MatrixOptimizer):
     legacy_hyper = {"exponent": -0.5}  # the default before the study (docs/study.md) made it -1
 
     def check_group(self, group: dict) -> None:
-        check_racs_args(group["p"], group["iters"], group["eps"])
-        check_number("exponent", group["exponent"], -math.inf)
-        if not group["exponent"] < 0:
-            raise ValueError(f"exponent must be a finite number < 0 (the scaling's power), got {group['exponent']!r}")
+        check_racs_args(group["p"], group["iters"], group["eps"], group["exponent"])
         check_number("tol", group["tol"], 0.0)
         if group["stats"] not in STATS:
             raise ValueError(f"stats must be one of {STATS}, got {group['stats']!r}")
