@@ -151,6 +151,16 @@ def test_reg_ns_method_flag_reaches_the_newton_schulz_optimizers(name, monkeypat
     assert "ns_method" not in optimizer_kwargs(name, settings_from(config), config.lr, config.weight_decay)
 
 
+@pytest.mark.parametrize("flag", ["--reg-exponent", "--muoneq-exponent"])
+def test_exponent_flag_reaches_reg_under_either_name(flag, monkeypatch):
+    from reg_dist.integrations.megatron.optimizer import optimizer_kwargs, settings_from
+
+    config = rm.optimizer_config(_parse(["--optimizer", "reg", flag, "-0.5"], monkeypatch=monkeypatch))
+    assert optimizer_kwargs("reg", settings_from(config), config.lr, config.weight_decay)["exponent"] == -0.5
+    config = rm.optimizer_config(_parse(["--optimizer", "reg"], monkeypatch=monkeypatch))
+    assert "exponent" not in optimizer_kwargs("reg", settings_from(config), config.lr, config.weight_decay)
+
+
 def test_our_names_join_megatrons_choices_and_compose_with_a_users_provider(monkeypatch):
     def user(parser):
         parser.add_argument("--my-flag", type=int, default=0)

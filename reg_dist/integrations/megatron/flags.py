@@ -168,7 +168,8 @@ def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--muoneq-mode", choices=MODES, default=d.muoneq_mode, help="muoneq: equilibration mode.")
     g.add_argument("--muoneq-phase", type=_non_negative_int, default=d.muoneq_phase,
                    help="muoneq with --muoneq-mode rowcol: steps of rowcol before switching to row.")
-    g.add_argument("--muoneq-exponent", type=float, default=d.muoneq_exponent, help="muoneq: equilibration exponent.")
+    g.add_argument("--muoneq-exponent", "--reg-exponent", dest="muoneq_exponent", type=float, default=d.muoneq_exponent,
+                   help="The scaling's power: reg's RACS (default -1), muoneq's equilibration (default -0.5).")
     g.add_argument("--reg-tp-mode", choices=("gather", "blockwise"), default=d.reg_tp_mode,
                    help="gather: each tensor-parallel matrix whole, exactly (default); blockwise: each TP block "
                         "its own matrix, no TP traffic (the update then depends on the TP degree).")
