@@ -235,11 +235,12 @@ DISTOPT_BF16 = ["--tensor-model-parallel-size", "2", "--use-distributed-optimize
 
 @pytest.mark.parametrize("name, world, extra, formats", [
     ("reg", 2, [], ("torch", "torch_dist")),
+    ("reg", 2, ["--bf16"], ("torch",)),
     ("reg_muon", 4, ["--tensor-model-parallel-size", "2"], ("torch", "torch_dist")),
     ("reg", 4, DISTOPT_BF16, ("torch_dist", "torch")),
     ("reg_muon", 4, DISTOPT_BF16, ("torch_dist",)),
     ("reg_muon", 4, [*DISTOPT_BF16, "--reg-distributed-optimizer", "layer-wise"], ("torch_dist", "torch")),
-], ids=["reg-dp2", "reg_muon-tp2-dp2", "reg-tp2-dp2-distopt-bf16", "reg_muon-tp2-dp2-distopt-bf16",
+], ids=["reg-dp2", "reg-dp2-bf16", "reg_muon-tp2-dp2", "reg-tp2-dp2-distopt-bf16", "reg_muon-tp2-dp2-distopt-bf16",
         "reg_muon-tp2-dp2-layer-wise-bf16"])
 def test_pretrain_gpt_checkpoint_resumes_the_uninterrupted_run(name, world, extra, formats, tmp_path):
     """Megatron's DDP, its flat distributed optimizer or its layer-wise one: 4 iterations saving at 2 (in each of
@@ -294,6 +295,18 @@ def test_pretrain_gpt_moe_experts_under_the_distributed_optimizer_step_like_ddp_
         for n, w in weights.items():
             np.testing.assert_allclose(w, ddp_weights[n], rtol=1e-5, atol=1e-6, err_msg=n)
             assert (resumed_weights[n] == w).all(), n
+
+
+def test_pretrain_gpt_refuses_expert_tensor_parallelism_under_the_flat_distributed_optimizer():
+    """TP 2 × EP 2 (expert TP 2, Megatron's default: the TP size) with the flat distributed optimizer: refused when the
+    optimizer is built, naming the flag and what to use instead."""
+    run = [*BASE[:-4], "--train-iters", "1", "--lr", "0.01", "--global-batch-size", "4", "--eval-iters", "0",
+           "--eval-interval", "10", "--optimizer", "reg_muon", "--num-experts", "4", "--expert-model-parallel-size",
+           "2", "--tensor-model-parallel-size", "2", "--moe-token-dispatcher-type", "allgather",
+           "--disable-bias-linear", "--use-distributed-optimizer"]
+    with pytest.raises(AssertionError, match="--optimizer reg_muon: --expert-tensor-parallel-size > 1 is not supported "
+                                             "with the flat distributed optimizer"):
+        _pretrain(run, 4)
 
 
 def _whole(ranks: list, tp: int, iters: int) -> tuple[np.ndarray, dict]:

@@ -228,15 +228,18 @@ def rebuild(wrapper, names: dict[int, str]) -> None:
     groups, named by ``names`` (id → name): a wrapper narrowed them (the layer-wise optimizer) or swapped bf16
     parameters for fp32 main copies (``float16_groups`` → ``fp32_from_float16_groups``), which take their
     parameter's name and layout."""
-    ours = wrapper.optimizer
+    ours, laid_out = wrapper.optimizer, []
     for models, mains in zip(getattr(wrapper, "float16_groups", ()), getattr(wrapper, "fp32_from_float16_groups", ())):
         for p, main in zip(models, mains):
             names.setdefault(id(main), names.get(id(p)))  # named already where ``names`` came from the groups
             if hasattr(p, LAYOUT_ATTR):
                 setattr(main, LAYOUT_ATTR, getattr(p, LAYOUT_ATTR))
+                laid_out.append(main)
     groups = [{**g, "param_names": [names[id(p)] for p in g["params"]]} for g in ours.param_groups]
     wrapper.optimizer = tag_groups(type(ours)(groups, **ours.megatron_kwargs))
     wrapper.optimizer.megatron_kwargs = ours.megatron_kwargs
+    for main in laid_out:  # read by the build only: Megatron's --ckpt-format torch pickles the main copies
+        delattr(main, LAYOUT_ATTR)
 
 
 def tag_groups(optimizer: MatrixOptimizer) -> MatrixOptimizer:
@@ -291,8 +294,8 @@ class DistOptAdapter(Optimizer):
 
     def bind(self, distopt, split_over: tuple[tuple[str, dist.ProcessGroup], ...]) -> None:
         """Build ``inner`` over this rank's main shards of ``distopt`` (collective over ``split_over``): the
-        groups whose ranks hold the rest of a tensor-parallel matrix, ``(("tp_dp", tensor × data group),)`` for
-        dense weights, ``(("dp", expert-DP group), ("tp", expert-TP group))`` for expert weights."""
+        groups whose ranks hold the rest of a tensor-parallel matrix: ``(("tp_dp", tensor × data group),)`` for
+        dense weights, ``(("dp", expert-DP group),)`` for expert weights (expert TP 1)."""
         shards, self._grads, self.split_over = {}, [], split_over
         for models, mains in ((distopt.model_float16_groups, distopt.shard_fp32_from_float16_groups),
                               (distopt.model_fp32_groups, distopt.shard_fp32_groups)):
@@ -628,7 +631,6 @@ def _check_ckpt_step(name: str, filename: str) -> None:
 @functools.cache
 def _chain_classes() -> tuple[type, type]:
     """``LayerWiseChain`` and ``FlatChain``: Megatron's ``ChainedOptimizer`` over ours, with their checkpoints."""
-    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_outplace
     from megatron.core.optimizer import ChainedOptimizer
 
     class RegChain(ChainedOptimizer):
@@ -647,10 +649,9 @@ def _chain_classes() -> tuple[type, type]:
         def _save_chain(self, filename: str, write: bool) -> None:
             """Every child's state (collective), written to ``filename`` where ``write``."""
             chain = [o.parameter_state() if hasattr(o, "parameter_state") else o.state_dict()
-                     for o in self.chained_optimizers]  # detached: main copies carry their layout's groups
+                     for o in self.chained_optimizers]
             if write:
-                plain = dict_list_map_outplace(lambda v: v.detach() if isinstance(v, Tensor) else v, chain)
-                torch.save({OPTIMIZER_METADATA: self.name, "chain": plain}, filename)
+                torch.save({OPTIMIZER_METADATA: self.name, "chain": chain}, filename)
 
         def _load_chain(self, filename: str) -> None:
             state = torch.load(filename, weights_only=False)
@@ -764,7 +765,7 @@ def flat_distributed(name: str, config, model_chunks, groups: list[dict], buffer
     would give its own Adam's ``DistributedOptimizer`` (whose checkpoints, in megatron-core 0.19.2 without Apex
     or Transformer Engine, do not load). ``expert``: the expert-parallel groups in the DDP's expert buffers, over
     the expert-data-parallel group, as ``get_megatron_optimizer`` builds Adam's second instance: each expert
-    matrix's flat shards lie on its expert-DP ranks (and its expert-TP blocks on the expert-TP group)."""
+    matrix's flat shards lie on its expert-DP ranks (expert TP 1; more is refused)."""
     from megatron.core import parallel_state
     from megatron.core.optimizer import ConstantGradScaler
     from megatron.core.process_groups_config import ProcessGroupCollection
@@ -791,8 +792,13 @@ def flat_distributed(name: str, config, model_chunks, groups: list[dict], buffer
                          parallel_state.get_expert_tensor_parallel_group())
     distopt.tp_group, distopt.expert_tp_group = tp, expert_tp
     if expert:
+        if dist.get_world_size(expert_tp) > 1:
+            raise NotImplementedError(f"--optimizer {name}: --expert-tensor-parallel-size > 1 is not supported with "
+                                      f"the flat distributed optimizer (Muon's owner moves need one process group "
+                                      f"over expert-TP × expert-DP, which megatron-core 0.19.2 does not build); use "
+                                      f"--reg-distributed-optimizer layer-wise or Megatron's DDP")
         distopt.steps_key = EXPERT_STEPS_KEY
-        adapter.bind(distopt, (("dp", pgs[dp]), ("tp", expert_tp)))
+        adapter.bind(distopt, (("dp", pgs[dp]),))
     else:
         adapter.bind(distopt, (("tp_dp", _tp_dp_group(tp, pgs[dp], pg_collection)),))
     return distopt
