@@ -30,7 +30,11 @@ then holds the fp32 main shards of its range of every grad-buffer bucket: a flat
 on every rank, with ``reg_layout = Layout(TP layout's m × n, rows, cols, flat=(s, e), fused=QKV blocks,
 groups=(("tp_dp", tensor × data parallel group),))`` (``("dp", …)`` for a replicated weight): REG
 reduces its row/column sums over that group, Muon/MuonEq move the pieces to one owner per matrix.
-Expert-parallel parameters and several distributed-optimizer instances are refused. Its checkpoints
+Expert-parallel parameters (MoE experts) get a second ``RegDistributedOptimizer`` over the expert-data-parallel
+group and the DDP's expert buffers, as Megatron builds for its Adam, chained with the dense one in a ``FlatChain``
+(their groups ``(("dp", expert-DP group),)``; expert TP > 1 is refused). Megatron-FSDP and several
+distributed-optimizer instances (``num_distributed_optimizer_instances``) are refused. Each group's parameters
+take the algorithm reg_dist's routing gives them, as under DDP. Its checkpoints
 hold reg_dist's state in model space (``RegDistributedOptimizer``): in ``torch_dist`` Megatron reshards it to
 another TP × PP × DP layout as it does the weights; in ``torch`` DP rank 0 writes it per TP × PP rank (same
 layout, any DP degree); another optimizer's is refused.
