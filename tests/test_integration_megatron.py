@@ -202,6 +202,18 @@ def test_replicated_and_malformed_parameters():
         megatron_layout(odd, "odd")
 
 
+def test_grouped_gemm_experts_are_refused_with_the_reason():
+    """megatron-core 0.19.2's grouped-GEMM experts (``TEGroupedMLP``) need Transformer Engine, not importable here:
+    an instance made without its ``__init__`` (which would build Transformer Engine's layers) stands for one."""
+    from megatron.core.transformer.moe.experts import TEGroupedMLP
+
+    experts = TEGroupedMLP.__new__(TEGroupedMLP)
+    nn.Module.__init__(experts)
+    with pytest.raises(ValueError, match="Megatron module mlp.experts: grouped-GEMM experts .* are not supported: "
+                                         "reg_dist's layouts do not describe their weights"):
+        attach_layouts(nn.ModuleDict({"mlp": nn.ModuleDict({"experts": experts})}))
+
+
 @pytest.mark.parametrize("algorithm", ["reg", "muon"])
 def test_blockwise_tp_mode_steps_each_tensor_parallel_block_as_its_own_matrix(algorithm):
     """``--reg-tp-mode blockwise`` (``attach_layouts(blockwise=True)``): every algorithm steps each rank's

@@ -185,7 +185,17 @@ def test_our_names_join_megatrons_choices_and_compose_with_a_users_provider(monk
     (["--optimizer", "reg_muon", "--reg-ns-method", "fast"], "argument --reg-ns-method: invalid choice: 'fast'"),
     (["--optimizer", "regg"], "argument --optimizer: invalid choice: 'regg'"),
     (["--optimizer", "reg", "--reg-stats-beta", "0.9"], "--reg-stats-beta > 0 keeps a running average"),
-], ids=["iters", "p", "mode", "phase-mode", "phase-optimizer", "fsdp", "ns-dtype", "ns-method", "name", "stats-beta"])
+    (["--optimizer", "reg", "--num-experts", "4", "--moe-grouped-gemm", "--transformer-impl", "local"],
+     "--optimizer reg with --moe-grouped-gemm: megatron-core 0.19.2's --transformer-impl local ignores the flag and "
+     "builds SequentialMLP experts"),
+    (["--optimizer", "reg_muon", "--num-experts", "4", "--moe-grouped-gemm"],
+     "--optimizer reg_muon with --moe-grouped-gemm: grouped-GEMM experts (megatron-core 0.19.2's TEGroupedMLP, which "
+     "needs Transformer Engine) are not supported"),
+    (["--optimizer", "reg", "--num-experts", "4", "--expert-model-parallel-size", "2", "--use-distributed-optimizer",
+      "--expert-tensor-parallel-size", "1", "--tensor-model-parallel-size", "2", "--ckpt-format", "torch",
+      "--save", "ckpt"], "--ckpt-format torch files hold one TP × PP × EP rank's state each"),
+], ids=["iters", "p", "mode", "phase-mode", "phase-optimizer", "fsdp", "ns-dtype", "ns-method", "name", "stats-beta",
+        "grouped-gemm-local", "grouped-gemm-te", "expert-tp-torch-format"])
 def test_bad_flags_stop_the_parse_with_a_clear_message(argv, message, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         _parse(argv, monkeypatch=monkeypatch)

@@ -235,11 +235,12 @@ DISTOPT_BF16 = ["--tensor-model-parallel-size", "2", "--use-distributed-optimize
 
 @pytest.mark.parametrize("name, world, extra, formats", [
     ("reg", 2, [], ("torch", "torch_dist")),
+    ("reg", 2, ["--bf16"], ("torch",)),
     ("reg_muon", 4, ["--tensor-model-parallel-size", "2"], ("torch", "torch_dist")),
     ("reg", 4, DISTOPT_BF16, ("torch_dist", "torch")),
     ("reg_muon", 4, DISTOPT_BF16, ("torch_dist",)),
     ("reg_muon", 4, [*DISTOPT_BF16, "--reg-distributed-optimizer", "layer-wise"], ("torch_dist", "torch")),
-], ids=["reg-dp2", "reg_muon-tp2-dp2", "reg-tp2-dp2-distopt-bf16", "reg_muon-tp2-dp2-distopt-bf16",
+], ids=["reg-dp2", "reg-dp2-bf16", "reg_muon-tp2-dp2", "reg-tp2-dp2-distopt-bf16", "reg_muon-tp2-dp2-distopt-bf16",
         "reg_muon-tp2-dp2-layer-wise-bf16"])
 def test_pretrain_gpt_checkpoint_resumes_the_uninterrupted_run(name, world, extra, formats, tmp_path):
     """Megatron's DDP, its flat distributed optimizer or its layer-wise one: 4 iterations saving at 2 (in each of
@@ -263,23 +264,30 @@ def test_pretrain_gpt_checkpoint_resumes_the_uninterrupted_run(name, world, extr
                 assert (w == resumed_weights[n]).all(), (fmt, n)
 
 
-def test_pretrain_gpt_moe_experts_under_the_layer_wise_optimizer_step_like_ddp_and_resume(tmp_path):
+@pytest.mark.parametrize("name, mode, fmt", [
+    ("reg_muon", "layer-wise", "torch_dist"),
+    ("reg", "flat", "torch_dist"),
+    ("reg_muon", "flat", "torch"),
+], ids=["reg_muon-layer-wise-torch_dist", "reg-flat-torch_dist", "reg_muon-flat-torch"])
+def test_pretrain_gpt_moe_experts_under_the_distributed_optimizer_step_like_ddp_and_resume(name, mode, fmt, tmp_path):
     """4 experts (SequentialMLP: each expert's fc1 and fc2 matrices of their own), EP 2 × DP 2 on 4 ranks, gloo's
-    allgather token dispatcher, under Megatron's layer-wise distributed optimizer: each expert matrix is stepped
-    whole on one rank of its expert-DP group, and the losses and final weights equal Megatron's DDP run, where
-    every rank steps every matrix it holds whole (the single-process optimizer on the same experts), within
-    fp32 rounding (the gradients are reduced in another order); a checkpoint
-    saved at iteration 2 resumes to the same iteration 4."""
+    allgather token dispatcher, under Megatron's distributed optimizer: the layer-wise one steps each expert matrix
+    whole on one rank of its expert-DP group; the flat one (a second instance over the expert-DP group) cuts each
+    expert matrix into flat shards on its expert-DP ranks, REG reducing its statistics and Muon moving the pieces
+    to an owner over that group. The losses and final weights equal Megatron's DDP run, where every rank steps
+    every matrix it holds whole (the single-process optimizer on the same experts), within fp32 rounding (the
+    gradients are reduced in another order); a checkpoint (``fmt``) saved at iteration 2 resumes to the same
+    iteration 4."""
     run = [*BASE[:-4], "--train-iters", "4", "--lr", "0.01", "--global-batch-size", "8", "--eval-iters", "0",
-           "--eval-interval", "10", "--hidden-dropout", "0", "--attention-dropout", "0", "--optimizer", "reg_muon",
+           "--eval-interval", "10", "--hidden-dropout", "0", "--attention-dropout", "0", "--optimizer", name,
            "--reg-ns-dtype", "fp32", "--num-experts", "4", "--expert-model-parallel-size", "2",
            "--moe-token-dispatcher-type", "allgather", "--disable-bias-linear"]
-    layer_wise = [*run, "--use-distributed-optimizer", "--reg-distributed-optimizer", "layer-wise"]
+    distributed = [*run, "--use-distributed-optimizer", "--reg-distributed-optimizer", mode, "--ckpt-format", fmt]
     ddp = _pretrain(run, 4)
     ckpt = tmp_path / "ckpt"
-    whole = _pretrain([*layer_wise, "--save", str(ckpt), "--save-interval", "2"], 4)
+    whole = _pretrain([*distributed, "--save", str(ckpt), "--save-interval", "2"], 4)
     (ckpt / "latest_checkpointed_iteration.txt").write_text("2")
-    resumed = _pretrain([*layer_wise, "--load", str(ckpt)], 4)
+    resumed = _pretrain([*distributed, "--load", str(ckpt)], 4)
     for (ddp_losses, ddp_weights, _), (losses, weights, _), (tail, resumed_weights, _) in zip(ddp, whole, resumed):
         assert sum("local_experts" in n for n in weights) == 2 * 2 * 2  # 2 layers × 2 local experts × fc1, fc2
         np.testing.assert_allclose(losses, ddp_losses, rtol=1e-6)
@@ -287,6 +295,18 @@ def test_pretrain_gpt_moe_experts_under_the_layer_wise_optimizer_step_like_ddp_a
         for n, w in weights.items():
             np.testing.assert_allclose(w, ddp_weights[n], rtol=1e-5, atol=1e-6, err_msg=n)
             assert (resumed_weights[n] == w).all(), n
+
+
+def test_pretrain_gpt_refuses_expert_tensor_parallelism_under_the_flat_distributed_optimizer():
+    """TP 2 × EP 2 (expert TP 2, Megatron's default: the TP size) with the flat distributed optimizer: refused when the
+    optimizer is built, naming the flag and what to use instead."""
+    run = [*BASE[:-4], "--train-iters", "1", "--lr", "0.01", "--global-batch-size", "4", "--eval-iters", "0",
+           "--eval-interval", "10", "--optimizer", "reg_muon", "--num-experts", "4", "--expert-model-parallel-size",
+           "2", "--tensor-model-parallel-size", "2", "--moe-token-dispatcher-type", "allgather",
+           "--disable-bias-linear", "--use-distributed-optimizer"]
+    with pytest.raises(AssertionError, match="--optimizer reg_muon: --expert-tensor-parallel-size > 1 is not supported "
+                                             "with the flat distributed optimizer"):
+        _pretrain(run, 4)
 
 
 def _whole(ranks: list, tp: int, iters: int) -> tuple[np.ndarray, dict]:

@@ -29,6 +29,7 @@ import dataclasses
 import functools
 import typing
 
+from .layouts import GROUPED_EXPERTS
 from .optimizer import (DTYPES, NAMES, Settings, build_distributed, chain_layer_wise, check_settings, flat_distributed,
                         hyper_flags, layer_wise_optimizer_class, rebuild_over_main_params, registry_entries,
                         settings_from, uses_distributed_optimizer)
@@ -197,6 +198,12 @@ def check_args(args: argparse.Namespace) -> None:
     if getattr(args, "fp16", False):
         raise ValueError(f"--optimizer {name} does not support --fp16 (Megatron's emerging optimizers do not); "
                          f"use --bf16")
+    if getattr(args, "moe_grouped_gemm", False):
+        raise ValueError(f"--optimizer {name} with --moe-grouped-gemm: " + (
+            "megatron-core 0.19.2's --transformer-impl local ignores the flag and builds SequentialMLP experts, "
+            "which reg_dist steps (each expert's linear_fc1 / linear_fc2 a matrix): drop it"
+            if getattr(args, "transformer_impl", None) == "local" else
+            f"{GROUPED_EXPERTS}; drop the flag for SequentialMLP experts"))
     if getattr(args, "save", None) or getattr(args, "load", None):
         _check_checkpoint_format(name, args)
     for dest, (_, takers) in hyper_flags().items():  # a flag unset by default, set for an optimizer without it
@@ -212,11 +219,17 @@ def _check_checkpoint_format(name: str, args: argparse.Namespace) -> None:
     """Raise ValueError if Megatron cannot checkpoint ``name``'s per-row state (NorMuon's) in ``--ckpt-format``:
     Megatron's DDP and layer-wise optimizers map every ``torch_dist`` optimizer tensor to its parameter's shape;
     the flat distributed optimizer's ``torch`` files hold element-shaped state only."""
-    if not NAMES[name].row_state_keys:
-        return
     fmt = getattr(args, "ckpt_format", None)
     flat = getattr(args, "use_distributed_optimizer", False) and getattr(args, "reg_distributed_optimizer",
                                                                          "flat") == "flat"
+    expert_tp = getattr(args, "expert_tensor_parallel_size", None)
+    if fmt == "torch" and flat and getattr(args, "num_experts", None) and expert_tp not in (
+            None, getattr(args, "tensor_model_parallel_size", 1)):
+        raise ValueError(f"--optimizer {name}: the flat distributed optimizer's --ckpt-format torch files hold one "
+                         f"TP × PP × EP rank's state each, which needs --expert-tensor-parallel-size equal to "
+                         f"--tensor-model-parallel-size; use --ckpt-format torch_dist")
+    if not NAMES[name].row_state_keys:
+        return
     if fmt == "torch_dist" and not flat:
         raise ValueError(f"--optimizer {name} keeps per-row state, which Megatron's torch_dist checkpoints of its DDP "
                          f"and layer-wise optimizers cannot hold: use --ckpt-format torch, or "

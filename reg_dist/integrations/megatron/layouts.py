@@ -24,6 +24,10 @@ from torch import Tensor, nn
 
 from ...layout import LAYOUT_ATTR, Layout, fused_rows
 
+GROUPED_EXPERTS = ("grouped-GEMM experts (megatron-core 0.19.2's TEGroupedMLP, which needs Transformer Engine) are "
+                   "not supported: reg_dist's layouts do not describe their weights (each a matrix per expert, or all "
+                   "experts in one grouped tensor), and Transformer Engine is not importable where reg_dist is tested")
+
 
 def _default_tp_group(param: Tensor) -> dist.ProcessGroup:
     """Megatron's TP group for ``param``: the expert one for expert parameters (``expert_tp``, or
@@ -92,9 +96,14 @@ def attach_layouts(module: nn.Module, split_qkv: bool = True, blockwise: bool = 
     ``module`` (with the ``tp_group`` of the layer owning it, where it names one); return how many.
     Where the layer records its logical ``output_size`` × ``input_size``, the weight's layout must
     have that shape (its TP block, with ``blockwise``). ``split_qkv=False``: ``is_qkv`` weights stay
-    one matrix each."""
+    one matrix each. Grouped-GEMM experts (``TEGroupedMLP``) are refused."""
+    from megatron.core.transformer.moe.experts import TEGroupedMLP
+
     attached, seen = 0, set()
     for mod_name, mod in module.named_modules():
+        if isinstance(mod, TEGroupedMLP):
+            raise ValueError(f"Megatron module {mod_name}: {GROUPED_EXPERTS}; build SequentialMLP experts "
+                             f"(without --moe-grouped-gemm)")
         for p_name, p in mod.named_parameters(recurse=False):
             if id(p) in seen or p.ndim < 2 or not getattr(p, "tensor_model_parallel", False):
                 continue

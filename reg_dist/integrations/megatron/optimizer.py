@@ -30,7 +30,11 @@ then holds the fp32 main shards of its range of every grad-buffer bucket: a flat
 on every rank, with ``reg_layout = Layout(TP layout's m × n, rows, cols, flat=(s, e), fused=QKV blocks,
 groups=(("tp_dp", tensor × data parallel group),))`` (``("dp", …)`` for a replicated weight): REG
 reduces its row/column sums over that group, Muon/MuonEq move the pieces to one owner per matrix.
-Expert-parallel parameters and several distributed-optimizer instances are refused. Its checkpoints
+Expert-parallel parameters (MoE experts) get a second ``RegDistributedOptimizer`` over the expert-data-parallel
+group and the DDP's expert buffers, as Megatron builds for its Adam, chained with the dense one in a ``FlatChain``
+(their groups ``(("dp", expert-DP group),)``; expert TP > 1 is refused). Megatron-FSDP and several
+distributed-optimizer instances (``num_distributed_optimizer_instances``) are refused. Each group's parameters
+take the algorithm reg_dist's routing gives them, as under DDP. Its checkpoints
 hold reg_dist's state in model space (``RegDistributedOptimizer``): in ``torch_dist`` Megatron reshards it to
 another TP × PP × DP layout as it does the weights; in ``torch`` DP rank 0 writes it per TP × PP rank (same
 layout, any DP degree); another optimizer's is refused.
@@ -63,7 +67,7 @@ from ...layout import LAYOUT_ATTR, Layout
 from ...optim import registry
 from ...optim.engine import MatrixOptimizer
 from ...optim.adamw import init_adamw_state
-from ...optim.routing import ADAMW
+from ...optim.routing import ADAMW, ParamInfo, route
 from ..flat_partition import element_layout, laid, piece_layout, step_pieces
 from .layouts import attach_layouts, megatron_layout
 
@@ -228,15 +232,18 @@ def rebuild(wrapper, names: dict[int, str]) -> None:
     groups, named by ``names`` (id → name): a wrapper narrowed them (the layer-wise optimizer) or swapped bf16
     parameters for fp32 main copies (``float16_groups`` → ``fp32_from_float16_groups``), which take their
     parameter's name and layout."""
-    ours = wrapper.optimizer
+    ours, laid_out = wrapper.optimizer, []
     for models, mains in zip(getattr(wrapper, "float16_groups", ()), getattr(wrapper, "fp32_from_float16_groups", ())):
         for p, main in zip(models, mains):
             names.setdefault(id(main), names.get(id(p)))  # named already where ``names`` came from the groups
             if hasattr(p, LAYOUT_ATTR):
                 setattr(main, LAYOUT_ATTR, getattr(p, LAYOUT_ATTR))
+                laid_out.append(main)
     groups = [{**g, "param_names": [names[id(p)] for p in g["params"]]} for g in ours.param_groups]
     wrapper.optimizer = tag_groups(type(ours)(groups, **ours.megatron_kwargs))
     wrapper.optimizer.megatron_kwargs = ours.megatron_kwargs
+    for main in laid_out:  # read by the build only: Megatron's --ckpt-format torch pickles the main copies
+        delattr(main, LAYOUT_ATTR)
 
 
 def tag_groups(optimizer: MatrixOptimizer) -> MatrixOptimizer:
@@ -289,21 +296,22 @@ class DistOptAdapter(Optimizer):
         self.inner: MatrixOptimizer | None = None
         self._grads: list[tuple[Tensor, Tensor]] = []  # (inner's piece, the main shard Megatron gives .grad)
 
-    def bind(self, distopt, tp_dp: dist.ProcessGroup) -> None:
-        """Build ``inner`` over this rank's main shards of ``distopt`` (collective over ``tp_dp``)."""
-        shards, self._grads, self.tp_dp = {}, [], tp_dp
+    def bind(self, distopt, split_over: tuple[tuple[str, dist.ProcessGroup], ...]) -> None:
+        """Build ``inner`` over this rank's main shards of ``distopt`` (collective over ``split_over``): the
+        groups whose ranks hold the rest of a tensor-parallel matrix: ``(("tp_dp", tensor × data group),)`` for
+        dense weights, ``(("dp", expert-DP group),)`` for expert weights (expert TP 1)."""
+        shards, self._grads, self.split_over = {}, [], split_over
         for models, mains in ((distopt.model_float16_groups, distopt.shard_fp32_from_float16_groups),
                               (distopt.model_fp32_groups, distopt.shard_fp32_groups)):
             for model_group, main_group in zip(models, mains):
                 shards.update(zip(model_group, main_group))
-        groups = []
-        for group, models in zip(self.param_groups, self._models):
+        groups, self._pieces, self._sources = [], [], []
+        for i, (group, models) in enumerate(zip(self.param_groups, self._models)):
             wanted = group.get("optimizer", self.name)  # Megatron's overrides mark the others "adam"
             if wanted not in (self.name, "adam"):
                 raise ValueError(f"a Megatron parameter group asks for optimizer {wanted!r}; under the distributed "
                                  f"optimizer --optimizer {self.name} steps its own and 'adam' groups only")
             ours = wanted == self.name
-            algorithm = self.cls.algorithm if ours else ADAMW
             pieces = []
             for p in models:
                 name = self._names.get(id(p), f"unnamed{len(pieces)}")
@@ -313,33 +321,40 @@ class DistOptAdapter(Optimizer):
                     self._grads.append((piece, shards[p]))
                 else:
                     piece, flat = torch.empty(0, dtype=torch.float32, device=p.device), (0, 0)
-                pieces.append((name, laid(piece, self._layout(p, name, flat, ours, distopt.data_parallel_group,
-                                                              tp_dp))))
+                pieces.append((name, laid(piece, self._layout(p, name, flat, ours, distopt.data_parallel_group))))
+            self._pieces.append([piece for _, piece in pieces])
+            # our group: reg_dist's routing by name and logical shape, as under Megatron's DDP (an embedding
+            # Megatron does not mark, like the position embeddings, takes AdamW), the same on every rank
+            algorithms = [route(piece, ParamInfo((name,)), None, self.cls.algorithm).algorithm if ours else ADAMW
+                          for name, piece in pieces]
             extra = {} if ours else {"adamw_betas": self._adam["betas"], "adamw_eps": self._adam["eps"]}
-            groups.append({"params": pieces, "algorithm": algorithm, "lr": group["lr"],
-                           "weight_decay": group["weight_decay"], **extra})
+            for algorithm in dict.fromkeys(algorithms or [ADAMW]):
+                groups.append({"params": [pc for pc, a in zip(pieces, algorithms) if a == algorithm],
+                               "algorithm": algorithm, "lr": group["lr"], "weight_decay": group["weight_decay"],
+                               **extra})
+                self._sources.append(i)
         self.inner = self.cls(groups, **{k: v for k, v in self._kwargs.items() if k not in ("lr", "weight_decay")})
 
-    def _layout(self, p: Tensor, name: str, flat: tuple[int, int], ours: bool, dp_group, tp_dp) -> Layout:
+    def _layout(self, p: Tensor, name: str, flat: tuple[int, int], ours: bool, dp_group) -> Layout:
         """``p``'s TP layout cut to ``flat`` of its local shard (an AdamW parameter: its element layout),
-        over the tensor × data group where TP splits it, else the data-parallel group."""
+        over ``split_over`` where TP splits it, else the data-parallel group."""
         if ours:  # attach_layouts' (with the layer's own TP group), else a replicated weight's
             base = getattr(p, LAYOUT_ATTR, None) or megatron_layout(p, name, split_qkv=self._split_qkv)
         else:
             base = element_layout(tuple(p.shape))
-        return piece_layout(base, flat, (("tp_dp", tp_dp),) if base.groups else (("dp", dp_group),))
+        return piece_layout(base, flat, self.split_over if base.groups else (("dp", dp_group),))
 
     def model_pieces(self) -> list[tuple[Tensor, Tensor]]:
         """Every model parameter with ``inner``'s piece of it, in one order on every rank."""
-        return [(p, piece) for models, group in zip(self._models, self.inner.param_groups)
-                for p, piece in zip(models, group["params"], strict=True)]
+        return [(p, piece) for models, pieces in zip(self._models, self._pieces)
+                for p, piece in zip(models, pieces, strict=True)]
 
     @torch.no_grad()
     def step(self, closure=None):
         if self.inner is None:
             raise RuntimeError("DistOptAdapter.step before bind(distopt): build it with reg_dist.megatron.register()")
-        for group, sub in zip(self.param_groups, self.inner.param_groups):
-            sub["lr"], sub["weight_decay"] = group["lr"], group["weight_decay"]
+        for sub, i in zip(self.inner.param_groups, self._sources, strict=True):
+            sub["lr"], sub["weight_decay"] = self.param_groups[i]["lr"], self.param_groups[i]["weight_decay"]
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -360,6 +375,7 @@ def _init_adapter_state(opt, config=None) -> None:
 
 
 STEPS_KEY = "optimizer.reg_dist.steps"
+EXPERT_STEPS_KEY = "optimizer.reg_dist.expert_steps"  # the expert-parallel instance's
 OPTIMIZER_METADATA = "reg_dist_optimizer"  # the checkpoint's content metadata: which of ours saved it
 
 
@@ -388,6 +404,8 @@ def _distributed_optimizer_class() -> type:
         Per-row state (NorMuon's, whole on every holder) is one ``ShardedObject`` per parameter; the step count
         (one for every parameter) and ``skipped_steps`` one ``ShardedObject``. The checkpoint's content metadata
         names the optimizer (``reg_dist_optimizer``): another's checkpoint is refused before anything loads."""
+
+        steps_key = STEPS_KEY
 
         @staticmethod
         def _flat(piece: Tensor) -> slice:
@@ -454,7 +472,8 @@ def _distributed_optimizer_class() -> type:
             world = dist.get_world_size()
             lowest = torch.tensor([dist.get_rank() if piece.numel() else world for _, piece in pairs],
                                   dtype=torch.float64, device=pairs[0][1].device if pairs else "cpu")
-            dist.all_reduce(lowest, op=dist.ReduceOp.MIN, group=adapter.tp_dp)
+            for _, group in adapter.split_over:  # every rank holding a piece of the matrix
+                dist.all_reduce(lowest, op=dist.ReduceOp.MIN, group=group)
             out = {}
             for i, ((p, piece), owner) in enumerate(zip(pairs, lowest.tolist())):
                 state, sh = adapter.inner.state[piece], by_param[p]
@@ -490,7 +509,7 @@ def _distributed_optimizer_class() -> type:
                     param_state[i][k] = replace(sh, **fields)
             steps = {"step": 0.0, "skipped_steps": 0} if is_loading else self._steps()
             return {"param_state": param_state, "row_state": self._row_state(by_param),
-                    "steps": ShardedObject(STEPS_KEY, steps, (1,), (0,), replica_id=int(dist.get_rank() != 0))}
+                    "steps": ShardedObject(self.steps_key, steps, (1,), (0,), replica_id=int(dist.get_rank() != 0))}
 
         def state_dict(self) -> dict:
             """The common part of a ``--ckpt-format torch`` checkpoint (DP rank 0's, not collective): the optimizer's
@@ -516,12 +535,7 @@ def _distributed_optimizer_class() -> type:
             """Load ``save_parameter_state``'s file. megatron-core 0.19.2 names it from the tracker file, not from
             ``--ckpt-step``: a step other than the tracker's is refused (the model would load one iteration, the
             optimizer another)."""
-            step = getattr(_megatron_global_args(), "ckpt_step", None)
-            if step is not None and f"iter_{step:07d}" not in str(filename):
-                raise ValueError(f"--optimizer {self.optimizer.name}: Megatron loads the distributed optimizer's "
-                                 f"--ckpt-format torch state from the tracker file's iteration ({filename}), not "
-                                 f"--ckpt-step {step}: use --ckpt-format torch_dist, or name iteration {step} in "
-                                 f"latest_checkpointed_iteration.txt")
+            _check_ckpt_step(self.optimizer.name, filename)
             self.load_state_dict(torch.load(filename, weights_only=False))
 
         @torch.no_grad()
@@ -602,27 +616,55 @@ def chain_layer_wise(optimizer):
 
     if type(optimizer) is not ChainedOptimizer or len(optimizer.chained_optimizers) < 2:
         return optimizer
-    chain = _layer_wise_chain_class()(optimizer.chained_optimizers)
+    chain = _chain_classes()[0](optimizer.chained_optimizers)
     chain.name = optimizer.config.optimizer
     return chain
 
 
+def _check_ckpt_step(name: str, filename: str) -> None:
+    """Refuse ``--ckpt-step`` other than the tracker file's iteration: megatron-core 0.19.2 names the distributed
+    optimizer's ``--ckpt-format torch`` file from the tracker file (the model would load one iteration, the
+    optimizer another)."""
+    step = getattr(_megatron_global_args(), "ckpt_step", None)
+    if step is not None and f"iter_{step:07d}" not in str(filename):
+        raise ValueError(f"--optimizer {name}: Megatron loads the distributed optimizer's --ckpt-format torch state "
+                         f"from the tracker file's iteration ({filename}), not --ckpt-step {step}: use --ckpt-format "
+                         f"torch_dist, or name iteration {step} in latest_checkpointed_iteration.txt")
+
+
 @functools.cache
-def _layer_wise_chain_class() -> type:
-    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_outplace
+def _chain_classes() -> tuple[type, type]:
+    """``LayerWiseChain`` and ``FlatChain``: Megatron's ``ChainedOptimizer`` over ours, with their checkpoints."""
     from megatron.core.optimizer import ChainedOptimizer
 
-    class LayerWiseChain(ChainedOptimizer):
+    class RegChain(ChainedOptimizer):
         """Its checkpoints name the model-space sharding (``distrib_optim_sharding_type = "fully_reshardable"``,
         which the flat ``RegDistributedOptimizer`` writes) before the chain reads it: Megatron's ``ChainedOptimizer``
         prefixes its children's keys (``chained_<i>.``) by that sharding type, so a save would otherwise prefix
-        them and the load, reading the type the child wrote, not."""
+        them and the load, reading the type the child wrote, not. ``--ckpt-format torch`` files hold every
+        child's state: a flat one's ``parameter_state()``, another's state dict."""
 
         def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, **kwargs):
             metadata = kwargs.get("metadata")
             if metadata is not None and not is_loading:
                 metadata["distrib_optim_sharding_type"] = "fully_reshardable"
             return super().sharded_state_dict(model_sharded_state_dict, is_loading, **kwargs)
+
+        def _save_chain(self, filename: str, write: bool) -> None:
+            """Every child's state (collective), written to ``filename`` where ``write``."""
+            chain = [o.parameter_state() if hasattr(o, "parameter_state") else o.state_dict()
+                     for o in self.chained_optimizers]
+            if write:
+                torch.save({OPTIMIZER_METADATA: self.name, "chain": chain}, filename)
+
+        def _load_chain(self, filename: str) -> None:
+            state = torch.load(filename, weights_only=False)
+            _check_metadata(self.name, state if isinstance(state, dict) else {}, is_loading=True)
+            for o, sd in zip(self.chained_optimizers, state["chain"], strict=True):
+                o.load_state_dict(sd)
+
+    class LayerWiseChain(RegChain):
+        """The layer-wise optimizer and the flat one beside it."""
 
         def state_dict(self) -> dict:
             """What ``--ckpt-format torch`` puts beside the model: the name (the state goes to
@@ -632,18 +674,32 @@ def _layer_wise_chain_class() -> type:
         def save_state_dict_to_file(self, filename: str) -> None:
             """``--ckpt-format torch`` (one file per rank): the layer-wise optimizer's state dict and the flat
             one's ``parameter_state()`` (collective)."""
-            chain = [o.parameter_state() if hasattr(o, "parameter_state") else o.state_dict()
-                     for o in self.chained_optimizers]  # detached: main copies carry their layout's groups
-            plain = dict_list_map_outplace(lambda v: v.detach() if isinstance(v, Tensor) else v, chain)
-            torch.save({OPTIMIZER_METADATA: self.name, "chain": plain}, filename)
+            self._save_chain(filename, write=True)
 
         def load_state_dict_from_file(self, filename: str) -> None:
-            state = torch.load(filename, weights_only=False)
-            _check_metadata(self.name, state if isinstance(state, dict) else {}, is_loading=True)
-            for o, sd in zip(self.chained_optimizers, state["chain"], strict=True):
-                o.load_state_dict(sd)
+            self._load_chain(filename)
 
-    return LayerWiseChain
+    class FlatChain(RegChain):
+        """The flat optimizer of the dense parameters and the one of the expert-parallel parameters (over the
+        expert-DP group). Megatron's ``--ckpt-format torch`` writes one file per TP × PP × EP rank: each holds both
+        children's ``parameter_state()``, written by expert-DP rank 0 (the dense state, gathered over the dense
+        DP group, is the same on every EP rank); this needs the expert-TP group to be the TP group (else the
+        ranks of one file hold different expert blocks)."""
+
+        def save_parameter_state(self, filename: str) -> None:
+            expert = self.chained_optimizers[-1]
+            if set(dist.get_process_group_ranks(expert.expert_tp_group)) != \
+                    set(dist.get_process_group_ranks(expert.tp_group)):
+                raise ValueError(f"--optimizer {self.name}: the distributed optimizer's --ckpt-format torch files "
+                                 f"with experts need --expert-tensor-parallel-size equal to "
+                                 f"--tensor-model-parallel-size; use --ckpt-format torch_dist")
+            self._save_chain(filename, write=expert.data_parallel_group.rank() == 0)
+
+        def load_parameter_state(self, filename: str, *, update_legacy_format: bool = False) -> None:
+            _check_ckpt_step(self.name, filename)
+            self._load_chain(filename)
+
+    return LayerWiseChain, FlatChain
 
 
 def _check_metadata(name: str, metadata: dict | None, is_loading: bool) -> None:
@@ -691,22 +747,29 @@ def build_distributed(name: str, config, model_chunks, config_overrides=None, pg
         attach_layouts(chunk, split_qkv=settings.reg_split_qkv, blockwise=by_block)
     overrides = dict(config_overrides if config_overrides is not None else get_standard_config_overrides(config))
     overrides.update(copy.deepcopy(_EMERGING_OPTIMIZERS[name].default_param_overrides))
-    groups, buffers = _get_param_groups_and_buffers(model_chunks, model_chunk_offset=0, config=config,
-                                                    config_overrides=overrides, filter_fn=lambda g: True,
-                                                    buffer_name="buffers")
-    if any(g["is_expert_parallel"] for g in groups):
-        raise NotImplementedError(f"--optimizer {name}: expert-parallel parameters are not supported with the flat "
-                                  f"distributed optimizer; use --reg-distributed-optimizer layer-wise (each expert "
-                                  f"whole on one expert-DP rank)")
-    return ChainedOptimizer([flat_distributed(name, config, model_chunks, groups, buffers, pg_collection)])
+    chain = []
+    for expert, buffer_name in ((False, "buffers"), (True, "expert_parallel_buffers")):  # as get_megatron_optimizer
+        groups, buffers = _get_param_groups_and_buffers(model_chunks, model_chunk_offset=0, config=config,
+                                                        config_overrides=overrides, buffer_name=buffer_name,
+                                                        filter_fn=lambda g, e=expert: g["is_expert_parallel"] == e)
+        if groups or not expert:
+            chain.append(flat_distributed(name, config, model_chunks, groups, buffers, pg_collection, expert))
+    if len(chain) == 1:
+        return ChainedOptimizer(chain)
+    flat_chain = _chain_classes()[1](chain)
+    flat_chain.name = name
+    return flat_chain
 
 
-def flat_distributed(name: str, config, model_chunks, groups: list[dict], buffers: dict, pg_collection=None):
+def flat_distributed(name: str, config, model_chunks, groups: list[dict], buffers: dict, pg_collection=None,
+                     expert: bool = False):
     """Megatron's ``DistributedOptimizer`` (``RegDistributedOptimizer``) over ``DistOptAdapter`` for ``NAMES[name]``
     on Megatron's parameter ``groups`` (those marked ``optimizer="adam"`` step with AdamW) held in the DDP grad
     ``buffers`` (``{chunk index: [buffer, …]}``). Under the layer-wise optimizer it takes the groups Megatron
     would give its own Adam's ``DistributedOptimizer`` (whose checkpoints, in megatron-core 0.19.2 without Apex
-    or Transformer Engine, do not load)."""
+    or Transformer Engine, do not load). ``expert``: the expert-parallel groups in the DDP's expert buffers, over
+    the expert-data-parallel group, as ``get_megatron_optimizer`` builds Adam's second instance: each expert
+    matrix's flat shards lie on its expert-DP ranks (expert TP 1; more is refused)."""
     from megatron.core import parallel_state
     from megatron.core.optimizer import ConstantGradScaler
     from megatron.core.process_groups_config import ProcessGroupCollection
@@ -719,14 +782,29 @@ def flat_distributed(name: str, config, model_chunks, groups: list[dict], buffer
     adam = {"betas": (config.adam_beta1, config.adam_beta2), "eps": config.adam_eps}
     adapter = DistOptAdapter(name, groups, kwargs, adam, names, settings.reg_split_qkv)
     scaler = ConstantGradScaler(config.loss_scale) if config.loss_scale else None
+    dp, dp_gloo, mp = (("intra_expt_dp_group", "intra_expt_dp_group_gloo", "expt_tp_pp_with_egtp_remat_group")
+                       if expert else ("intra_dp_cp_group", "intra_dp_cp_group_gloo", "mp_group"))
     distopt = _distributed_optimizer_class()(
         adapter, config, scaler, _init_adapter_state, model_chunks=model_chunks, per_model_buffers=buffers,
-        data_parallel_group=pgs["intra_dp_cp_group"], data_parallel_group_gloo=pgs["intra_dp_cp_group_gloo"],
-        data_parallel_group_idx=dist.get_rank(pgs["mp_group"]), distributed_optimizer_instance_id=0)
+        data_parallel_group=pgs[dp], data_parallel_group_gloo=pgs[dp_gloo], data_parallel_group_idx=dist.get_rank(
+            pgs[mp]), distributed_optimizer_instance_id=0)
     distopt.grad_stats_parallel_group = pgs["intra_dist_opt_group"]
-    tp = pg_collection.tp if pg_collection is not None else parallel_state.get_tensor_model_parallel_group()
-    distopt.tp_group = distopt.expert_tp_group = tp
-    adapter.bind(distopt, _tp_dp_group(tp, pgs["intra_dp_cp_group"], pg_collection))
+    if pg_collection is not None:
+        tp, expert_tp = pg_collection.tp, getattr(pg_collection, "expt_tp", pg_collection.tp)
+    else:
+        tp, expert_tp = (parallel_state.get_tensor_model_parallel_group(),
+                         parallel_state.get_expert_tensor_parallel_group())
+    distopt.tp_group, distopt.expert_tp_group = tp, expert_tp
+    if expert:
+        if dist.get_world_size(expert_tp) > 1:
+            raise NotImplementedError(f"--optimizer {name}: --expert-tensor-parallel-size > 1 is not supported with "
+                                      f"the flat distributed optimizer (Muon's owner moves need one process group "
+                                      f"over expert-TP × expert-DP, which megatron-core 0.19.2 does not build); use "
+                                      f"--reg-distributed-optimizer layer-wise or Megatron's DDP")
+        distopt.steps_key = EXPERT_STEPS_KEY
+        adapter.bind(distopt, (("dp", pgs[dp]),))
+    else:
+        adapter.bind(distopt, (("tp_dp", _tp_dp_group(tp, pgs[dp], pg_collection)),))
     return distopt
 
 
