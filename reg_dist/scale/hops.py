@@ -8,7 +8,7 @@ INT = torch.int64
 
 
 class Hop:
-    """What one hop of a ``grouped_plan`` moves, summed over its flows (plan ranks); ``peer(r)``: rank
+    """What one hop of an ``exchange`` moves, summed over its flows (plan ranks); ``peer(r)``: rank
     r's index in the hop's group (its inner group's index for a hop across, its own within a group)."""
 
     def __init__(self, p: int, node: Tensor, peers: int, peer) -> None:
