@@ -21,7 +21,7 @@ Newton–Schulz at --ns-efficiency of it, tokens per step = the model's referenc
 Llama 3 405B: 16M), raised to one sequence per data-parallel replica; fp32 parameters, gradients and
 state (as reg_dist steps them), bf16 owner moves; activations are not counted in "fits".
 
-Run:  .venv/bin/python benchmarks/scale_report.py [--quick]   (1–1.5 min on 2 shared cores; --quick: 4 GPU counts)
+Run:  .venv/bin/python benchmarks/scale_report.py [--quick]   (minutes on 2 shared cores; --quick: 4 GPU counts)
 Writes benchmarks/results/scale.json, scale.svg, and scale.png when matplotlib is importable.
 """
 
@@ -467,6 +467,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help=f"GPU counts {QUICK} only")
     ap.add_argument("--out", default=str(HERE / "results" / "scale.json"))
     args = ap.parse_args()
+    # the model's tensors are small (one entry per rank): a second intra-op thread only adds its wake-up,
+    # milliseconds per reduction on shared cores (the same predictions, several times faster)
+    torch.set_num_threads(1)
     hw = cluster(args.cluster)
     start = time.perf_counter()
     print("calibration against benchmarks/results/comm.json …", flush=True)
