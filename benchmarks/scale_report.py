@@ -277,10 +277,13 @@ OWNER_MODES = (("one group (default), split off", {}, None),
                ("overlapped, one group", {"owner_overlap": True}, None),
                ("HSDP shard 8, groups of 8, auto", {"owner_group_size": 8}, 8),
                ("one group, split auto (the defaults)", {"ns_split": "auto"}, None),
-               ("groups of 8, split auto (recommended)", {"ns_split": "auto", "owner_group_size": 8}, None))
+               ("groups of 8 (a node), split auto", {"ns_split": "auto", "owner_group_size": 8}, None),
+               ("groups of 32 (≈ √P), split auto", {"ns_split": "auto", "owner_group_size": 32}, None))
 AT_16K = (("one group, split auto (the defaults)", {"ns_split": "auto"}, None),
-          ("groups of 8, split auto (recommended)", {"ns_split": "auto", "owner_group_size": 8}, None))
-OWNER_CASES = (("llama-7b", 1, 1024, OWNER_MODES), ("llama-405b", 8, 16384, AT_16K))
+          ("groups of 8 (a node), split auto", {"ns_split": "auto", "owner_group_size": 8}, None),
+          ("groups of 128 (≈ √P), split auto", {"ns_split": "auto", "owner_group_size": 128}, None))
+OWNER_CASES = (("llama-7b", 1, 1024, OWNER_MODES), ("llama-405b", 8, 16384, AT_16K), ("llama-70b", 8, 16384, AT_16K),
+               ("llama-7b", 1, 16384, AT_16K))
 
 
 def owner_modes(hw, mfu: float, ns_eff: float) -> list[dict]:
