@@ -12,15 +12,16 @@ anchors it must agree with.
                      AI's 5·d/B, Megatron's layer-wise Muon (632 → 157 ms at 32 GPUs)
     4. limits        where the design stops scaling, and the mitigation (from the model's notes,
                      plus a tensor-parallel group spanning two nodes)
-    5. owner modes   Muon with owner groups (two-hop moves), overlapped moves and HSDP replicas, on
-                     llama-7b at 1,024 GPUs (target: ≤ 3 % of forward+backward)
+    5. owner modes   Muon with owner groups (two-hop moves), overlapped moves, HSDP replicas and the split
+                     Newton–Schulz with owner groups, on llama-7b at 1,024 GPUs and llama-405b at 16,384
+                     (target: ≤ 3 % of forward+backward)
 
 Assumptions (flags): forward+backward at --mfu of the BF16 peak (6·N·B FLOPs, no attention FLOPs),
 Newton–Schulz at --ns-efficiency of it, tokens per step = the model's reference batch (LLaMA 2: 4M,
 Llama 3 405B: 16M), raised to one sequence per data-parallel replica; fp32 parameters, gradients and
 state (as reg_dist steps them), bf16 owner moves; activations are not counted in "fits".
 
-Run:  .venv/bin/python benchmarks/scale_report.py [--quick]   (1–1.5 min on 2 shared cores; --quick: 4 GPU counts)
+Run:  .venv/bin/python benchmarks/scale_report.py [--quick]   (minutes on 2 shared cores; --quick: 4 GPU counts)
 Writes benchmarks/results/scale.json, scale.svg, and scale.png when matplotlib is importable.
 """
 
@@ -65,7 +66,7 @@ def calibration() -> dict:
         net.h = nn.ModuleList(Block() for _ in range(measured["layers"]))
         net.ln_f = nn.LayerNorm(D)
     rows, exact = [], 0
-    for case in measured["cases"] + measured["owner_modes"]:
+    for case in measured["cases"] + measured.get("owner_modes", []):  # owner modes: once comm.json measures them
         model = from_module(net, tp_plan if case["tp"] > 1 else None, name="gpt2-small")
         par = Parallel(1, case["dp"] * case["tp"], tp=case["tp"], zero=1 if case["dp_sync_measured"] else 3,
                        shard=case.get("shard"))
@@ -266,25 +267,33 @@ def _ranges(values: list[int]) -> str:
 
 # ---- 5. owner modes ----------------------------------------------------------------------------------
 
-# (label, Settings fields, HSDP shard group or None); the split Newton–Schulz off throughout (it does not
-# combine with owner groups or rounds), so that every row moves whole matrices
-OWNER_MODES = (("one group (default)", {}, None),
+# (label, Settings fields, HSDP shard group or None); the split Newton–Schulz "off" unless a row says
+# otherwise, so that those rows move whole matrices; "split auto" rows are the optimizer's default split
+# with owner groups (the two combine; owner_replicas "share"/"repeat" and owner_overlap do not)
+OWNER_MODES = (("one group (default), split off", {}, None),
                ("groups of 8 (a node)", {"owner_group_size": 8}, None),
                ("groups of 8, overlapped", {"owner_group_size": 8, "owner_overlap": True}, None),
                ("groups of 64 (8 nodes)", {"owner_group_size": 64}, None),
                ("overlapped, one group", {"owner_overlap": True}, None),
-               ("HSDP shard 8, groups of 8, auto", {"owner_group_size": 8}, 8))
-OWNER_CASES = (("llama-7b", 1, 1024, OWNER_MODES),)  # 405b at 16,384: > 10 min per grouped row on 2 CPU cores
+               ("HSDP shard 8, groups of 8, auto", {"owner_group_size": 8}, 8),
+               ("one group, split auto (the defaults)", {"ns_split": "auto"}, None),
+               ("groups of 8 (a node), split auto", {"ns_split": "auto", "owner_group_size": 8}, None),
+               ("groups of 32 (≈ √P), split auto", {"ns_split": "auto", "owner_group_size": 32}, None))
+AT_16K = (("one group, split auto (the defaults)", {"ns_split": "auto"}, None),
+          ("groups of 8 (a node), split auto", {"ns_split": "auto", "owner_group_size": 8}, None),
+          ("groups of 128 (≈ √P), split auto", {"ns_split": "auto", "owner_group_size": 128}, None))
+OWNER_CASES = (("llama-7b", 1, 1024, OWNER_MODES), ("llama-405b", 8, 16384, AT_16K), ("llama-70b", 8, 16384, AT_16K),
+               ("llama-7b", 1, 16384, AT_16K))
 
 
 def owner_modes(hw, mfu: float, ns_eff: float) -> list[dict]:
-    """Muon's step under each owner mode (``Settings``, ``ns_split="off"``): the real planner's groups, hops
-    and rounds."""
+    """Muon's step under each owner mode (``Settings``; ``ns_split="off"`` unless the mode sets it): the real
+    planner's groups, hops, rounds and split runs."""
     rows = []
     for name, tp, gpus, modes in OWNER_CASES:
         for label, options, shard in modes:
             par = Parallel(gpus // hw.gpus_per_node, hw.gpus_per_node, tp=tp, shard=shard)
-            settings = Settings(ns_split="off", **options)
+            settings = Settings(**{"ns_split": "off", **options})
             p = predict(preset(name), par, hw, "muon", settings=settings, mfu=mfu, ns_efficiency=ns_eff)
             replicas = sorted({plan.replicas for plan in traffic(preset(name), par, "muon", settings).plans}
                               - {None}) if shard else []
@@ -461,6 +470,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help=f"GPU counts {QUICK} only")
     ap.add_argument("--out", default=str(HERE / "results" / "scale.json"))
     args = ap.parse_args()
+    # the model's tensors are small (one entry per rank): a second intra-op thread only adds its wake-up,
+    # milliseconds per reduction on shared cores (the same predictions, several times faster)
+    torch.set_num_threads(1)
     hw = cluster(args.cluster)
     start = time.perf_counter()
     print("calibration against benchmarks/results/comm.json …", flush=True)

@@ -37,8 +37,8 @@ BAD = [
     (MuonEq, {"exponent": math.inf}, "exponent must be a finite number"),
     (MuonEq, {"mode": "rowcol", "phase": -1}, "phase must be None or an integer >= 0"),
     (MuonEq, {"phase": 3}, "phase applies only to mode='rowcol'"),
-    (Muon, {"ns_split": "force", "owner_group_size": 2},
-     r"ns_split='force' cannot be combined with owner_group_size=2"),
+    (Muon, {"ns_split": "force", "owner_replicas": "repeat"},
+     r"ns_split='force' cannot be combined with owner_replicas='repeat'"),
     (MuonEq, {"ns_split": "force", "owner_overlap": True}, r"ns_split='force' cannot be combined with owner_overlap=True"),
 ]
 

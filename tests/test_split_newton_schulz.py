@@ -51,6 +51,15 @@ def test_split_under_fsdp2_x_tensor_parallel_equals_single_process(algorithm):
     assert sum(t for t, _, _ in out) == STEPS * MATRICES
 
 
+@pytest.mark.parametrize("shard, size, name", [(fsdp, 2, "dp"), (fsdp_x_tp, 4, "dp×tp")])
+@pytest.mark.parametrize("algorithm", ["muon", "muoneq_rowcol_phase"])
+def test_split_with_owner_groups_of_two_moves_in_two_hops_and_equals_single_process(algorithm, shard, size, name):
+    # runs of 2 inside a group of 2, or of 4 across both groups: each block still reaches its rank in two hops
+    out = _run(4, shard, algorithm, size, owner_group_size=2)
+    assert sum(t for t, _, _ in out) == STEPS * MATRICES
+    assert {f"{name}:group", f"{name}:across", f"split{size}"} <= set(out[0][2])
+
+
 def test_split_with_the_rms_scale_and_gram_iteration_equals_single_process():
     out = _run(2, fsdp, "muon", 2, scale="rms", ns_method="gram")
     assert sum(t for t, _, _ in out) == STEPS * MATRICES

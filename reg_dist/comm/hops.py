@@ -168,3 +168,32 @@ class TwoHop:
     def start(self, send: Tensor, stats: CommStats | None = None) -> InFlight:
         """The exchange of this rank's input ``send`` launched; its ``wait()`` is the output (see the class)."""
         return InFlight(self.hop2, stats, *self.hop1.start(send, stats))
+
+
+def axis_groups(group: dist.ProcessGroup | None, group_name: str, size: int, rank: int,
+                g: int) -> tuple[dict[str, dist.ProcessGroup | None], dict[str, str]]:
+    """The inner and outer process groups of this rank (``rank`` of ``group``'s ``size``) for inner groups of
+    ``g`` consecutive ranks (None where an axis has one rank), and the names their collectives are
+    counted as: ``<group_name>:group`` and ``<group_name>:across``, or ``group_name`` where one axis is
+    the whole group. Collective: every rank of ``group`` calls it alike."""
+    if 1 < g < size:
+        granks = dist.get_process_group_ranks(group)
+        me_g, me_s = divmod(rank, g)
+        return ({"inner": dist.new_group([granks[me_g * g + t] for t in range(g)], use_local_synchronization=True),
+                 "outer": dist.new_group([granks[G * g + me_s] for G in range(size // g)],
+                                         use_local_synchronization=True)},
+                {"inner": f"{group_name}:group", "outer": f"{group_name}:across"})
+    names = {"inner": group_name, "outer": group_name}
+    return ({"inner": None, "outer": group} if g == 1 else {"inner": group, "outer": None}), names
+
+
+def agree_off_rank(exchanges: list[TwoHop], group: dist.ProcessGroup | None) -> bool:
+    """Mark each hop of ``exchanges`` that moves anything off any rank of ``group`` (one MAX all-reduce of
+    a flag per hop, so that every rank makes the same collectives); whether any does."""
+    hops = [h for two in exchanges for h in (two.hop1, two.hop2)]
+    flags = torch.tensor([f for two in exchanges for f in two.off_rank()], dtype=torch.int32)
+    if group is not None:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+    for hop, flag in zip(hops, flags.tolist()):
+        hop.off_rank = bool(flag)
+    return bool(flags.any())

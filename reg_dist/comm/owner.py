@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ..layout import Layout, Rect
 from .collectives import CommStats
-from .hops import InFlight, Run, TwoHop
+from .hops import InFlight, Run, TwoHop, agree_off_rank, axis_groups
 from .ownership import REPLICAS, choose_replicas, imbalance, loads, plan_owners
 
 
@@ -194,30 +194,14 @@ class OwnerPlan:
                         rnd.back_send[r].append((slot[j], held_r))
                         if r in senders:
                             rnd.recv[r].append((slot[j], held_r))
-        groups_pg: dict[str, dist.ProcessGroup | None] = {"inner": group, "outer": None}
-        names = {"inner": group_name, "outer": group_name}
-        if 1 < g < self.size:
-            granks = dist.get_process_group_ranks(group)
-            me_g, me_s = divmod(self.rank, g)
-            groups_pg = {"inner": dist.new_group([granks[me_g * g + t] for t in range(g)], use_local_synchronization=True),
-                         "outer": dist.new_group([granks[G * g + me_s] for G in range(groups)],
-                                                 use_local_synchronization=True)}
-            names = {"inner": f"{group_name}:group", "outer": f"{group_name}:across"}
-        elif g == 1:
-            groups_pg = {"inner": None, "outer": group}
+        groups_pg, names = axis_groups(group, group_name, self.size, self.rank, g)
         # there: outer hop first (a far gather lands on every rank of the owner's group); back: inner first
         # (each result crosses the owner's group once, then fans out to its replicas)
         for rnd, there_runs, back_runs in zip(self.rounds, fwd, back):
             rnd.there = TwoHop(there_runs, self.size, g, self.rank, "outer", groups_pg, names)
             rnd.back = TwoHop(back_runs, self.size, g, self.rank, "inner", groups_pg, names)
-        hops = [h for rnd in self.rounds for two in (rnd.there, rnd.back) for h in (two.hop1, two.hop2)]
-        flags = torch.tensor([f for rnd in self.rounds for f in (*rnd.there.off_rank(), *rnd.back.off_rank())],
-                             dtype=torch.int32)
-        if group is not None:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
-        for hop, flag in zip(hops, flags.tolist()):
-            hop.off_rank = bool(flag)
-        self.moves_data = bool(flags.any())  # False: every move stays on its rank, no collective needed
+        # False: every move stays on its rank, no collective needed
+        self.moves_data = agree_off_rank([two for rnd in self.rounds for two in (rnd.there, rnd.back)], group)
 
     @property
     def owned(self) -> int:

@@ -43,6 +43,7 @@ from torch import Tensor
 
 from ..layout import Layout
 from .collectives import CommStats, count
+from .hops import TwoHop, agree_off_rank, axis_groups
 from .owner import gather_holdings, newton_schulz_cost
 
 SPLIT_MODES = ("auto", "off", "force")
@@ -212,9 +213,14 @@ class SplitPlan:
     """
 
     def __init__(self, layouts: list[Layout | None], names: list[str], group: dist.ProcessGroup, group_name: str,
-                 degrees: list[int], costs: list[int]) -> None:
+                 degrees: list[int], costs: list[int], group_size: int | None = None) -> None:
         self.group, self.group_name = group, group_name
         self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        g = self.size if group_size is None else group_size
+        if not isinstance(g, int) or isinstance(g, bool) or g < 1 or self.size % g:
+            raise ValueError(f"owner_group_size must be a positive integer dividing the {self.size} ranks of "
+                             f"{group_name!r}, got {group_size!r}")
+        self.group_size = g
         everyone, holders, senders = gather_holdings(layouts, names, group, group_name)
         self.matrices: list[tuple[int, int, tuple[int, int]]] = []
         candidates = []
@@ -226,7 +232,7 @@ class SplitPlan:
         self.owners, self.load = place(costs, degrees, self.size, candidates)  # each run's first rank
         mean = sum(self.load) / self.size
         self.imbalance = max(self.load) / mean - 1.0 if mean else 0.0
-        self.replicas = None  # as ``OwnerPlan.replicas``: no owner groups (the engine refuses them with a split)
+        self.replicas = None  # as ``OwnerPlan.replicas``: every matrix transformed once, whatever the groups
 
         # this rank's blocks, stacked by (run, k, full shape): slot (key, index in the stack)
         self.stacks: dict[StackKey, list[int]] = defaultdict(list)
@@ -240,16 +246,24 @@ class SplitPlan:
         recv = [[] for _ in range(self.size)]  # (slot, piece) it receives from each
         back_send = [[] for _ in range(self.size)]
         back_recv = [[] for _ in range(self.size)]
+        hops = g != self.size  # two-hop moves: every rank routes others' pieces, so it knows every (src, dst) run
+        fwd: dict[tuple[int, int], list[tuple[tuple, int]]] = defaultdict(list)  # (src, dst) -> (key, elements)
+        bwd: dict[tuple[int, int], list[tuple[tuple, int]]] = defaultdict(list)
         for j, ((i, blk, (m, n)), k, first) in enumerate(zip(self.matrices, degrees, self.owners)):
             wide = m <= n  # as ops.newton_schulz orients a square matrix
             for p in range(k):
                 owner = first + p
                 lo, hi = part_range(n if wide else m, k, p)
-                for r in range(self.size) if owner == self.rank else (self.rank,):
+                for r in range(self.size) if hops or owner == self.rank else (self.rank,):
                     if everyone[r][i] is None:
                         continue
                     pieces = _pieces([x for x in everyone[r][i].rects if x.block == blk], wide, lo, hi)
                     for pc in pieces:
+                        if hops:  # one key per piece of a block: copies held by several ranks share it
+                            key = (j, p, pc.row, pc.col, pc.r1 - pc.r0, pc.c1 - pc.c0)
+                            bwd[(owner, r)].append((key, pc.numel))
+                            if r in senders[i]:
+                                fwd[(r, owner)].append((key, pc.numel))
                         if r == self.rank:
                             back_recv[owner].append((i, pc))
                             if r in senders[i]:
@@ -262,6 +276,12 @@ class SplitPlan:
         sizes = lambda moves: [sum(pc.numel for _, pc in per) for per in moves]  # noqa: E731
         self.send_sizes, self.recv_sizes = sizes(send), sizes(recv)
         self.back_send_sizes, self.back_recv_sizes = sizes(back_send), sizes(back_recv)
+        self.there = self.back = None  # with owner groups: the moves in two hops (``hops.TwoHop``), as OwnerPlan's
+        if hops:
+            groups_pg, names = axis_groups(group, group_name, self.size, self.rank, g)
+            self.there = TwoHop(fwd, self.size, g, self.rank, "outer", groups_pg, names)
+            self.back = TwoHop(bwd, self.size, g, self.rank, "inner", groups_pg, names)
+            agree_off_rank([self.there, self.back], group)
         # one process group per run of k > 1 this rank is in, made by its members only, in one global order
         ranks = dist.get_process_group_ranks(group)
         self.subgroups: dict[tuple[int, int], dist.ProcessGroup] = {}
@@ -273,12 +293,18 @@ class SplitPlan:
         """How many matrices this rank transforms per step: a split matrix counts on its run's first rank."""
         return sum(len(js) for (first, _, _), js in self.stacks.items() if first == self.rank)
 
-    def _exchange(self, send: Tensor, send_sizes: list[int], recv_sizes: list[int], stats: CommStats | None) -> Tensor:
+    def _exchange(self, send: Tensor, send_sizes: list[int], recv_sizes: list[int], two: TwoHop | None,
+                  stats: CommStats | None) -> tuple[Tensor, list[int]]:
+        """One move: ``send`` (its pieces for each rank in rank order) exchanged, in one all-to-all or, with
+        owner groups, in ``two``'s two hops; the output and where each source's pieces start in it."""
+        if two is not None:
+            recv = two.start(send, stats).wait()
+            return recv, [two.offsets.get(src, 0) for src in range(self.size)]
         recv = send.new_empty(sum(recv_sizes))
         dist.all_to_all_single(recv, send, recv_sizes, send_sizes, group=self.group)
         count(stats, self.group_name, send, "all_to_all",
               sent=(send.numel() - send_sizes[self.rank]) * send.element_size())
-        return recv
+        return recv, [sum(recv_sizes[:src]) for src in range(self.size)]
 
     def run(self, locals_: dict[int, Tensor], fn: Callable[[Tensor], Tensor], move_dtype: torch.dtype,
             work_dtype: torch.dtype, stats: CommStats | None = None, split: SplitFn | None = None) -> dict[int, Tensor]:
@@ -288,15 +314,14 @@ class SplitPlan:
         flats = {i: x.reshape(-1) for i, x in locals_.items()}
         empty = torch.empty(0, dtype=move_dtype, device=device)
         parts = [pc.of(flats[i]).reshape(-1) for moves in self.send for i, pc in moves]
-        recv = self._exchange(torch.cat(parts).to(move_dtype) if parts else empty, self.send_sizes,
-                              self.recv_sizes, stats)
+        recv, starts = self._exchange(torch.cat(parts).to(move_dtype) if parts else empty, self.send_sizes,
+                                      self.recv_sizes, self.there, stats)
         mats = {}
         for (first, k, (m, n)), js in self.stacks.items():
             lo, hi = part_range(max(m, n), k, self.rank - first)
             h, w = (m, hi - lo) if m <= n else (hi - lo, n)
             mats[(first, k, (m, n))] = torch.zeros(len(js), h, w, dtype=work_dtype, device=device)
-        at = 0
-        for moves in self.recv:
+        for moves, at in zip(self.recv, starts):
             for (key, b), pc in moves:
                 rows, cols = pc.r1 - pc.r0, pc.c1 - pc.c0
                 mats[key][b, pc.row : pc.row + rows, pc.col : pc.col + cols] = recv[at : at + pc.numel].view(rows, cols)
@@ -313,11 +338,10 @@ class SplitPlan:
                                                                        self.rank - first, stats), shape)
         parts = [done[key][b, pc.row : pc.row + pc.r1 - pc.r0, pc.col : pc.col + pc.c1 - pc.c0].reshape(-1)
                  for moves in self.back_send for (key, b), pc in moves]
-        back = self._exchange(torch.cat(parts).to(move_dtype) if parts else empty, self.back_send_sizes,
-                              self.back_recv_sizes, stats)
+        back, starts = self._exchange(torch.cat(parts).to(move_dtype) if parts else empty, self.back_send_sizes,
+                                      self.back_recv_sizes, self.back, stats)
         out = {i: torch.empty(x.numel(), dtype=move_dtype, device=device) for i, x in locals_.items()}
-        at = 0
-        for moves in self.back_recv:
+        for moves, at in zip(self.back_recv, starts):
             for i, pc in moves:
                 pc.of(out[i])[:] = back[at : at + pc.numel].view(pc.r1 - pc.r0, pc.c1 - pc.c0)
                 at += pc.numel

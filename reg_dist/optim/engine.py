@@ -159,8 +159,10 @@ class MatrixOptimizer(Optimizer):
     (``comm.ownership.choose_replicas``); ``plans()`` says which (``OwnerPlan.replicas``).
     ``owner_overlap``: the moves run in one round per matrix shape, the next round's all-to-alls in
     flight while the current stack is orthogonalised (the same bytes, more calls).
-    A split Newton–Schulz runs over one all-to-all and its own runs of ranks: it cannot be combined with
-    ``owner_group_size``, ``owner_replicas`` or ``owner_overlap`` (ValueError: pass ``ns_split="off"``).
+    A split Newton–Schulz (``SplitPlan``) moves its blocks in one all-to-all, or in two hops with
+    ``owner_group_size``, and transforms every matrix once (``replicas`` None, even over HSDP's replicas);
+    it cannot be combined with ``owner_replicas`` "share"/"repeat" or ``owner_overlap`` (ValueError:
+    pass ``ns_split="off"``).
     """
 
     algorithm: str
@@ -211,7 +213,7 @@ class MatrixOptimizer(Optimizer):
         self.owner_group_size, self.owner_replicas, self.owner_overlap = owner_group_size, owner_replicas, owner_overlap
         if ns_split == "force" and self._owner_modes():
             raise ValueError(f"ns_split='force' cannot be combined with {', '.join(self._owner_modes())}: a split "
-                             "Newton–Schulz runs its own runs of ranks, not owner groups or overlapped rounds")
+                             "Newton–Schulz transforms each matrix once in one round (owner groups combine with it)")
         self.blockwise_dims = ("tp",) if tp_mode == "blockwise" else ()
         self.skipped_steps = 0
         self.transformed = 0  # matrices (or matrix pieces) this process has transformed, over all steps
@@ -406,9 +408,9 @@ class MatrixOptimizer(Optimizer):
                 raise ValueError(f"ns_split={self.ns_split!r} splits the Newton–Schulz of {sum(k > 1 for k in split[0])} "
                                  f"matrices over {name!r}, which cannot be combined with "
                                  f"{', '.join(self._owner_modes())}: pass ns_split='off' to keep the owner modes, "
-                                 "or leave them at their defaults to split")
+                                 "or leave them at their defaults to split (owner_group_size combines with it)")
             if split is not None:
-                plan = SplitPlan(layouts, names, pg, name, *split)
+                plan = SplitPlan(layouts, names, pg, name, *split, group_size=self.owner_group_size)
                 logger.info("%s split Newton–Schulz over %r: %d of %d matrices over runs of %s ranks, imbalance "
                             "%.1f %%", type(self).__name__, name, sum(k > 1 for k in plan.degrees), len(plan.degrees),
                             sorted({k for k in plan.degrees if k > 1}), 100 * plan.imbalance)
@@ -661,9 +663,8 @@ class MatrixOptimizer(Optimizer):
             state["step"] += 1
 
     def _owner_modes(self) -> list[str]:
-        """The owner-move options set away from their defaults (none of them combines with a split plan)."""
-        return [f"{k}={v!r}" for k, v, default in (("owner_group_size", self.owner_group_size, None),
-                                                   ("owner_replicas", self.owner_replicas, "auto"),
+        """The owner-move options set away from their defaults that a split plan does not combine with."""
+        return [f"{k}={v!r}" for k, v, default in (("owner_replicas", self.owner_replicas, "auto"),
                                                    ("owner_overlap", self.owner_overlap, False)) if v != default]
 
     def _move_dtype(self, group: dict) -> torch.dtype:

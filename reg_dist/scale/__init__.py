@@ -7,6 +7,8 @@
                test checks it on every layout the tests can run), the owner plans from the real
                planner (owner groups, HSDP replicas, overlapped rounds: ``Settings``), Newton–Schulz
                work and optimizer state per rank
+    split      the split Newton–Schulz plan of an owner group (``comm.split``), predicted
+    hops       the owner moves in two hops over owner groups (``comm.hops``), predicted
     timing     alpha–beta times of ring / tree all-reduces, reduce-scatters, all-gathers, all-to-alls
     predict    everything per step for AdamW (ZeRO-1), REG, Muon and MuonEq: bytes and calls per
                group, state per rank, Newton–Schulz FLOPs on the busiest rank, RACS memory traffic,

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ..comm.split import part_range, place, split_parameters
+from .hops import exchange, hop_calls, route
 
 INT = torch.int64
 
@@ -79,7 +80,8 @@ class SplitPlanModel:
     reductions: list[tuple[int, int, tuple[int, int], int]]  # (first group rank, k, (m, n), B)
     flops: Tensor  # (p,)
     owned: Tensor  # (p,) elements of the blocks this rank transforms
-    replicas: None = None  # as ``traffic.OwnerPlanModel.replicas``: no owner groups with a split
+    hops: list | None = None  # with owner groups: ``hops.hop_calls`` of its moves in two hops (else ``vectors``)
+    replicas: None = None  # as ``traffic.OwnerPlanModel.replicas``: every matrix transformed once
 
 
 @functools.lru_cache(maxsize=32)
@@ -89,8 +91,13 @@ def _place(costs: tuple[int, ...], degrees: tuple[int, ...], size: int, candidat
 
 def split_plan(entries: list, ranks: Tensor, name: str, node: Tensor, settings) -> SplitPlanModel | None:
     """The split plan of ``entries`` (``(traffic.Holding, sender mask)``) over the group ``ranks``; None
-    where nothing is split (an owner plan then)."""
+    where nothing is split (an owner plan then). With ``settings.owner_group_size`` g < P its moves run
+    in two hops (``SplitPlan`` with ``group_size``): ``hops`` holds them, every block routed as a matrix of
+    ``traffic.grouped_plan`` (pieces from their lowest holder, results once per mid rank)."""
     p = len(ranks)
+    g = settings.owner_group_size or p
+    if p % g:
+        raise ValueError(f"owner_group_size must be a positive integer dividing the {p} ranks of {name!r}, got {g}")
     split = split_parameters([h.param.blocks for h, _ in entries], p, settings.ns_split, settings.split_group_size,
                              settings.ns_steps, settings.ns_bytes)
     if split is None:
@@ -113,10 +120,11 @@ def split_plan(entries: list, ranks: Tensor, name: str, node: Tensor, settings) 
     flops, owned = torch.zeros(p, dtype=torch.float64), z()
     stacks: dict[tuple[int, int, tuple[int, int]], int] = {}
     gnode = node[ranks]
+    two = exchange(p, gnode, g) if g != p else None
     at = 0
     for h, sender in entries:
         s = sender[ranks]
-        extent = h.extent[:, ranks]
+        extent = h.extent.index_select(1, ranks)  # not [:, ranks]: that one waits on a second thread (ms on busy cores)
         for blk, (m, n) in enumerate(h.param.blocks):
             k, first = degrees[at], owners[at]
             at += 1
@@ -143,6 +151,8 @@ def split_plan(entries: list, ranks: Tensor, name: str, node: Tensor, settings) 
             for q in range(k):
                 senders_of[first + q].append(sk[q] > 0)
                 holders_of[first + q].append(hk[q] > 0)
+                if two is not None:
+                    route(two, first + q, g, sk[q], hk[q], torch.where(hk[q] > 0, h.piece[ranks], -1))
             length = (hi - lo).flatten()
             rows = -(-a // k)
             formed = (torch.arange(1, k + 1) * rows).clamp(max=a) - (torch.arange(k) * rows).clamp(max=a)
@@ -152,4 +162,4 @@ def split_plan(entries: list, ranks: Tensor, name: str, node: Tensor, settings) 
                                          for o in senders_of})
     reductions = [(first, k, shape, b) for (first, k, shape), b in sorted(stacks.items()) if k > 1]
     return SplitPlanModel(name, ranks, mats, degrees, list(owners), list(load), max(load) / mean - 1.0 if mean else 0.0,
-                          v, reductions, flops, owned)
+                          v, reductions, flops, owned, hop_calls(name, p, g, two) if two is not None else None)

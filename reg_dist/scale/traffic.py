@@ -13,11 +13,12 @@ It follows the code path by path (no process group is made):
     owner moves  per owner plan whose moves leave a rank, two all-to-alls: every distinct held element
                  to its matrix's owner, every owned matrix back to every holder (in the Newton–Schulz dtype, bf16 by default);
                  "bytes" is the rank's send buffer, "sent" its off-rank part
-    split NS     where the real planner splits a matrix's Newton–Schulz (``comm.split``), the group's
-                 split plan instead: its two all-to-alls, and its runs' collectives (``scale.split``); refused
-                 (ValueError) with the owner-group settings, as the engine refuses it
                  (``owner_group_size``: two hops each way, ``grouped_plan``, with HSDP's replica groups
                  sharing the work or repeating it as the real planner chooses)
+    split NS     where the real planner splits a matrix's Newton–Schulz (``comm.split``), the group's
+                 split plan instead: its two all-to-alls (two hops each with ``owner_group_size``), and its
+                 runs' collectives (``scale.split``); refused (ValueError) with ``owner_replicas``
+                 "share"/"repeat" or ``owner_overlap``, as the engine refuses it
     native dp    per bucket of ``bucket_bytes`` of the owners' streams, one reduce-scatter and one
                  all-gather over dp of dp × segment parameter-dtype elements
     world        one int32 all-reduce (the non-finite agreement) once anything is laid out
@@ -52,6 +53,7 @@ from ..optim import registry
 from ..optim.scaling import check_scale
 from .parallel import Parallel
 from .shapes import MATRIX, Model, Param
+from .hops import Hop, exchange, first_of_each, hop_calls, route
 from .split import SplitPlanModel, peers, split_plan
 
 OPTIMIZERS = tuple(registry.ALGORITHMS)
@@ -358,48 +360,8 @@ def _plan(costs: tuple[int, ...], ranks: int, candidates: tuple) -> tuple[int, .
     return tuple(plan_owners(list(costs), ranks, list(candidates)))
 
 
-class _Hop:
-    """What one hop of a ``grouped_plan`` moves, summed over its flows (plan ranks); ``peer(r)``: rank
-    r's index in the hop's group (its inner group's index for a hop across, its own within a group)."""
-
-    def __init__(self, p: int, node: Tensor, peers: int, peer) -> None:
-        self.node, self.peer = node, peer
-        z = lambda: torch.zeros(p, dtype=INT)  # noqa: E731
-        self.buf, self.sent, self.recv, self.send_far, self.recv_far = z(), z(), z(), z(), z()
-        self.talks = torch.zeros(2, p, peers, dtype=torch.bool)  # [sends to, receives from] × rank × peer index
-
-    def add(self, src: Tensor, dst: Tensor, elements: Tensor) -> None:
-        self.buf.index_add_(0, src, elements)
-        i = ((elements > 0) & (src != dst)).nonzero().squeeze(1)
-        src, dst, el = src[i], dst[i], elements[i]
-        far = (self.node[src] != self.node[dst]).to(INT)
-        self.sent.index_add_(0, src, el)
-        self.recv.index_add_(0, dst, el)
-        self.send_far.index_add_(0, src, el * far)
-        self.recv_far.index_add_(0, dst, el * far)
-        _, p, peers = self.talks.shape
-        flat = self.talks.view(-1)
-        flat.index_fill_(0, src * peers + self.peer(dst), True)
-        flat.index_fill_(0, p * peers + dst * peers + self.peer(src), True)
-
-    def peers(self) -> Tensor:
-        """(p,) the larger of the ranks each rank sends to and receives from."""
-        return self.talks.sum(2).max(0).values
-
-
-def _first_of_each(piece: Tensor, held: Tensor, dim: int) -> Tensor:
-    """Along ``dim`` of the (groups, g) grids ``piece``/``held``: the elements of the distinct pieces."""
-    order = piece.sort(dim=dim, stable=True)
-    first = torch.ones_like(piece, dtype=torch.bool)
-    if dim == 0:
-        first[1:] = order.values[1:] != order.values[:-1]
-    else:
-        first[:, 1:] = order.values[:, 1:] != order.values[:, :-1]
-    return (held.gather(dim, order.indices) * first).sum(dim)
-
-
 def grouped_plan(members: list[Holding], ranks: Tensor, name: str, node: Tensor, settings: Settings,
-                 g: int) -> tuple[list[OwnerPlanModel], Tensor, Tensor, list[tuple[str, int, int, str, _Hop]]]:
+                 g: int) -> tuple[list[OwnerPlanModel], Tensor, Tensor, list[tuple[str, int, int, str, Hop]]]:
     """``OwnerPlan`` with ``group_size=g`` (and ``overlap``) over the group ``ranks``: its plan(s) (one per
     owner group when the replicas repeat the work), the Newton–Schulz FLOPs per round and group rank
     (one round, or one per matrix shape with ``owner_overlap``), the owned elements per group rank,
@@ -411,7 +373,7 @@ def grouped_plan(members: list[Holding], ranks: Tensor, name: str, node: Tensor,
         raise ValueError(f"owner_group_size must be a positive integer dividing the {p} ranks of {name!r}, got {g}")
     groups = p // g
     idx = torch.arange(p, dtype=INT)
-    G, S = idx // g, idx % g
+    G = idx // g
     mats, cands, held, piece = [], [], [], []
     for h in members:
         mine = (h.numel[ranks] > 0).nonzero().flatten().tolist()
@@ -426,7 +388,7 @@ def grouped_plan(members: list[Holding], ranks: Tensor, name: str, node: Tensor,
     costs = tuple(newton_schulz_cost(m, n) for _, _, (m, n) in mats)
     share = list(_plan(costs, p, tuple(cands)))
     whole = groups > 1 and all(
-        bool((_first_of_each(pc.view(groups, g), hk.view(groups, g), 1) == m * n).all())
+        bool((first_of_each(pc.view(groups, g), hk.view(groups, g), 1) == m * n).all())
         for pc, hk, (_, _, (m, n)) in zip(piece, held, mats))
     if settings.owner_replicas == "repeat" and not whole:
         raise ValueError(f"owner_replicas='repeat' needs every group of {g} ranks of {name!r} to hold every matrix "
@@ -454,9 +416,7 @@ def grouped_plan(members: list[Holding], ranks: Tensor, name: str, node: Tensor,
                     next(j for j, (*_, s) in enumerate(mats) if s == sh)))  # the runtime's rounds
     round_of = [shapes.index(shape) if settings.owner_overlap else 0 for *_, shape in mats]
     rounds = max(round_of) + 1
-    outer, inner = (groups, lambda r: r // g), (g, lambda r: r % g)  # a hop's peers, and each rank's index there
-    hops = [[_Hop(p, gnode, *axis) for axis in (outer, inner, inner, outer)]
-            for _ in range(rounds)]  # there: outer, inner; back: inner, outer
+    hops = [exchange(p, gnode, g) for _ in range(rounds)]
     flops, owned = torch.zeros(rounds, p, dtype=torch.float64), torch.zeros(p, dtype=INT)
     big = 2 * p
     for (hk, pc, (_, _, (m, n))), ts, k in zip(zip(held, piece, mats), transformers, round_of):
@@ -467,18 +427,10 @@ def grouped_plan(members: list[Holding], ranks: Tensor, name: str, node: Tensor,
             key = torch.where(holders, idx + p * (G != o // g), big)  # a copy in the owner's group sends
             first = torch.full((int(pcs.max()) + 2,), big, dtype=INT).scatter_reduce(0, pcs + 1, key, "amin")
             sent = h * (holders & (key == first[pcs + 1]))
-            mids = (o // g) * g + torch.arange(g, dtype=INT)
-            hops[k][0].add(idx, (o // g) * g + S, sent)
-            hops[k][1].add(mids, torch.full((g,), o, dtype=INT), sent.view(groups, g).sum(0))
-            hops[k][2].add(torch.full((g,), o, dtype=INT), mids,
-                           _first_of_each(pcs.view(groups, g), h.view(groups, g), 0))
-            hops[k][3].add((o // g) * g + S, idx, h)
+            route(hops[k], o, g, sent, h, pcs)
             flops[k, o] += ns_flops(m, n, settings.ns_steps)
             owned[o] += m * n
-    names = (f"{name}:across", f"{name}:group") if 1 < g < p else (name, name)
-    sizes = (groups, g)
-    hop_list = [(names[a], sizes[a], k, phase, hop) for k in range(rounds)
-                for a, phase, hop in zip((0, 1, 1, 0), ("there", "there", "back", "back"), hops[k])]
+    hop_list = [call for k in range(rounds) for call in hop_calls(name, p, g, hops[k], k)]
     total = flops.sum(0)
     if replicas == "repeat":
         plans = [OwnerPlanModel(name, ranks[q * g:(q + 1) * g], mats, per_group[q],
@@ -689,8 +641,7 @@ def traffic(model: Model, par: Parallel, optimizer: str, settings: Settings = Se
             grouped = g != len(ranks) or settings.owner_overlap
             split = split_plan(entries, ranks, name, node, settings) if len(ranks) > 1 else None
             owner_modes = [f"{k}={getattr(settings, k)!r}" for k, default in (
-                ("owner_group_size", None), ("owner_replicas", "auto"), ("owner_overlap", False))
-                if getattr(settings, k) != default]
+                ("owner_replicas", "auto"), ("owner_overlap", False)) if getattr(settings, k) != default]
             if split is not None and owner_modes:
                 raise ValueError(f"ns_split={settings.ns_split!r} splits the Newton–Schulz of matrices over {name!r}, "
                                  f"which cannot be combined with {', '.join(owner_modes)} (as the engine refuses): "
@@ -698,7 +649,17 @@ def traffic(model: Model, par: Parallel, optimizer: str, settings: Settings = Se
             for stage in before:
                 for _ in range(stage.passes):
                     stats([h for h, _ in entries], floats(stage), part)
-            if grouped:  # owner groups, rounds: ``grouped_plan``
+            def add_hops(hops: list, ranks: Tensor = ranks, part: Tensor = part) -> None:
+                for hop_name, size, k, phase, hop in hops:
+                    if not bool((hop.sent > 0).any()):
+                        continue  # everything stays on its rank: no collective
+                    far_s, far_r, sent = spread(hop.send_far * mb), spread(hop.recv_far * mb), spread(hop.sent * mb)
+                    extra = {"send_far": far_s, "send_near": sent - far_s, "recv_far": far_r,
+                             "recv_near": spread(hop.recv * mb) - far_r, "peers": spread(hop.peers())}
+                    calls.add(hop_name, "all_to_all", size, part, spread(hop.buf * mb), sent=sent, a2a=extra,
+                              phase=(k, phase) if settings.owner_overlap else None)
+
+            if grouped and split is None:  # owner groups, rounds: ``grouped_plan``
                 group_plans, plan_flops, plan_owned, hops = grouped_plan([h for h, _ in entries], ranks, name, node,
                                                                          settings, g)
                 plans.extend(group_plans)
@@ -708,21 +669,17 @@ def traffic(model: Model, par: Parallel, optimizer: str, settings: Settings = Se
                     rounds = torch.zeros(len(plan_flops), R, dtype=torch.float64)
                     rounds[:, ranks] = plan_flops
                     ns_rounds.append(rounds)
-                for hop_name, size, k, phase, hop in hops:
-                    if not bool((hop.sent > 0).any()):
-                        continue  # everything stays on its rank: no collective
-                    far_s, far_r, sent = spread(hop.send_far * mb), spread(hop.recv_far * mb), spread(hop.sent * mb)
-                    extra = {"send_far": far_s, "send_near": sent - far_s, "recv_far": far_r,
-                             "recv_near": spread(hop.recv * mb) - far_r, "peers": spread(hop.peers())}
-                    calls.add(hop_name, "all_to_all", size, part, spread(hop.buf * mb), sent=sent, a2a=extra,
-                              phase=(k, phase) if settings.owner_overlap else None)
+                add_hops(hops)
             else:
                 plan = split if split is not None else owner_plan(entries, ranks, name, node, settings)
                 plans.append(plan)
                 flops[ranks] += plan.flops
                 owned[ranks] += plan.owned
-            if split is not None:  # always its two all-to-alls, and per run and shape its all-reduces
-                moves(split.vectors)
+            if split is not None:  # always its two all-to-alls (or their hops), and per run and shape its all-reduces
+                if split.hops is not None:
+                    add_hops(split.hops)
+                else:
+                    moves(split.vectors)
                 norm_bytes = 8 if 8 in (settings.param_bytes, settings.ns_bytes) else 4
                 for first, k, (m, n), b in split.reductions:
                     run = torch.zeros(R, dtype=torch.bool)
