@@ -107,7 +107,8 @@ CASES = [(lay, name) for lay in LAYOUTS for name in lay.optimizers()]
 MODES = (Layout("FSDP2 DP=4, groups of 2", 4, 1, False, owner=(("owner_group_size", 2),)),
          Layout("FSDP2 DP=4, overlapped", 4, 1, False, owner=(("owner_overlap", True),)),
          Layout("HSDP 2×2, share", 4, 1, False, 2, (("owner_group_size", 2), ("owner_replicas", "share"))),
-         Layout("HSDP 2×2, repeat", 4, 1, False, 2, (("owner_group_size", 2), ("owner_replicas", "repeat"))))
+         Layout("HSDP 2×2, repeat", 4, 1, False, 2, (("owner_group_size", 2), ("owner_replicas", "repeat"))),
+         Layout("FSDP2 DP=4, groups of 2, split 2", 4, 1, False, owner=(("owner_group_size", 2),), split=2))
 MODE_CASES = [(lay, name) for lay in MODES for name in ("Muon", "MuonEq")]
 
 
@@ -390,12 +391,12 @@ def print_megatron(cases: list[dict], layers: int) -> None:
 def print_modes(modes: list[dict], baseline: list[dict], layers: int) -> None:
     print(f"\nThe owner path's modes, GPT-2-small shapes ({layers} blocks), 4 gloo ranks: per process group, calls and "
           f"MB sent per step\n(rank 0 / the most on any rank), statistics all-reduces and the agreement included")
-    print(f"{'layout':<26}{'optimizer':<10}{'group':<24}{'calls':>6}{'sent r0':>10}{'sent max':>10}")
+    print(f"{'layout':<34}{'optimizer':<10}{'group':<24}{'calls':>6}{'sent r0':>10}{'sent max':>10}")
     for c in baseline + modes:
         for group in sorted(c["ranks"][0]["comm"]):
             e = c["ranks"][0]["comm"][group]
             most = max(r["comm"].get(group, {"sent": 0})["sent"] for r in c["ranks"])
-            print(f"{c['layout']:<26}{c['optimizer']:<10}{group:<24}{e['calls']:>6}{e['sent'] / MB:>10.2f}"
+            print(f"{c['layout']:<34}{c['optimizer']:<10}{group:<24}{e['calls']:>6}{e['sent'] / MB:>10.2f}"
                   f"{most / MB:>10.2f}")
     print("<name>:group / <name>:across: the two hops of owner groups (inside a group of 2 / between the groups);\n"
           "MuonEq's one 'dp' or 'shard' call is its equilibration's statistics all-reduce.")

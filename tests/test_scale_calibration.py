@@ -187,7 +187,7 @@ def _gpt2_small(layers=12):
 
 
 def test_predictions_equal_the_gpt2_small_measurements_in_comm_json():
-    """benchmarks/comm.py's run (4 gloo ranks, 124M parameters, 11 layout × optimizer cases and 8 of the
+    """benchmarks/comm.py's run (4 gloo ranks, 124M parameters, 11 layout × optimizer cases and 10 of the
     owner path's modes): every rank's comm_stats, the ZeRO-1 figure and the planner's imbalance, predicted
     exactly."""
     result = json.loads((ROOT / "benchmarks" / "results" / "comm.json").read_text())
@@ -206,12 +206,15 @@ def test_predictions_equal_the_gpt2_small_measurements_in_comm_json():
         p = predict(model, par, cluster("h100"), case["optimizer"].lower(),
                     settings=Settings(iters=result["iters"], **split))
         assert p.zero1_sent == case["zero1_adamw_bytes"]
-    # the owner path's modes (owner groups of 2, overlapped moves, HSDP 2 × 2 sharing or repeating)
-    assert len(result["owner_modes"]) == 8
+    # the owner path's modes (owner groups of 2, overlapped moves, HSDP 2 × 2 sharing or repeating, owner
+    # groups of 2 with every Newton–Schulz split over 2)
+    assert len(result["owner_modes"]) == 10
     model = from_module(_gpt2_small(result["layers"]))
     for case in result["owner_modes"]:
         par = Parallel(1, 4, zero=3, shard=case["shard"])
-        t = traffic(model, par, case["optimizer"].lower(), Settings(iters=result["iters"], **case["options"]))
+        split = {"ns_split": "force", "split_group_size": case["split"]} if case.get("split") else {}
+        t = traffic(model, par, case["optimizer"].lower(),
+                    Settings(iters=result["iters"], **case["options"], **split))
         for r in case["ranks"]:
             assert t.comm_stats(r["rank"]) == r["comm"], f"{case['layout']} {case['optimizer']} rank {r['rank']}"
         assert t.imbalance == pytest.approx(case["imbalance"])
