@@ -298,7 +298,10 @@ class LocalPlan:
 
     Same-shape matrices are stacked, in order, into ``(B, m, n)`` batches of at most ``STACK_BYTES``
     (the matrices of one parameter are never cut) and ``fn`` runs once per batch; a lone matrix is
-    handed over as a view rather than copied into a stack.
+    handed over as a view rather than copied into a stack. On the CPU, where Newton–Schulz runs one
+    matrix at a time whatever the stack (``ops.newton_schulz.orthogonalize``), ``fn`` runs on each
+    matrix's view instead (``(1, m, n)``): the same values without the copy into a stack. A parameter
+    that is one matrix takes ``fn``'s result as it is; the matrices of a fused one are copied back.
     """
 
     group, group_name, size, rank, imbalance, moves_data = None, "local", 1, 0, 0.0, False
@@ -314,8 +317,9 @@ class LocalPlan:
 
     def run(self, locals_: dict[int, Tensor], fn: Callable[[Tensor], Tensor], move_dtype: torch.dtype,
             work_dtype: torch.dtype, stats: CommStats | None = None) -> dict[int, Tensor]:
-        """``fn`` on every matrix, written back into ``locals_`` (``move_dtype`` plays no part: nothing moves)."""
-        by_shape: dict[tuple[int, int], list[list[list[Tensor]]]] = defaultdict(list)  # shape → params → matrices
+        """``fn`` on every matrix; returns each parameter's result: ``fn``'s where the parameter is one
+        matrix, else written back into ``locals_`` (``move_dtype`` plays no part: nothing moves)."""
+        by_shape: dict[tuple[int, int], list[tuple[int, list[list[Tensor]]]]] = defaultdict(list)  # → (param, matrices)
         for i, x in locals_.items():
             lay = self.layouts[i]
             rows = x.view(lay.shape)
@@ -323,19 +327,26 @@ class LocalPlan:
             for start, end, k in lay.segments:
                 views[k].append(rows[start:end])
             for shape in set(lay.block_shapes):
-                by_shape[shape].append([views[k] for k, s in enumerate(lay.block_shapes) if s == shape])
+                by_shape[shape].append((i, [views[k] for k, s in enumerate(lay.block_shapes) if s == shape]))
+        results = dict(locals_)
         itemsize = torch.empty((), dtype=work_dtype).element_size()
         for (m, n), params in by_shape.items():
-            for run in stacks(params, [len(mats) * m * n * itemsize for mats in params], STACK_BYTES):
-                mats = [segments for mats in run for segments in mats]
-                whole = [torch.cat(s) if len(s) > 1 else s[0] for s in mats]
-                out = fn((whole[0].unsqueeze(0) if len(whole) == 1 else torch.stack(whole)).to(work_dtype))
-                for segments, result in zip(mats, out):
+            for run in stacks(params, [len(mats) * m * n * itemsize for _, mats in params], STACK_BYTES):
+                mats = [(i, segments) for i, ms in run for segments in ms]
+                whole = [torch.cat(s) if len(s) > 1 else s[0] for _, s in mats]
+                if whole[0].device.type == "cpu" or len(whole) == 1:
+                    out = [fn(w.unsqueeze(0).to(work_dtype))[0] for w in whole]
+                else:
+                    out = fn(torch.stack(whole).to(work_dtype))
+                for (i, segments), result in zip(mats, out):
+                    if len(self.layouts[i].segments) == 1:
+                        results[i] = result.view(locals_[i].shape)
+                        continue
                     row = 0
                     for view in segments:
                         view.copy_(result[row : row + view.shape[0]])
                         row += view.shape[0]
-        return locals_
+        return results
 
 
 def stacks(items: list, sizes: list[int], budget: int) -> list[list]:
