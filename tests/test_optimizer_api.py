@@ -110,14 +110,15 @@ def _count_newton_schulz_calls(monkeypatch) -> list:
 
 
 @pytest.mark.parametrize("cls", [Muon, MuonEq])
-def test_same_shape_matrices_are_transformed_in_one_batched_call(cls, monkeypatch):
+def test_on_the_cpu_every_matrix_is_transformed_on_its_own_view_not_copied_into_a_stack(cls, monkeypatch):
+    # (off the CPU the same-shape matrices go through one batched call: comm.owner.LocalPlan)
     calls = _count_newton_schulz_calls(monkeypatch)
     params = [torch.zeros(8, 6, requires_grad=True) for _ in range(3)]
     params += [torch.zeros(2, 8, 6, requires_grad=True), torch.zeros(5, 5, requires_grad=True)]
     for p in params:
         p.grad = torch.randn(p.shape)
     cls(params).step()
-    assert sorted(calls) == [(1, 5, 5), (5, 8, 6)]
+    assert sorted(calls) == [(1, 5, 5)] + [(1, 8, 6)] * 5
 
 
 @pytest.mark.parametrize("cls", [REG, Muon, MuonEq])
@@ -145,6 +146,7 @@ def test_stacks_are_bounded_by_stack_bytes(monkeypatch):
     import reg_dist.comm.owner as owner
 
     calls = _count_newton_schulz_calls(monkeypatch)
+    monkeypatch.setattr(owner, "UNSTACKED_DEVICES", ())  # stack on the CPU too, as on an accelerator
     monkeypatch.setattr(owner, "STACK_BYTES", 2 * 8 * 6 * 4)  # two fp32 8×6 matrices
     params = [torch.zeros(8, 6, requires_grad=True) for _ in range(5)] + [torch.zeros(3, 8, 6, requires_grad=True)]
     for p in params:
@@ -153,18 +155,20 @@ def test_stacks_are_bounded_by_stack_bytes(monkeypatch):
     assert calls == [(2, 8, 6), (2, 8, 6), (1, 8, 6), (3, 8, 6)]  # a stacked (3, 8, 6) parameter is never cut
 
 
-def test_stack_size_does_not_change_the_result(monkeypatch):
+def test_stack_size_or_no_stack_does_not_change_the_result(monkeypatch):
     import reg_dist.comm.owner as base
 
     g = torch.Generator().manual_seed(0)
     w0 = [torch.randn(8, 6, generator=g) for _ in range(4)]
     grads = [torch.randn(8, 6, generator=g) for _ in range(4)]
     results = []
-    for budget in (base.STACK_BYTES, 8 * 6 * 4):
+    for unstacked, budget in ((base.UNSTACKED_DEVICES, base.STACK_BYTES), ((), base.STACK_BYTES), ((), 8 * 6 * 4)):
+        monkeypatch.setattr(base, "UNSTACKED_DEVICES", unstacked)
         monkeypatch.setattr(base, "STACK_BYTES", budget)
         params = [w.clone().requires_grad_() for w in w0]
         for p, G in zip(params, grads):
             p.grad = G.clone()
         Muon(params, ns_dtype=torch.float32).step()
         results.append(torch.stack([p.detach() for p in params]))
-    torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=1e-7)
+    for other in results[1:]:
+        torch.testing.assert_close(results[0], other, rtol=1e-6, atol=1e-7)

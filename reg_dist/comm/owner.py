@@ -275,6 +275,9 @@ class _Round:
 # bounds the step's scratch memory whatever the model size, and on the CPU keeps each scratch buffer
 # under glibc's largest mmap threshold, so it is reused instead of page-faulted in every step.
 STACK_BYTES = 32 * 2**20
+# the devices whose matrices LocalPlan hands to Newton–Schulz one at a time, as views, rather than copied into
+# a stack: the CPU, where Newton–Schulz loops over a stack's matrices anyway (``ops.newton_schulz.orthogonalize``)
+UNSTACKED_DEVICES = ("cpu",)
 
 
 class LocalPlan:
@@ -282,9 +285,9 @@ class LocalPlan:
 
     Same-shape matrices are stacked, in order, into ``(B, m, n)`` batches of at most ``STACK_BYTES``
     (the matrices of one parameter are never cut) and ``fn`` runs once per batch; a lone matrix is
-    handed over as a view rather than copied into a stack. On the CPU, where Newton–Schulz runs one
-    matrix at a time whatever the stack (``ops.newton_schulz.orthogonalize``), ``fn`` runs on each
-    matrix's view instead (``(1, m, n)``): the same values without the copy into a stack. A parameter
+    handed over as a view rather than copied into a stack. On the ``UNSTACKED_DEVICES`` (the CPU, where
+    Newton–Schulz runs one matrix at a time whatever the stack), ``fn`` runs on each matrix's view
+    instead (``(1, m, n)``): the same values without the copy into a stack. A parameter
     that is one matrix takes ``fn``'s result as it is; the matrices of a fused one are copied back.
     """
 
@@ -318,7 +321,7 @@ class LocalPlan:
             for run in stacks(params, [len(mats) * m * n * itemsize for _, mats in params], STACK_BYTES):
                 mats = [(i, segments) for i, ms in run for segments in ms]
                 whole = [torch.cat(s) if len(s) > 1 else s[0] for _, s in mats]
-                if whole[0].device.type == "cpu" or len(whole) == 1:
+                if whole[0].device.type in UNSTACKED_DEVICES or len(whole) == 1:
                     out = [fn(w.unsqueeze(0).to(work_dtype))[0] for w in whole]
                 else:
                     out = fn(torch.stack(whole).to(work_dtype))
