@@ -268,7 +268,10 @@ def test_pretrain_gpt_checkpoint_resumes_the_uninterrupted_run(name, world, extr
     ("reg_muon", "layer-wise", "torch_dist"),
     ("reg", "flat", "torch_dist"),
     ("reg_muon", "flat", "torch"),
-], ids=["reg_muon-layer-wise-torch_dist", "reg-flat-torch_dist", "reg_muon-flat-torch"])
+    ("muoneq", "flat", "torch_dist"),
+    ("normuon", "flat", "torch_dist"),
+], ids=["reg_muon-layer-wise-torch_dist", "reg-flat-torch_dist", "reg_muon-flat-torch", "muoneq-flat-torch_dist",
+        "normuon-flat-torch_dist"])
 def test_pretrain_gpt_moe_experts_under_the_distributed_optimizer_step_like_ddp_and_resume(name, mode, fmt, tmp_path):
     """4 experts (SequentialMLP: each expert's fc1 and fc2 matrices of their own), EP 2 × DP 2 on 4 ranks, gloo's
     allgather token dispatcher, under Megatron's distributed optimizer: the layer-wise one steps each expert matrix
