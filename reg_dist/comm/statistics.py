@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..ops.equilibrate import check_equilibrate_args
-from ..ops.racs import check_racs_args
+from ..ops.racs import check_racs_args, scaling_
 from ..layout import Layout
 from ..ops import fused
 from ..ops.stats import abs_powers, acc_dtype, pow_sums_to_norms_
@@ -323,8 +323,7 @@ def sharded_racs_(locals_: list[Tensor], layouts: list[Layout], p: float = 2.0, 
                         if squares else None), steps
         out = []
         for x, lay, (r, c), on, rw, n in zip(locals_, layouts, norms, active, rows or [None] * len(norms), steps):
-            r, c = r.add_(eps), c.add_(eps)
-            r, c = (r.rsqrt_(), c.rsqrt_()) if exponent == -0.5 else (r.pow_(exponent), c.pow_(exponent))
+            r, c = scaling_(r, eps, exponent), scaling_(c, eps, exponent)
             if not on.all():
                 r[~on[rw.to(on.device)]], c[~on] = 1.0, 1.0
             n += on.cpu()

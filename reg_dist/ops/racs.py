@@ -24,12 +24,17 @@ def check_racs_args(p: float, iters: int, eps: float, exponent: float = -0.5) ->
         raise ValueError(f"exponent must be a finite number < 0 (the scaling's power), got {exponent!r}")
 
 
+def scaling_(norms: Tensor, eps: float, exponent: float) -> Tensor:
+    """In place ``(norms + eps)^exponent``, the row or column scaling factors (``rsqrt`` for −1/2)."""
+    norms.add_(eps)
+    return norms.rsqrt_() if exponent == -0.5 else norms.pow_(exponent)
+
+
 def racs_(x: Tensor, p: float = 2.0, iters: int = 1, eps: float = 1e-8, exponent: float = -0.5) -> Tensor:
     """In-place RACS of ``x`` (``(..., m, n)``, fp32 or fp64); returns x."""
     for _ in range(iters):
         r, c = row_col_norms(x, p)
-        r, c = r.add_(eps), c.add_(eps)
-        scale_rows_cols_(x, *((r.rsqrt_(), c.rsqrt_()) if exponent == -0.5 else (r.pow_(exponent), c.pow_(exponent))))
+        scale_rows_cols_(x, scaling_(r, eps, exponent), scaling_(c, eps, exponent))
     return x
 
 
