@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from reg_dist import REG, Muon, MuonEq, NorMuon
+from test_fused_step import optimizer_steps
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -18,21 +19,9 @@ SHAPES = [(24, 40), (24, 40), (40, 24), (200, 192)]
 NS = {"ns_dtype": torch.float32}
 
 
-def _steps(cls, kwargs, dtype, device, steps=3):
-    gen = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype).to(device)) for s in SHAPES]
-    grads = [[torch.randn(s, generator=gen).to(dtype).to(device) for s in SHAPES] for _ in range(steps)]
-    opt = cls([{"params": params, "algorithm": cls.algorithm}], **kwargs)
-    for gs in grads:
-        for p, g in zip(params, gs):
-            p.grad = g
-        opt.step()
-    return [p.detach().float().cpu() for p in params] + [opt.state[p]["momentum_buffer"].float().cpu() for p in params]
-
-
 def _assert_same_on_both(cls, kwargs, dtype=torch.float32):
-    got = _steps(cls, {"lr": 0.01, **kwargs}, dtype, "cuda")
-    want = _steps(cls, {"lr": 0.01, **kwargs}, dtype, "cpu")
+    got = optimizer_steps(cls, {"lr": 0.01, **kwargs}, dtype, shapes=SHAPES, device="cuda")
+    want = optimizer_steps(cls, {"lr": 0.01, **kwargs}, dtype, shapes=SHAPES)
     # bf16: an fp32 rounding difference may move a value across a bf16 rounding boundary (one bf16 step)
     tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=1e-4)
     for a, b in zip(got, want):

@@ -24,16 +24,17 @@ def unfused():
     return run
 
 
-def _steps(cls, kwargs, dtype, steps=3):
+def optimizer_steps(cls, kwargs, dtype, steps=3, shapes=SHAPES, device="cpu"):
+    """Parameters and momenta (fp32, on the CPU) after ``steps`` seeded steps of ``cls`` on ``device``."""
     gen = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in SHAPES]
-    grads = [[torch.randn(s, generator=gen).to(dtype) for s in SHAPES] for _ in range(steps)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype).to(device)) for s in shapes]
+    grads = [[torch.randn(s, generator=gen).to(dtype).to(device) for s in shapes] for _ in range(steps)]
     opt = cls([{"params": params, "algorithm": cls.algorithm}], **kwargs)
     for gs in grads:
         for p, g in zip(params, gs):
             p.grad = g
         opt.step()
-    return [p.detach().float() for p in params] + [opt.state[p]["momentum_buffer"].float() for p in params]
+    return [p.detach().float().cpu() for p in params] + [opt.state[p]["momentum_buffer"].float().cpu() for p in params]
 
 
 def test_kernels_are_built_and_on_by_default():
@@ -48,8 +49,8 @@ def test_fused_reg_steps_equal_unfused_steps(dtype, kwargs, threads, unfused):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        got = _steps(REG, {"lr": 0.01, **kwargs}, dtype)
-        want = unfused(lambda: _steps(REG, {"lr": 0.01, **kwargs}, dtype))
+        got = optimizer_steps(REG, {"lr": 0.01, **kwargs}, dtype)
+        want = unfused(lambda: optimizer_steps(REG, {"lr": 0.01, **kwargs}, dtype))
     finally:
         torch.set_num_threads(before)
     # bf16: an fp32 rounding difference may move a value across a bf16 rounding boundary (one bf16 step)
@@ -61,8 +62,8 @@ def test_fused_reg_steps_equal_unfused_steps(dtype, kwargs, threads, unfused):
 @pytest.mark.parametrize("cls, kwargs", [(MuonEq, {"mode": "rowcol", "ns_dtype": torch.float32}),
                                          (NorMuon, {"ns_dtype": torch.float32})])
 def test_fused_statistics_of_muoneq_and_normuon_equal_unfused(cls, kwargs, unfused):
-    got = _steps(cls, kwargs, torch.float32)
-    want = unfused(lambda: _steps(cls, kwargs, torch.float32))
+    got = optimizer_steps(cls, kwargs, torch.float32)
+    want = unfused(lambda: optimizer_steps(cls, kwargs, torch.float32))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
