@@ -151,13 +151,37 @@ def test_gram_newton_schulz_fp32_matches_gram_reference(shape, coefficients):
 
 
 @pytest.mark.parametrize("shape", [(32, 80), (80, 32), (2, 24, 64)], ids=str)
-@pytest.mark.parametrize("coefficients", ["jordan", "polar_express"])
-def test_gram_newton_schulz_bf16_is_close_to_gram_reference(shape, coefficients):
-    # bf16 rounding of R compounds through the polynomial: measured 3 % (jordan), 6–10 % (polar_express)
+@pytest.mark.parametrize("coefficients,dtype", [("jordan", torch.bfloat16), ("polar_express", torch.float16)])
+def test_gram_newton_schulz_16_bit_is_close_to_gram_reference(shape, coefficients, dtype):
+    # 16-bit rounding of R compounds through the polynomial: measured 3 % (jordan, bf16)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(9))
-    out = newton_schulz(x, coefficients=coefficients, method="gram")
+    out = newton_schulz(x, coefficients=coefficients, dtype=dtype, method="gram")
     ref = _gram_reference(x, 5, coefficients)
     assert out.dtype == torch.float32 and (out.double() - ref).norm() / ref.norm() < 0.15
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("coefficients,dtype", [("jordan", torch.bfloat16), ("jordan", torch.float16),
+                                                ("polar_express", torch.float16), ("polar_express", torch.float32)])
+def test_gram_newton_schulz_stays_bounded_on_nearly_rank_deficient_matrices(coefficients, dtype, seed):
+    # a momentum early in training: rank 1–3 plus a little noise. Rounding leaves R = X Xᵀ slightly indefinite and
+    # each step grows a negative eigenvalue λ as λ·p(λ)²; the singular values must stay where "standard" puts them
+    g = torch.Generator().manual_seed(seed)
+    for shape in ((32, 96), (96, 32), (256, 768)):
+        for rank in (1, 2, 3):
+            for noise in (0.0, 1e-4, 1e-2):
+                x = (torch.randn(shape[0], rank, generator=g) @ torch.randn(rank, shape[1], generator=g)
+                     + noise * torch.randn(*shape, generator=g))
+                out = orthogonalize(x[None], 5, coefficients, dtype, "gram")[0].double()
+                assert torch.linalg.matrix_norm(out, 2) < 1.3, (shape, rank, noise)
+
+
+def test_gram_with_polar_express_in_bf16_is_refused():
+    # in bf16 the same matrices reached spectral norms of 1e11 (polar_express's c ≈ 16 on an indefinite R)
+    with pytest.raises(ValueError, match="'gram' with coefficients='polar_express' is unstable in bf16"):
+        newton_schulz(torch.randn(4, 12), coefficients="polar_express", method="gram")
+    with pytest.raises(ValueError, match="unstable in bf16"):
+        Muon([torch.nn.Parameter(torch.randn(4, 12))], coefficients="polar_express", ns_method="gram")
 
 
 @pytest.mark.parametrize("shape", [(3, 6, 14), (2, 15, 7), (2, 9, 9)], ids=str)

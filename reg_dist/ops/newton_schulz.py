@@ -18,6 +18,12 @@ of R and Q compounds over the steps Q spans (Q's eigenvalues grow like a₀·a�
 values), so every RESTART_EVERY = 3 steps X and R are formed afresh: Dao-AILab's single restart at
 step 2 drifted in bf16 (most at κ = 1e3 with polar_express) and diverged at 7 steps; restarting
 every 3 steps matched "standard" to 0.1 % on average (``benchmarks/newton_schulz_accuracy.py``).
+Rounding also leaves R slightly indefinite, and a step maps an eigenvalue λ < 0 of R to λ·p(λ)²,
+p(λ) = a + b·λ + c·λ²: polar_express's first steps (c ≈ 16, then 0.5) grow it 68-fold, then ~23-fold, then
+by p(λ)² ≫ a² once |λ| ≈ 1. On nearly rank-deficient matrices (rank 1–3 plus noise, as a momentum early
+in training) bf16 "gram" with polar_express returned spectral norms up to 7·10¹¹ (restarting at 2 then
+every 3, or every 2, still blew up on some seeds), so that combination is refused; Jordan's c ≈ 2 stays
+below 1.2 in bf16 and fp16, polar_express below 1.15 in fp16 and fp32 (``tests/test_ops_newton_schulz.py``).
 
 x is ``(..., m, n)``; off the CPU all trailing matrices go through one batched matmul per product.
 Any input dtype works with any Newton–Schulz dtype (bf16, fp16, fp32, fp64). The Frobenius norm of
@@ -59,6 +65,10 @@ def check_newton_schulz_args(steps: int, coefficients: str, dtype: torch.dtype, 
         raise ValueError(f"ns_dtype must be one of {NS_DTYPES}, got {dtype!r}")
     if method not in NS_METHODS:
         raise ValueError(f"ns_method must be one of {NS_METHODS}, got {method!r}")
+    if method == "gram" and coefficients == "polar_express" and dtype == torch.bfloat16:
+        raise ValueError("ns_method='gram' with coefficients='polar_express' is unstable in bf16: on a nearly "
+                         "rank-deficient matrix (a momentum early in training) its output reached norms of 1e11; "
+                         "use ns_dtype=torch.float16 or torch.float32, coefficients='jordan', or ns_method='standard'")
 
 
 def schedule(steps: int, coefficients: str) -> list[tuple[float, float, float]]:
@@ -112,31 +122,38 @@ def iterate(x: Tensor, steps: int, coefficients: str, dtype: torch.dtype, method
     """
     wide = x.shape[-2] <= x.shape[-1] if wide is None else wide
     X = x.to(dtype, copy=True)
-    gram = (lambda Y: torch.matmul(Y, Y.mT)) if wide else (lambda Y: torch.matmul(Y.mT, Y))
-    small = gram if reduce is None else (lambda Y: _reduced(gram(Y), reduce))
+    gram = ((lambda Y, out=None: torch.matmul(Y, Y.mT, out=out)) if wide else
+            (lambda Y, out=None: torch.matmul(Y.mT, Y, out=out)))
+    small = gram if reduce is None else (lambda Y, out=None: _reduced(gram(Y, out), reduce))
     acc = torch.promote_types(acc_dtype(x.dtype), acc_dtype(dtype))
     A, inv = _normalised_gram(X, small, SAFETY[coefficients], acc, reduce)
     plan = schedule(steps, coefficients)
+    # every product after the first writes into a buffer of this call (a fresh one costs its page faults
+    # on the CPU: 0.1 ms of a 768³ bf16 product's 0.9)
+    spare = torch.empty_like(X) if len(plan) > 1 else None  # X's partner: a product never writes its input
     if method == "gram" and x.shape[-2] != x.shape[-1]:
         R, Q = A, None  # Q None: the identity
+        Z, RZ, Qs = torch.empty_like(R), torch.empty_like(R), (torch.empty_like(R), torch.empty_like(R))
         for k, (a, b, c) in enumerate(plan):
             if k > 0 and k % RESTART_EVERY == 0:
-                X, inv = _times(Q, X, wide), 1.0
-                R, Q = small(X), None
-            Z = _addmm(R, R, R, beta=b, alpha=c)
+                X, spare, inv = _times(Q, X, wide, out=spare), X, 1.0
+                R, Q = small(X, out=R), None
+            Z = _addmm(R, R, R, beta=b, alpha=c, out=Z)
             if Q is None:  # Q = (a·I + Z)/s while X is not yet divided by its norm s
-                Q = Z.mul(inv)
+                Q = torch.mul(Z, inv, out=Qs[0])
                 Q.diagonal(dim1=-2, dim2=-1).add_(a * inv)
             else:
-                Q = _addmm(Q, Q, Z, beta=a)
+                Q = _addmm(Q, Q, Z, beta=a, out=Qs[Q is Qs[0]])
             if k + 1 < len(plan) and (k + 1) % RESTART_EVERY:
-                RZ = _addmm(R, R, Z, beta=a)
-                R = _addmm(RZ, Z, RZ, beta=a)
+                RZ = _addmm(R, R, Z, beta=a, out=RZ)
+                R = _addmm(RZ, Z, RZ, beta=a, out=R)
         return _times(Q, X, wide, out=out)
+    B = torch.empty_like(A) if polynomial is None else None
     for k, (a, b, c) in enumerate(plan):
-        A = A if k == 0 else small(X)
-        B = _addmm(A, A, A, beta=b, alpha=c) if polynomial is None else polynomial(A, b, c)
-        X, inv = _times(B, X, wide, beta=a * inv, alpha=inv, out=out if k == len(plan) - 1 else None), 1.0
+        A = A if k == 0 else small(X, out=A)
+        B = _addmm(A, A, A, beta=b, alpha=c, out=B) if polynomial is None else polynomial(A, b, c)
+        X, spare = _times(B, X, wide, beta=a * inv, alpha=inv, out=out if k == len(plan) - 1 else spare), X
+        inv = 1.0
     return X
 
 

@@ -629,7 +629,7 @@ class MatrixOptimizer(Optimizer):
                 squares = stage.run(n, layouts, states, self._comm, partials if k == 0 else [None] * len(n))
                 continue
             squares, last = None, k == len(stages) - 1
-            fn = (lambda x, fn=stage.fn: self._scaled(fn(x), group)) if last else stage.fn
+            fn = (lambda x, fn=stage.fn: self._scaled(fn(x), group, out=x)) if last else stage.fn
             if last:  # a split matrix's blocks: scaled as the whole matrix (its shape, its norm reduced)
                 split = lambda x, wide, run, shape, f=stage.split: self._scaled(f(x, wide, run), group,  # noqa: E731
                                                                                 shape, run.reduce)
@@ -671,11 +671,16 @@ class MatrixOptimizer(Optimizer):
         return self.move_dtype or group.get("ns_dtype", torch.float32)
 
     def _scaled(self, u: Tensor, group: dict, shape: tuple[int, int] | None = None,
-                reduce: Callable[[Tensor], None] | None = None) -> Tensor:
+                reduce: Callable[[Tensor], None] | None = None, out: Tensor | None = None) -> Tensor:
         """Whole matrices ``(B, m, n)`` times their scale factors (on the owner); or the blocks of split
-        ``shape`` matrices, their squared norms summed by ``reduce`` (``comm.split``)."""
+        ``shape`` matrices, their squared norms summed by ``reduce`` (``comm.split``). ``out``: the
+        transform's input, dead once ``u`` is made, written where it has the factors' dtype (one pass, no
+        new buffer: a fresh one costs its page faults on the CPU, about as much as the pass itself)."""
         factors = scale_factors(u, group["scale"], group["rms"], shape, reduce)  # fp32 or wider: u cast once
-        return u.to(factors.dtype).mul_(factors.view(-1, 1, 1).to(u.device))
+        factors = factors.view(-1, 1, 1).to(u.device)
+        if out is not None and out.dtype == factors.dtype and out.shape == u.shape and out.device == u.device:
+            return torch.mul(u, factors, out=out)
+        return u.to(factors.dtype).mul_(factors)
 
     def _scale_(self, n: list[Tensor], layouts: list[Layout], group: dict,
                 squares: list[Tensor] | None) -> list[Tensor | None]:

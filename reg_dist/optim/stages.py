@@ -13,7 +13,7 @@ with ``source="gradient"`` they are the raw gradient's, given for every paramete
 beside the row sums) describe that traffic to the scale model.
 
 ``Spectral(fn, split)``: needs whole matrices (Newton–Schulz). ``fn`` maps a stack ``(B, m, n)`` to one of
-the same shape; the engine runs it on each matrix's owner (``comm.owner``), which is this process when it
+the same shape (the stack is the plan's scratch: the engine may write the result into it); the engine runs it on each matrix's owner (``comm.owner``), which is this process when it
 holds the matrix whole. ``split(x, wide, run)``, where given, is the same transform run on one block of
 each matrix of a stack split over a few ranks (``comm.split``): rows of tall matrices, columns of wide
 ones (``wide``), with the run's collectives (``comm.split.Run``: ``reduce``, ``polynomial``).

@@ -157,7 +157,7 @@ def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--reg-ns-steps", type=_positive_int, default=d.reg_ns_steps,
                    help="reg_muon/muoneq: Newton-Schulz steps.")
     g.add_argument("--reg-ns-coefficients", choices=tuple(COEFFICIENTS), default=d.reg_ns_coefficients,
-                   help="reg_muon/muoneq: Newton-Schulz coefficients.")
+                   help="reg_muon/muoneq/normuon: Newton-Schulz coefficients (default: the optimizer's).")
     g.add_argument("--reg-ns-method", choices=NS_METHODS, default=d.reg_ns_method,
                    help="reg_muon/muoneq/normuon: Newton-Schulz iteration, 'gram' iterates on X X^T "
                         "(default: the optimizer's).")

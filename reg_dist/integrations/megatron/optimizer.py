@@ -105,7 +105,7 @@ def hyper_flags() -> dict[str, tuple[registry.Hyper, list[str]]]:
 
 _FIXED = [("reg_momentum", float, 0.95), ("reg_nesterov", bool, True), ("reg_rms", float, 0.2),
           ("reg_scale", str | None, None), ("reg_p", float, 2.0), ("reg_iters", int, 1), ("reg_eps", float, 1e-8),
-          ("reg_ns_steps", int, 5), ("reg_ns_coefficients", str, "jordan"), ("reg_ns_dtype", str, "bf16"),
+          ("reg_ns_steps", int, 5), ("reg_ns_coefficients", str | None, None), ("reg_ns_dtype", str, "bf16"),
           ("reg_ns_method", str | None, None),
           ("muoneq_mode", str, "row"), ("muoneq_phase", int | None, None), ("muoneq_exponent", float | None, None)]
 # reg_dist's hyper-parameters beyond Megatron's ``lr`` / ``weight_decay`` (field = argparse dest): the
