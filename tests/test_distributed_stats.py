@@ -10,7 +10,7 @@ from multiproc import run_ranks
 import dataclasses
 
 from reg_dist.comm import statistics as dstats
-from reg_dist.comm.statistics import (share_statistics, sharded_equilibrate_, sharded_frobenius_norms,
+from reg_dist.comm.statistics import (rows_local, share_statistics, sharded_equilibrate_, sharded_frobenius_norms,
                                      sharded_racs_)
 from reg_dist.layout import Layout, fused_rows
 from reg_dist.ops import equilibrate, racs
@@ -45,6 +45,12 @@ def tp_rows(rank, world, shape):
 def tp_cols(rank, world, shape):
     """Row-parallel linear: columns split over every rank."""
     return Layout(shape, (0, shape[0]), _split(shape[1], world, rank), groups=(("tp", dist.group.WORLD),))
+
+
+def rows_with_empty_rank(rank, world, shape):
+    """FSDP2-like row shards, uneven, rank 1 holding no row."""
+    cuts = [0, 3, 3, shape[0] - 1, shape[0]]
+    return Layout(shape, (cuts[rank], cuts[rank + 1]), (0, shape[1]), groups=(("dp", dist.group.WORLD),))
 
 
 def flat_ranges(rank, world, shape):
@@ -91,6 +97,7 @@ def fused(fn):
 CASES = {
     "tp_rows_2": (2, tp_rows),
     "tp_cols_4": (4, tp_cols),
+    "rows_4_with_empty_rank": (4, rows_with_empty_rank),
     "flat_2": (2, flat_ranges),
     "flat_4_with_empty_rank": (4, flat_ranges),
     "tp2_x_fsdp2": (4, tp_cols_fsdp_rows),
@@ -157,6 +164,54 @@ def test_sharded_racs_equals_single_process(case, p, shared):
 @pytest.mark.parametrize("mode", ["row", "col", "rowcol"])
 def test_sharded_equilibrate_equals_single_process(case, mode, shared):
     _check_all(case, lambda xs, ls: sharded_equilibrate_(xs, ls, mode), lambda f: equilibrate(f, mode), shared)
+
+
+ROWS_LOCAL = {"tp_rows_2", "rows_4_with_empty_rank", "fused_tp_rows_2"}  # the flat ranges cut rows on some rank
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("p", [2.0, 3.0])
+def test_folded_rms_norms_equal_single_process_with_no_norm_reduction_where_rows_are_whole(case, p):
+    """``fold``: the last RACS reduction carries Σ_i r_i² x_ij² beside the column sums of a matrix whose rows
+    are whole on each rank; its RMS norm then needs no collective of its own, and equals the single-process
+    norm of the RACS result (each fused matrix's, on every rank holding part of it)."""
+    world = CASES[case][0]
+
+    def body(rank, world):
+        layouts = _layouts(case, rank, world, shared=True)
+        fulls = [_full(k) for k in range(len(SHAPES))]
+        locals_ = [_local(f, lay) for f, lay in zip(fulls, layouts)]
+        stats = {}
+        squares, _ = sharded_racs_(locals_, layouts, p=p, iters=2, stats=stats, squares=True, fold=True)
+        calls = sum(v["calls"] for v in stats.values())
+        norms = sharded_frobenius_norms(locals_, layouts, stats, squares)
+        assert squares.reduced == [rows_local(lay) for lay in layouts] == [case in ROWS_LOCAL] * len(SHAPES)
+        assert (sum(v["calls"] for v in stats.values()) == calls) == (case in ROWS_LOCAL)
+        for f, lay, got in zip(fulls, layouts, norms):
+            want = per_block(lambda x: racs(x, p=p, iters=2), case)(f)
+            for k, rows in enumerate(block_rows(case, f.shape)):
+                if any(r.block == k and r.h * r.w for r in lay.rects):  # a matrix this rank holds part of
+                    torch.testing.assert_close(got[k], want[rows].norm(), rtol=1e-12, atol=0)
+
+    run_ranks(world, body)
+
+
+def test_no_norm_is_folded_where_another_split_matrix_has_split_rows():
+    """A row-parallel matrix's norm needs its own all-reduce: a column-parallel one beside it then keeps its
+    norm there too (carrying its sums with the statistics would only add bytes), still exact."""
+    def body(rank, world):
+        layouts = share_statistics([tp_rows(rank, world, SHAPES[0]), tp_cols(rank, world, SHAPES[1])])
+        fulls = [_full(k) for k in range(len(SHAPES))]
+        locals_ = [_local(f, lay) for f, lay in zip(fulls, layouts)]
+        stats = {}
+        squares, _ = sharded_racs_(locals_, layouts, stats=stats, squares=True, fold=True)
+        norms = sharded_frobenius_norms(locals_, layouts, stats, squares)
+        assert [rows_local(lay) for lay in layouts] == [True, False] and squares.reduced == [False, False]
+        assert stats["tp"]["calls"] == 2  # the statistics, then the norms
+        for f, got in zip(fulls, norms):
+            torch.testing.assert_close(got[0], racs(f).norm(), rtol=1e-12, atol=0)
+
+    run_ranks(2, body)
 
 
 @pytest.mark.parametrize("case", list(CASES))

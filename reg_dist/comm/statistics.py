@@ -91,7 +91,8 @@ def reduce_shared(vectors: list[Tensor], layouts: list[Layout], op: dist.ReduceO
                   stats: CommStats | None = None) -> None:
     """In place: the entries of every statistics vector ``vectors[k]`` (its first ``len`` of m + K·n) that
     each group of ``layouts[k]`` shares, reduced over that group: one collective per group name, none
-    where no entry is shared."""
+    where no entry is shared. A vector longer than m + K·n (``fold_columns``: K·n more, column sums of
+    a matrix whose rows are whole here) has its shared column entries reduced there too."""
     groups = [dict(lay.groups) for lay in layouts]
     for name in sorted({g for gs in groups for g in gs}):
         members = [(v, lay, gs[name]) for v, lay, gs in zip(vectors, layouts, groups) if name in gs]
@@ -100,12 +101,15 @@ def reduce_shared(vectors: list[Tensor], layouts: list[Layout], op: dist.ReduceO
             raise ValueError(f"layouts on this rank name different process groups {name!r}")
         picks = []  # (vector, slice or index tensor) of each member's shared entries
         for v, lay, _ in members:
-            runs = lay.shared_runs(name, v.numel())
+            length = min(v.numel(), lay.stat_length)
+            runs = lay.shared_runs(name, length)
+            shifts = (0, v.numel() - length) if v.numel() > length else (0,)  # ``fold``'s columns: those runs again
             if len(runs) == 1:
-                picks.append((v, slice(*runs[0])))
+                picks.extend((v, slice(runs[0][0] + d, runs[0][1] + d)) for d in shifts)
             elif runs:
                 index = lay.shared_index[name]
-                picks.append((v, index[index < v.numel()].to(v.device)))
+                index = index[index < length].to(v.device)
+                picks.append((v, torch.cat([index + d for d in shifts]) if len(shifts) > 1 else index))
         if not picks:
             continue
         buf = torch.cat([v[at] if isinstance(at, slice) else v.index_select(0, at) for v, at in picks])
@@ -206,7 +210,7 @@ def share_statistics(layouts: list[Layout]) -> list[Layout]:
     out = [plan(k, lambda c: c >= 2) if lay.groups else lay for k, lay in enumerate(layouts)]
     several = [k for k, lay in enumerate(layouts) if len(lay.groups) > 1]
     if not several:
-        return out
+        return _mark_whole_rows(out)
     touched = [_touch_mask(layouts[k]) for k in several]
     totals = [t.to(torch.float64) for t in touched]  # ranks touching each entry, over every group
     reduce_packed(totals, [layouts[k] for k in several], dist.ReduceOp.SUM)
@@ -218,6 +222,21 @@ def share_statistics(layouts: list[Layout]) -> list[Layout]:
                       [totals[i] for i in failed])
         for i, lay, good in zip(failed, wider, ok):
             out[several[i]] = lay if good else layouts[several[i]]
+    return _mark_whole_rows(out)
+
+
+def _mark_whole_rows(layouts: list[Layout]) -> list[Layout]:
+    """``layouts`` with ``rows_whole`` set where no group of the matrix's ranks shares a row entry of its
+    statistics, on any of them (collective: one MIN all-reduce per group name, as ``_reaches`` spreads
+    its verdict), so that every rank holding the matrix decides alike (``fold_columns``)."""
+    split = [k for k, lay in enumerate(layouts) if lay.groups]
+    whole = [torch.tensor([float(layouts[k].shared is not None and all(
+        a >= layouts[k].shape[0] for _, runs in layouts[k].shared for a, _ in runs))], dtype=torch.float64)
+        for k in split]
+    reduce_packed(whole, [layouts[k] for k in split], dist.ReduceOp.MIN)
+    out = list(layouts)
+    for k, flag in zip(split, whole):
+        out[k] = dataclasses.replace(layouts[k], rows_whole=bool(flag.item()))
     return out
 
 
@@ -287,14 +306,47 @@ def imbalance(r: Tensor, c: Tensor, rows: Tensor) -> Tensor:
     return torch.maximum(spread(per_row, 1, owned & (per_row > 0)), spread(c, 1, c > 0))
 
 
+@dataclasses.dataclass
+class Squares:
+    """Each parameter's ``(K,)`` sums of U² of its fused matrices from a stage's last pass: this rank's
+    partial sums, or (``reduced[k]``) already summed over every rank holding the matrix."""
+    values: list[Tensor]
+    reduced: list[bool]
+
+
+def rows_local(lay: Layout) -> bool:
+    """Whether ``lay`` is split over ranks that all hold whole rows of the matrix (``Layout.rows_whole``,
+    from ``share_statistics``: FSDP2 row shards, column-parallel TP; not a row-parallel split, nor a flat
+    range that cuts a row on any rank)."""
+    return bool(lay.groups) and lay.shared is not None and lay.rows_whole
+
+
+def fold_columns(local: Tensor, lay: Layout, vec: Tensor, p: float, eps: float, exponent: float) -> Tensor:
+    """``cat(vec, t)``: ``vec`` the rank's partial ``(m + K·n,)`` sums of |x|^p and ``t (K·n,)`` the partial
+    ``t_kj = Σ_i f_i² x_ij²`` over its rows i of fused matrix k, ``f_i = (||x_i||_p + eps)^exponent`` the
+    row factors (its rows are whole here, ``rows_local``). Reduced like the column sums, the RMS norm
+    needs no collective of its own: ``||f_i x_ij g_kj||_F² = Σ_j g_kj² t_kj``."""
+    m, n = lay.shape
+    f = scaling_(pow_sums_to_norms_(vec[:m].clone(), p), eps, exponent).square_()
+    t = torch.zeros(len(lay.block_shapes), n, dtype=vec.dtype, device=vec.device)
+    for view, r in lay.pieces(local):
+        t[r.block, r.col : r.col + r.w].addmv_(view.to(t.dtype).square().mT, f[r.row : r.row + r.h])
+    return torch.cat((vec, t.view(-1)))
+
+
 def sharded_racs_(locals_: list[Tensor], layouts: list[Layout], p: float = 2.0, iters: int = 1,
                   eps: float = 1e-8, stats: CommStats | None = None, squares: bool = False,
                   partials: list[Tensor | None] | None = None, exponent: float = -0.5, tol: float = 0.0,
-                  averages: list[Tensor] | None = None, beta: float = 0.0) -> tuple[list[Tensor] | None, list[Tensor]]:
+                  averages: list[Tensor] | None = None, beta: float = 0.0,
+                  fold: bool = False) -> tuple[Squares | None, list[Tensor]]:
     """RACS (ops.racs) of every sharded matrix, in place on the local elements: ``iters`` times
     ``x_ij ← (r_i + eps)^exponent · x_ij · (c_j + eps)^exponent``. Returns, with ``squares``, the ``(K,)``
-    local sums of squares of each result's fused matrices (``sharded_frobenius_norms``' input; else None),
-    and the ``(K,)`` balancing steps each fused matrix took.
+    sums of squares of each result's fused matrices (``sharded_frobenius_norms``' input; else None),
+    and the ``(K,)`` balancing steps each fused matrix took. ``fold`` (with ``squares``, finite p, no
+    ``tol``, no ``averages``), where every matrix split over ranks has whole rows on each of them
+    (``rows_local``): the last reduction also carries their ``fold_columns`` sums, and their squares
+    are returned already reduced, so the norms need no collective (where one matrix has split rows, its
+    norm needs one anyway, and the others' would only add bytes to the statistics).
 
     ``partials``: the first iteration's local sums where they are known (``row_col_stats``; the engine
     gives the raw gradient's for ``stats="gradient"``). ``averages``: each parameter's ``(m + K·n,)``
@@ -308,9 +360,25 @@ def sharded_racs_(locals_: list[Tensor], layouts: list[Layout], p: float = 2.0, 
     rows = [block_rows(lay) for lay in layouts] if tol > 0 else []
     split = any(lay.groups for lay in layouts)
     out = None
+    if fold and (not squares or p == math.inf or tol > 0 or averages is not None):
+        raise ValueError("fold needs squares, a finite p, no tol and no averages")
+    split_rows_whole = all(rows_local(lay) for lay in layouts if lay.groups)  # else the norms reduce anyway
+    folded = [fold and split_rows_whole and bool(lay.groups) for lay in layouts]
     for it in range(iters):
         last = squares and it == iters - 1
-        sums = row_col_stats(locals_, layouts, p, stats, partials=partials if it == 0 else None)
+        if last and any(folded):
+            vectors = [v if v is not None else partial_row_col(x, lay, p)
+                       for x, lay, v in zip(locals_, layouts, partials if it == 0 and partials else [None] * len(layouts))]
+            vectors = [fold_columns(x, lay, v, p, eps, exponent) if f else v
+                       for x, lay, v, f in zip(locals_, layouts, vectors, folded)]
+            reduce_shared(vectors, layouts, dist.ReduceOp.SUM, stats)
+            sums = [(v[: lay.shape[0]], v[lay.shape[0] : lay.stat_length].view(-1, lay.shape[1]))
+                    for v, lay in zip(vectors, layouts)]
+            weighted = [v[lay.stat_length :].view(-1, lay.shape[1]) if f else None
+                        for v, lay, f in zip(vectors, layouts, folded)]
+        else:
+            sums = row_col_stats(locals_, layouts, p, stats, partials=partials if it == 0 else None)
+            weighted = None
         if it == 0 and averages is not None:
             sums = [(a.lerp_(torch.cat((r, c.reshape(-1))), 1.0 - beta)[: r.shape[0]].clone(),
                      a[r.shape[0] :].view_as(c).clone()) for a, (r, c) in zip(averages, sums)]
@@ -319,16 +387,19 @@ def sharded_racs_(locals_: list[Tensor], layouts: list[Layout], p: float = 2.0, 
         if tol > 0:
             active = [imbalance(r, c, rw) > tol for (r, c), rw in zip(norms, rows)]
             if not split and not any(a.any() for a in active):
-                return ([scale_local_(x, lay, None, None, squares=True) for x, lay in zip(locals_, layouts)]
-                        if squares else None), steps
+                return (Squares([scale_local_(x, lay, None, None, squares=True) for x, lay in zip(locals_, layouts)],
+                                [False] * len(layouts)) if squares else None), steps
         out = []
-        for x, lay, (r, c), on, rw, n in zip(locals_, layouts, norms, active, rows or [None] * len(norms), steps):
+        weighted = weighted or [None] * len(norms)
+        for x, lay, (r, c), on, rw, n, t in zip(locals_, layouts, norms, active, rows or [None] * len(norms), steps,
+                                                weighted):
             r, c = scaling_(r, eps, exponent), scaling_(c, eps, exponent)
             if not on.all():
                 r[~on[rw.to(on.device)]], c[~on] = 1.0, 1.0
             n += on.cpu()
-            out.append(scale_local_(x, lay, r, c, squares=last))
-    return (out if squares else None), steps
+            sq = scale_local_(x, lay, r, c, squares=last and t is None)
+            out.append(c.square().mul_(t).sum(-1) if t is not None else sq)  # t: ``fold_columns``', reduced
+    return (Squares(out, folded) if squares else None), steps
 
 
 def sharded_equilibrate_(locals_: list[Tensor], layouts: list[Layout], mode: str = "row",
@@ -343,15 +414,18 @@ def sharded_equilibrate_(locals_: list[Tensor], layouts: list[Layout], mode: str
 
 
 def sharded_frobenius_norms(locals_: list[Tensor], layouts: list[Layout], stats: CommStats | None = None,
-                            squares: list[Tensor] | None = None) -> list[Tensor]:
+                            squares: Squares | None = None) -> list[Tensor]:
     """``(K,)`` Frobenius norms of the fused matrices of every sharded parameter (the "rms" scale),
-    one packed reduction; ``squares``: the local sums of squares where a stage already has them."""
+    one packed reduction of those not yet reduced; ``squares``: the sums of squares where a stage
+    already has them."""
     if squares is None:
-        squares = []
+        values = []
         for x, lay in zip(locals_, layouts):
             out = torch.zeros(len(lay.block_shapes), dtype=acc_dtype(x.dtype), device=x.device)
             for view, r in lay.pieces(x):
                 out[r.block] += torch.linalg.vector_norm(view, dtype=out.dtype).square()
-            squares.append(out)
-    reduce_packed(squares, layouts, dist.ReduceOp.SUM, stats)
-    return [v.sqrt_() for v in squares]
+            values.append(out)
+        squares = Squares(values, [False] * len(values))
+    pending = [k for k, done in enumerate(squares.reduced) if not done]
+    reduce_packed([squares.values[k] for k in pending], [layouts[k] for k in pending], dist.ReduceOp.SUM, stats)
+    return [v.sqrt_() for v in squares.values]

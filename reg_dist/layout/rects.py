@@ -89,6 +89,7 @@ class Layout:
     groups: tuple[tuple[str, dist.ProcessGroup], ...] = ()
     fused: tuple[Segment, ...] | None = None
     shared: tuple[tuple[str, Runs], ...] | None = None
+    rows_whole: bool = False  # every rank holding part of the matrix holds whole rows (``share_statistics``)
 
     def __post_init__(self) -> None:
         (m, n), (r0, r1), (c0, c1) = self.shape, self.rows, self.cols

@@ -35,7 +35,8 @@ from ..comm.native import BUCKET_BYTES, NativeDP
 from ..comm.owner import STACK_BYTES, LocalPlan, OwnerPlan, newton_schulz_cost, stacks
 from ..comm.ownership import REPLICAS
 from ..comm.split import SPLIT_GROUP_SIZE, SplitPlan, check_split_args, split_parameters
-from ..comm.statistics import momentum_partial_row_col, partial_row_col, share_statistics, sharded_frobenius_norms
+from ..comm.statistics import (Squares, momentum_partial_row_col, partial_row_col, share_statistics,
+                               sharded_frobenius_norms)
 from ..layout import (FUSED_ATTR, LAYOUT_ATTR, Layout, dim_names, dtensor_layout, local_tensor, mesh_group,
                       whole_layout)
 from ..ops import fused
@@ -623,7 +624,7 @@ class MatrixOptimizer(Optimizer):
         local = [i for i, p in enumerate(params) if id(p) not in in_plans]
         runs = [(plan, [index[id(p)] for p in ps]) for plan, ps in planned]  # the spectral stages' plans
         runs.append((LocalPlan([layouts[i] for i in local]), local))
-        squares = None  # the local Σ U² of each fused matrix, where the last stage summed them
+        squares = None  # the Σ U² of each fused matrix, where the last stage summed them
         for k, stage in enumerate(stages):
             if isinstance(stage, Statistic):
                 squares = stage.run(n, layouts, states, self._comm, partials if k == 0 else [None] * len(n))
@@ -683,7 +684,7 @@ class MatrixOptimizer(Optimizer):
         return u.to(factors.dtype).mul_(factors)
 
     def _scale_(self, n: list[Tensor], layouts: list[Layout], group: dict,
-                squares: list[Tensor] | None) -> list[Tensor | None]:
+                squares: Squares | None) -> list[Tensor | None]:
         """The scale factor of every parameter whose matrices share one (a 0-dim tensor, applied with the
         update), after multiplying the pieces of the others (fused blocks) in place (None); ``"rms"``:
         one packed norm reduction (of the last stage's ``squares`` where it summed them)."""

@@ -1,11 +1,13 @@
 """The two kinds of stage an algorithm's transform is made of.
 
-``Statistic(run, passes, cols, p)``: needs the matrix only through sums along rows and columns (RACS,
+``Statistic(run, passes, cols, p, source, fold)``: needs the matrix only through sums along rows and columns (RACS,
 equilibration, row normalisation). ``run(xs, layouts, states, stats, partials)`` transforms every parameter's
 local elements ``xs[i]`` in place, reducing its partial sums over the groups of ``layouts[i]``
 (``comm.statistics``): exact under any sharding, O(m + n) traffic, no gather. ``states[i]`` is the
-parameter's state. It returns None, or the ``(K,)`` local sums of squares of each result's fused
-matrices when it had them from its last pass (the "rms" scale then needs no pass of its own). A first
+parameter's state. It returns None, or (``comm.statistics.Squares``) the ``(K,)`` sums of squares of each
+result's fused matrices when it had them from its last pass (the "rms" scale then needs no pass of its
+own): local, or already reduced where ``fold`` says its last reduction carried them for the matrices
+whose rows are whole on each rank (``comm.statistics.rows_local``: no norm reduction for those). A first
 stage whose first reduction is the sums of ``|N|^p`` says so with ``p``: the engine then sums them in
 its momentum pass where the fused kernel applies and hands them over as ``partials[i]`` (the local
 ``comm.statistics.partial_row_col``; None for the others, and for every parameter of a later stage);
@@ -36,6 +38,7 @@ class Statistic:
     cols: bool = True
     p: float | None = None
     source: str = "momentum"
+    fold: bool = False
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,9 @@ It follows the code path by path (no process group is made):
                  entries of its m + K·n floats (fp32; K fused blocks) another rank of the group touches
                  (``Layout.shared``): a group splitting rows carries the held columns of each fused matrix
                  two of its ranks hold rows of, one splitting columns the held rows; none where nothing
-                 is shared. REG's "rms" scale adds one of K floats per matrix
+                 is shared. REG's "rms" scale adds one of K floats per matrix, except for a matrix
+                 whose rows no group shares: its last pass carries its shared columns twice (the
+                 norm's column sums, ``comm.statistics.fold_columns``) instead
     owner moves  per owner plan whose moves leave a rank, two all-to-alls: every distinct held element
                  to its matrix's owner, every owned matrix back to every holder (in the Newton–Schulz dtype, bf16 by default);
                  "bytes" is the rank's send buffer, "sent" its off-rank part
@@ -161,6 +163,12 @@ class Holding:
         else:
             shared = holders >= 2
         return shared.sum(0) * self.width
+
+    def rows_local(self, par: Parallel) -> bool:
+        """Whether no group it is split over shares a row entry of its statistics (``comm.statistics.rows_local``):
+        every rank holds whole rows (FSDP2 row shards, column-parallel TP), or no two ranks of a group
+        splitting its columns hold anything."""
+        return all(not self.shared_floats(g, False, par).any() for g in self.dims)
 
     def reaches(self, par: Parallel) -> bool:
         """Whether reducing only the entries two ranks of a group share, over dp then tp, sums every
@@ -585,11 +593,22 @@ def traffic(model: Model, par: Parallel, optimizer: str, settings: Settings = Se
     flops = torch.zeros(R, dtype=torch.float64)
     owned = torch.zeros(R, dtype=INT)
     if not spectral:
+        # ranks whose split matrices all have whole rows: the last pass carries the norms' column sums
+        folds = torch.zeros(R, dtype=torch.bool)
+        if norms and any(s.fold for s in before):
+            folds = everyone.clone()
+            for h in laid:
+                if h.dtensor and not h.rows_local(par):
+                    folds &= ~steps[h.index]
         for stage in before:
-            for _ in range(stage.passes):
-                stats(laid, floats(stage), everyone)
+            for k in range(stage.passes):
+                if stage.fold and k == stage.passes - 1 and folds.any():
+                    stats(laid, lambda h, g, f=floats(stage): 2 * f(h, g), folds)
+                    stats(laid, floats(stage), ~folds)
+                else:
+                    stats(laid, floats(stage), everyone)
         if norms:
-            stats(laid, lambda h, g: len(h.param.blocks), everyone)
+            stats(laid, lambda h, g: len(h.param.blocks), ~folds)
     else:
         def sender(h: Holding, dims: tuple[str, ...]) -> Tensor:
             """Holders that send a piece: of identical copies (the group's dims that do not split the

@@ -2,7 +2,9 @@
 
     U = racs(N; p, iters, eps)        one statistic stage, ``iters`` packed reductions (``comm.statistics``)
     U = ρ·√(mn)·U / ||U||_F           scale="rms" (default): AdamW's lr and wd carry over; ||U||_F² is
-                                      summed by the last scaling pass and handed to the engine
+                                      summed by the last scaling pass and handed to the engine, or, for
+                                      a matrix whose rows are whole on each rank (finite p, no tol or
+                                      stats_beta), reduced with the last statistics as Σ_j c_j² Σ_i r_i² x_ij²
 
 Variants (keyword-only; ALGORITHMS.md §1's definition above is ``exponent=-0.5``):
     exponent    x_ij ← (r_i + eps)^e · x_ij · (c_j + eps)^e: −1 (default: full normalisation per side, which
@@ -19,6 +21,7 @@ Variants (keyword-only; ALGORITHMS.md §1's definition above is ``exponent=-0.5`
                 ``stats_average`` (m + K·n values, whole on every rank holding a piece of the matrix)
 """
 
+import math
 
 from ...comm.statistics import sharded_racs_
 from ...layout import Layout
@@ -68,14 +71,15 @@ class REG(MatrixOptimizer):
     def stages(cls, group: dict) -> list[Statistic]:
         p, iters, eps, squares = group["p"], group["iters"], group["eps"], group["scale"] == "rms"
         exponent, tol, beta = group["exponent"], group["tol"], group["stats_beta"]
+        fold = squares and p != math.inf and tol == 0 and beta == 0  # the RMS norm rides on the last reduction
 
         def run(xs, layouts, states, stats, partials):
             averages = [s[AVERAGE] for s in states] if beta > 0 else None
             out, steps = sharded_racs_(xs, layouts, p, iters, eps, stats, squares, partials, exponent, tol, averages,
-                                       beta)
+                                       beta, fold)
             if tol > 0:
                 for state, n in zip(states, steps):
                     state["balance_steps"] = n.tolist()
             return out
 
-        return [Statistic(run, passes=iters, p=p, source=group["stats"])]
+        return [Statistic(run, passes=iters, p=p, source=group["stats"], fold=fold)]
