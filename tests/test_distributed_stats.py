@@ -169,15 +169,17 @@ def test_sharded_equilibrate_equals_single_process(case, mode, shared):
 ROWS_LOCAL = {"tp_rows_2", "rows_4_with_empty_rank", "fused_tp_rows_2"}  # the flat ranges cut rows on some rank
 
 
+@pytest.mark.parametrize("chunk", [dstats.FOLD_CHUNK, 4], ids=["whole_pieces", "chunks_of_rows"])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("p", [2.0, 3.0])
-def test_folded_rms_norms_equal_single_process_with_no_norm_reduction_where_rows_are_whole(case, p):
+def test_folded_rms_norms_equal_single_process_with_no_norm_reduction_where_rows_are_whole(case, p, chunk):
     """``fold``: the last RACS reduction carries Σ_i r_i² x_ij² beside the column sums of a matrix whose rows
     are whole on each rank; its RMS norm then needs no collective of its own, and equals the single-process
     norm of the RACS result (each fused matrix's, on every rank holding part of it)."""
     world = CASES[case][0]
 
     def body(rank, world):
+        dstats.FOLD_CHUNK = chunk  # elements squared at once: 4 cuts every piece into chunks of rows
         layouts = _layouts(case, rank, world, shared=True)
         fulls = [_full(k) for k in range(len(SHAPES))]
         locals_ = [_local(f, lay) for f, lay in zip(fulls, layouts)]

@@ -306,6 +306,9 @@ def imbalance(r: Tensor, c: Tensor, rows: Tensor) -> Tensor:
     return torch.maximum(spread(per_row, 1, owned & (per_row > 0)), spread(c, 1, c > 0))
 
 
+FOLD_CHUNK = 1 << 20  # elements squared at once by ``fold_columns``
+
+
 @dataclasses.dataclass
 class Squares:
     """Each parameter's ``(K,)`` sums of U² of its fused matrices from a stage's last pass: this rank's
@@ -330,7 +333,10 @@ def fold_columns(local: Tensor, lay: Layout, vec: Tensor, p: float, eps: float, 
     f = scaling_(pow_sums_to_norms_(vec[:m].clone(), p), eps, exponent).square_()
     t = torch.zeros(len(lay.block_shapes), n, dtype=vec.dtype, device=vec.device)
     for view, r in lay.pieces(local):
-        t[r.block, r.col : r.col + r.w].addmv_(view.to(t.dtype).square().mT, f[r.row : r.row + r.h])
+        rows = max(1, FOLD_CHUNK // max(r.w, 1))  # x² a chunk of rows at a time: its scratch stays small
+        for a in range(0, r.h, rows):
+            t[r.block, r.col : r.col + r.w].addmv_(view[a : a + rows].to(t.dtype).square().mT,
+                                                   f[r.row + a : r.row + min(a + rows, r.h)])
     return torch.cat((vec, t.view(-1)))
 
 
