@@ -18,6 +18,8 @@ range only the rows cut at partition boundaries, beside the columns.
 
 import dataclasses
 import math
+from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -74,17 +76,32 @@ def momentum_partial_row_col(g: Tensor, buf: Tensor, out: Tensor, layout: Layout
     return vec
 
 
-def row_col_stats(locals_: list[Tensor], layouts: list[Layout], p: float, stats: CommStats | None = None,
-                  cols: bool = True, partials: list[Tensor | None] | None = None) -> list[tuple[Tensor, Tensor | None]]:
-    """Full ``r (m,)`` and ``c (K, n)`` of every parameter (sums of |x|^p, or maxima for p = inf),
-    reduced across ranks: one packed reduction per group name (``c`` None without ``cols``).
-    ``partials``: the local ``partial_row_col`` of those parameters that already have it (else None)."""
+def reduced_statistics(locals_: list[Tensor], layouts: list[Layout], p: float, stats: CommStats | None = None,
+                       cols: bool = True, partials: list[Tensor | None] | None = None,
+                       extend: list[Callable[[Tensor], Tensor] | None] | None = None) -> list[Tensor]:
+    """Every parameter's statistics vector ``cat(r, c)`` (sums of |x|^p, or maxima for p = inf), reduced
+    across ranks: one packed reduction per group name. ``partials``: the local ``partial_row_col`` of
+    those parameters that already have it (else None); ``extend[k]``, where given, maps parameter k's
+    local vector to a longer one before the reduction (``fold_columns``)."""
     partials = partials or [None] * len(locals_)
     vectors = [v if v is not None else partial_row_col(x, lay, p, cols)
                for x, lay, v in zip(locals_, layouts, partials)]
+    vectors = [f(v) if f is not None else v for v, f in zip(vectors, extend or [None] * len(vectors))]
     reduce_shared(vectors, layouts, dist.ReduceOp.MAX if p == math.inf else dist.ReduceOp.SUM, stats)
-    return [(v[: lay.shape[0]], v[lay.shape[0] :].view(-1, lay.shape[1]) if cols else None)
-            for v, lay in zip(vectors, layouts)]
+    return vectors
+
+
+def row_col_stats(locals_: list[Tensor], layouts: list[Layout], p: float, stats: CommStats | None = None,
+                  cols: bool = True, partials: list[Tensor | None] | None = None) -> list[tuple[Tensor, Tensor | None]]:
+    """Full ``r (m,)`` and ``c (K, n)`` of every parameter (``reduced_statistics``; ``c`` None without ``cols``)."""
+    return [_row_col(v, lay, cols) for v, lay in zip(reduced_statistics(locals_, layouts, p, stats, cols, partials),
+                                                      layouts)]
+
+
+def _row_col(v: Tensor, lay: Layout, cols: bool = True) -> tuple[Tensor, Tensor | None]:
+    """``r (m,)`` and ``c (K, n)`` of statistics vector ``v`` (``c`` None without ``cols``)."""
+    m, n = lay.shape
+    return v[:m], (v[m : lay.stat_length].view(-1, n) if cols else None)
 
 
 def reduce_shared(vectors: list[Tensor], layouts: list[Layout], op: dist.ReduceOp,
@@ -321,7 +338,7 @@ def rows_local(lay: Layout) -> bool:
     """Whether ``lay`` is split over ranks that all hold whole rows of the matrix (``Layout.rows_whole``,
     from ``share_statistics``: FSDP2 row shards, column-parallel TP; not a row-parallel split, nor a flat
     range that cuts a row on any rank)."""
-    return bool(lay.groups) and lay.shared is not None and lay.rows_whole
+    return bool(lay.groups) and lay.rows_whole
 
 
 def fold_columns(local: Tensor, lay: Layout, vec: Tensor, p: float, eps: float, exponent: float) -> Tensor:
@@ -372,19 +389,13 @@ def sharded_racs_(locals_: list[Tensor], layouts: list[Layout], p: float = 2.0, 
     folded = [fold and split_rows_whole and bool(lay.groups) for lay in layouts]
     for it in range(iters):
         last = squares and it == iters - 1
-        if last and any(folded):
-            vectors = [v if v is not None else partial_row_col(x, lay, p)
-                       for x, lay, v in zip(locals_, layouts, partials if it == 0 and partials else [None] * len(layouts))]
-            vectors = [fold_columns(x, lay, v, p, eps, exponent) if f else v
-                       for x, lay, v, f in zip(locals_, layouts, vectors, folded)]
-            reduce_shared(vectors, layouts, dist.ReduceOp.SUM, stats)
-            sums = [(v[: lay.shape[0]], v[lay.shape[0] : lay.stat_length].view(-1, lay.shape[1]))
-                    for v, lay in zip(vectors, layouts)]
-            weighted = [v[lay.stat_length :].view(-1, lay.shape[1]) if f else None
-                        for v, lay, f in zip(vectors, layouts, folded)]
-        else:
-            sums = row_col_stats(locals_, layouts, p, stats, partials=partials if it == 0 else None)
-            weighted = None
+        fold_now = [last and f for f in folded]
+        vectors = reduced_statistics(locals_, layouts, p, stats, partials=partials if it == 0 else None,
+                                     extend=[partial(fold_columns, x, lay, p=p, eps=eps, exponent=exponent) if f else None
+                                             for x, lay, f in zip(locals_, layouts, fold_now)])
+        sums = [_row_col(v, lay) for v, lay in zip(vectors, layouts)]
+        weighted = [v[lay.stat_length :].view(-1, lay.shape[1]) if f else None  # ``fold_columns``' t, reduced
+                    for v, lay, f in zip(vectors, layouts, fold_now)]
         if it == 0 and averages is not None:
             sums = [(a.lerp_(torch.cat((r, c.reshape(-1))), 1.0 - beta)[: r.shape[0]].clone(),
                      a[r.shape[0] :].view_as(c).clone()) for a, (r, c) in zip(averages, sums)]
@@ -396,7 +407,6 @@ def sharded_racs_(locals_: list[Tensor], layouts: list[Layout], p: float = 2.0, 
                 return (Squares([scale_local_(x, lay, None, None, squares=True) for x, lay in zip(locals_, layouts)],
                                 [False] * len(layouts)) if squares else None), steps
         out = []
-        weighted = weighted or [None] * len(norms)
         for x, lay, (r, c), on, rw, n, t in zip(locals_, layouts, norms, active, rows or [None] * len(norms), steps,
                                                 weighted):
             r, c = scaling_(r, eps, exponent), scaling_(c, eps, exponent)
@@ -404,7 +414,7 @@ def sharded_racs_(locals_: list[Tensor], layouts: list[Layout], p: float = 2.0, 
                 r[~on[rw.to(on.device)]], c[~on] = 1.0, 1.0
             n += on.cpu()
             sq = scale_local_(x, lay, r, c, squares=last and t is None)
-            out.append(c.square().mul_(t).sum(-1) if t is not None else sq)  # t: ``fold_columns``', reduced
+            out.append(c.square().mul_(t).sum(-1) if t is not None else sq)  # Σ_j c_j² t_j: the whole matrix's
     return (Squares(out, folded) if squares else None), steps
 
 
