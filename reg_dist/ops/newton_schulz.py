@@ -21,7 +21,7 @@ every 3 steps matched "standard" to 0.1 % on average (``benchmarks/newton_schulz
 Rounding also leaves R slightly indefinite, and a step maps an eigenvalue λ < 0 of R to λ·p(λ)²,
 p(λ) = a + b·λ + c·λ²: polar_express's first steps (c ≈ 16, then 0.5) grow it 68-fold, then ~23-fold, then
 by p(λ)² ≫ a² once |λ| ≈ 1. On nearly rank-deficient matrices (rank 1–3 plus noise, as a momentum early
-in training) bf16 "gram" with polar_express returned spectral norms up to 7·10¹¹ (restarting at 2 then
+in training) bf16 "gram" with polar_express returned spectral norms of 10⁷ and more (restarting at 2 then
 every 3, or every 2, still blew up on some seeds), so that combination is refused; Jordan's c ≈ 2 stays
 below 1.2 in bf16 and fp16, polar_express below 1.15 in fp16 and fp32 (``tests/test_ops_newton_schulz.py``).
 
@@ -67,7 +67,7 @@ def check_newton_schulz_args(steps: int, coefficients: str, dtype: torch.dtype, 
         raise ValueError(f"ns_method must be one of {NS_METHODS}, got {method!r}")
     if method == "gram" and coefficients == "polar_express" and dtype == torch.bfloat16:
         raise ValueError("ns_method='gram' with coefficients='polar_express' is unstable in bf16: on a nearly "
-                         "rank-deficient matrix (a momentum early in training) its output reached norms of 1e11; "
+                         "rank-deficient matrix (a momentum early in training) its output reached norms of 1e7 and more; "
                          "use ns_dtype=torch.float16 or torch.float32, coefficients='jordan', or ns_method='standard'")
 
 
