@@ -336,3 +336,14 @@ def test_layouts_that_do_not_add_up_are_rejected(kwargs, message):
 def test_local_tensor_must_match_its_layout():
     with pytest.raises(ValueError, match=r"local tensor of shape \(3, 4\) does not match its layout, which needs \(2, 4\)"):
         Layout((4, 4), (0, 2), (0, 4)).pieces(torch.zeros(3, 4))
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"squares": True, "p": math.inf}, {"squares": True, "tol": 1e-3},
+                                    {"squares": True, "averages": [torch.zeros(12 + 5)]}], ids=str)
+def test_fold_without_what_it_needs_is_an_error_that_leaves_the_matrix_untouched(kwargs):
+    # the norm's column sums ride on a SUM of the last iteration's exact statistics, for the "rms" squares
+    x = torch.randn(12, 5)
+    before = x.clone()
+    with pytest.raises(ValueError, match="fold needs squares, a finite p, no tol and no averages"):
+        sharded_racs_([x], [Layout((12, 5), (0, 12), (0, 5))], fold=True, **kwargs)
+    assert torch.equal(x, before)

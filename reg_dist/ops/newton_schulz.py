@@ -129,7 +129,7 @@ def iterate(x: Tensor, steps: int, coefficients: str, dtype: torch.dtype, method
     A, inv = _normalised_gram(X, small, SAFETY[coefficients], acc, reduce)
     plan = schedule(steps, coefficients)
     # every product after the first writes into a buffer of this call (a fresh one costs its page faults
-    # on the CPU: 0.1 ms of a 768³ bf16 product's 0.9)
+    # on the CPU)
     spare = torch.empty_like(X) if len(plan) > 1 else None  # X's partner: a product never writes its input
     if method == "gram" and x.shape[-2] != x.shape[-1]:
         R, Q = A, None  # Q None: the identity

@@ -676,7 +676,7 @@ class MatrixOptimizer(Optimizer):
         """Whole matrices ``(B, m, n)`` times their scale factors (on the owner); or the blocks of split
         ``shape`` matrices, their squared norms summed by ``reduce`` (``comm.split``). ``out``: the
         transform's input, dead once ``u`` is made, written where it has the factors' dtype (one pass, no
-        new buffer: a fresh one costs its page faults on the CPU, about as much as the pass itself)."""
+        new buffer: a fresh one costs its page faults on the CPU)."""
         factors = scale_factors(u, group["scale"], group["rms"], shape, reduce)  # fp32 or wider: u cast once
         factors = factors.view(-1, 1, 1).to(u.device)
         if out is not None and out.dtype == factors.dtype and out.shape == u.shape and out.device == u.device:
