@@ -62,18 +62,31 @@ def flat_ranges(rank, world, shape):
                   groups=(("dp", dist.group.WORLD),))
 
 
-def _grid(rank):
-    """tp × dp = 2 × 2: tp groups {0,1}, {2,3}; dp groups {0,2}, {1,3} (new_group is collective)."""
-    tp = [dist.new_group([0, 1]), dist.new_group([2, 3])]
-    dp = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+def _grid(rank, world):
+    """tp × dp = 2 × world/2: tp groups {0,1}, {2,3}, …; dp groups {0,2,…}, {1,3,…} (new_group is collective)."""
+    dp = world // 2
+    tp = [dist.new_group([2 * d, 2 * d + 1]) for d in range(dp)]
+    dp = [dist.new_group(list(range(t, world, 2))) for t in range(2)]
     return tp[rank // 2], dp[rank % 2], rank % 2, rank // 2
 
 
 def tp_cols_fsdp_rows(rank, world, shape, groups):
     """2-D: tensor-parallel column split, then an FSDP row shard of each TP block."""
     tp_group, dp_group, tp_rank, dp_rank = groups
-    return Layout(shape, _split(shape[0], 2, dp_rank), _split(shape[1], 2, tp_rank),
+    return Layout(shape, _split(shape[0], world // 2, dp_rank), _split(shape[1], 2, tp_rank),
                   groups=(("dp", dp_group), ("tp", tp_group)))
+
+
+def tp_mixed_fsdp_rows(rank, world, shape, groups, cuts=None):
+    """2-D as Megatron under FSDP2: the 7 × 5 matrix row-parallel (``tp_cols_fsdp_rows``), the 6 × 9 one
+    column-parallel (rows over tp), each TP block's rows then sharded over dp (``cuts``: how many on each
+    dp rank; else an even split)."""
+    if shape == SHAPES[0]:
+        return tp_cols_fsdp_rows(rank, world, shape, groups)
+    tp_group, dp_group, tp_rank, dp_rank = groups
+    start, end = _split(shape[0], 2, tp_rank)
+    a, b = (sum(cuts[:dp_rank]), sum(cuts[:dp_rank + 1])) if cuts else _split(end - start, world // 2, dp_rank)
+    return Layout(shape, (start + a, start + b), (0, shape[1]), groups=(("dp", dp_group), ("tp", tp_group)))
 
 
 def tp_rows_zero_flat(rank, world, shape, groups):
@@ -102,6 +115,10 @@ CASES = {
     "flat_4_with_empty_rank": (4, flat_ranges),
     "tp2_x_fsdp2": (4, tp_cols_fsdp_rows),
     "tp2_x_zero2": (4, tp_rows_zero_flat),
+    "mixed_tp2_x_fsdp2": (4, tp_mixed_fsdp_rows),
+    "mixed_tp2_x_fsdp2_with_empty_dp_rank": (4, lambda *a: tp_mixed_fsdp_rows(*a, cuts=(3, 0))),
+    "mixed_tp2_x_fsdp3_with_empty_dp_rank": (6, lambda *a: tp_mixed_fsdp_rows(*a, cuts=(2, 1, 0))),
+    "fused_mixed_tp2_x_fsdp2": (4, fused(tp_mixed_fsdp_rows)),
     "fused_tp_rows_2": (2, fused(tp_rows)),
     "fused_flat_4_with_empty_rank": (4, fused(flat_ranges)),
     "fused_tp2_x_zero2": (4, fused(tp_rows_zero_flat)),
@@ -130,7 +147,7 @@ def _layouts(case, rank, world, shared=False):
     """The case's layouts on ``rank``; with ``shared``, only the statistics other ranks touch travel."""
     fn = CASES[case][1]
     if "x_" in case:
-        groups = _grid(rank)
+        groups = _grid(rank, world)
         layouts = [fn(rank, world, s, groups) for s in SHAPES]
     else:
         layouts = [fn(rank, world, s) for s in SHAPES]
@@ -167,15 +184,19 @@ def test_sharded_equilibrate_equals_single_process(case, mode, shared):
 
 
 ROWS_LOCAL = {"tp_rows_2", "rows_4_with_empty_rank", "fused_tp_rows_2"}  # the flat ranges cut rows on some rank
+TWO_LEVEL = {"tp2_x_fsdp2", "mixed_tp2_x_fsdp2", "mixed_tp2_x_fsdp2_with_empty_dp_rank",
+             "mixed_tp2_x_fsdp3_with_empty_dp_rank", "fused_mixed_tp2_x_fsdp2"}
 
 
 @pytest.mark.parametrize("chunk", [dstats.FOLD_CHUNK, 4], ids=["whole_pieces", "chunks_of_rows"])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("p", [2.0, 3.0])
-def test_folded_rms_norms_equal_single_process_with_no_norm_reduction_where_rows_are_whole(case, p, chunk):
-    """``fold``: the last RACS reduction carries Σ_i r_i² x_ij² beside the column sums of a matrix whose rows
-    are whole on each rank; its RMS norm then needs no collective of its own, and equals the single-process
-    norm of the RACS result (each fused matrix's, on every rank holding part of it)."""
+def test_folded_rms_norms_equal_single_process_reduced_over_tp_alone_or_not_at_all(case, p, chunk):
+    """``fold``: the last RACS reduction carries Σ_i r_i² x_ij² beside the column sums where every split
+    matrix's rows are whole on each rank (the RMS norms then need no collective of their own) or where tp
+    is reduced first (``Layout.inner``: one all-reduce over tp alone); elsewhere the norms reduce over
+    every group. Each equals the single-process norm of the RACS result (each fused matrix's, on every
+    rank holding part of it)."""
     world = CASES[case][0]
 
     def body(rank, world):
@@ -185,10 +206,13 @@ def test_folded_rms_norms_equal_single_process_with_no_norm_reduction_where_rows
         locals_ = [_local(f, lay) for f, lay in zip(fulls, layouts)]
         stats = {}
         squares, _ = sharded_racs_(locals_, layouts, p=p, iters=2, stats=stats, squares=True, fold=True)
-        calls = sum(v["calls"] for v in stats.values())
+        before = {g: v["calls"] for g, v in stats.items()}
         norms = sharded_frobenius_norms(locals_, layouts, stats, squares)
-        assert squares.reduced == [rows_local(lay) for lay in layouts] == [case in ROWS_LOCAL] * len(SHAPES)
-        assert (sum(v["calls"] for v in stats.values()) == calls) == (case in ROWS_LOCAL)
+        names = [tuple(g for g, _ in lay.groups) for lay in layouts]
+        want = [() if case in ROWS_LOCAL else ("tp",) if case in TWO_LEVEL else n for n in names]
+        assert squares.pending == want
+        assert {g: v["calls"] - before.get(g, 0) for g, v in stats.items() if v["calls"] > before.get(g, 0)} == \
+            {g: 1 for g in sorted({g for n in want for g in n})}
         for f, lay, got in zip(fulls, layouts, norms):
             want = per_block(lambda x: racs(x, p=p, iters=2), case)(f)
             for k, rows in enumerate(block_rows(case, f.shape)):
@@ -208,12 +232,35 @@ def test_no_norm_is_folded_where_another_split_matrix_has_split_rows():
         stats = {}
         squares, _ = sharded_racs_(locals_, layouts, stats=stats, squares=True, fold=True)
         norms = sharded_frobenius_norms(locals_, layouts, stats, squares)
-        assert [rows_local(lay) for lay in layouts] == [True, False] and squares.reduced == [False, False]
+        assert [rows_local(lay) for lay in layouts] == [True, False] and squares.pending == [("tp",), ("tp",)]
         assert stats["tp"]["calls"] == 2  # the statistics, then the norms
         for f, got in zip(fulls, norms):
             torch.testing.assert_close(got[0], racs(f).norm(), rtol=1e-12, atol=0)
 
     run_ranks(2, body)
+
+
+def test_tp_first_then_each_tp_rank_reduces_its_slice_of_the_column_parallel_column_sums_over_dp():
+    """Megatron's split under FSDP2 (``mixed_tp2_x_fsdp2``): tp shares the row-parallel matrix's rows, so it
+    is reduced first (``Layout.inner``); every tp rank then holds the column-parallel matrix's 9 column
+    sums, and reduces over dp only its slice of them (5, then 4), gathered back over tp in one all-gather;
+    the row-parallel matrix's own columns go over dp whole. The folded norms' sums ride along."""
+    def body(rank, world):
+        layouts = _layouts("mixed_tp2_x_fsdp2", rank, world, shared=True)
+        locals_ = [_local(_full(k), lay) for k, lay in enumerate(layouts)]
+        stats = {}
+        sharded_racs_(locals_, layouts, stats=stats, squares=True, fold=True)
+        return stats
+
+    for rank, stats in enumerate(run_ranks(4, body)):
+        tp_rank, dp_rank = rank % 2, rank // 2
+        width = _split(SHAPES[0][1], 2, tp_rank)  # the row-parallel matrix's columns here
+        rows = _split(SHAPES[0][0], 2, dp_rank)  # its rows (the same on both tp ranks)
+        mine = 5 - tp_rank  # the column-parallel matrix's 9 columns in slices of ⌈9/2⌉
+        floats = {"dp": 2 * (width[1] - width[0] + mine),  # column sums and the norms' sums, each
+                  "tp": (rows[1] - rows[0]) + 2 * 9 + 2 * 5}  # rows; columns and sums; the gather of 2·5
+        assert {g: (v["calls"], v["bytes"]) for g, v in stats.items()} == \
+            {"dp": (1, 8 * floats["dp"]), "tp": (2, 8 * floats["tp"])}, rank
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -282,7 +329,7 @@ def test_dp_x_tp_reduces_the_held_columns_over_dp_and_the_held_rows_over_tp():
         tp_rank, dp_rank = rank % 2, rank // 2
         cols = sum(_split(n, 2, tp_rank)[1] - _split(n, 2, tp_rank)[0] for _, n in SHAPES)
         rows = sum(_split(m, 2, dp_rank)[1] - _split(m, 2, dp_rank)[0] for m, _ in SHAPES)
-        assert calls == [cols, rows], rank  # "dp" first, then "tp"
+        assert calls == [rows, cols], rank  # "tp" first (it shares rows: ``Layout.inner``), then "dp"
 
 
 def test_a_plan_over_several_groups_that_would_miss_a_rank_reduces_every_entry_its_groups_touch():

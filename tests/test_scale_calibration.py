@@ -1,5 +1,6 @@
 """The scale model (``reg_dist.scale``) against measured runs: on every layout the tests can run here
-(gloo, forked ranks: FSDP2 dp 2 and 4, tensor parallel 2, FSDP2 × TP 2 × 2, replicated 2 × TP 2,
+(gloo, forked ranks: FSDP2 dp 2 and 4, tensor parallel 2, FSDP2 × TP 2 × 2 (with and without the
+two-level statistics reduction), replicated 2 × TP 2,
 native (2, 1) and (2, 2), and Newton–Schulz split over runs of 2 and 4 ranks),
 its predicted bytes, wire bytes ("sent") and calls per process group equal ``opt.comm_stats()`` of
 REG, Muon and MuonEq exactly, on every rank, and its owner plans are the optimizer's own. The same
@@ -57,6 +58,9 @@ LAYOUTS = {
     "FSDP2 dp=4": (_wrapper(fsdp), Parallel(1, 4, zero=3), True, {}),
     "TP 2": (_wrapper(tp), Parallel(1, 2, tp=2, zero=0), True, TP_PLAN),
     "FSDP2 2 × TP 2": (_wrapper(fsdp_x_tp), Parallel(1, 4, tp=2, zero=3), True, TP_PLAN),
+    # no fused QKV (TP 2 cuts it across the q/k/v blocks): tp reduced first, column sums in slices over dp
+    "FSDP2 2 × TP 2, two-level statistics": (_wrapper(fsdp_x_tp), Parallel(1, 4, tp=2, zero=3), False,
+                                             {"up": "colwise", "down": "rowwise"}),
     "replicated 2 × TP 2": (_replicated_x_tp, Parallel(1, 4, tp=2, zero=0), True, TP_PLAN),
     "native (2, 1)": (native(2, 1), Parallel(1, 2, tp=1, zero=1), True, {}),
     "native (2, 2)": (native(2, 2), Parallel(1, 4, tp=2, zero=1), True, {"up": "colwise", "down": "rowwise"}),

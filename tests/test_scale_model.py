@@ -46,18 +46,22 @@ def test_fsdp2_statistics_carry_the_n_column_sums_per_matrix_whatever_dp():
         assert stats["bytes"] == (2 + 1) * 4 * floats
 
 
-def test_fsdp2_x_tp_statistics_carry_the_held_columns_over_dp_and_the_held_rows_over_tp():
+def test_fsdp2_x_tp_statistics_reduce_tp_first_then_each_tp_ranks_slice_of_the_column_sums_over_dp():
     model, par = preset("llama-7b"), Parallel(8, 8, tp=8, zero=3)  # dp 8: rank 0 is (dp 0, tp 0)
     matrices = [p for p in model.params if p.algorithm == MATRIX]
     assert {p.tp for p in matrices} == {0, 1}
-    # column-parallel: rows split over tp and dp, the n column sums over both; row-parallel: the n/tp held
-    # columns over dp, the m/dp held rows over tp. The row-parallel matrices' norms need an all-reduce of
-    # their own, so no matrix's norm rides on the statistics (it would only add bytes)
-    dp = sum(p.logical[1] if p.tp == 0 else p.logical[1] // 8 for p in matrices)
-    tp = sum(p.logical[1] if p.tp == 0 else p.logical[0] // 8 for p in matrices)
+    # tp first (it splits the row-parallel matrices' rows): their m/dp held rows, and the column-parallel
+    # ones' n column sums with the norms' n sums beside them (``comm.statistics.reduce_two_level``); then
+    # over dp rank 0's eighth of all the column-parallel sums and the row-parallel n/tp held columns, each
+    # twice (the norms' sums); one all-gather of the eighths over tp; the norms, K floats per matrix, over tp
+    columns = sum(len(p.blocks) * p.logical[1] for p in matrices if p.tp == 0)
+    eighth = -(-columns // 8)
+    dp = 2 * eighth + 2 * sum(p.logical[1] // 8 for p in matrices if p.tp == 1)
+    tp = sum(2 * len(p.blocks) * p.logical[1] if p.tp == 0 else p.logical[0] // 8 for p in matrices)
+    norms = sum(len(p.blocks) for p in matrices)
     stats = traffic(model, par, "reg").comm_stats(0)
-    assert stats["dp"]["bytes"] == 4 * dp + 4 * model.matrices  # one RACS iteration and the norms
-    assert stats["tp"]["bytes"] == 4 * tp + 4 * model.matrices
+    assert (stats["dp"]["calls"], stats["dp"]["bytes"]) == (1, 4 * dp)
+    assert (stats["tp"]["calls"], stats["tp"]["bytes"]) == (3, 4 * (tp + 8 * eighth + norms))
 
 
 def test_pipeline_stages_partition_the_model_and_predict_the_costliest_stage():

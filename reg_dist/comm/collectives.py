@@ -36,11 +36,20 @@ def count(stats: CommStats | None, name: str, buf: Tensor, kind: str, group: dis
     entry["sent"] += sent
 
 
+def all_gather_into(out: Tensor, mine: Tensor, group: dist.ProcessGroup) -> None:
+    """Every rank's equal-sized ``mine`` concatenated into ``out`` in group-rank order: torch's
+    ``all_gather_single`` where it has it (newer releases deprecate ``all_gather_into_tensor`` for it)."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, mine, group=group)
+
+
 def reduce_packed(vectors: list[Tensor], layouts: list[Layout], op: dist.ReduceOp,
-                  stats: CommStats | None = None) -> None:
-    """In place: every ``vectors[k]`` reduced over each group of ``layouts[k]``, one collective per
-    group name, counted into ``stats``."""
+                  stats: CommStats | None = None, over: list[tuple[str, ...]] | None = None) -> None:
+    """In place: every ``vectors[k]`` reduced over each group of ``layouts[k]`` (of those named in
+    ``over[k]`` where given), one collective per group name, counted into ``stats``."""
     groups = [dict(lay.groups) for lay in layouts]
+    if over is not None:
+        groups = [{name: g for name, g in gs.items() if name in names} for gs, names in zip(groups, over)]
     for name in sorted({g for gs in groups for g in gs}):
         members = [(v, gs[name]) for v, gs in zip(vectors, groups) if name in gs]
         group = members[0][1]

@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..layout import Layout
-from .collectives import CommStats, count
+from .collectives import CommStats, all_gather_into, count
 from .hops import TwoHop, agree_off_rank, axis_groups
 from .owner import gather_holdings, newton_schulz_cost
 
@@ -197,7 +197,7 @@ class Run:
         mine = A.new_zeros(batch, rows, a)
         mine[:, : hi - lo] = torch.baddbmm(A[:, lo:hi], A[:, lo:hi], A, beta=b, alpha=c)
         out = A.new_empty(self.k * batch, rows, a)
-        dist.all_gather_into_tensor(out, mine, group=self.group)
+        all_gather_into(out, mine, group=self.group)
         count(self.stats, self.name, out, "all_gather", self.group)
         return out.view(self.k, batch, rows, a).transpose(0, 1).reshape(batch, self.k * rows, a)[:, :a]
 

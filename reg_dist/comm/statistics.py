@@ -27,10 +27,10 @@ from torch import Tensor
 
 from ..ops.equilibrate import check_equilibrate_args
 from ..ops.racs import check_racs_args, scaling_
-from ..layout import Layout
+from ..layout import Layout, Runs
 from ..ops import fused
 from ..ops.stats import abs_powers, acc_dtype, pow_sums_to_norms_
-from .collectives import CommStats, count, reduce_packed
+from .collectives import CommStats, all_gather_into, count, reduce_packed
 
 
 def partial_row_col(local: Tensor, layout: Layout, p: float, cols: bool = True) -> Tensor:
@@ -80,14 +80,22 @@ def reduced_statistics(locals_: list[Tensor], layouts: list[Layout], p: float, s
                        cols: bool = True, partials: list[Tensor | None] | None = None,
                        extend: list[Callable[[Tensor], Tensor] | None] | None = None) -> list[Tensor]:
     """Every parameter's statistics vector ``cat(r, c)`` (sums of |x|^p, or maxima for p = inf), reduced
-    across ranks: one packed reduction per group name. ``partials``: the local ``partial_row_col`` of
-    those parameters that already have it (else None); ``extend[k]``, where given, maps parameter k's
-    local vector to a longer one before the reduction (``fold_columns``)."""
+    across ranks: one packed reduction per group name (``reduce_shared``, or ``reduce_two_level`` where
+    the layouts name an ``inner`` group). ``partials``: the local ``partial_row_col`` of those parameters
+    that already have it (else None); ``extend[k]``, where given, maps parameter k's local vector to a
+    longer one (``fold_columns``): before any reduction where its rows are whole on each rank
+    (``rows_local``), else once they are summed over ``inner``."""
     partials = partials or [None] * len(locals_)
+    extend = extend or [None] * len(locals_)
     vectors = [v if v is not None else partial_row_col(x, lay, p, cols)
                for x, lay, v in zip(locals_, layouts, partials)]
-    vectors = [f(v) if f is not None else v for v, f in zip(vectors, extend or [None] * len(vectors))]
-    reduce_shared(vectors, layouts, dist.ReduceOp.MAX if p == math.inf else dist.ReduceOp.SUM, stats)
+    two_level = any(lay.inner is not None for lay in layouts)
+    early = [f if f is not None and (rows_local(lay) or not two_level) else None for f, lay in zip(extend, layouts)]
+    vectors = [f(v) if f is not None else v for v, f in zip(vectors, early)]
+    op = dist.ReduceOp.MAX if p == math.inf else dist.ReduceOp.SUM
+    if two_level:
+        return reduce_two_level(vectors, layouts, op, stats, [f if g is None else None for f, g in zip(extend, early)])
+    reduce_shared(vectors, layouts, op, stats)
     return vectors
 
 
@@ -105,19 +113,17 @@ def _row_col(v: Tensor, lay: Layout, cols: bool = True) -> tuple[Tensor, Tensor 
 
 
 def reduce_shared(vectors: list[Tensor], layouts: list[Layout], op: dist.ReduceOp,
-                  stats: CommStats | None = None) -> None:
+                  stats: CommStats | None = None, names: tuple[str, ...] | None = None) -> None:
     """In place: the entries of every statistics vector ``vectors[k]`` (its first ``len`` of m + K·n) that
-    each group of ``layouts[k]`` shares, reduced over that group: one collective per group name, none
-    where no entry is shared. A vector longer than m + K·n (``fold_columns``: K·n more, column sums of
-    a matrix whose rows are whole here) has its shared column entries reduced there too."""
+    each group of ``layouts[k]`` shares, reduced over that group: one collective per group name (of
+    ``names`` alone where given), none where no entry is shared. A vector longer than m + K·n
+    (``fold_columns``: K·n more, mirroring its column entries) has those mirrors reduced beside them."""
     groups = [dict(lay.groups) for lay in layouts]
-    for name in sorted({g for gs in groups for g in gs}):
-        members = [(v, lay, gs[name]) for v, lay, gs in zip(vectors, layouts, groups) if name in gs]
-        group = members[0][2]
-        if any(g is not group for *_, g in members):
-            raise ValueError(f"layouts on this rank name different process groups {name!r}")
+    for name in sorted({g for gs in groups for g in gs if names is None or g in names}):
         picks = []  # (vector, slice or index tensor) of each member's shared entries
-        for v, lay, _ in members:
+        for v, lay, gs in zip(vectors, layouts, groups):
+            if name not in gs:
+                continue
             length = min(v.numel(), lay.stat_length)
             runs = lay.shared_runs(name, length)
             shifts = (0, v.numel() - length) if v.numel() > length else (0,)  # ``fold``'s columns: those runs again
@@ -127,17 +133,98 @@ def reduce_shared(vectors: list[Tensor], layouts: list[Layout], op: dist.ReduceO
                 index = lay.shared_index[name]
                 index = index[index < length].to(v.device)
                 picks.append((v, torch.cat([index + d for d in shifts]) if len(shifts) > 1 else index))
-        if not picks:
-            continue
-        buf = torch.cat([v[at] if isinstance(at, slice) else v.index_select(0, at) for v, at in picks])
-        dist.all_reduce(buf, op=op, group=group)
-        chunks = buf.split([(at.stop - at.start) if isinstance(at, slice) else at.numel() for _, at in picks])
-        for (v, at), chunk in zip(picks, chunks):
-            if isinstance(at, slice):
-                v[at].copy_(chunk)
-            else:
-                v.index_copy_(0, at, chunk)
-        count(stats, name, buf, "all_reduce", group)
+        _reduce_picks(picks, op, _group(layouts, name), name, stats)
+
+
+def _group(layouts: list[Layout], name: str) -> dist.ProcessGroup:
+    """The process group ``name`` of ``layouts`` (the same one on every layout that names it)."""
+    found = {id(g): g for lay in layouts for n, g in lay.groups if n == name}
+    if len(found) != 1:
+        raise ValueError(f"layouts on this rank name different process groups {name!r}")
+    return next(iter(found.values()))
+
+
+def _reduce_picks(picks: list[tuple[Tensor, slice | Tensor]], op: dist.ReduceOp, group: dist.ProcessGroup,
+                  name: str, stats: CommStats | None) -> None:
+    """The entries ``picks`` (vector, slice or index) packed into one all-reduce over ``group``, in place."""
+    if not picks:
+        return
+    buf = torch.cat([v[at] if isinstance(at, slice) else v.index_select(0, at) for v, at in picks])
+    dist.all_reduce(buf, op=op, group=group)
+    chunks = buf.split([(at.stop - at.start) if isinstance(at, slice) else at.numel() for _, at in picks])
+    for (v, at), chunk in zip(picks, chunks):
+        if isinstance(at, slice):
+            v[at].copy_(chunk)
+        else:
+            v.index_copy_(0, at, chunk)
+    count(stats, name, buf, "all_reduce", group)
+
+
+def _index(runs: Runs, length: int) -> Tensor:
+    """The entries of ``runs`` below ``length``, as int64 indices."""
+    parts = [torch.arange(a, min(b, length)) for a, b in runs if a < length]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+
+
+def reduce_two_level(vectors: list[Tensor], layouts: list[Layout], op: dist.ReduceOp, stats: CommStats | None,
+                     late: list[Callable[[Tensor], Tensor] | None]) -> list[Tensor]:
+    """``reduce_shared`` over ``inner`` (``Layout.inner``, the one group sharing row entries, from
+    ``share_statistics``) first, then ``late[k]`` applied where given, then over the other group, where
+    the ``replicated`` entries (column sums equal on every rank of ``inner`` by then) are cut into
+    ``size(inner)`` consecutive slices over all the vectors, in order, and each rank reduces its own slice
+    alone; one all-gather over ``inner`` then hands every rank the others' (``(size · ⌈L/size⌉,)`` floats,
+    L the replicated entries). The outer group's bytes of those entries shrink ``size(inner)``-fold.
+
+    A mirror entry (``fold_columns``' t) of a replicated column is reduced with its column and not
+    gathered: it is complete only on the rank whose slice holds it and zeroed elsewhere, so that each
+    rank's Σ_j c_j² t_j summed over ``inner`` counts every column once."""
+    inner = next(lay.inner for lay in layouts if lay.inner is not None)
+    reduce_shared(vectors, layouts, op, stats, names=(inner,))
+    vectors = [f(v) if f is not None else v for v, f in zip(vectors, late)]
+    group = _group(layouts, inner)
+    size, me = dist.get_world_size(group), dist.get_rank(group)
+    reps = [_index(lay.replicated, min(v.numel(), lay.stat_length)).to(v.device) for v, lay in zip(vectors, layouts)]
+    total = sum(len(r) for r in reps)
+    chunk = -(-total // size)
+    lo, hi, start = min(me * chunk, total), min((me + 1) * chunk, total), 0
+    mine, others = [], []
+    for r in reps:
+        a, b = min(max(lo - start, 0), len(r)), min(max(hi - start, 0), len(r))
+        mine.append(r[a:b])
+        others.append(torch.cat((r[:a], r[b:])))
+        start += len(r)
+    for name in sorted({g for lay in layouts for g, _ in lay.groups} - {inner}):
+        picks = []
+        for v, lay, other in zip(vectors, layouts, others):
+            if name not in dict(lay.groups):
+                continue
+            length = min(v.numel(), lay.stat_length)
+            shifts = (0, v.numel() - length) if v.numel() > length else (0,)
+            take = torch.zeros(v.numel(), dtype=torch.bool, device=v.device)
+            for a, b in lay.shared_runs(name, length):
+                for d in shifts:
+                    take[a + d : b + d] = True
+            for d in shifts:
+                take[other + d] = False
+            index = take.nonzero().flatten()
+            if index.numel():
+                picks.append((v, index))
+        _reduce_picks(picks, op, _group(layouts, name), name, stats)
+    for v, lay, other in zip(vectors, layouts, others):
+        if v.numel() > lay.stat_length:
+            v[other + (v.numel() - lay.stat_length)] = 0
+    if total:
+        send = torch.zeros(chunk, dtype=vectors[0].dtype, device=vectors[0].device)
+        flat = torch.cat([v[i] for v, i in zip(vectors, mine)])
+        send[: flat.numel()] = flat
+        out = torch.empty(size * chunk, dtype=send.dtype, device=send.device)
+        all_gather_into(out, send, group=group)
+        count(stats, inner, out, "all_gather", group)
+        start = 0  # rank j's slice sits at j·chunk of ``out``, as it does in the list of replicated entries
+        for v, r in zip(vectors, reps):
+            v[r] = out[start : start + len(r)]
+            start += len(r)
+    return vectors
 
 
 def _touched(lay: Layout) -> list[tuple[int, int]]:
@@ -226,20 +313,22 @@ def share_statistics(layouts: list[Layout]) -> list[Layout]:
 
     out = [plan(k, lambda c: c >= 2) if lay.groups else lay for k, lay in enumerate(layouts)]
     several = [k for k, lay in enumerate(layouts) if len(lay.groups) > 1]
-    if not several:
-        return _mark_whole_rows(out)
-    touched = [_touch_mask(layouts[k]) for k in several]
-    totals = [t.to(torch.float64) for t in touched]  # ranks touching each entry, over every group
-    reduce_packed(totals, [layouts[k] for k in several], dist.ReduceOp.SUM)
-    failed = [i for i, ok in enumerate(_reaches([out[k] for k in several], [layouts[k] for k in several], touched,
-                                               totals)) if not ok]
-    if failed:
-        wider = [plan(several[i], lambda c, t=totals[i]: (c >= 1) & (t >= 2)) for i in failed]
-        ok = _reaches(wider, [layouts[several[i]] for i in failed], [touched[i] for i in failed],
-                      [totals[i] for i in failed])
-        for i, lay, good in zip(failed, wider, ok):
-            out[several[i]] = lay if good else layouts[several[i]]
-    return _mark_whole_rows(out)
+    checks = None  # (layouts, touched, totals) of the matrices split over several groups
+    first_plan = True  # every matrix of this rank takes the plain plan
+    if several:
+        touched = [_touch_mask(layouts[k]) for k in several]
+        totals = [t.to(torch.float64) for t in touched]  # ranks touching each entry, over every group
+        reduce_packed(totals, [layouts[k] for k in several], dist.ReduceOp.SUM)
+        failed = [i for i, ok in enumerate(_reaches([out[k] for k in several], [layouts[k] for k in several],
+                                                   touched, totals)) if not ok]
+        if failed:
+            wider = [plan(several[i], lambda c, t=totals[i]: (c >= 1) & (t >= 2)) for i in failed]
+            ok = _reaches(wider, [layouts[several[i]] for i in failed], [touched[i] for i in failed],
+                          [totals[i] for i in failed])
+            for i, lay, good in zip(failed, wider, ok):
+                out[several[i]] = lay if good else layouts[several[i]]
+        checks, first_plan = ([layouts[k] for k in several], touched, totals), not failed
+    return _mark_two_level(_mark_whole_rows(out), counts, first_plan, several, checks)
 
 
 def _mark_whole_rows(layouts: list[Layout]) -> list[Layout]:
@@ -257,6 +346,64 @@ def _mark_whole_rows(layouts: list[Layout]) -> list[Layout]:
     return out
 
 
+def _mark_two_level(layouts: list[Layout], counts: list[dict[str, Tensor]], first_plan: bool, several: list[int],
+                    checks: tuple[list[Layout], list[Tensor], list[Tensor]] | None) -> list[Layout]:
+    """``layouts`` with ``inner`` and ``replicated`` set (``reduce_two_level``) where the split matrices name
+    two groups, exactly one of which (``inner``: tensor parallelism's) shares a row entry of any of them,
+    every matrix takes the plain plan, a matrix whose rows ``inner`` shares shares none of its columns
+    there, every column of another matrix split over ``inner`` is touched by none or all of the ranks of
+    each instance of ``inner`` (so that its column sums, ``replicated``, are equal on all of them once
+    reduced there: all of its column entries, on every rank alike, so that the slices line up over both
+    groups), and reducing ``inner`` first reaches every rank touching an entry (checked as
+    ``_reaches``); else unchanged. Collective over both groups, in order: every rank decides alike."""
+    split = [k for k, lay in enumerate(layouts) if lay.groups]
+    groups: dict[str, dist.ProcessGroup] = {name: g for k in split for name, g in layouts[k].groups}
+    if len(groups) != 2:
+        return layouts
+    names = sorted(groups)
+
+    def rows_shared(lay: Layout, name: str) -> bool:
+        return lay.shared is None or any(a < lay.shape[0] for a, _ in dict(lay.shared).get(name, ()))
+
+    sharing = torch.tensor([float(any(name in dict(layouts[k].groups) and rows_shared(layouts[k], name)
+                                      for k in split)) for name in names], dtype=torch.float64)
+    for name in names:
+        dist.all_reduce(sharing, op=dist.ReduceOp.MAX, group=groups[name])
+    if sharing.sum().item() != 1:
+        return layouts
+    inner = names[int(sharing.argmax().item())]
+    size = dist.get_world_size(groups[inner])
+    ok, replicated = first_plan and all(layouts[k].shared is not None for k in split), {}
+    for k in split:
+        lay = layouts[k]
+        if not ok or inner not in dict(lay.groups):
+            continue
+        m = lay.shape[0]
+        columns = tuple((max(a, m), b) for a, b in dict(lay.shared)[inner] if b > m)
+        if rows_shared(lay, inner):
+            ok = not columns
+        else:
+            touching = counts[k][inner][m:]  # every column: on none of inner's ranks or on all
+            ok = bool(((touching == 0) | (touching == size)).all())
+            replicated[k] = ((m, lay.stat_length),)  # the same entries on every rank (the slices line up)
+    flag = torch.tensor([float(ok)], dtype=torch.float64)
+    for name in names:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=groups[name])
+    if not flag.item():
+        return layouts
+    out = [dataclasses.replace(lay, inner=inner, replicated=replicated.get(k, ())) if lay.groups else lay
+           for k, lay in enumerate(layouts)]
+    if checks is not None:  # the order inner-first must reach every holder of each entry too
+        full, touched, totals = checks
+        good = _reaches([out[k] for k in several], full, touched, totals, two_level=True)
+        flag = torch.tensor([float(all(good))], dtype=torch.float64)
+        for name in names:
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=groups[name])
+        if not flag.item():
+            return layouts
+    return out
+
+
 def _touch_mask(lay: Layout) -> Tensor:
     """Bool ``(m + K·n,)``: the entries of ``lay``'s statistics vector its elements add to."""
     mask = torch.zeros(lay.stat_length, dtype=torch.bool)
@@ -265,12 +412,16 @@ def _touch_mask(lay: Layout) -> Tensor:
     return mask
 
 
-def _reaches(planned: list[Layout], full: list[Layout], touched: list[Tensor], totals: list[Tensor]) -> list[bool]:
-    """Whether reducing only the ``planned`` shared entries, group after group, counts every rank that
-    touches each entry this rank touches (``totals``, from the full reduction), on every rank holding
-    each matrix (collective over the groups of ``full``)."""
+def _reaches(planned: list[Layout], full: list[Layout], touched: list[Tensor], totals: list[Tensor],
+             two_level: bool = False) -> list[bool]:
+    """Whether reducing only the ``planned`` shared entries, group after group (``two_level``: by
+    ``reduce_two_level``), counts every rank that touches each entry this rank touches (``totals``, from
+    the full reduction), on every rank holding each matrix (collective over the groups of ``full``)."""
     got = [t.to(torch.float64) for t in touched]
-    reduce_shared(got, planned, dist.ReduceOp.SUM)
+    if two_level:
+        reduce_two_level(got, planned, dist.ReduceOp.SUM, None, [None] * len(got))
+    else:
+        reduce_shared(got, planned, dist.ReduceOp.SUM)
     bad = [torch.tensor([float(not torch.equal(w[m], g[m]))], dtype=torch.float64)
            for w, g, m in zip(totals, got, touched)]
     reduce_packed(bad, full, dist.ReduceOp.MAX)
@@ -328,10 +479,11 @@ FOLD_CHUNK = 1 << 20  # elements squared at once by ``fold_columns``
 
 @dataclasses.dataclass
 class Squares:
-    """Each parameter's ``(K,)`` sums of U² of its fused matrices from a stage's last pass: this rank's
-    partial sums, or (``reduced[k]``) already summed over every rank holding the matrix."""
+    """Each parameter's ``(K,)`` sums of U² of its fused matrices from a stage's last pass, and the group
+    names (``pending[k]``) over which they are still to be summed: all of its layout's for this rank's
+    partial sums, none where they are already the whole matrix's."""
     values: list[Tensor]
-    reduced: list[bool]
+    pending: list[tuple[str, ...]]
 
 
 def rows_local(lay: Layout) -> bool:
@@ -344,8 +496,9 @@ def rows_local(lay: Layout) -> bool:
 def fold_columns(local: Tensor, lay: Layout, vec: Tensor, p: float, eps: float, exponent: float) -> Tensor:
     """``cat(vec, t)``: ``vec`` the rank's partial ``(m + K·n,)`` sums of |x|^p and ``t (K·n,)`` the partial
     ``t_kj = Σ_i f_i² x_ij²`` over its rows i of fused matrix k, ``f_i = (||x_i||_p + eps)^exponent`` the
-    row factors (its rows are whole here, ``rows_local``). Reduced like the column sums, the RMS norm
-    needs no collective of its own: ``||f_i x_ij g_kj||_F² = Σ_j g_kj² t_kj``."""
+    row factors (their sums complete in ``vec``: ``rows_local``, or once reduced over ``Layout.inner``).
+    Reduced like the column sums, the RMS norm needs no collective of its own, or one over ``inner``
+    alone: ``||f_i x_ij g_kj||_F² = Σ_j g_kj² t_kj``."""
     m, n = lay.shape
     f = scaling_(pow_sums_to_norms_(vec[:m].clone(), p), eps, exponent).square_()
     t = torch.zeros(len(lay.block_shapes), n, dtype=vec.dtype, device=vec.device)
@@ -367,9 +520,11 @@ def sharded_racs_(locals_: list[Tensor], layouts: list[Layout], p: float = 2.0, 
     sums of squares of each result's fused matrices (``sharded_frobenius_norms``' input; else None),
     and the ``(K,)`` balancing steps each fused matrix took. ``fold`` (with ``squares``, finite p, no
     ``tol``, no ``averages``), where every matrix split over ranks has whole rows on each of them
-    (``rows_local``): the last reduction also carries their ``fold_columns`` sums, and their squares
-    are returned already reduced, so the norms need no collective (where one matrix has split rows, its
-    norm needs one anyway, and the others' would only add bytes to the statistics).
+    (``rows_local``) or the layouts reduce over an ``inner`` group first (``reduce_two_level``): the last
+    reduction also carries their ``fold_columns`` sums, and their squares are returned already reduced,
+    so the norms need no collective, or (a matrix split over ``inner``) one over ``inner`` alone (where
+    a matrix has split rows and there is no ``inner``, its norm needs a reduction over every group anyway,
+    and the others' sums would only add bytes to the statistics).
 
     ``partials``: the first iteration's local sums where they are known (``row_col_stats``; the engine
     gives the raw gradient's for ``stats="gradient"``). ``averages``: each parameter's ``(m + K·n,)``
@@ -385,7 +540,8 @@ def sharded_racs_(locals_: list[Tensor], layouts: list[Layout], p: float = 2.0, 
     out = None
     if fold and (not squares or p == math.inf or tol > 0 or averages is not None):
         raise ValueError("fold needs squares, a finite p, no tol and no averages")
-    split_rows_whole = all(rows_local(lay) for lay in layouts if lay.groups)  # else the norms reduce anyway
+    two_level = any(lay.inner is not None for lay in layouts)
+    split_rows_whole = two_level or all(rows_local(lay) for lay in layouts if lay.groups)  # else norms reduce anyway
     folded = [fold and split_rows_whole and bool(lay.groups) for lay in layouts]
     for it in range(iters):
         last = squares and it == iters - 1
@@ -405,7 +561,7 @@ def sharded_racs_(locals_: list[Tensor], layouts: list[Layout], p: float = 2.0, 
             active = [imbalance(r, c, rw) > tol for (r, c), rw in zip(norms, rows)]
             if not split and not any(a.any() for a in active):
                 return (Squares([scale_local_(x, lay, None, None, squares=True) for x, lay in zip(locals_, layouts)],
-                                [False] * len(layouts)) if squares else None), steps
+                                [_names(lay) for lay in layouts]) if squares else None), steps
         out = []
         for x, lay, (r, c), on, rw, n, t in zip(locals_, layouts, norms, active, rows or [None] * len(norms), steps,
                                                 weighted):
@@ -415,7 +571,12 @@ def sharded_racs_(locals_: list[Tensor], layouts: list[Layout], p: float = 2.0, 
             n += on.cpu()
             sq = scale_local_(x, lay, r, c, squares=last and t is None)
             out.append(c.square().mul_(t).sum(-1) if t is not None else sq)  # Σ_j c_j² t_j: the whole matrix's
-    return (Squares(out, folded) if squares else None), steps
+    pending = [tuple(g for g in _names(lay) if g == lay.inner) if f else _names(lay) for lay, f in zip(layouts, folded)]
+    return (Squares(out, pending) if squares else None), steps
+
+
+def _names(lay: Layout) -> tuple[str, ...]:
+    return tuple(name for name, _ in lay.groups)
 
 
 def sharded_equilibrate_(locals_: list[Tensor], layouts: list[Layout], mode: str = "row",
@@ -431,9 +592,9 @@ def sharded_equilibrate_(locals_: list[Tensor], layouts: list[Layout], mode: str
 
 def sharded_frobenius_norms(locals_: list[Tensor], layouts: list[Layout], stats: CommStats | None = None,
                             squares: Squares | None = None) -> list[Tensor]:
-    """``(K,)`` Frobenius norms of the fused matrices of every sharded parameter (the "rms" scale),
-    one packed reduction of those not yet reduced; ``squares``: the sums of squares where a stage
-    already has them."""
+    """``(K,)`` Frobenius norms of the fused matrices of every sharded parameter (the "rms" scale), one
+    packed reduction per group name of the sums still pending there; ``squares``: the sums of squares
+    where a stage already has them."""
     if squares is None:
         values = []
         for x, lay in zip(locals_, layouts):
@@ -441,7 +602,6 @@ def sharded_frobenius_norms(locals_: list[Tensor], layouts: list[Layout], stats:
             for view, r in lay.pieces(x):
                 out[r.block] += torch.linalg.vector_norm(view, dtype=out.dtype).square()
             values.append(out)
-        squares = Squares(values, [False] * len(values))
-    pending = [k for k, done in enumerate(squares.reduced) if not done]
-    reduce_packed([squares.values[k] for k in pending], [layouts[k] for k in pending], dist.ReduceOp.SUM, stats)
+        squares = Squares(values, [_names(lay) for lay in layouts])
+    reduce_packed(squares.values, layouts, dist.ReduceOp.SUM, stats, over=squares.pending)
     return [v.sqrt_() for v in squares.values]

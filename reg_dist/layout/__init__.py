@@ -6,7 +6,7 @@ rectangles; ``shape``: the one rule that views any parameter as matrices, and th
 """
 
 from .dtensor import dim_names, dtensor_layout, local_tensor, mesh_group
-from .rects import Layout, Rect, block_shapes, check_segments, fused_rows
+from .rects import Layout, Rect, Runs, block_shapes, check_segments, fused_rows
 from .shape import FUSED_ATTR, LAYOUT_ATTR, mark_fused, matrix_view, storage_shape, whole_layout
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "LAYOUT_ATTR",
     "Layout",
     "Rect",
+    "Runs",
     "block_shapes",
     "check_segments",
     "dim_names",

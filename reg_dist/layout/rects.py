@@ -6,7 +6,10 @@ parallel shard, an FSDP row shard, or both), stored either as a 2-D ``(r1−r0, 
 with ``flat=(s, e)``, as the elements ``s … e−1`` of that block's row-major flattening (a DeepSpeed
 ZeRO or Megatron distributed-optimizer partition, which may cut rows anywhere). ``groups`` names the
 process groups whose ranks together hold the rest of the parameter; statistics are summed over
-them in the order of their names, the same on every rank.
+them in the order of their names, the same on every rank, or with ``inner`` (from
+``share_statistics``) over that group first, then over the other with the ``replicated`` entries
+(column sums equal on every rank of ``inner`` once reduced there) reduced in slices, one per rank
+of ``inner``.
 
 ``fused`` cuts the parameter's rows into segments ``(start, end, k)``, each belonging to matrix
 ``k`` (QKV, gate/up, the experts of a stacked MoE weight): matrix k is its segments' rows, in order,
@@ -90,6 +93,8 @@ class Layout:
     fused: tuple[Segment, ...] | None = None
     shared: tuple[tuple[str, Runs], ...] | None = None
     rows_whole: bool = False  # every rank holding part of the matrix holds whole rows (``share_statistics``)
+    inner: str | None = None  # the group reduced first (``comm.statistics.share_statistics``)
+    replicated: Runs = ()  # the column entries equal on every rank of ``inner`` once reduced there
 
     def __post_init__(self) -> None:
         (m, n), (r0, r1), (c0, c1) = self.shape, self.rows, self.cols

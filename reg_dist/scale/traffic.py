@@ -11,7 +11,10 @@ It follows the code path by path (no process group is made):
                  two of its ranks hold rows of, one splitting columns the held rows; none where nothing
                  is shared. REG's "rms" scale adds one of K floats per matrix, except for a matrix
                  whose rows no group shares: its last pass carries its shared columns twice (the
-                 norm's column sums, ``comm.statistics.fold_columns``) instead
+                 norm's column sums, ``comm.statistics.fold_columns``) instead. Under FSDP2 × TP with a
+                 row-parallel matrix (``two_level``): tp first, then dp with each tp rank's slice of
+                 the column-parallel matrices' column sums, one all-gather of the slices over tp, the
+                 norms' sums riding along and their K floats per matrix over tp alone
     owner moves  per owner plan whose moves leave a rank, two all-to-alls: every distinct held element
                  to its matrix's owner, every owned matrix back to every holder (in the Newton–Schulz dtype, bf16 by default);
                  "bytes" is the rank's send buffer, "sent" its off-rank part
@@ -144,25 +147,28 @@ class Holding:
         matrix) that ``group`` ("dp", HSDP's "shard" or "tp", one it is split over) reduces on each rank: the ranks of a
         group instance hold the same columns and disjoint rows, or ("tp" splitting columns) the same rows
         and disjoint columns, so it shares the held columns of every fused matrix two of them hold rows
-        of, or the held rows when two of them hold anything. Where that would not reach every holder
-        (``reaches``), the held columns of every fused matrix one of them holds rows of and two ranks
-        hold rows of in all."""
-        tp, shard = par.tp, par.shard or par.dp
-        mesh = (par.dp // shard, shard, tp)  # HSDP: (replicate, shard, tp); else (1, dp, tp)
-        wider = not self.reaches(par)
-        across = -1 if group == "tp" else -2  # the mesh dim the group's ranks differ in
+        of (``shared_blocks``), or the held rows when two of them hold anything."""
         if group == "tp" and self.param.tp == 1:
-            holders = (self.numel > 0).view(mesh).sum(across, keepdim=True).expand(mesh).reshape(-1)
+            holders = (self.numel > 0).view(_mesh(par)).sum(-1, keepdim=True).expand(_mesh(par)).reshape(-1)
             return (holders >= 2) * self.rows
         if not cols:
             return torch.zeros_like(self.numel)
-        k = len(self.param.blocks)
-        holders = (self.blocks > 0).view(k, *mesh).sum(across, keepdim=True).expand(k, *mesh).reshape(k, -1)
-        if wider:
-            shared = (holders >= 1) & ((self.blocks > 0).sum(1, keepdim=True) >= 2)
-        else:
-            shared = holders >= 2
-        return shared.sum(0) * self.width
+        return self.shared_blocks(group, par).sum(0) * self.width
+
+    def holders(self, group: str, par: Parallel) -> Tensor:
+        """(K, R) the ranks of each rank's instance of ``group`` that hold rows of each fused matrix."""
+        k, mesh = len(self.param.blocks), _mesh(par)
+        across = -1 if group == "tp" else -2  # the mesh dim the group's ranks differ in
+        return (self.blocks > 0).view(k, *mesh).sum(across, keepdim=True).expand(k, *mesh).reshape(k, -1)
+
+    def shared_blocks(self, group: str, par: Parallel) -> Tensor:
+        """(K, R) the fused matrices whose held columns ``group`` reduces on each rank: those two ranks of the
+        instance hold rows of, or where that would not reach every holder (``reaches``), those one of them
+        holds rows of and two ranks hold rows of in all."""
+        holders = self.holders(group, par)
+        if not self.reaches(par):
+            return (holders >= 1) & ((self.blocks > 0).sum(1, keepdim=True) >= 2)
+        return holders >= 2
 
     def rows_local(self, par: Parallel) -> bool:
         """Whether no group it is split over shares a row entry of its statistics (``comm.statistics.rows_local``):
@@ -184,6 +190,32 @@ class Holding:
         per_tp = held.sum(2, keepdim=True)
         after_tp = torch.where(per_tp >= 2, after_dp.sum(2, keepdim=True).expand_as(after_dp), after_dp)
         return bool((after_tp == held.sum((1, 2), keepdim=True).expand_as(after_dp))[held].all())
+
+
+def _mesh(par: Parallel) -> tuple[int, int, int]:
+    """The stage's ranks as (replicate, shard, tp): HSDP's, else (1, dp, tp)."""
+    shard = par.shard or par.dp
+    return par.dp // shard, shard, par.tp
+
+
+def two_level(laid: list[Holding], par: Parallel) -> str | None:
+    """The group ``comm.statistics.share_statistics`` reduces first (``Layout.inner``), or None: "tp"
+    where the split matrices name it and one other group, tp alone shares a row entry (a row-parallel
+    matrix), every matrix takes the plain plan (``reaches``), and each tp instance holds rows of a
+    column-parallel fused matrix on none or all of its ranks."""
+    split = [h for h in laid if h.dtensor and h.dims]
+    if len({g for h in split for g in h.dims}) != 2 or not any("tp" in h.dims for h in split):
+        return None
+    if not any(h.shared_floats("tp", False, par).any() for h in split if "tp" in h.dims):
+        return None
+    for h in split:
+        if not h.reaches(par):
+            return None
+        if "tp" in h.dims and h.rows_local(par):
+            holders = h.holders("tp", par)
+            if not bool(((holders == 0) | (holders == par.tp)).all()):
+                return None
+    return "tp"
 
 
 def holdings(model: Model, par: Parallel) -> list[Holding]:
@@ -579,35 +611,69 @@ def traffic(model: Model, par: Parallel, optimizer: str, settings: Settings = Se
                 for kind in ("reduce_scatter", "all_gather"):
                     calls.add("dp", kind, dp, t_of == t, nbytes, count=n)
 
-    def stats(members: list[Holding], floats, part: Tensor) -> None:
-        """One packed all-reduce per group name splitting any of ``members`` that ``part``'s ranks step."""
-        for g in sorted({g for h in members if h.dtensor for g in h.dims}):
-            elems = torch.zeros(R, dtype=INT)
-            for h in members:
-                if h.dtensor and g in h.dims:
-                    elems += floats(h, g) * (steps[h.index] & part)
-            calls.add(g, "all_reduce", {"dp": dp, "shard": par.shard, "tp": tp}[g], elems > 0, elems * sb)
+    inner = None if whole else two_level(laid, par)
+    sizes = {"dp": dp, "shard": par.shard, "tp": tp}
+
+    def stats(members: list[Holding], floats, part: Tensor, stage: registry.Statistic | None = None,
+              fold: bool = False) -> None:
+        """One packed all-reduce per group name splitting any of ``members`` that ``part``'s ranks step
+        (``fold``: each column entry twice, the norms' sums beside the statistics); for a ``stage``'s
+        statistics where ``inner`` is set, ``comm.statistics.reduce_two_level``: the outer group carries
+        each rank's slice of the replicated column sums (a column-parallel matrix's, whole on every tp
+        rank) and one all-gather over tp hands the slices round."""
+        names = sorted({g for h in members if h.dtensor for g in h.dims})
+        elems = {g: torch.zeros(R, dtype=INT) for g in names}
+        runs = []  # (width, outer-shared) of every replicated fused matrix, in the order of the vectors
+        outer = next((g for g in names if g != inner), None)
+        for h in members:
+            if not h.dtensor:
+                continue
+            on = steps[h.index] & part
+            local = h.rows_local(par)
+            for g in h.dims:  # a matrix whose rows tp splits sends its norms' sums once its rows are summed
+                twice = fold and (inner is None or stage is None or g != inner or local)
+                elems[g] += floats(h, g) * (2 if twice else 1) * on
+            if inner is not None and stage is not None and stage.cols and inner in h.dims and local:
+                shared = h.shared_blocks(outer, par) if outer in h.dims else torch.zeros_like(h.blocks, dtype=torch.bool)
+                for b in range(len(h.param.blocks)):  # every column of it, on every rank alike
+                    runs.append((h.width * on, shared[b] & on))
+        if runs:
+            total = sum(w for w, _ in runs)
+            chunk = (total + tp - 1) // tp
+            lo, hi = torch.minimum(t_of * chunk, total), torch.minimum((t_of + 1) * chunk, total)
+            start = torch.zeros(R, dtype=INT)
+            for w, shared in runs:  # the outer group reduces this rank's slice of them alone
+                mine = (torch.minimum(hi, start + w) - torch.maximum(lo, start)).clamp(min=0)
+                elems[outer] -= (w - mine) * shared * (2 if fold else 1)
+                start += w
+        for g in names:
+            calls.add(g, "all_reduce", sizes[g], elems[g] > 0, elems[g] * sb)
+        if runs and bool((total > 0).any()):
+            calls.add(inner, "all_gather", tp, total > 0, tp * chunk * sb)
 
     plans: list[OwnerPlanModel] = []
     ns_rounds: list[Tensor] = []  # overlapped plans: (rounds, R) Newton–Schulz FLOPs
     flops = torch.zeros(R, dtype=torch.float64)
     owned = torch.zeros(R, dtype=INT)
     if not spectral:
-        # ranks whose split matrices all have whole rows: the last pass carries the norms' column sums
+        # ranks whose split matrices all have whole rows, or that reduce tp first: the last pass carries the
+        # norms' column sums (then a norm reduction over tp alone, for the matrices it splits)
         folds = torch.zeros(R, dtype=torch.bool)
         if norms and any(s.fold for s in before):
             folds = everyone.clone()
             for h in laid:
-                if h.dtensor and not h.rows_local(par):
+                if inner is None and h.dtensor and not h.rows_local(par):
                     folds &= ~steps[h.index]
         for stage in before:
             for k in range(stage.passes):
                 if stage.fold and k == stage.passes - 1 and folds.any():
-                    stats(laid, lambda h, g, f=floats(stage): 2 * f(h, g), folds)
-                    stats(laid, floats(stage), ~folds)
+                    stats(laid, floats(stage), folds, stage, fold=True)
+                    stats(laid, floats(stage), ~folds, stage)
                 else:
-                    stats(laid, floats(stage), everyone)
+                    stats(laid, floats(stage), everyone, stage)
         if norms:
+            if inner is not None:
+                stats(laid, lambda h, g: len(h.param.blocks) * (g == inner), folds)
             stats(laid, lambda h, g: len(h.param.blocks), ~folds)
     else:
         def sender(h: Holding, dims: tuple[str, ...]) -> Tensor:
@@ -667,7 +733,7 @@ def traffic(model: Model, par: Parallel, optimizer: str, settings: Settings = Se
                                  "pass ns_split='off' to keep the owner modes")
             for stage in before:
                 for _ in range(stage.passes):
-                    stats([h for h, _ in entries], floats(stage), part)
+                    stats([h for h, _ in entries], floats(stage), part, stage)
             def add_hops(hops: list, ranks: Tensor = ranks, part: Tensor = part) -> None:
                 for hop_name, size, k, phase, hop in hops:
                     if not bool((hop.sent > 0).any()):
@@ -713,7 +779,7 @@ def traffic(model: Model, par: Parallel, optimizer: str, settings: Settings = Se
             members = [h for h, _ in entries]
             for stage in after:
                 for _ in range(stage.passes):
-                    stats(members, floats(stage), part)
+                    stats(members, floats(stage), part, stage)
             if after and norms:
                 stats(members, lambda h, g: len(h.param.blocks), part)
         for h in local:  # single-process: every rank stepping it transforms its whole copy
