@@ -9,6 +9,7 @@ from torch.distributed.tensor import DTensor
 from multiproc import run_ranks, torchrun
 from reference import racs_ref, scale_ref
 from reg_dist import REG
+from reg_dist.comm import statistics
 from sharded import STEPS, Net, assert_same, data, full_state, fsdp, fsdp_x_tp, loss_of, reference, run_sharded, tp
 
 
@@ -75,7 +76,47 @@ def test_fused_qkv_and_expert_stack_reg_equals_separate_matrices(world, shard):
 
 
 def test_nonfinite_gradient_on_one_rank_skips_the_step_on_every_rank():
+    """Under FSDP2 the agreement rides on REG's statistics all-reduce (no all-reduce of its own): a NaN on
+    rank 1 skips the step on both ranks, parameters and momentum as they were (the momentum is updated only
+    once the statistics say the step goes ahead), and a skipped first step leaves no state."""
     def body(rank, world):
+        torch.manual_seed(0)
+        model = Net()
+        fsdp(model, rank, world)
+        opt = REG(model)
+
+        def step(nan):
+            opt.zero_grad()
+            loss_of(model, data()[0][rank * 4:(rank + 1) * 4]).backward()
+            if nan and rank == 1:
+                model.up.weight.grad.to_local().view(-1)[0] = float("nan")
+            opt.step()
+
+        def snapshot():
+            return ({k: v.full_tensor().clone() for k, v in model.state_dict().items()},
+                    {n: opt.state[p]["momentum_buffer"].to_local().clone()
+                     for n, p in model.named_parameters() if "momentum_buffer" in opt.state.get(p, {})})
+
+        before = snapshot()
+        step(nan=True)
+        assert opt.skipped_steps == 1 and not opt.state and "world" not in opt.comm_stats()
+        step(nan=False)
+        before = snapshot()
+        assert before[1] and any(b.abs().sum() > 0 for b in before[1].values())
+        step(nan=True)
+        assert opt.skipped_steps == 2
+        for got, want in zip(snapshot(), before):
+            assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
+    run_ranks(2, body)
+
+
+def test_the_agreement_is_an_all_reduce_of_its_own_where_a_rank_holds_more_than_ride_elements():
+    """Storing the momentum in a pass of its own costs more than the all-reduce it saves where a rank steps
+    many elements (``comm.agree.RIDE_ELEMENTS``, here lowered to 100): the agreement keeps its int32
+    all-reduce, and a NaN on one rank still skips the step on both."""
+    def body(rank, world):
+        statistics.RIDE_ELEMENTS = 100
         torch.manual_seed(0)
         model = Net()
         fsdp(model, rank, world)
@@ -85,7 +126,7 @@ def test_nonfinite_gradient_on_one_rank_skips_the_step_on_every_rank():
         if rank == 1:
             model.up.weight.grad.to_local().view(-1)[0] = float("nan")
         opt.step()
-        assert opt.skipped_steps == 1
+        assert opt.skipped_steps == 1 and opt.comm_stats() == {"world": {"calls": 1, "bytes": 4, "sent": 4}}
         for k, v in model.state_dict().items():
             assert torch.equal(v.full_tensor(), before[k]), k
 
@@ -116,12 +157,10 @@ def test_comm_stats_report_one_packed_collective_per_group_per_racs_iteration():
     matrices = [(56, 18), (18, 56), (3, 18), (18, 3)]
     vector_bytes = 4 * sum(n for m, n in matrices)  # FSDP2 row shards: the rows stay local, the n column sums travel
     for s in stats:
-        assert s == {
-            "world": {"calls": 1, "bytes": 4, "sent": 4},  # every rank agrees on the non-finite check: one int32
-            # an all-reduce over 2 ranks sends 2·(2−1)/2 = 1× its buffer (ring); the last iteration's also
-            # carries the RMS norm's n column sums Σ_i r_i² x_ij² (rows whole on each rank: no norm all-reduce)
-            "dp": {"calls": 3, "bytes": (3 + 1) * vector_bytes, "sent": (3 + 1) * vector_bytes},
-        }
+        # an all-reduce over 2 ranks sends 2·(2−1)/2 = 1× its buffer (ring); the first iteration's also carries
+        # the non-finite agreement (one float: no all-reduce of its own), the last one the RMS norm's n column
+        # sums Σ_i r_i² x_ij² (rows whole on each rank: no norm all-reduce)
+        assert s == {"dp": {"calls": 3, "bytes": (3 + 1) * vector_bytes + 4, "sent": (3 + 1) * vector_bytes + 4}}
 
 
 def test_ranks_that_disagree_on_parameters_fail_at_construction():

@@ -30,6 +30,7 @@ from ..ops.racs import check_racs_args, scaling_
 from ..layout import Layout, Runs
 from ..ops import fused
 from ..ops.stats import abs_powers, acc_dtype, pow_sums_to_norms_
+from .agree import RIDE_ELEMENTS, Agreement
 from .collectives import CommStats, all_gather_into, count, reduce_packed
 
 
@@ -59,10 +60,10 @@ def partial_row_col(local: Tensor, layout: Layout, p: float, cols: bool = True) 
 
 
 def momentum_partial_row_col(g: Tensor, buf: Tensor, out: Tensor, layout: Layout, p: float, cols: bool, mu: float,
-                             nesterov: bool) -> Tensor | None:
+                             nesterov: bool, commit: bool = True) -> Tensor | None:
     """The momentum ``N`` (``optim.momentum``) of local ``g``, ``buf`` into ``out`` and its ``partial_row_col``
-    from the same pass (``fused.momentum_into_`` on each rectangle); None, having written nothing, where
-    that kernel does not apply."""
+    from the same pass (``fused.momentum_into_`` on each rectangle; ``buf`` updated with ``commit``); None,
+    having written nothing, where that kernel does not apply."""
     (m, n), blocks = layout.shape, len(layout.block_shapes)
     vec = torch.zeros(m + (blocks * n if cols else 0), dtype=torch.float32, device=out.device)
     rows, columns = vec[:m], vec[m:].view(blocks if cols else 0, n)
@@ -71,20 +72,23 @@ def momentum_partial_row_col(g: Tensor, buf: Tensor, out: Tensor, layout: Layout
         span = slice(r.start, r.start + r.h * r.w)
         if not fused.momentum_into_(flat_g[span].view(r.h, r.w), flat_buf[span].view(r.h, r.w), view, mu, nesterov,
                                     p, rows[r.row : r.row + r.h],
-                                    columns[r.block, r.col : r.col + r.w] if cols else None):
+                                    columns[r.block, r.col : r.col + r.w] if cols else None, commit):
             return None  # the first piece: all pieces share dtypes and device
     return vec
 
 
 def reduced_statistics(locals_: list[Tensor], layouts: list[Layout], p: float, stats: CommStats | None = None,
                        cols: bool = True, partials: list[Tensor | None] | None = None,
-                       extend: list[Callable[[Tensor], Tensor] | None] | None = None) -> list[Tensor]:
+                       extend: list[Callable[[Tensor], Tensor] | None] | None = None,
+                       agree: Agreement | None = None) -> list[Tensor]:
     """Every parameter's statistics vector ``cat(r, c)`` (sums of |x|^p, or maxima for p = inf), reduced
     across ranks: one packed reduction per group name (``reduce_shared``, or ``reduce_two_level`` where
     the layouts name an ``inner`` group). ``partials``: the local ``partial_row_col`` of those parameters
     that already have it (else None); ``extend[k]``, where given, maps parameter k's local vector to a
     longer one (``fold_columns``): before any reduction where its rows are whole on each rank
-    (``rows_local``), else once they are summed over ``inner``."""
+    (``rows_local``), else once they are summed over ``inner``. ``agree``: the non-finite agreement rides
+    along, one more entry in every group's all-reduce, settled (``NonFiniteStep`` raised on every rank
+    alike) before anything is returned."""
     partials = partials or [None] * len(locals_)
     extend = extend or [None] * len(locals_)
     vectors = [v if v is not None else partial_row_col(x, lay, p, cols)
@@ -93,17 +97,23 @@ def reduced_statistics(locals_: list[Tensor], layouts: list[Layout], p: float, s
     early = [f if f is not None and (rows_local(lay) or not two_level) else None for f, lay in zip(extend, layouts)]
     vectors = [f(v) if f is not None else v for v, f in zip(vectors, early)]
     op = dist.ReduceOp.MAX if p == math.inf else dist.ReduceOp.SUM
+    carry = agree.entry(vectors[0]) if agree is not None else None
     if two_level:
-        return reduce_two_level(vectors, layouts, op, stats, [f if g is None else None for f, g in zip(extend, early)])
-    reduce_shared(vectors, layouts, op, stats)
+        vectors = reduce_two_level(vectors, layouts, op, stats, [f if g is None else None for f, g in zip(extend, early)],
+                                   carry)
+    else:
+        reduce_shared(vectors, layouts, op, stats, carry=carry)
+    if agree is not None:
+        agree.settle(carry)
     return vectors
 
 
 def row_col_stats(locals_: list[Tensor], layouts: list[Layout], p: float, stats: CommStats | None = None,
-                  cols: bool = True, partials: list[Tensor | None] | None = None) -> list[tuple[Tensor, Tensor | None]]:
+                  cols: bool = True, partials: list[Tensor | None] | None = None,
+                  agree: Agreement | None = None) -> list[tuple[Tensor, Tensor | None]]:
     """Full ``r (m,)`` and ``c (K, n)`` of every parameter (``reduced_statistics``; ``c`` None without ``cols``)."""
-    return [_row_col(v, lay, cols) for v, lay in zip(reduced_statistics(locals_, layouts, p, stats, cols, partials),
-                                                      layouts)]
+    vectors = reduced_statistics(locals_, layouts, p, stats, cols, partials, agree=agree)
+    return [_row_col(v, lay, cols) for v, lay in zip(vectors, layouts)]
 
 
 def _row_col(v: Tensor, lay: Layout, cols: bool = True) -> tuple[Tensor, Tensor | None]:
@@ -113,11 +123,13 @@ def _row_col(v: Tensor, lay: Layout, cols: bool = True) -> tuple[Tensor, Tensor 
 
 
 def reduce_shared(vectors: list[Tensor], layouts: list[Layout], op: dist.ReduceOp,
-                  stats: CommStats | None = None, names: tuple[str, ...] | None = None) -> None:
+                  stats: CommStats | None = None, names: tuple[str, ...] | None = None,
+                  carry: Tensor | None = None) -> None:
     """In place: the entries of every statistics vector ``vectors[k]`` (its first ``len`` of m + K·n) that
     each group of ``layouts[k]`` shares, reduced over that group: one collective per group name (of
-    ``names`` alone where given), none where no entry is shared. A vector longer than m + K·n
-    (``fold_columns``: K·n more, mirroring its column entries) has those mirrors reduced beside them."""
+    ``names`` alone where given), none where no entry is shared and nothing is ``carry``-ed (a ``(1,)``
+    entry reduced over every group, ``Agreement``). A vector longer than m + K·n (``fold_columns``: K·n
+    more, mirroring its column entries) has those mirrors reduced beside them."""
     groups = [dict(lay.groups) for lay in layouts]
     for name in sorted({g for gs in groups for g in gs if names is None or g in names}):
         picks = []  # (vector, slice or index tensor) of each member's shared entries
@@ -133,7 +145,34 @@ def reduce_shared(vectors: list[Tensor], layouts: list[Layout], op: dist.ReduceO
                 index = lay.shared_index[name]
                 index = index[index < length].to(v.device)
                 picks.append((v, torch.cat([index + d for d in shifts]) if len(shifts) > 1 else index))
-        _reduce_picks(picks, op, _group(layouts, name), name, stats)
+        _reduce_picks(picks + ([(carry, slice(0, 1))] if carry is not None else []), op, _group(layouts, name), name,
+                      stats)
+
+
+def reduction_order(layouts: list[Layout]) -> list[str]:
+    """The group names a statistics reduction of ``layouts`` goes over, in order: sorted, or ``inner``
+    (``reduce_two_level``) first."""
+    names = sorted({g for lay in layouts for g, _ in lay.groups})
+    inner = next((lay.inner for lay in layouts if lay.inner is not None), None)
+    return names if inner is None else [inner] + [g for g in names if g != inner]
+
+
+def carries_agreement(layouts: list[Layout], group: dist.ProcessGroup | None) -> bool:
+    """Whether the non-finite agreement should ride on a statistics reduction of ``layouts``
+    (``Agreement``): an entry added to each of its all-reduces reaches every rank of ``group`` (None: the
+    world) from every other (a one-hot vector of its ranks reduced over the layouts' groups in
+    ``reduction_order``; there is a reduction: the layouts name a group), and no rank holds more than
+    ``RIDE_ELEMENTS`` of their elements (``agree.RIDE_ELEMENTS``); the verdict agreed (MIN) over
+    ``group``. Collective."""
+    hot = torch.zeros(dist.get_world_size(group), dtype=torch.float64)
+    hot[dist.get_rank(group)] = 1.0
+    names = reduction_order(layouts)
+    for name in names:
+        dist.all_reduce(hot, group=_group(layouts, name))
+    small = sum(lay.numel for lay in layouts) <= RIDE_ELEMENTS
+    ok = torch.tensor([float(bool(names) and small and bool((hot > 0).all()))], dtype=torch.float64)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
+    return bool(ok.item())
 
 
 def _group(layouts: list[Layout], name: str) -> dist.ProcessGroup:
@@ -167,7 +206,7 @@ def _index(runs: Runs, length: int) -> Tensor:
 
 
 def reduce_two_level(vectors: list[Tensor], layouts: list[Layout], op: dist.ReduceOp, stats: CommStats | None,
-                     late: list[Callable[[Tensor], Tensor] | None]) -> list[Tensor]:
+                     late: list[Callable[[Tensor], Tensor] | None], carry: Tensor | None = None) -> list[Tensor]:
     """``reduce_shared`` over ``inner`` (``Layout.inner``, the one group sharing row entries, from
     ``share_statistics``) first, then ``late[k]`` applied where given, then over the other group, where
     the ``replicated`` entries (column sums equal on every rank of ``inner`` by then) are cut into
@@ -177,9 +216,10 @@ def reduce_two_level(vectors: list[Tensor], layouts: list[Layout], op: dist.Redu
 
     A mirror entry (``fold_columns``' t) of a replicated column is reduced with its column and not
     gathered: it is complete only on the rank whose slice holds it and zeroed elsewhere, so that each
-    rank's Σ_j c_j² t_j summed over ``inner`` counts every column once."""
-    inner = next(lay.inner for lay in layouts if lay.inner is not None)
-    reduce_shared(vectors, layouts, op, stats, names=(inner,))
+    rank's Σ_j c_j² t_j summed over ``inner`` counts every column once. ``carry`` (``reduce_shared``) rides
+    on both all-reduces."""
+    inner, *outer = reduction_order(layouts)
+    reduce_shared(vectors, layouts, op, stats, names=(inner,), carry=carry)
     vectors = [f(v) if f is not None else v for v, f in zip(vectors, late)]
     group = _group(layouts, inner)
     size, me = dist.get_world_size(group), dist.get_rank(group)
@@ -193,8 +233,8 @@ def reduce_two_level(vectors: list[Tensor], layouts: list[Layout], op: dist.Redu
         mine.append(r[a:b])
         others.append(torch.cat((r[:a], r[b:])))
         start += len(r)
-    for name in sorted({g for lay in layouts for g, _ in lay.groups} - {inner}):
-        picks = []
+    for name in outer:
+        picks = [(carry, slice(0, 1))] if carry is not None else []
         for v, lay, other in zip(vectors, layouts, others):
             if name not in dict(lay.groups):
                 continue
@@ -514,7 +554,7 @@ def sharded_racs_(locals_: list[Tensor], layouts: list[Layout], p: float = 2.0, 
                   eps: float = 1e-8, stats: CommStats | None = None, squares: bool = False,
                   partials: list[Tensor | None] | None = None, exponent: float = -0.5, tol: float = 0.0,
                   averages: list[Tensor] | None = None, beta: float = 0.0,
-                  fold: bool = False) -> tuple[Squares | None, list[Tensor]]:
+                  fold: bool = False, agree: Agreement | None = None) -> tuple[Squares | None, list[Tensor]]:
     """RACS (ops.racs) of every sharded matrix, in place on the local elements: ``iters`` times
     ``x_ij ← (r_i + eps)^exponent · x_ij · (c_j + eps)^exponent``. Returns, with ``squares``, the ``(K,)``
     sums of squares of each result's fused matrices (``sharded_frobenius_norms``' input; else None),
@@ -532,7 +572,7 @@ def sharded_racs_(locals_: list[Tensor], layouts: list[Layout], p: float = 2.0, 
     used in their place. ``tol > 0``: a fused matrix whose row and column norms agree within ``tol``
     (``imbalance``) is left as it is from then on; the reductions still run ``iters`` times where a
     layout is split over ranks (every rank of a group reduces the same vectors), and stop early where
-    none is."""
+    none is. ``agree`` rides on the first reduction (``reduced_statistics``)."""
     check_racs_args(p, iters, eps, exponent)
     steps = [torch.zeros(len(lay.block_shapes), dtype=torch.long) for lay in layouts]
     rows = [block_rows(lay) for lay in layouts] if tol > 0 else []
@@ -548,7 +588,8 @@ def sharded_racs_(locals_: list[Tensor], layouts: list[Layout], p: float = 2.0, 
         fold_now = [last and f for f in folded]
         vectors = reduced_statistics(locals_, layouts, p, stats, partials=partials if it == 0 else None,
                                      extend=[partial(fold_columns, x, lay, p=p, eps=eps, exponent=exponent) if f else None
-                                             for x, lay, f in zip(locals_, layouts, fold_now)])
+                                             for x, lay, f in zip(locals_, layouts, fold_now)],
+                                     agree=agree if it == 0 else None)
         sums = [_row_col(v, lay) for v, lay in zip(vectors, layouts)]
         weighted = [v[lay.stat_length :].view(-1, lay.shape[1]) if f else None  # ``fold_columns``' t, reduced
                     for v, lay, f in zip(vectors, layouts, fold_now)]
@@ -581,11 +622,12 @@ def _names(lay: Layout) -> tuple[str, ...]:
 
 def sharded_equilibrate_(locals_: list[Tensor], layouts: list[Layout], mode: str = "row",
                          exponent: float = -0.5, eps: float = 1e-8, stats: CommStats | None = None,
-                         partials: list[Tensor | None] | None = None) -> None:
+                         partials: list[Tensor | None] | None = None, agree: Agreement | None = None) -> None:
     """Equilibration (ops.equilibrate) of every sharded matrix, in place on the local elements
-    (``partials``: the local sums where they are known, as ``row_col_stats``)."""
+    (``partials``: the local sums where they are known, ``agree`` riding along, as ``row_col_stats``)."""
     check_equilibrate_args(mode, exponent, eps)
-    for x, lay, (r, c) in zip(locals_, layouts, row_col_stats(locals_, layouts, 2.0, stats, partials=partials)):
+    for x, lay, (r, c) in zip(locals_, layouts, row_col_stats(locals_, layouts, 2.0, stats, partials=partials,
+                                                             agree=agree)):
         scale_local_(x, lay, r.add_(eps).pow_(exponent) if mode != "col" else None,
                      c.add_(eps).pow_(exponent) if mode != "row" else None)
 

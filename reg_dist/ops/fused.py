@@ -1,7 +1,7 @@
 """Fused CPU kernels for the element-wise passes of a matrix step (``kernels.cpp``), one pass each:
 
     all_finite        no NaN or Inf in G                      read G
-    momentum_into_    M ← G + μ·M;  N ← G + μ·M | M           read G, M; write M, N (and, on a rectangle,
+    momentum_into_    M ← G + μ·M;  N ← G + μ·M | M           read G, M; write M (or not), N (and, on a rectangle,
                                                                 add N's row/column sums as add_pow_sums_)
     add_pow_sums_     r_i (+)= Σ_j |x_ij|^p, c_j (+)= Σ_i …     read x once for both (p = inf: max)
     scale_            x_ij ← x_ij · row_i · col_j, and Σ x_ij²  one read-modify-write
@@ -44,11 +44,11 @@ _failed: str | None = None
 
 I64, F32, INT, PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
 SIGNATURES = {
-    "reg_momentum_f32": (PTR, PTR, PTR, I64, F32, INT, INT),
-    "reg_momentum_bf16": (PTR, PTR, PTR, I64, F32, INT, INT),
+    "reg_momentum_f32": (PTR, PTR, PTR, I64, F32, INT, INT, INT),
+    "reg_momentum_bf16": (PTR, PTR, PTR, I64, F32, INT, INT, INT),
     "reg_row_col_f32": (PTR, I64, I64, INT, F32, PTR, PTR, INT),
-    "reg_momentum_row_col_f32": (PTR, PTR, PTR, I64, I64, F32, INT, INT, F32, PTR, PTR, INT),
-    "reg_momentum_row_col_bf16": (PTR, PTR, PTR, I64, I64, F32, INT, INT, F32, PTR, PTR, INT),
+    "reg_momentum_row_col_f32": (PTR, PTR, PTR, I64, I64, F32, INT, INT, INT, F32, PTR, PTR, INT),
+    "reg_momentum_row_col_bf16": (PTR, PTR, PTR, I64, I64, F32, INT, INT, INT, F32, PTR, PTR, INT),
     "reg_scale_f32": (PTR, I64, I64, PTR, PTR, INT),
     "reg_update_f32": (PTR, PTR, I64, F32, INT, F32, F32, INT, INT),
     "reg_update_bf16": (PTR, PTR, I64, F32, INT, F32, F32, INT, INT),
@@ -142,22 +142,24 @@ def all_finite(x: Tensor) -> bool | None:
 
 
 def momentum_into_(g: Tensor, buf: Tensor, out: Tensor, mu: float, nesterov: bool, p: float | None = None,
-                   rows: Tensor | None = None, cols: Tensor | None = None) -> bool:
-    """``buf ← g + μ·buf`` (in buf's dtype), ``out ← g + μ·buf`` if nesterov else ``buf`` (fp32); with ``p``
-    (g, buf, out ``h × w``), ``add_pow_sums_(out, p, rows, cols)`` in the same pass."""
+                   rows: Tensor | None = None, cols: Tensor | None = None, commit: bool = True) -> bool:
+    """``buf ← g + μ·buf`` (in buf's dtype; left as it was without ``commit``), ``out ← g + μ·buf`` if
+    nesterov else ``buf`` (fp32); with ``p`` (g, buf, out ``h × w``), ``add_pow_sums_(out, p, rows, cols)``
+    in the same pass."""
     kind = DTYPES.get(buf.dtype)
     if kind is None or g.dtype != buf.dtype or out.dtype != torch.float32 or not _usable(g, buf, out):
         return False
     mu = torch.tensor(mu, dtype=buf.dtype).item()  # torch.add rounds alpha to the tensors' dtype
     if p is None:
         getattr(_library, f"reg_momentum_{kind}")(g.data_ptr(), buf.data_ptr(), out.data_ptr(), g.numel(), mu,
-                                                   int(nesterov), _threads(g))
+                                                   int(nesterov), int(commit), _threads(g))
         return True
     if not _vectors_fit(out, rows, cols):
         return False
     getattr(_library, f"reg_momentum_row_col_{kind}")(
-        g.data_ptr(), buf.data_ptr(), out.data_ptr(), out.shape[0], out.shape[1], mu, int(nesterov), _mode(p), p,
-        None if rows is None else rows.data_ptr(), None if cols is None else cols.data_ptr(), _threads(g))
+        g.data_ptr(), buf.data_ptr(), out.data_ptr(), out.shape[0], out.shape[1], mu, int(nesterov), int(commit),
+        _mode(p), p, None if rows is None else rows.data_ptr(), None if cols is None else cols.data_ptr(),
+        _threads(g))
     return True
 
 

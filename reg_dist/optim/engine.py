@@ -4,7 +4,11 @@ Every matrix parameter W carries a ``Layout`` (``reg_dist.layout``): the element
 matrix this rank holds and the process groups that split it. A plain tensor has the trivial layout
 (all of it here, no groups), where every collective below is a no-op. One step:
 
-    finite check      every rank sharing the step agrees (or this process alone)
+    finite check      every rank sharing the step agrees (or this process alone): one all-reduce, or,
+                      for a statistic-first algorithm whose statistics' groups reach every such rank
+                      (and no rank steps more than ``comm.agree.RIDE_ELEMENTS``: ``carries_agreement``),
+                      an entry of its first statistics all-reduce (``comm.agree.Agreement``; M is
+                      then updated once that is known, and the AdamW groups step after it)
     N                 M = μ·M + G;  N = G + μ·M (nesterov) | M          on the local elements
     stages            the algorithm's, in order (``Statistic`` / ``Spectral``, see ``stages``)
     U = s·U           "rms": ρ·√(mn)/||U||_F, the norms one packed reduction; the shape conventions a
@@ -29,20 +33,20 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
-from ..comm.agree import agreement_group, all_agree
+from ..comm.agree import Agreement, NonFiniteStep, agreement_group, all_agree
 from ..comm.collectives import CommStats, check_layouts_add_up
 from ..comm.native import BUCKET_BYTES, NativeDP
 from ..comm.owner import STACK_BYTES, LocalPlan, OwnerPlan, newton_schulz_cost, stacks
 from ..comm.ownership import REPLICAS
 from ..comm.split import SPLIT_GROUP_SIZE, SplitPlan, check_split_args, split_parameters
-from ..comm.statistics import (Squares, momentum_partial_row_col, partial_row_col, share_statistics,
-                               sharded_frobenius_norms)
+from ..comm.statistics import (Squares, carries_agreement, momentum_partial_row_col, partial_row_col,
+                               share_statistics, sharded_frobenius_norms)
 from ..layout import (FUSED_ATTR, LAYOUT_ATTR, Layout, dim_names, dtensor_layout, local_tensor, mesh_group,
                       whole_layout)
 from ..ops import fused
 from ..ops.stats import acc_dtype
 from .adamw import adamw_step, init_adamw_state
-from .momentum import momentum_into_
+from .momentum import commit_momentum_, momentum_into_
 from .hyper import Hyper, constructor, warn_near_misses
 from .routing import ADAMW, ParamInfo, Route, as_matrix, as_param, format_table, parse_params, route
 from .scaling import check_scale, rms_factor, scale_factors, shape_factor
@@ -229,6 +233,7 @@ class MatrixOptimizer(Optimizer):
         self._comm: CommStats = {}
         self._native: NativeDP | None = None
         self._agree: dist.ProcessGroup | None = None
+        self._ride = False  # the agreement rides on the matrix group's first statistics all-reduce
         self._constructed = False
         check_common(defaults)
         self.check_group(defaults)
@@ -247,6 +252,9 @@ class MatrixOptimizer(Optimizer):
                     and all(self.local_statistics(g) for g in mine)):  # only entries another rank touches travel
                 for (p, _), lay in zip(laid, share_statistics([self._layouts[id(p)] for p, _ in laid])):
                     self._layouts[id(p)] = lay
+            if mesh is None and len(mine) == 1 and isinstance(self.stages(mine[0])[0], Statistic):
+                self._ride = carries_agreement([self._layouts[id(p)] for p in mine[0]["params"]
+                                                if id(p) in self._collective], self._agree)
         if mesh is not None:
             params = [p for g in self.param_groups for p in g["params"]]
             newton_schulz = spectral(self.stages(self.defaults))
@@ -456,7 +464,8 @@ class MatrixOptimizer(Optimizer):
             return False
         return p.grad is not None or id(p) in self._collective
 
-    def _grads_finite(self) -> bool:
+    def _local_finite(self) -> tuple[Tensor, list[str]]:
+        """Whether each gradient this rank steps is finite, and the parameters' names."""
         grads, names = [], []
         for group in self.param_groups:
             for p, name in zip(group["params"], group["param_names"]):
@@ -466,12 +475,17 @@ class MatrixOptimizer(Optimizer):
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (parameter {name})")
                 grads.append(p.grad)
                 names.append(name)
-        finite = finite_flags([local_tensor(g) for g in grads])
+        return finite_flags([local_tensor(g) for g in grads]), names
+
+    def _grads_finite(self) -> bool:
+        finite, names = self._local_finite()
         ok = bool(finite.all())
         if dist.is_initialized() and (self._collective or self._native is not None):
             ok = all_agree(ok, self._agree, self._comm)
-        if ok:
-            return True
+        return ok or self._skip(finite, names)
+
+    def _skip(self, finite: Tensor, names: list[str]) -> bool:
+        """A non-finite step, agreed by every rank sharing it: raise, or count and log it (False)."""
         bad = [names[i] for i in (~finite).nonzero().flatten().tolist()]
         where = f"in {len(bad)} parameter(s): {', '.join(bad[:8])}" if bad else "on another rank"
         message = f"non-finite gradient {where}"
@@ -485,7 +499,8 @@ class MatrixOptimizer(Optimizer):
     def step(self, closure=None):
         """One step for every group; a non-finite gradient anywhere skips it (or raises). With ``mesh=``,
         gradients are first averaged onto their owners over ``dp`` (reduce-scatter), and the owners'
-        updated tensors all-gathered back afterwards."""
+        updated tensors all-gathered back afterwards. Where the agreement rides on the matrix group's
+        statistics, that group steps first."""
         self._comm = {}
         self._check_params()
         loss = None
@@ -494,8 +509,23 @@ class MatrixOptimizer(Optimizer):
                 loss = closure()
         if self._native is not None:
             self._native.average_grads_to_owners(self._comm)
-        if self._grads_finite():
+        mine = [g for g in self.param_groups if g["algorithm"] == self.algorithm]
+        riding = mine[0] if self._ride and len(mine) == 1 else None
+        if riding is not None:
+            finite, names = self._local_finite()
+            params = [p for p in riding["params"] if self._steps_here(p)]
+            fresh = [p for p in params if p not in self.state]
+            try:
+                self._matrix_step(params, riding, Agreement(not bool(finite.all())))
+            except NonFiniteStep:
+                for p in fresh:  # the step made their state: it never happened
+                    self.state.pop(p, None)
+                self._skip(finite, names)
+                return loss
+        if riding is not None or self._grads_finite():
             for group in self.param_groups:
+                if group is riding:
+                    continue
                 params = [p for p in group["params"] if self._steps_here(p)]
                 if group["algorithm"] == ADAMW:
                     self._adamw_step(params, group)
@@ -552,12 +582,13 @@ class MatrixOptimizer(Optimizer):
                 state[key] = torch.zeros(size, dtype=acc_dtype(p.dtype), device=local_tensor(p).device)
         return state
 
-    def _momentum(self, params: list[Tensor], group: dict,
-                  first: Statistic | None) -> tuple[list[Tensor], list[Tensor | None]]:
+    def _momentum(self, params: list[Tensor], group: dict, first: Statistic | None,
+                  commit: bool = True) -> tuple[list[Tensor], list[Tensor | None]]:
         """``N`` of every parameter's local elements (fp32 or wider, contiguous; no gradient counts as 0),
         and, for a ``first`` stage that names its ``p``, the local row/column sums of N from the same pass
         where the fused kernel applies (None elsewhere; the raw gradient's for a ``first`` stage whose
-        ``source`` is "gradient"; see ``stages``)."""
+        ``source`` is "gradient"; see ``stages``). Without ``commit`` the momentum buffers are left as
+        they were (``_commit_momentum``)."""
         locals_ = [local_tensor(p) for p in params]
         n = [torch.empty_like(x, dtype=acc_dtype(x.dtype), memory_format=torch.contiguous_format) for x in locals_]
         grads = [local_tensor(p.grad) if p.grad is not None else torch.zeros_like(x) for p, x in zip(params, locals_)]
@@ -570,13 +601,18 @@ class MatrixOptimizer(Optimizer):
                 partials[i] = partial_row_col(g, self._layouts[id(p)], first.p, first.cols)
             elif first is not None and first.p is not None and not self._transposed(p):
                 partials[i] = momentum_partial_row_col(grads[i], bufs[i], n[i], self._layouts[id(p)], first.p,
-                                                       first.cols, mu, nesterov)
+                                                       first.cols, mu, nesterov, commit)
                 if partials[i] is not None:
                     continue
-            momentum_into_([grads[i]], [bufs[i]], [n[i]], mu, nesterov)
+            momentum_into_([grads[i]], [bufs[i]], [n[i]], mu, nesterov, commit)
         # a weight stored transposed (Conv1D): its matrix, contiguous, as its layout describes it
         n = [as_matrix(x, self._info[id(p)]).contiguous() if self._transposed(p) else x for x, p in zip(n, params)]
         return n, partials
+
+    def _commit_momentum(self, params: list[Tensor], group: dict) -> None:
+        """``M ← G + μ·M`` for ``params``, whose N ``_momentum`` formed without it."""
+        grads = [local_tensor(p.grad) if p.grad is not None else torch.zeros_like(local_tensor(p)) for p in params]
+        commit_momentum_(grads, [local_tensor(self.state[p]["momentum_buffer"]) for p in params], group["momentum"])
 
     def _transposed(self, p: Tensor) -> bool:
         info = self._info.get(id(p))
@@ -593,7 +629,9 @@ class MatrixOptimizer(Optimizer):
         sizes = {id(p): acc_dtype(p.dtype).itemsize * self._layouts[id(p)].numel for p in params}  # bytes of N
         return [run for ps in by_shape.values() for run in stacks(ps, [sizes[id(p)] for p in ps], STACK_BYTES)]
 
-    def _matrix_step(self, params: list[Tensor], group: dict) -> None:
+    def _matrix_step(self, params: list[Tensor], group: dict, agree: Agreement | None = None) -> None:
+        """``group``'s step of ``params``; ``agree``: the non-finite agreement, riding on its first statistics
+        reduction (given only where its layouts are split, ``carries_agreement``: the collective batch)."""
         if not params:
             return
         stages = self.stages(group)
@@ -610,15 +648,16 @@ class MatrixOptimizer(Optimizer):
         missing = [n for n, p in zip(group["param_names"], group["params"]) if id(p) in in_plans and id(p) not in stepping]
         if missing:
             raise RuntimeError(f"sharded parameters {missing[:8]} are not stepped on a rank that holds them")
-        self._step_batch(params, group, stages, planned)
+        self._step_batch(params, group, stages, planned, agree)
 
     def _step_batch(self, params: list[Tensor], group: dict, stages: list[Statistic | Spectral],
-                    planned: list[tuple[OwnerPlan, list[Tensor]]]) -> None:
+                    planned: list[tuple[OwnerPlan, list[Tensor]]], agree: Agreement | None = None) -> None:
         """Momentum, ``stages`` (the spectral ones through ``planned`` and a ``LocalPlan`` of the rest),
-        scale and update of ``params``."""
+        scale and update of ``params``; with ``agree``, M is updated once the first stage has settled it."""
         in_plans = {id(p) for _, ps in planned for p in ps}
         layouts = [self._layouts[id(p)] for p in params]
-        n, partials = self._momentum(params, group, stages[0] if isinstance(stages[0], Statistic) else None)
+        n, partials = self._momentum(params, group, stages[0] if isinstance(stages[0], Statistic) else None,
+                                     commit=agree is None)
         states = [self.state[p] for p in params]
         index = {id(p): i for i, p in enumerate(params)}
         local = [i for i, p in enumerate(params) if id(p) not in in_plans]
@@ -627,7 +666,10 @@ class MatrixOptimizer(Optimizer):
         squares = None  # the Σ U² of each fused matrix, where the last stage summed them
         for k, stage in enumerate(stages):
             if isinstance(stage, Statistic):
-                squares = stage.run(n, layouts, states, self._comm, partials if k == 0 else [None] * len(n))
+                riding = {"agree": agree} if k == 0 and agree is not None else {}
+                squares = stage.run(n, layouts, states, self._comm, partials if k == 0 else [None] * len(n), **riding)
+                if riding:
+                    self._commit_momentum(params, group)
                 continue
             squares, last = None, k == len(stages) - 1
             fn = (lambda x, fn=stage.fn: self._scaled(fn(x), group, out=x)) if last else stage.fn

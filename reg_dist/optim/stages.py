@@ -11,8 +11,11 @@ whose rows are whole on each rank (``comm.statistics.rows_local``: no norm reduc
 stage whose first reduction is the sums of ``|N|^p`` says so with ``p``: the engine then sums them in
 its momentum pass where the fused kernel applies and hands them over as ``partials[i]`` (the local
 ``comm.statistics.partial_row_col``; None for the others, and for every parameter of a later stage);
-with ``source="gradient"`` they are the raw gradient's, given for every parameter. ``passes`` (packed reductions per step) and ``cols`` (whether column sums travel
-beside the row sums) describe that traffic to the scale model.
+with ``source="gradient"`` they are the raw gradient's, given for every parameter. A first stage's run also
+takes a keyword ``agree`` (``comm.agree.Agreement``, given where the engine has the non-finite agreement
+ride on it) for its first reduction, which settles it before anything else happens. ``passes`` (packed
+reductions per step) and ``cols`` (whether column sums travel beside the row sums) describe that traffic
+to the scale model.
 
 ``Spectral(fn, split)``: needs whole matrices (Newton–Schulz). ``fn`` maps a stack ``(B, m, n)`` to one of
 the same shape (the stack is the plan's scratch: the engine may write the result into it); the engine runs it on each matrix's owner (``comm.owner``), which is this process when it

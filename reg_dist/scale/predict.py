@@ -8,6 +8,8 @@ optimizer's time as a fraction of forward+backward, for AdamW (ZeRO-1), REG, Muo
     memory traffic     element-wise passes over HBM, per element (fp32 parameters: p = 4 bytes,
                        bf16 moves: q = 2), counted from the code:
                          momentum  read G, M; write M, N                         4p
+                                   M stored apart where the agreement rides on the
+                                   statistics (read G, M; write M), per laid element     3p
                          update    W·(1 − lr·wd), then W − lr·U                  5p
                          RACS      per iteration: |x|² sums (read), scale (r/w)  3p; "rms": norms + scale 3p
                          equilibration (MuonEq)                                  3p
@@ -203,7 +205,7 @@ def _predict_stage(full: Model, model: Model, par: Parallel, cluster: Cluster, o
     passes = sum(s.passes for s in stages if isinstance(s, registry.Statistic))  # each: read for sums, scale
     passes += 1 if settings.scale == "rms" and not registry.scaled_on_owner(stages) else 0  # the norms
     racs = 3 * passes * pb * mat if not spectral else 0 * mat
-    per = mat * (4 + 5) * pb + adam * 7 * pb + racs
+    per = mat * (4 + 5) * pb + adam * 7 * pb + racs + laid * 3 * pb * tr.agreement_rides
     if spectral:
         per = per + laid * (pb + 3 * mb) + owned * (2 * pb + 4 * mb) + laid * 3 * passes * pb
     t_mem = per.to(torch.float64) / cluster.hbm_bytes_per_s

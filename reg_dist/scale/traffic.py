@@ -26,7 +26,10 @@ It follows the code path by path (no process group is made):
                  "share"/"repeat" or ``owner_overlap``, as the engine refuses it
     native dp    per bucket of ``bucket_bytes`` of the owners' streams, one reduce-scatter and one
                  all-gather over dp of dp × segment parameter-dtype elements
-    world        one int32 all-reduce (the non-finite agreement) once anything is laid out
+    world        one int32 all-reduce (the non-finite agreement) once anything is laid out, except where
+                 it rides on the first statistics all-reduce, one entry more in each of its groups'
+                 buffers (REG, MuonEq under FSDP2, FSDP2 × TP or TP alone, at most RIDE_ELEMENTS of the
+                 split matrices per rank: ``comm.agree.Agreement``)
 
 Parameters are DTensors exactly where reg_dist makes them so (``parallel``): under FSDP2 all of
 them (row-sharded over dp after tensor parallelism, chunks as ``torch.chunk`` cuts them), otherwise
@@ -48,6 +51,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..comm.agree import RIDE_ELEMENTS
 from ..comm.collectives import WIRE
 from ..comm.split import SPLIT_GROUP_SIZE, check_split_args
 from ..comm.native import BUCKET_BYTES, plan_streams, segments
@@ -530,6 +534,7 @@ class Traffic:
     owned_elements: Tensor  # (R,) elements of the whole matrices this rank transforms
     laid_elements: Tensor  # (R,) held elements of the laid-out matrices (statistics, moves)
     ns_rounds: Tensor | None = None  # owner_overlap: (rounds, R) Newton–Schulz FLOPs of each round's stacks
+    agreement_rides: bool = False  # on the first statistics all-reduce: the momentum is stored in a pass of its own
 
     def comm_stats(self, rank: int) -> dict[str, dict[str, int]]:
         """What ``opt.comm_stats()`` returns on stage rank ``rank`` after a step."""
@@ -613,16 +618,23 @@ def traffic(model: Model, par: Parallel, optimizer: str, settings: Settings = Se
 
     inner = None if whole else two_level(laid, par)
     sizes = {"dp": dp, "shard": par.shard, "tp": tp}
+    # the non-finite agreement rides on the first statistics all-reduce (``comm.agree.Agreement``) where the
+    # algorithm begins with statistics, their groups reach every rank of the stage and no rank holds more
+    # than RIDE_ELEMENTS of the split matrices (``carries_agreement``)
+    split = [h for h in laid if h.dtensor and h.dims]
+    ride = (isinstance(stages[0], registry.Statistic) and bool(split)
+            and ((par.zero == 3 and not par.hsdp) or (par.zero == 0 and dp == 1))
+            and bool((sum(h.numel for h in split) <= RIDE_ELEMENTS).all()))
 
     def stats(members: list[Holding], floats, part: Tensor, stage: registry.Statistic | None = None,
-              fold: bool = False) -> None:
+              fold: bool = False, carry: bool = False) -> None:
         """One packed all-reduce per group name splitting any of ``members`` that ``part``'s ranks step
-        (``fold``: each column entry twice, the norms' sums beside the statistics); for a ``stage``'s
-        statistics where ``inner`` is set, ``comm.statistics.reduce_two_level``: the outer group carries
-        each rank's slice of the replicated column sums (a column-parallel matrix's, whole on every tp
-        rank) and one all-gather over tp hands the slices round."""
+        (``fold``: each column entry twice, the norms' sums beside the statistics; ``carry``: one entry more,
+        the agreement); for a ``stage``'s statistics where ``inner`` is set, ``comm.statistics.reduce_two_level``:
+        the outer group carries each rank's slice of the replicated column sums (a column-parallel
+        matrix's, whole on every tp rank) and one all-gather over tp hands the slices round."""
         names = sorted({g for h in members if h.dtensor for g in h.dims})
-        elems = {g: torch.zeros(R, dtype=INT) for g in names}
+        elems = {g: part.to(INT) * carry for g in names}
         runs = []  # (width, outer-shared) of every replicated fused matrix, in the order of the vectors
         outer = next((g for g in names if g != inner), None)
         for h in members:
@@ -664,13 +676,14 @@ def traffic(model: Model, par: Parallel, optimizer: str, settings: Settings = Se
             for h in laid:
                 if inner is None and h.dtensor and not h.rows_local(par):
                     folds &= ~steps[h.index]
-        for stage in before:
+        for j, stage in enumerate(before):
             for k in range(stage.passes):
+                carry = ride and j == k == 0
                 if stage.fold and k == stage.passes - 1 and folds.any():
-                    stats(laid, floats(stage), folds, stage, fold=True)
-                    stats(laid, floats(stage), ~folds, stage)
+                    stats(laid, floats(stage), folds, stage, fold=True, carry=carry)
+                    stats(laid, floats(stage), ~folds, stage, carry=carry)
                 else:
-                    stats(laid, floats(stage), everyone, stage)
+                    stats(laid, floats(stage), everyone, stage, carry=carry)
         if norms:
             if inner is not None:
                 stats(laid, lambda h, g: len(h.param.blocks) * (g == inner), folds)
@@ -731,9 +744,9 @@ def traffic(model: Model, par: Parallel, optimizer: str, settings: Settings = Se
                 raise ValueError(f"ns_split={settings.ns_split!r} splits the Newton–Schulz of matrices over {name!r}, "
                                  f"which cannot be combined with {', '.join(owner_modes)} (as the engine refuses): "
                                  "pass ns_split='off' to keep the owner modes")
-            for stage in before:
-                for _ in range(stage.passes):
-                    stats([h for h, _ in entries], floats(stage), part, stage)
+            for j, stage in enumerate(before):
+                for k in range(stage.passes):
+                    stats([h for h, _ in entries], floats(stage), part, stage, carry=ride and j == k == 0)
             def add_hops(hops: list, ranks: Tensor = ranks, part: Tensor = part) -> None:
                 for hop_name, size, k, phase, hop in hops:
                     if not bool((hop.sent > 0).any()):
@@ -785,7 +798,7 @@ def traffic(model: Model, par: Parallel, optimizer: str, settings: Settings = Se
         for h in local:  # single-process: every rank stepping it transforms its whole copy
             flops += steps[h.index] * float(sum(ns_flops(m, n, settings.ns_steps) for m, n in h.param.blocks))
             owned += steps[h.index] * h.param.numel
-    if laid or native is not None:
+    if (laid or native is not None) and not ride:
         four = torch.full((R,), 4, dtype=INT)
         calls.add("world", "all_reduce", par.world, everyone, four)
 
@@ -807,7 +820,7 @@ def traffic(model: Model, par: Parallel, optimizer: str, settings: Settings = Se
         for x in ns_rounds:
             rounds[: len(x)] += x
     return Traffic(model, par, optimizer, settings, calls.list(), plans, native, flops, state, mat_el, adam_el,
-                   owned, laid_el, rounds)
+                   owned, laid_el, rounds, ride)
 
 
 def _counts(values: list[int]) -> dict[int, int]:

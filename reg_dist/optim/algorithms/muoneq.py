@@ -9,6 +9,7 @@ No statistics carry across steps.
 
 from torch import Tensor
 
+from ...comm.agree import Agreement
 from ...comm.collectives import CommStats
 from ...comm.statistics import sharded_equilibrate_
 from ...layout import Layout
@@ -49,11 +50,12 @@ class MuonEq(MatrixOptimizer):
     @classmethod
     def stages(cls, group: dict) -> list[Statistic | Spectral]:
         def equilibrate(xs: list[Tensor], layouts: list[Layout], states: list[dict], stats: CommStats,
-                        partials: list[Tensor | None]) -> None:
+                        partials: list[Tensor | None], agree: Agreement | None = None) -> None:
             modes = [mode_at(group, int(s["step"])) for s in states]
-            for mode in sorted(set(modes)):
+            for k, mode in enumerate(sorted(set(modes))):
                 chosen = [i for i, m in enumerate(modes) if m == mode]
                 sharded_equilibrate_([xs[i] for i in chosen], [layouts[i] for i in chosen], mode,
-                                     group["exponent"], stats=stats, partials=[partials[i] for i in chosen])
+                                     group["exponent"], stats=stats, partials=[partials[i] for i in chosen],
+                                     agree=agree if k == 0 else None)
 
         return [Statistic(equilibrate, p=2.0), newton_schulz_stage(group)]

@@ -73,10 +73,10 @@ class REG(MatrixOptimizer):
         exponent, tol, beta = group["exponent"], group["tol"], group["stats_beta"]
         fold = squares and p != math.inf and tol == 0 and beta == 0  # the RMS norm rides on the last reduction
 
-        def run(xs, layouts, states, stats, partials):
+        def run(xs, layouts, states, stats, partials, agree=None):
             averages = [s[AVERAGE] for s in states] if beta > 0 else None
             out, steps = sharded_racs_(xs, layouts, p, iters, eps, stats, squares, partials, exponent, tol, averages,
-                                       beta, fold)
+                                       beta, fold, agree)
             if tol > 0:
                 for state, n in zip(states, steps):
                     state["balance_steps"] = n.tolist()
