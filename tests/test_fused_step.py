@@ -7,6 +7,7 @@ import torch
 
 from reg_dist import REG, MuonEq, NorMuon
 from reg_dist.ops import fused
+from reg_dist.optim.momentum import commit_momentum_, momentum_into_
 
 # 200 × 192 is above fused.PARALLEL_ELEMENTS, so the threaded paths run too
 SHAPES = [(24, 40), (40, 24), (200, 192)]
@@ -83,6 +84,31 @@ def test_pow_sums_add_into_row_and_column_slices_of_a_rectangle(p):
     assert fused.add_pow_sums_(x, p, rows[1:8], cols[1])
     torch.testing.assert_close(rows, want_r, rtol=1e-5, atol=0)
     torch.testing.assert_close(cols, want_c, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", [None, 2.0], ids=["momentum", "momentum_and_sums"])
+def test_momentum_without_commit_leaves_the_buffer_and_the_commit_gives_the_committed_one(dtype, p, unfused):
+    """``commit=False`` (the agreement riding on the statistics): N and the sums as with it, the buffer
+    untouched; ``commit_momentum_`` afterwards stores the buffer the committing call stores; all bitwise,
+    with the kernels and without them."""
+    gen = torch.Generator().manual_seed(3)
+    g, buf = (torch.randn(200, 192, generator=gen).to(dtype) for _ in range(2))
+
+    def run(commit):
+        m, n, rows, cols = buf.clone(), torch.empty(200, 192), torch.zeros(200), torch.zeros(192)
+        if p is None:
+            momentum_into_([g], [m], [n], 0.9, True, commit=commit)
+        else:
+            assert fused.momentum_into_(g, m, n, 0.9, True, p, rows, cols, commit=commit)
+        return m, n, rows, cols
+
+    for fn in (lambda f: f(), unfused) if p is None else (lambda f: f(),):
+        (committed, *want), (left, *got) = fn(lambda: run(True)), fn(lambda: run(False))
+        assert torch.equal(left, buf)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        commit_momentum_([g], [left], 0.9)
+        assert torch.equal(left, committed)
 
 
 def test_scaling_returns_the_sum_of_squares_of_its_result():

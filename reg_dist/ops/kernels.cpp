@@ -29,14 +29,14 @@ static inline bf16 round_to(float v, bf16*) {  // round to nearest even, as c10:
     return bf16((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
 }
 
-// M ← G + mu·M (in T; kept in buf only with commit);  N ← G + mu·M (nesterov, in T) | M, written as fp32.
-template <typename T, bool NESTEROV>
-static void momentum(const T* g, T* buf, float* n, i64 count, float mu, int commit, int threads) {
+// M ← G + mu·M (in T; kept in buf only with COMMIT);  N ← G + mu·M (nesterov, in T) | M, written as fp32.
+template <typename T, bool NESTEROV, bool COMMIT>
+static void momentum(const T* g, T* buf, float* n, i64 count, float mu, int threads) {
 #pragma omp parallel for simd num_threads(threads) schedule(static)
     for (i64 k = 0; k < count; ++k) {
         float gk = load(g[k]);
         T b = round_to(std::fma(load(buf[k]), mu, gk), (T*)nullptr);  // torch.add(g, buf, alpha=mu): one fma
-        if (commit) buf[k] = b;
+        if (COMMIT) buf[k] = b;
         n[k] = NESTEROV ? load(round_to(std::fma(load(b), mu, gk), (T*)nullptr)) : load(b);
     }
 }
@@ -169,13 +169,13 @@ static void row_col_any(F value, i64 h, i64 w, int mode, float p, float* rows, f
 }
 
 // The momentum pass with the row/column statistics of N from the same read (an h × w rectangle).
-template <typename T, bool NESTEROV>
-static void momentum_row_col(const T* g, T* buf, float* n, i64 h, i64 w, float mu, int commit, int mode, float p,
-                             float* rows, float* cols, int threads) {
+template <typename T, bool NESTEROV, bool COMMIT>
+static void momentum_row_col(const T* g, T* buf, float* n, i64 h, i64 w, float mu, int mode, float p, float* rows,
+                             float* cols, int threads) {
     auto value = [=](i64 k) {
         float gk = load(g[k]);
         T b = round_to(std::fma(load(buf[k]), mu, gk), (T*)nullptr);
-        if (commit) buf[k] = b;
+        if (COMMIT) buf[k] = b;
         float v = NESTEROV ? load(round_to(std::fma(load(b), mu, gk), (T*)nullptr)) : load(b);
         n[k] = v;
         return v;
@@ -183,16 +183,35 @@ static void momentum_row_col(const T* g, T* buf, float* n, i64 h, i64 w, float m
     row_col_any(value, h, w, mode, p, rows, cols, threads);
 }
 
+template <typename T>
+static void momentum_row_col_any(const T* g, T* buf, float* n, i64 h, i64 w, float mu, int nesterov, int commit,
+                                 int mode, float p, float* rows, float* cols, int threads) {
+    if (commit)
+        nesterov ? momentum_row_col<T, true, true>(g, buf, n, h, w, mu, mode, p, rows, cols, threads)
+                 : momentum_row_col<T, false, true>(g, buf, n, h, w, mu, mode, p, rows, cols, threads);
+    else
+        nesterov ? momentum_row_col<T, true, false>(g, buf, n, h, w, mu, mode, p, rows, cols, threads)
+                 : momentum_row_col<T, false, false>(g, buf, n, h, w, mu, mode, p, rows, cols, threads);
+}
+
 extern "C" {
 void reg_momentum_f32(const float* g, float* buf, float* n, i64 count, float mu, int nesterov, int commit,
                       int threads) {
-    nesterov ? momentum<float, true>(g, buf, n, count, mu, commit, threads)
-             : momentum<float, false>(g, buf, n, count, mu, commit, threads);
+    if (commit)
+        nesterov ? momentum<float, true, true>(g, buf, n, count, mu, threads)
+                 : momentum<float, false, true>(g, buf, n, count, mu, threads);
+    else
+        nesterov ? momentum<float, true, false>(g, buf, n, count, mu, threads)
+                 : momentum<float, false, false>(g, buf, n, count, mu, threads);
 }
 void reg_momentum_bf16(const bf16* g, bf16* buf, float* n, i64 count, float mu, int nesterov, int commit,
                        int threads) {
-    nesterov ? momentum<bf16, true>(g, buf, n, count, mu, commit, threads)
-             : momentum<bf16, false>(g, buf, n, count, mu, commit, threads);
+    if (commit)
+        nesterov ? momentum<bf16, true, true>(g, buf, n, count, mu, threads)
+                 : momentum<bf16, false, true>(g, buf, n, count, mu, threads);
+    else
+        nesterov ? momentum<bf16, true, false>(g, buf, n, count, mu, threads)
+                 : momentum<bf16, false, false>(g, buf, n, count, mu, threads);
 }
 int reg_finite_f32(const float* x, i64 count, int threads) {
     return all_finite<float, uint32_t, 0x7F800000u>(x, count, threads);
@@ -205,13 +224,11 @@ void reg_row_col_f32(const float* x, i64 h, i64 w, int mode, float p, float* row
 }
 void reg_momentum_row_col_f32(const float* g, float* buf, float* n, i64 h, i64 w, float mu, int nesterov, int commit,
                               int mode, float p, float* rows, float* cols, int threads) {
-    nesterov ? momentum_row_col<float, true>(g, buf, n, h, w, mu, commit, mode, p, rows, cols, threads)
-             : momentum_row_col<float, false>(g, buf, n, h, w, mu, commit, mode, p, rows, cols, threads);
+    momentum_row_col_any(g, buf, n, h, w, mu, nesterov, commit, mode, p, rows, cols, threads);
 }
 void reg_momentum_row_col_bf16(const bf16* g, bf16* buf, float* n, i64 h, i64 w, float mu, int nesterov, int commit,
                                int mode, float p, float* rows, float* cols, int threads) {
-    nesterov ? momentum_row_col<bf16, true>(g, buf, n, h, w, mu, commit, mode, p, rows, cols, threads)
-             : momentum_row_col<bf16, false>(g, buf, n, h, w, mu, commit, mode, p, rows, cols, threads);
+    momentum_row_col_any(g, buf, n, h, w, mu, nesterov, commit, mode, p, rows, cols, threads);
 }
 double reg_scale_f32(float* x, i64 h, i64 w, const float* row, const float* col, int threads) {
     return scale(x, h, w, row, col, threads);
