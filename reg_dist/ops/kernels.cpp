@@ -184,6 +184,16 @@ static void momentum_row_col(const T* g, T* buf, float* n, i64 h, i64 w, float m
 }
 
 template <typename T>
+static void momentum_any(const T* g, T* buf, float* n, i64 count, float mu, int nesterov, int commit, int threads) {
+    if (commit)
+        nesterov ? momentum<T, true, true>(g, buf, n, count, mu, threads)
+                 : momentum<T, false, true>(g, buf, n, count, mu, threads);
+    else
+        nesterov ? momentum<T, true, false>(g, buf, n, count, mu, threads)
+                 : momentum<T, false, false>(g, buf, n, count, mu, threads);
+}
+
+template <typename T>
 static void momentum_row_col_any(const T* g, T* buf, float* n, i64 h, i64 w, float mu, int nesterov, int commit,
                                  int mode, float p, float* rows, float* cols, int threads) {
     if (commit)
@@ -197,21 +207,11 @@ static void momentum_row_col_any(const T* g, T* buf, float* n, i64 h, i64 w, flo
 extern "C" {
 void reg_momentum_f32(const float* g, float* buf, float* n, i64 count, float mu, int nesterov, int commit,
                       int threads) {
-    if (commit)
-        nesterov ? momentum<float, true, true>(g, buf, n, count, mu, threads)
-                 : momentum<float, false, true>(g, buf, n, count, mu, threads);
-    else
-        nesterov ? momentum<float, true, false>(g, buf, n, count, mu, threads)
-                 : momentum<float, false, false>(g, buf, n, count, mu, threads);
+    momentum_any(g, buf, n, count, mu, nesterov, commit, threads);
 }
 void reg_momentum_bf16(const bf16* g, bf16* buf, float* n, i64 count, float mu, int nesterov, int commit,
                        int threads) {
-    if (commit)
-        nesterov ? momentum<bf16, true, true>(g, buf, n, count, mu, threads)
-                 : momentum<bf16, false, true>(g, buf, n, count, mu, threads);
-    else
-        nesterov ? momentum<bf16, true, false>(g, buf, n, count, mu, threads)
-                 : momentum<bf16, false, false>(g, buf, n, count, mu, threads);
+    momentum_any(g, buf, n, count, mu, nesterov, commit, threads);
 }
 int reg_finite_f32(const float* x, i64 count, int threads) {
     return all_finite<float, uint32_t, 0x7F800000u>(x, count, threads);
