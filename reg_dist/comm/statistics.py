@@ -124,29 +124,49 @@ def _row_col(v: Tensor, lay: Layout, cols: bool = True) -> tuple[Tensor, Tensor 
 
 def reduce_shared(vectors: list[Tensor], layouts: list[Layout], op: dist.ReduceOp,
                   stats: CommStats | None = None, names: tuple[str, ...] | None = None,
-                  carry: Tensor | None = None) -> None:
+                  carry: Tensor | None = None, exclude: list[Tensor] | None = None) -> None:
     """In place: the entries of every statistics vector ``vectors[k]`` (its first ``len`` of m + K·n) that
     each group of ``layouts[k]`` shares, reduced over that group: one collective per group name (of
     ``names`` alone where given), none where no entry is shared and nothing is ``carry``-ed (a ``(1,)``
     entry reduced over every group, ``Agreement``). A vector longer than m + K·n (``fold_columns``: K·n
-    more, mirroring its column entries) has those mirrors reduced beside them."""
+    more, mirroring its column entries) has those mirrors reduced beside them. ``exclude[k]``: entries of
+    vector k (and their mirrors) left out (``reduce_two_level``'s other ranks' slices)."""
     groups = [dict(lay.groups) for lay in layouts]
     for name in sorted({g for gs in groups for g in gs if names is None or g in names}):
-        picks = []  # (vector, slice or index tensor) of each member's shared entries
-        for v, lay, gs in zip(vectors, layouts, groups):
-            if name not in gs:
-                continue
-            length = min(v.numel(), lay.stat_length)
-            runs = lay.shared_runs(name, length)
-            shifts = (0, v.numel() - length) if v.numel() > length else (0,)  # ``fold``'s columns: those runs again
-            if len(runs) == 1:
-                picks.extend((v, slice(runs[0][0] + d, runs[0][1] + d)) for d in shifts)
-            elif runs:
-                index = lay.shared_index[name]
-                index = index[index < length].to(v.device)
-                picks.append((v, torch.cat([index + d for d in shifts]) if len(shifts) > 1 else index))
+        picks = [pick for k, (v, lay, gs) in enumerate(zip(vectors, layouts, groups)) if name in gs
+                 for pick in _picks(v, lay, name, exclude[k] if exclude is not None else None)]
         _reduce_picks(picks + ([(carry, slice(0, 1))] if carry is not None else []), op, _group(layouts, name), name,
                       stats)
+
+
+def _extent(v: Tensor, lay: Layout) -> tuple[int, tuple[int, ...]]:
+    """How many of ``v``'s entries are statistics (its first ``length`` of m + K·n), and the offsets at which
+    they appear: 0, and ``len(v) − (m + K·n)`` more for the mirrors ``fold_columns`` appended."""
+    length = min(v.numel(), lay.stat_length)
+    return length, ((0, v.numel() - length) if v.numel() > length else (0,))
+
+
+def _picks(v: Tensor, lay: Layout, name: str, exclude: Tensor | None) -> list[tuple[Tensor, slice | Tensor]]:
+    """(vector, slice or index tensor) of the entries of ``v`` that group ``name`` shares, mirrors included,
+    less ``exclude`` (and its mirrors)."""
+    length, shifts = _extent(v, lay)
+    runs = lay.shared_runs(name, length)
+    if exclude is not None and exclude.numel():
+        take = torch.zeros(v.numel(), dtype=torch.bool, device=v.device)
+        for a, b in runs:
+            for d in shifts:
+                take[a + d : b + d] = True
+        for d in shifts:
+            take[exclude + d] = False
+        index = take.nonzero().flatten()
+        return [(v, index)] if index.numel() else []
+    if len(runs) == 1:
+        return [(v, slice(runs[0][0] + d, runs[0][1] + d)) for d in shifts]
+    if not runs:
+        return []
+    index = lay.shared_index[name]
+    index = index[index < length].to(v.device)
+    return [(v, torch.cat([index + d for d in shifts]) if len(shifts) > 1 else index)]
 
 
 def reduction_order(layouts: list[Layout]) -> list[str]:
@@ -223,7 +243,7 @@ def reduce_two_level(vectors: list[Tensor], layouts: list[Layout], op: dist.Redu
     vectors = [f(v) if f is not None else v for v, f in zip(vectors, late)]
     group = _group(layouts, inner)
     size, me = dist.get_world_size(group), dist.get_rank(group)
-    reps = [_index(lay.replicated, min(v.numel(), lay.stat_length)).to(v.device) for v, lay in zip(vectors, layouts)]
+    reps = [_index(lay.replicated, _extent(v, lay)[0]).to(v.device) for v, lay in zip(vectors, layouts)]
     total = sum(len(r) for r in reps)
     chunk = -(-total // size)
     lo, hi, start = min(me * chunk, total), min((me + 1) * chunk, total), 0
@@ -233,26 +253,10 @@ def reduce_two_level(vectors: list[Tensor], layouts: list[Layout], op: dist.Redu
         mine.append(r[a:b])
         others.append(torch.cat((r[:a], r[b:])))
         start += len(r)
-    for name in outer:
-        picks = [(carry, slice(0, 1))] if carry is not None else []
-        for v, lay, other in zip(vectors, layouts, others):
-            if name not in dict(lay.groups):
-                continue
-            length = min(v.numel(), lay.stat_length)
-            shifts = (0, v.numel() - length) if v.numel() > length else (0,)
-            take = torch.zeros(v.numel(), dtype=torch.bool, device=v.device)
-            for a, b in lay.shared_runs(name, length):
-                for d in shifts:
-                    take[a + d : b + d] = True
-            for d in shifts:
-                take[other + d] = False
-            index = take.nonzero().flatten()
-            if index.numel():
-                picks.append((v, index))
-        _reduce_picks(picks, op, _group(layouts, name), name, stats)
+    reduce_shared(vectors, layouts, op, stats, names=tuple(outer), carry=carry, exclude=others)
     for v, lay, other in zip(vectors, layouts, others):
-        if v.numel() > lay.stat_length:
-            v[other + (v.numel() - lay.stat_length)] = 0
+        for d in _extent(v, lay)[1][1:]:  # the mirrors: only this rank's slice is complete
+            v[other + d] = 0
     if total:
         send = torch.zeros(chunk, dtype=vectors[0].dtype, device=vectors[0].device)
         flat = torch.cat([v[i] for v, i in zip(vectors, mine)])
@@ -426,22 +430,23 @@ def _mark_two_level(layouts: list[Layout], counts: list[dict[str, Tensor]], firs
             touching = counts[k][inner][m:]  # every column: on none of inner's ranks or on all
             ok = bool(((touching == 0) | (touching == size)).all())
             replicated[k] = ((m, lay.stat_length),)  # the same entries on every rank (the slices line up)
-    flag = torch.tensor([float(ok)], dtype=torch.float64)
-    for name in names:
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=groups[name])
-    if not flag.item():
+    if not _everywhere(ok, groups):
         return layouts
     out = [dataclasses.replace(lay, inner=inner, replicated=replicated.get(k, ())) if lay.groups else lay
            for k, lay in enumerate(layouts)]
     if checks is not None:  # the order inner-first must reach every holder of each entry too
         full, touched, totals = checks
-        good = _reaches([out[k] for k in several], full, touched, totals, two_level=True)
-        flag = torch.tensor([float(all(good))], dtype=torch.float64)
-        for name in names:
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=groups[name])
-        if not flag.item():
+        if not _everywhere(all(_reaches([out[k] for k in several], full, touched, totals, two_level=True)), groups):
             return layouts
     return out
+
+
+def _everywhere(ok: bool, groups: dict[str, dist.ProcessGroup]) -> bool:
+    """Whether ``ok`` holds on every rank the ``groups`` connect: a MIN all-reduce over each, in name order."""
+    flag = torch.tensor([float(ok)], dtype=torch.float64)
+    for name in sorted(groups):
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=groups[name])
+    return bool(flag.item())
 
 
 def _touch_mask(lay: Layout) -> Tensor:

@@ -111,6 +111,11 @@ def _finite_on_cpu(t: Tensor) -> bool:
     return finite
 
 
+def _local_grads(params: list[Tensor]) -> list[Tensor]:
+    """The local elements of each parameter's gradient (zeros for one without)."""
+    return [local_tensor(p.grad) if p.grad is not None else torch.zeros_like(local_tensor(p)) for p in params]
+
+
 def _mesh_groups(mesh: DeviceMesh | dict[str, dist.ProcessGroup] | None) -> list[dist.ProcessGroup]:
     """The group of each dimension of a ``mesh=`` argument (none for anything else)."""
     if isinstance(mesh, DeviceMesh):
@@ -591,7 +596,7 @@ class MatrixOptimizer(Optimizer):
         they were (``_commit_momentum``)."""
         locals_ = [local_tensor(p) for p in params]
         n = [torch.empty_like(x, dtype=acc_dtype(x.dtype), memory_format=torch.contiguous_format) for x in locals_]
-        grads = [local_tensor(p.grad) if p.grad is not None else torch.zeros_like(x) for p, x in zip(params, locals_)]
+        grads = _local_grads(params)
         bufs = [local_tensor(self.matrix_state(p, group)["momentum_buffer"]) for p in params]
         mu, nesterov = group["momentum"], group["nesterov"]
         partials: list[Tensor | None] = [None] * len(params)
@@ -611,8 +616,8 @@ class MatrixOptimizer(Optimizer):
 
     def _commit_momentum(self, params: list[Tensor], group: dict) -> None:
         """``M ← G + μ·M`` for ``params``, whose N ``_momentum`` formed without it."""
-        grads = [local_tensor(p.grad) if p.grad is not None else torch.zeros_like(local_tensor(p)) for p in params]
-        commit_momentum_(grads, [local_tensor(self.state[p]["momentum_buffer"]) for p in params], group["momentum"])
+        commit_momentum_(_local_grads(params), [local_tensor(self.state[p]["momentum_buffer"]) for p in params],
+                         group["momentum"])
 
     def _transposed(self, p: Tensor) -> bool:
         info = self._info.get(id(p))

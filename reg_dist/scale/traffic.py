@@ -621,10 +621,10 @@ def traffic(model: Model, par: Parallel, optimizer: str, settings: Settings = Se
     # the non-finite agreement rides on the first statistics all-reduce (``comm.agree.Agreement``) where the
     # algorithm begins with statistics, their groups reach every rank of the stage and no rank holds more
     # than RIDE_ELEMENTS of the split matrices (``carries_agreement``)
-    split = [h for h in laid if h.dtensor and h.dims]
-    ride = (isinstance(stages[0], registry.Statistic) and bool(split)
+    split_matrices = [h for h in laid if h.dtensor and h.dims]
+    ride = (isinstance(stages[0], registry.Statistic) and bool(split_matrices)
             and ((par.zero == 3 and not par.hsdp) or (par.zero == 0 and dp == 1))
-            and bool((sum(h.numel for h in split) <= RIDE_ELEMENTS).all()))
+            and bool((sum(h.numel for h in split_matrices) <= RIDE_ELEMENTS).all()))
 
     def stats(members: list[Holding], floats, part: Tensor, stage: registry.Statistic | None = None,
               fold: bool = False, carry: bool = False) -> None:
