@@ -332,6 +332,17 @@ def test_dp_x_tp_reduces_the_held_columns_over_dp_and_the_held_rows_over_tp():
         assert calls == [rows, cols], rank  # "tp" first (it shares rows: ``Layout.inner``), then "dp"
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    ({"inner": "dp"}, "inner group 'dp' is not one of its groups"),
+    ({"inner": "tp", "replicated": ((5, 3),)}, r"replicated statistics must be sorted, disjoint, non-empty runs"),
+    ({"inner": "tp", "replicated": ((7, 20),)}, r"inside \[0, 12\)"),
+    ({"replicated": ((7, 12),)}, "replicated statistics need an inner group"),
+])
+def test_a_two_level_plan_that_does_not_fit_its_layout_is_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Layout((7, 5), (0, 7), (0, 5), groups=(("tp", None),), **kwargs)
+
+
 def test_a_plan_over_several_groups_that_would_miss_a_rank_reduces_every_entry_its_groups_touch():
     # fused (3, 2, 2) rows of the 7 × 5 matrix, tp row split then flat dp ranges: matrix 1's columns are
     # touched by ranks 1 and 2 only, which share no group, so the dp group {0, 2} must pass rank 2's on to

@@ -113,17 +113,24 @@ class Layout:
             check_segments(self.fused, m)
         if self.shared is not None:
             self._check_shared()
+        if self.inner is not None and self.inner not in names:
+            raise ValueError(f"layout inner group {self.inner!r} is not one of its groups {names}")
+        if self.replicated and self.inner is None:
+            raise ValueError("layout replicated statistics need an inner group to be reduced over first")
+        self._check_runs("replicated statistics", self.replicated)
 
     def _check_shared(self) -> None:
         names = [name for name, _ in self.shared]
         if names != sorted(set(names)):
             raise ValueError(f"layout shared statistics must name distinct groups in sorted order, got {names}")
-        length = self.stat_length
         for name, runs in self.shared:
-            flat = [v for run in runs for v in run]
-            if flat != sorted(flat) or any(a >= b for a, b in runs) or (flat and (flat[0] < 0 or flat[-1] > length)):
-                raise ValueError(f"layout shared statistics of group {name!r} must be sorted, disjoint, non-empty "
-                                 f"runs inside [0, {length}), got {runs}")
+            self._check_runs(f"shared statistics of group {name!r}", runs)
+
+    def _check_runs(self, what: str, runs: Runs) -> None:
+        length = self.stat_length
+        flat = [v for run in runs for v in run]
+        if flat != sorted(flat) or any(a >= b for a, b in runs) or (flat and (flat[0] < 0 or flat[-1] > length)):
+            raise ValueError(f"layout {what} must be sorted, disjoint, non-empty runs inside [0, {length}), got {runs}")
 
     @property
     def stat_length(self) -> int:
