@@ -113,9 +113,7 @@ class Layout:
             check_segments(self.fused, m)
         if self.shared is not None:
             self._check_shared()
-        if self.inner is not None and self.inner not in names:
-            raise ValueError(f"layout inner group {self.inner!r} is not one of its groups {names}")
-        if self.replicated and self.inner is None:
+        if self.replicated and self.inner is None:  # ``inner`` is the batch's: a layout need not name it
             raise ValueError("layout replicated statistics need an inner group to be reduced over first")
         self._check_runs("replicated statistics", self.replicated)
 
