@@ -375,14 +375,18 @@ def share_statistics(layouts: list[Layout]) -> list[Layout]:
     return _mark_two_level(_mark_whole_rows(out), counts, first_plan, several, checks)
 
 
+def _rows_shared(lay: Layout, name: str) -> bool:
+    """Whether group ``name`` shares a row entry of ``lay``'s statistics (all of them without a plan)."""
+    return lay.shared is None or any(a < lay.shape[0] for a, _ in dict(lay.shared).get(name, ()))
+
+
 def _mark_whole_rows(layouts: list[Layout]) -> list[Layout]:
     """``layouts`` with ``rows_whole`` set where no group of the matrix's ranks shares a row entry of its
     statistics, on any of them (collective: one MIN all-reduce per group name, as ``_reaches`` spreads
     its verdict), so that every rank holding the matrix decides alike (``fold_columns``)."""
     split = [k for k, lay in enumerate(layouts) if lay.groups]
-    whole = [torch.tensor([float(layouts[k].shared is not None and all(
-        a >= layouts[k].shape[0] for _, runs in layouts[k].shared for a, _ in runs))], dtype=torch.float64)
-        for k in split]
+    whole = [torch.tensor([float(not any(_rows_shared(layouts[k], name) for name, _ in layouts[k].groups))],
+                          dtype=torch.float64) for k in split]
     reduce_packed(whole, [layouts[k] for k in split], dist.ReduceOp.MIN)
     out = list(layouts)
     for k, flag in zip(split, whole):
@@ -406,10 +410,7 @@ def _mark_two_level(layouts: list[Layout], counts: list[dict[str, Tensor]], firs
         return layouts
     names = sorted(groups)
 
-    def rows_shared(lay: Layout, name: str) -> bool:
-        return lay.shared is None or any(a < lay.shape[0] for a, _ in dict(lay.shared).get(name, ()))
-
-    sharing = torch.tensor([float(any(name in dict(layouts[k].groups) and rows_shared(layouts[k], name)
+    sharing = torch.tensor([float(any(name in dict(layouts[k].groups) and _rows_shared(layouts[k], name)
                                       for k in split)) for name in names], dtype=torch.float64)
     for name in names:
         dist.all_reduce(sharing, op=dist.ReduceOp.MAX, group=groups[name])
@@ -424,7 +425,7 @@ def _mark_two_level(layouts: list[Layout], counts: list[dict[str, Tensor]], firs
             continue
         m = lay.shape[0]
         columns = tuple((max(a, m), b) for a, b in dict(lay.shared)[inner] if b > m)
-        if rows_shared(lay, inner):
+        if _rows_shared(lay, inner):
             ok = not columns
         else:
             touching = counts[k][inner][m:]  # every column: on none of inner's ranks or on all
